@@ -1,0 +1,561 @@
+"""The block store of one backing directory.
+
+Layout of a backing directory (DESIGN: "Data layout on a backing directory")::
+
+    hafs-node.json          identity: {"format": 1, "fs_uuid", "node_id", "created_ns"}
+    blocks/ab/cd/<id>       one file per block; ab = id[0:2], cd = id[2:4]
+    tmp/<id>.<random>       a put() in progress (or left over by a crash: harmless)
+    corrupt/<id>.<time_ns>  blocks that failed verification, kept for inspection
+
+A block id is the BLAKE3-256 hex digest of the block's bytes (`block_id`, the
+one place ids are computed). Every public method validates the id against
+`BLOCK_ID_RE`, so no caller can make a path out of it.
+
+Durability of `put` (DESIGN invariant 2), in order:
+
+1. write the bytes to ``tmp/<id>.<random>`` (O_EXCL) and fsync the file;
+2. create the fan-out directories if needed, fsyncing the parent of each one
+   (once per directory per process: the known ones are cached);
+3. rename the temp file to ``blocks/ab/cd/<id>`` (atomic);
+4. fsync ``blocks/ab/cd``.
+
+When the block is already there with the right size, steps 1-3 are skipped
+(content addressing makes the write idempotent), its mtime is refreshed so a
+garbage collector honouring the grace period (invariant 5) cannot delete a block
+a writer has just stored again, and step 4 still runs: the file may have been
+renamed by another thread or process an instant ago and not yet be durable.
+
+`get` verifies the hash (invariant 1). A block that fails is moved to
+``corrupt/`` so it is never served again, logged as ``BLOCK-CORRUPT``, and
+reported as `BlockCorrupt`; fsck or read-repair then puts a good copy back.
+
+Concurrency: every method is synchronous and meant for worker threads
+(`trio.to_thread.run_sync`); any number of threads, and other processes (fsck
+beside a mount), may use one directory at once, with the same or different ids.
+
+- Each put writes its own temp file (random suffix, O_EXCL), so puts of one id
+  never share a file; the last rename wins and every contender's bytes are the
+  same. No lock is taken on the hot path.
+- The only shared mutable state is the set of fan-out directories known to
+  exist. Membership is read without the lock (a single set lookup is atomic);
+  creating a directory, fsyncing its parent and adding it to the set happen
+  under `_dirs_lock`, and a directory joins the set only after its parent was
+  fsynced, so no thread trusts a directory entry that is not yet durable. When
+  mkdir finds the directory already there (another process made it), the
+  parent is fsynced all the same.
+- Moving a corrupt block aside races with a put of a good copy: after the
+  rename, the moved file's inode is compared with the one that was read, and a
+  good copy moved by mistake is renamed back.
+
+OS errors other than a missing block (ENOSPC, EIO, EACCES) propagate as
+OSError; the layer above treats them as a failed replica.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from blake3 import blake3
+
+from hafs.errors import BlockCorrupt, BlockMissing, NodeIdentityError, UserError
+
+log = logging.getLogger(__name__)
+
+BLOCK_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+IDENTITY_FILE = "hafs-node.json"
+IDENTITY_FORMAT = 1
+
+_IDENTITY_TMP_PREFIX = "." + IDENTITY_FILE + "."  # temp files of an atomic identity write
+_PREFIX_RE = re.compile(r"[0-9a-f]{0,64}")  # what `after` in iter_ids may be
+_FANOUT_RE = re.compile(r"[0-9a-f]{2}")
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC
+
+
+def block_id(data: bytes | bytearray | memoryview) -> str:
+    """Return the id of a block: BLAKE3-256 of its bytes, as 64 lower-case hex digits."""
+    return blake3(data).hexdigest()
+
+
+_compute_id = block_id  # methods take a parameter called block_id
+
+
+def check_block_id(value: object) -> str:
+    """Return `value` if it is a well-formed block id, else raise ValueError."""
+    if not isinstance(value, str) or BLOCK_ID_RE.fullmatch(value) is None:
+        raise ValueError(f"invalid block id {value!r}: expected 64 lower-case hex digits")
+    return value
+
+
+@dataclass
+class StoreUsage:
+    total_bytes: int  # capacity of the filesystem holding the directory (f_blocks * f_frsize)
+    free_bytes: int  # space available to unprivileged users (f_bavail * f_frsize)
+    block_count: int  # number of block files
+    block_bytes: int  # sum of their sizes
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_identity(path: str | Path) -> dict | None:
+    """Return the identity of backing directory `path`, or None if it has no identity file.
+
+    Raises NodeIdentityError if the file exists but is unreadable or malformed.
+    """
+    file = Path(path) / IDENTITY_FILE
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise NodeIdentityError(
+            f"cannot read identity file {file}: {e.strerror}: fix its permissions"
+        ) from None
+    try:
+        ident = json.loads(raw)
+    except ValueError as e:
+        raise NodeIdentityError(
+            f"identity file {file} is not valid JSON ({e}): restore it from a backup, "
+            "or re-create the node and let fsck re-replicate its blocks"
+        ) from None
+    if (
+        not isinstance(ident, dict)
+        or not isinstance(ident.get("fs_uuid"), str)
+        or not isinstance(ident.get("node_id"), str)
+    ):
+        raise NodeIdentityError(f"identity file {file} lacks fs_uuid or node_id: restore it")
+    if ident.get("format") != IDENTITY_FORMAT:
+        raise NodeIdentityError(
+            f"identity file {file} has format {ident.get('format')!r}; this hafs "
+            f"understands format {IDENTITY_FORMAT}: use a matching hafs version"
+        )
+    return ident
+
+
+def _describe(ident: dict) -> str:
+    return f"filesystem {ident['fs_uuid']} node {ident['node_id']}"
+
+
+class DirStore:
+    """The blocks of one node, stored in a local backing directory (see the module docstring)."""
+
+    def __init__(self, path: str | Path, node_id: str, fs_uuid: str) -> None:
+        # No I/O here: use DirStore.open() (mount) or DirStore.create() (mkfs).
+        self.path = Path(path)
+        self.node_id = node_id
+        self.fs_uuid = fs_uuid
+        root = os.fspath(self.path)
+        self._blocks = root + "/blocks"
+        self._tmp = root + "/tmp"
+        self._corrupt = root + "/corrupt"
+        self._known_dirs: set[str] = set()  # "ab" and "ab/cd" known to exist durably
+        self._dirs_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DirStore({os.fspath(self.path)!r}, node_id={self.node_id!r})"
+
+    # ----------------------------------------------------------------- setup
+
+    def _identity(self) -> dict:
+        return {"fs_uuid": self.fs_uuid, "node_id": self.node_id}
+
+    def _matches(self, ident: dict) -> bool:
+        return ident["fs_uuid"] == self.fs_uuid and ident["node_id"] == self.node_id
+
+    @classmethod
+    def create(cls, path: str | Path, node_id: str, fs_uuid: str) -> DirStore:
+        """Initialise a backing directory for `node_id` of filesystem `fs_uuid` (mkfs).
+
+        Creates the directory (and its parents) if missing and writes the identity
+        file atomically. Idempotent for the same identity. Refuses, modifying
+        nothing, a directory of another identity or a non-empty one without identity.
+        """
+        if not node_id or not fs_uuid:
+            raise ValueError("node_id and fs_uuid must not be empty")
+        store = cls(path, node_id, fs_uuid)
+        root = store.path
+        try:
+            store._make_dirs(root)
+        except FileExistsError:
+            raise UserError(
+                f"backing directory {root} of node {node_id} exists and is not a directory: "
+                "choose another path"
+            ) from None
+        except OSError as e:
+            raise UserError(
+                f"cannot create backing directory {root} of node {node_id}: {e.strerror}"
+            ) from None
+        ident = read_identity(root)
+        if ident is not None and not store._matches(ident):
+            raise NodeIdentityError(
+                f"backing directory {root} already belongs to {_describe(ident)}; refusing to "
+                f"make it {_describe(store._identity())}: choose an empty directory"
+            )
+        if ident is None:
+            names = os.listdir(root)
+            others = sorted(n for n in names if not n.startswith(_IDENTITY_TMP_PREFIX))
+            if others:
+                shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+                raise NodeIdentityError(
+                    f"backing directory {root} is not empty ({shown}) and has no identity file "
+                    f"{IDENTITY_FILE}: choose an empty directory, or empty this one"
+                )
+        try:
+            if ident is None:
+                for n in names:  # temp files of an identity write cut short by a crash
+                    os.unlink(os.path.join(root, n))
+                store._write_identity()
+                log.info("created backing directory %s for node %s of %s", root, node_id, fs_uuid)
+            store._make_subdirs()
+        except OSError as e:
+            raise UserError(
+                f"cannot initialise backing directory {root} of node {node_id}: {e}"
+            ) from None
+        return store
+
+    @classmethod
+    def open(cls, path: str | Path, node_id: str, fs_uuid: str) -> DirStore:
+        """Open the backing directory of `node_id` of filesystem `fs_uuid` (mount).
+
+        Refuses, modifying nothing, a missing or unwritable directory (UserError)
+        and one without this identity (NodeIdentityError).
+        """
+        store = cls(path, node_id, fs_uuid)
+        root = store.path
+        if not root.is_dir():
+            what = "is not a directory" if root.exists() else "is missing"
+            raise UserError(
+                f"backing directory {root} of node {node_id} {what}: restore it or remove the node"
+            )
+        ident = read_identity(root)
+        if ident is None:
+            raise NodeIdentityError(
+                f"backing directory {root} has no identity file {IDENTITY_FILE}; expected "
+                f"{_describe(store._identity())}: attach the right directory, or initialise "
+                "this one with mkfs"
+            )
+        if not store._matches(ident):
+            raise NodeIdentityError(
+                f"backing directory {root} belongs to {_describe(ident)}, expected "
+                f"{_describe(store._identity())}: attach the right directory for node {node_id}"
+            )
+        for d in (os.fspath(root), store._blocks, store._tmp):
+            if os.path.exists(d) and not os.access(d, os.W_OK | os.X_OK):
+                raise UserError(
+                    f"backing directory {root} of node {node_id} is not writable ({d}): "
+                    "fix its permissions or mount it read-write"
+                )
+        store._make_subdirs()
+        return store
+
+    def _make_dirs(self, path: Path) -> None:
+        """mkdir -p `path`, fsyncing the parent of every directory created."""
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+            _fsync_dir(os.fspath(d.parent))
+        if not path.is_dir():
+            raise FileExistsError(errno.EEXIST, "not a directory", os.fspath(path))
+
+    def _make_subdirs(self) -> None:
+        created = False
+        for d in (self._blocks, self._tmp, self._corrupt):
+            try:
+                os.mkdir(d)
+                created = True
+            except FileExistsError:
+                pass
+        if created:
+            _fsync_dir(os.fspath(self.path))
+
+    def _write_identity(self) -> None:
+        root = os.fspath(self.path)
+        ident = {
+            "format": IDENTITY_FORMAT,
+            "fs_uuid": self.fs_uuid,
+            "node_id": self.node_id,
+            "created_ns": time.time_ns(),
+        }
+        tmp = f"{root}/{_IDENTITY_TMP_PREFIX}{secrets.token_hex(8)}"
+        data = (json.dumps(ident, indent=1) + "\n").encode()
+        fd = os.open(tmp, _NEW_FILE_FLAGS, 0o644)
+        try:
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, f"{root}/{IDENTITY_FILE}")
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        _fsync_dir(root)
+
+    # ---------------------------------------------------------------- blocks
+
+    def _dir_of(self, bid: str) -> str:
+        return f"{self._blocks}/{bid[:2]}/{bid[2:4]}"
+
+    def _path_of(self, bid: str) -> str:
+        return f"{self._blocks}/{bid[:2]}/{bid[2:4]}/{bid}"
+
+    def _ensure_fanout(self, bid: str) -> None:
+        """Make blocks/ab/cd exist durably (cached, so usually no syscall at all)."""
+        key = bid[:2] + "/" + bid[2:4]
+        if key in self._known_dirs:  # a set lookup is atomic: no lock on the hot path
+            return
+        with self._dirs_lock:
+            for sub, parent in ((bid[:2], self._blocks), (key, f"{self._blocks}/{bid[:2]}")):
+                if sub in self._known_dirs:
+                    continue
+                try:
+                    os.mkdir(f"{self._blocks}/{sub}")
+                except FileExistsError:
+                    pass  # maybe made a moment ago by another process: fsync anyway
+                _fsync_dir(parent)
+                self._known_dirs.add(sub)
+
+    def put(self, block_id: str, data: bytes | bytearray | memoryview) -> None:
+        """Store `data` under `block_id` durably and atomically (see the module docstring).
+
+        The caller computed the id from the data; put() does not hash.
+        """
+        bid = check_block_id(block_id)
+        mv = memoryview(data).cast("B")
+        size = mv.nbytes
+        target = self._path_of(bid)
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if st.st_size == size:
+                try:
+                    os.utime(target)  # restart the garbage grace period
+                except FileNotFoundError:
+                    pass  # deleted meanwhile: write it again below
+                else:
+                    _fsync_dir(self._dir_of(bid))
+                    return
+            else:
+                log.warning(
+                    "BLOCK-CORRUPT %s on node %s: size %d, expected %d; replacing it",
+                    bid,
+                    self.node_id,
+                    st.st_size,
+                    size,
+                )
+        tmp = f"{self._tmp}/{bid}.{secrets.token_hex(8)}"
+        fd = os.open(tmp, _NEW_FILE_FLAGS, 0o644)
+        try:
+            try:
+                while mv:
+                    mv = mv[os.write(fd, mv) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._ensure_fanout(bid)
+            os.rename(tmp, target)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        _fsync_dir(self._dir_of(bid))
+
+    def get(self, block_id: str) -> bytes:
+        """Return the bytes of block `block_id`, verified against the id.
+
+        Raises BlockMissing if this node lacks it and BlockCorrupt (after moving
+        the file to corrupt/) if its bytes do not hash to the id.
+        """
+        bid = check_block_id(block_id)
+        path = self._path_of(bid)
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise BlockMissing(bid, f"not on node {self.node_id}") from None
+        with f:
+            data = f.readall()
+            actual = _compute_id(data)
+            if actual == bid:
+                return data
+            st = os.fstat(f.fileno())
+        moved_to = self._quarantine(bid, path, st)
+        log.warning(
+            "BLOCK-CORRUPT %s on node %s: %d bytes hash to %s; %s",
+            bid,
+            self.node_id,
+            len(data),
+            actual,
+            f"moved to {moved_to}" if moved_to else "already moved aside",
+        )
+        raise BlockCorrupt(bid, where=self.node_id)
+
+    def _quarantine(self, bid: str, path: str, st: os.stat_result) -> str | None:
+        """Move the corrupt file `path` (whose stat is `st`) to corrupt/; return where."""
+        os.makedirs(self._corrupt, exist_ok=True)
+        dest = f"{self._corrupt}/{bid}.{time.time_ns()}"
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            return None  # another thread moved it aside (or deleted it) already
+        moved = os.stat(dest)
+        if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+            # A put() replaced the bad file between our read and the rename: the file
+            # we moved is a good copy. Put it back (a newer good copy is just as good).
+            os.rename(dest, path)
+            return None
+        return dest
+
+    def has(self, block_id: str) -> bool:
+        """True if this node has a file for `block_id` (not verified)."""
+        return self.size(block_id) is not None
+
+    def size(self, block_id: str) -> int | None:
+        """The size of block `block_id` in bytes, or None if this node lacks it."""
+        try:
+            return os.stat(self._path_of(check_block_id(block_id))).st_size
+        except FileNotFoundError:
+            return None
+
+    def mtime_ns(self, block_id: str) -> int | None:
+        """When block `block_id` was last stored (put again counts), or None if absent."""
+        try:
+            return os.stat(self._path_of(check_block_id(block_id))).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def delete(self, block_id: str) -> bool:
+        """Remove block `block_id`; True if it existed. Durable when it returns."""
+        bid = check_block_id(block_id)
+        try:
+            os.unlink(self._path_of(bid))
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self._dir_of(bid))
+        return True
+
+    def iter_ids(self, after: str = "", limit: int = 1000) -> list[str]:
+        """One page of block ids, sorted, each strictly greater than `after`.
+
+        `after` is "" (from the start), a block id (the last of the previous page)
+        or any shorter lower-case hex prefix. Fan-out directories that sort
+        wholly before `after` are skipped without being listed.
+        """
+        if not isinstance(after, str) or _PREFIX_RE.fullmatch(after) is None:
+            raise ValueError(f"invalid iter_ids cursor {after!r}: expected lower-case hex")
+        if limit < 1:
+            raise ValueError(f"iter_ids limit must be positive, got {limit}")
+        out: list[str] = []
+        for ab in _sorted_fanout(self._blocks):
+            if ab < after[:2]:
+                continue
+            for cd in _sorted_fanout(f"{self._blocks}/{ab}"):
+                prefix = ab + cd
+                if prefix < after[:4]:
+                    continue
+                try:
+                    names = os.listdir(f"{self._blocks}/{ab}/{cd}")
+                except FileNotFoundError:
+                    continue
+                ids = sorted(
+                    n
+                    for n in names
+                    if n > after and n.startswith(prefix) and BLOCK_ID_RE.fullmatch(n)
+                )
+                out.extend(ids[: limit - len(out)])
+                if len(out) >= limit:
+                    return out
+        return out
+
+    def usage(self) -> StoreUsage:
+        """Capacity and free space of the underlying filesystem, and what the blocks take."""
+        vfs = os.statvfs(self.path)
+        count = total = 0
+        for ab in _sorted_fanout(self._blocks):
+            for cd in _sorted_fanout(f"{self._blocks}/{ab}"):
+                try:
+                    it = os.scandir(f"{self._blocks}/{ab}/{cd}")
+                except FileNotFoundError:
+                    continue
+                with it:
+                    for entry in it:
+                        if BLOCK_ID_RE.fullmatch(entry.name) is None:
+                            continue
+                        try:
+                            total += entry.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            continue
+                        count += 1
+        return StoreUsage(
+            total_bytes=vfs.f_blocks * vfs.f_frsize,
+            free_bytes=vfs.f_bavail * vfs.f_frsize,
+            block_count=count,
+            block_bytes=total,
+        )
+
+    def cleanup_tmp(self, older_than_s: float = 3600) -> int:
+        """Remove temp files older than `older_than_s` seconds (left by crashes); return how many.
+
+        Younger ones may belong to a put() in progress and are kept.
+        """
+        cutoff = time.time_ns() - int(older_than_s * 1e9)
+        removed = 0
+        try:
+            it = os.scandir(self._tmp)
+        except FileNotFoundError:
+            return 0
+        with it:
+            for entry in it:
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime_ns >= cutoff:
+                        continue
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                removed += 1
+        if removed:
+            log.info("removed %d stale temp files from %s", removed, self._tmp)
+        return removed
+
+
+def _sorted_fanout(path: str) -> list[str]:
+    """The two-hex-digit subdirectory names of `path`, sorted; [] if it is missing."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if _FANOUT_RE.fullmatch(n))
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,65 @@
+"""BlockCache: recently read blocks, bounded in bytes, with one fetch per block at a time.
+
+Concurrency: used from the trio thread only.  `get` awaits the fetch of a
+missing block; concurrent callers for the same id wait for that one fetch
+instead of starting their own.  Eviction is least-recently-used by bytes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+import trio
+
+
+class BlockCache:
+    def __init__(self, limit_bytes: int, fetch: Callable[[str], Awaitable[bytes]]) -> None:
+        self.limit = limit_bytes
+        self._fetch = fetch
+        self._blocks: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._pending: dict[str, trio.Event] = {}
+
+    def peek(self, block_id: str) -> bytes | None:
+        data = self._blocks.get(block_id)
+        if data is not None:
+            self._blocks.move_to_end(block_id)
+        return data
+
+    def __contains__(self, block_id: str) -> bool:
+        return block_id in self._blocks or block_id in self._pending
+
+    async def get(self, block_id: str) -> bytes:
+        while True:
+            data = self.peek(block_id)
+            if data is not None:
+                return data
+            event = self._pending.get(block_id)
+            if event is None:
+                break
+            await event.wait()  # then loop: a failed fetch is retried by each waiter
+        event = self._pending[block_id] = trio.Event()
+        try:
+            data = await self._fetch(block_id)
+            self.put(block_id, data)
+            return data
+        finally:
+            del self._pending[block_id]
+            event.set()
+
+    def put(self, block_id: str, data: bytes) -> None:
+        if len(data) > self.limit:
+            return
+        old = self._blocks.pop(block_id, None)
+        if old is not None:
+            self._bytes -= len(old)
+        self._blocks[block_id] = data
+        self._bytes += len(data)
+        while self._bytes > self.limit:
+            _, evicted = self._blocks.popitem(last=False)
+            self._bytes -= len(evicted)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self._bytes = 0

@@ -1,0 +1,167 @@
+"""The `hafs` command: one entry point, one subcommand per tool.
+
+Exit codes: 0 success, 1 operation failed, 2 bad input (a UserError: wrong
+option, missing or foreign directory, ...), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from . import home as home_mod
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+exit codes: 0 success, 1 the operation failed, 2 bad input (the message says what
+to change), 130 interrupted.
+Without --home, commands use $HAFS_HOME, else the per-user data directory
+(~/.local/share/hafs); 'hafs mount' creates the default filesystem there on first use.
+"""
+
+
+def _home_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--home",
+        type=Path,
+        help="directory holding the filesystem's metadata (default: $HAFS_HOME or"
+        " ~/.local/share/hafs)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="hafs",
+        description="hafs: a high-availability filesystem in user space. Files are cut into"
+        " content-hashed blocks, each stored on R backing directories chosen by a"
+        " consistent-hash ring.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--version", action="version", version=f"hafs {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "mkfs",
+        help="create a filesystem",
+        description="Create a filesystem whose state lives in --home. Without --node, three"
+        " backing directories are made inside it (nodes n1, n2, n3).",
+    )
+    p.add_argument("--home", type=Path, required=True, help="directory for the new filesystem")
+    p.add_argument(
+        "--replicas",
+        "-r",
+        type=int,
+        default=home_mod.DEFAULT_REPLICAS,
+        help="copies of every block, each on a different node (default: %(default)s)",
+    )
+    p.add_argument(
+        "--node",
+        action="append",
+        metavar="ADDRESS",
+        default=None,
+        help="a backing directory to use as a node; repeat for each node (ids n1, n2, ... in"
+        " this order). It must be empty or new.",
+    )
+
+    p = sub.add_parser(
+        "mount",
+        help="mount a filesystem",
+        description="Mount the filesystem at MOUNTPOINT (an empty directory). Returns once the"
+        " mount is ready; the daemon runs in the background and logs to HOME/hafs.log.",
+        epilog="mount options (-o name=value,...): cache_mb (read cache, default 128),"
+        " write_buffer_mb (buffered writes of all files, default 256), flush_mb (a file with"
+        " this much buffered data starts storing it, default 16), readahead_blocks (default 4),"
+        " threads (block I/O threads, default 16), gc_grace_s (unreferenced blocks are deleted"
+        " after this long, default 600), gc_interval_s (default 30), allow_other, allow_root.",
+    )
+    _home_arg(p)
+    p.add_argument(
+        "--foreground",
+        "-f",
+        action="store_true",
+        help="stay in the foreground, log to stderr; Ctrl-C flushes and unmounts",
+    )
+    p.add_argument("-o", dest="options", metavar="OPTIONS", help="comma-separated mount options")
+    p.add_argument("--debug", action="store_true", help="log debug messages")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+
+    p = sub.add_parser(
+        "umount",
+        help="unmount a filesystem",
+        description="Flush and unmount a hafs mount, and wait until its daemon has exited.",
+    )
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+
+    p = sub.add_parser(
+        "status",
+        help="show nodes, replicas and space",
+        description="Show the filesystem's nodes (id, address, weight, up/down, blocks, bytes),"
+        " its replica count, and logical vs stored bytes (the dedup ratio).",
+    )
+    _home_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"hafs: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _home(args) -> Path:
+    return (args.home or home_mod.default_home()).absolute()
+
+
+def cmd_mkfs(args) -> int:
+    fs_uuid = home_mod.create(args.home, args.replicas, args.node)
+    print(f"created hafs filesystem {fs_uuid} in {args.home.absolute()}")
+    return 0
+
+
+def cmd_mount(args) -> int:
+    from . import mount
+
+    home = _home(args)
+    if args.foreground:
+        mount.setup_logging(None if args.ready_fd is None else home / "hafs.log", args.debug)
+        if args.ready_fd is None:
+            home.mkdir(parents=True, exist_ok=True)
+        return mount.run_foreground(home, args.mountpoint, args.options, args.ready_fd)
+    home.mkdir(parents=True, exist_ok=True)
+    argv = ["--home", str(home), str(args.mountpoint.absolute())]
+    if args.options:
+        argv[:0] = ["-o", args.options]
+    if args.debug:
+        argv.insert(0, "--debug")
+    return mount.start_background(argv)
+
+
+def cmd_umount(args) -> int:
+    from . import mount
+
+    return mount.umount(args.mountpoint)
+
+
+def cmd_status(args) -> int:
+    from .status import gather, render
+
+    report = gather(_home(args))
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0 if all(n["up"] for n in report["nodes"]) else 1
+
+
+COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status}

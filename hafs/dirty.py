@@ -1,0 +1,117 @@
+"""DirtyBuffer: the bytes written to a file and not yet stored as blocks.
+
+A sorted list of non-overlapping, non-adjacent segments (start, bytearray).
+Sequential writes extend the last segment in place, so a streaming writer
+costs one memcpy per write.  Pure data structure, no I/O, no awaits.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+
+
+class DirtyBuffer:
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._bufs: list[bytearray] = []
+        self.nbytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def segments(self) -> list[tuple[int, int]]:
+        """(start, end) of every segment, in order."""
+        return [(s, s + len(b)) for s, b in zip(self._starts, self._bufs)]
+
+    def end(self) -> int:
+        return self._starts[-1] + len(self._bufs[-1]) if self._starts else 0
+
+    def write(self, off: int, data: bytes | memoryview) -> int:
+        """Record `data` at `off`; returns how many bytes the buffer grew by."""
+        n = len(data)
+        if not n:
+            return 0
+        end = off + n
+        hi = bisect_right(self._starts, end)  # segments [0, hi) start at or before `end`
+        lo = hi
+        while lo > 0 and self._starts[lo - 1] + len(self._bufs[lo - 1]) >= off:
+            lo -= 1
+        before = self.nbytes
+        if lo == hi:  # touches nothing: a new segment
+            self._starts.insert(lo, off)
+            self._bufs.insert(lo, bytearray(data))
+            self.nbytes += n
+            return n
+        start = self._starts[lo]
+        if hi - lo == 1 and start <= off:  # within or extending one segment
+            buf = self._bufs[lo]
+            old_len = len(buf)
+            if end <= start + old_len:
+                buf[off - start : end - start] = data
+            else:
+                buf[off - start :] = data
+            self.nbytes += len(buf) - old_len
+            return self.nbytes - before
+        new_start = min(start, off)
+        last_end = self._starts[hi - 1] + len(self._bufs[hi - 1])
+        merged = bytearray(max(end, last_end) - new_start)
+        for s, b in zip(self._starts[lo:hi], self._bufs[lo:hi]):
+            merged[s - new_start : s - new_start + len(b)] = b
+            self.nbytes -= len(b)
+        merged[off - new_start : end - new_start] = data
+        self._starts[lo:hi] = [new_start]
+        self._bufs[lo:hi] = [merged]
+        self.nbytes += len(merged)
+        return self.nbytes - before
+
+    def fill_gaps(self, off: int, data: bytes | memoryview) -> int:
+        """Write `data` at `off` only where the buffer holds nothing (newer data wins)."""
+        grown = 0
+        pos, end = off, off + len(data)
+        mv = memoryview(data)
+        for s, e in self.segments():
+            if e <= pos:
+                continue
+            if s >= end:
+                break
+            if s > pos:
+                grown += self.write(pos, mv[pos - off : s - off])
+            pos = e
+        if pos < end:
+            grown += self.write(pos, mv[pos - off :])
+        return grown
+
+    def overlapping(self, off: int, end: int) -> list[tuple[int, bytes]]:
+        """Copies of the buffered bytes within [off, end), as (offset, bytes)."""
+        out = []
+        i = max(bisect_right(self._starts, off) - 1, 0)
+        while i < len(self._starts) and self._starts[i] < end:
+            s, b = self._starts[i], self._bufs[i]
+            lo, hi = max(s, off), min(s + len(b), end)
+            if lo < hi:
+                out.append((lo, bytes(b[lo - s : hi - s])))
+            i += 1
+        return out
+
+    def take(self, off: int, end: int) -> list[tuple[int, bytes]]:
+        """Remove and return the buffered bytes within [off, end)."""
+        pieces = self.overlapping(off, end)
+        if pieces:
+            self.truncate_range(off, end)
+        return pieces
+
+    def truncate_range(self, off: int, end: int | None = None) -> None:
+        """Forget the buffered bytes within [off, end) (to the end when end is None)."""
+        starts: list[int] = []
+        bufs: list[bytearray] = []
+        for s, b in zip(self._starts, self._bufs):
+            e = s + len(b)
+            if s < off:  # the part left of the cut
+                starts.append(s)
+                bufs.append(b if e <= off else b[: off - s])
+            if end is not None and e > end:  # the part right of it
+                lo = max(s, end)
+                starts.append(lo)
+                bufs.append(b if lo == s else b[lo - s :])
+        self._starts, self._bufs = starts, bufs
+        self.nbytes = sum(len(b) for b in bufs)

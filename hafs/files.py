@@ -1,0 +1,332 @@
+"""Open-file state: write buffering, flushing to blocks, and reads.
+
+One `FileState` per inode that is open on this mount (all handles share it,
+so a read sees every write of the mount).  A write lands in the `DirtyBuffer`.
+A flush turns dirty bytes into blocks:
+
+1. take a segment of dirty bytes out of the buffer (they move to `inflight`,
+   where reads still find them) and widen the range to the edges of the
+   extents it cuts into: this *region* is all that is re-chunked, so a random
+   write re-chunks one block's neighbourhood, never the whole file;
+2. in a worker thread: assemble the region's new bytes, cut them with FastCDC,
+   hash each block; all-zero blocks become holes;
+3. store every new block on R replicas (durable), and only then
+4. commit the region's new extents and the file size in one transaction
+   (data before metadata).
+
+A background flush of a file being written sequentially keeps the last,
+still-growing block in the buffer, so streams are cut where their content
+says, not where the buffer happened to fill.
+
+Concurrency rules: every method runs on the trio thread.  Writes never await
+on the file's lock (only on the mount-wide write budget).  Flushes and
+truncates of one file hold `lock`, so the extents of the file cannot change
+while a flush works on them.  A read takes its snapshot of extents, inflight
+and dirty bytes without awaiting in between, then fetches immutable blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import trio
+
+from .blocks import block_id as hash_block
+from .cache import BlockCache
+from .chunker import MAX_SIZE, cut_points
+from .cluster import Placement
+from .dirty import DirtyBuffer
+from .meta import Extent, MetaStore
+
+log = logging.getLogger(__name__)
+
+_ZEROS = bytes(MAX_SIZE)
+
+
+class WriteBudget:
+    """Mount-wide limit on buffered bytes (dirty + in flight): writers wait above it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = trio.Event()
+
+    def add(self, n: int) -> None:
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_below_limit(self) -> None:
+        while self.used > self.limit:
+            await self._changed.wait()
+
+
+@dataclass
+class Shared:
+    """What every FileState of a mount uses (passed down, never a back-reference)."""
+
+    meta: MetaStore
+    placement: Placement
+    cache: BlockCache
+    budget: WriteBudget
+    nursery: trio.Nursery  # for background flushes and read-ahead
+    limiter: trio.CapacityLimiter  # chunking and hashing threads
+    flush_bytes: int  # start a background flush when a file has this much dirty data
+    readahead_blocks: int
+    uncommitted: Counter  # block ids stored but not yet referenced: garbage collection skips them
+
+
+def _cut_and_hash(buf: bytearray) -> list[tuple[int, int, str | None]]:
+    """(start, length, block id or None for an all-zero block) of each block of buf."""
+    out = []
+    mv = memoryview(buf)
+    start = 0
+    for end in cut_points(mv):
+        chunk = mv[start:end]
+        out.append(
+            (start, end - start, None if chunk == _ZEROS[: end - start] else hash_block(chunk))
+        )
+        start = end
+    return out
+
+
+class FileState:
+    def __init__(self, ino: int, size: int, shared: Shared) -> None:
+        self.ino = ino
+        self.size = size  # logical size, including buffered writes
+        self.committed_size = size  # size recorded in the metadata
+        self.mtime_ns: int | None = None  # mtime of buffered changes, written at commit
+        self.dirty = DirtyBuffer()
+        self.inflight: list[tuple[int, bytes]] = []
+        self.lock = trio.Lock()
+        self.error: BaseException | None = None
+        self.handles = 0
+        self.bg_flushing = False
+        self.s = shared
+        self._last_read_block: str | None = None
+
+    # ------------------------------------------------------------------ write
+
+    async def write(self, off: int, data: bytes) -> None:
+        self._raise_error()
+        await self.s.budget.wait_below_limit()
+        self.s.budget.add(self.dirty.write(off, data))
+        self.size = max(self.size, off + len(data))
+        self.mtime_ns = time.time_ns()
+        if self.dirty.nbytes >= self.s.flush_bytes and not self.bg_flushing:
+            self.bg_flushing = True
+            self.s.nursery.start_soon(self._background_flush)
+
+    async def _background_flush(self) -> None:
+        try:
+            await self.flush(final=False)
+        except Exception as e:  # kept and reported by the next write, fsync or close
+            log.error("background flush of inode %d failed: %s", self.ino, e)
+        finally:
+            self.bg_flushing = False
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    # ------------------------------------------------------------------ flush
+
+    async def flush(self, final: bool = True) -> None:
+        """Store buffered bytes as blocks and commit them (all of them when final)."""
+        async with self.lock:
+            if final:
+                self._raise_error()
+            try:
+                while self.dirty:
+                    segs = self.dirty.segments()
+                    if not final and self.dirty.nbytes < self.s.flush_bytes // 2:
+                        break
+                    start, end = max(segs, key=lambda se: se[1] - se[0]) if not final else segs[0]
+                    keep_tail = not final and end == self.size
+                    if not await self._flush_region(start, end, keep_tail):
+                        break
+            except BaseException as e:
+                if not final:
+                    self.error = e
+                raise
+            if final and (self.mtime_ns is not None or self.committed_size != self.size):
+                self._commit_mtime()
+
+    def _commit_mtime(self) -> None:
+        """Commit a size and mtime that no flushed block carried (a truncate up, zeros)."""
+        self.mtime_ns = self.mtime_ns or time.time_ns()
+        if self.committed_size != self.size:
+            self.s.meta.truncate(self.ino, self.size, self.mtime_ns)
+            self.committed_size = self.size
+        else:
+            with self.s.meta.txn():
+                self.s.meta.update_inode(
+                    self.ino, mtime_ns=self.mtime_ns, ctime_ns=max(self.mtime_ns, time.time_ns())
+                )
+        self.mtime_ns = None
+
+    def _widen(self, start: int, end: int) -> tuple[int, int, list[Extent]]:
+        """Widen [start, end) to the edges of the extents and dirty segments it cuts into."""
+        while True:
+            exts = self.s.meta.extents(self.ino, start, end)
+            new_start = min([start] + [e.offset for e in exts[:1]])
+            new_end = max([end] + [e.end for e in exts[-1:]])
+            for s, e in self.dirty.segments():
+                if s < new_end and e > new_start:
+                    new_start, new_end = min(new_start, s), max(new_end, e)
+            if (new_start, new_end) == (start, end):
+                return start, end, exts
+            start, end = new_start, new_end
+
+    async def _flush_region(self, seg_start: int, seg_end: int, keep_tail: bool) -> bool:
+        """Flush the dirty segment [seg_start, seg_end). False if nothing could be flushed yet."""
+        start, end, exts = self._widen(seg_start, seg_end)
+        keep_tail = keep_tail and end == seg_end
+        pieces = self.dirty.take(start, end)  # still charged to the budget until committed
+        self.inflight.extend(pieces)
+        try:
+            old = [(e, await self.s.cache.get(e.block_id)) for e in exts]
+            blocks = await trio.to_thread.run_sync(
+                _assemble_and_cut, start, end, old, pieces, limiter=self.s.limiter
+            )
+            if keep_tail:
+                if len(blocks) < 2:  # one growing block: wait for more data
+                    self._return_to_dirty(pieces)
+                    return False
+                tail_start = start + blocks[-1][0]
+                self._return_to_dirty([(o, d) for o, d in pieces], from_offset=tail_start)
+                blocks = blocks[:-1]
+                end = tail_start
+            await self._store_and_commit(start, end, blocks)
+        except BaseException:
+            self._return_to_dirty(pieces)
+            raise
+        finally:
+            for p in pieces:
+                self._remove_inflight(p)
+            self.s.budget.release(sum(len(d) for _, d in pieces))
+        return True
+
+    async def _store_and_commit(self, start: int, end: int, blocks: list) -> None:
+        new = [
+            Extent(start + off, length, bid) for off, length, bid, _ in blocks if bid is not None
+        ]
+        data = {bid: chunk for _, _, bid, chunk in blocks if bid is not None}
+        self.s.uncommitted.update(data.keys())
+        try:
+            async with trio.open_nursery() as nursery:
+                for bid, chunk in data.items():
+                    nursery.start_soon(self.s.placement.put, bid, chunk)
+            size = max(self.committed_size, end)
+            self.s.meta.replace_extents(
+                self.ino,
+                start,
+                end,
+                new,
+                {bid: len(c) for bid, c in data.items()},
+                size,
+                self.mtime_ns or time.time_ns(),
+            )
+            self.committed_size = size
+            if not self.dirty:
+                self.mtime_ns = None
+        finally:
+            self.s.uncommitted.subtract(data.keys())
+            for bid in data:
+                if self.s.uncommitted[bid] <= 0:
+                    del self.s.uncommitted[bid]
+
+    def _return_to_dirty(self, pieces: list[tuple[int, bytes]], from_offset: int = 0) -> None:
+        """Put taken bytes back where no newer write replaced them."""
+        for off, data in pieces:
+            if off + len(data) <= from_offset:
+                continue
+            if off < from_offset:
+                data, off = data[from_offset - off :], from_offset
+            self.s.budget.add(self.dirty.fill_gaps(off, data))
+
+    def _remove_inflight(self, piece: tuple[int, bytes]) -> None:
+        for i, p in enumerate(self.inflight):
+            if p is piece:
+                del self.inflight[i]
+                return
+
+    # --------------------------------------------------------------- truncate
+
+    async def truncate(self, size: int) -> None:
+        async with self.lock:
+            before = self.dirty.nbytes
+            self.dirty.truncate_range(size)
+            self.s.budget.release(before - self.dirty.nbytes)
+            self.size = size
+            self.mtime_ns = time.time_ns()
+            if size < self.committed_size:
+                self.s.meta.truncate(self.ino, size, self.mtime_ns)
+                self.committed_size = size
+
+    # ------------------------------------------------------------------- read
+
+    async def read(self, off: int, size: int) -> bytes:
+        end = min(off + size, self.size)
+        if off >= end:
+            return b""
+        exts = self.s.meta.extents(self.ino, off, end)
+        overlay = [
+            (o, d) for o, d in self.inflight if o < end and o + len(d) > off
+        ] + self.dirty.overlapping(off, end)
+        self._read_ahead(exts)
+        if len(exts) == 1 and not overlay and exts[0].offset <= off and exts[0].end >= end:
+            e = exts[0]
+            block = await self.s.cache.get(e.block_id)
+            return block[off - e.offset : end - e.offset]
+        out = bytearray(end - off)
+        for e in exts:
+            block = await self.s.cache.get(e.block_id)
+            lo, hi = max(e.offset, off), min(e.end, end)
+            out[lo - off : hi - off] = block[lo - e.offset : hi - e.offset]
+        for o, d in overlay:
+            lo, hi = max(o, off), min(o + len(d), end)
+            out[lo - off : hi - off] = d[lo - o : hi - o]
+        return bytes(out)
+
+    def _read_ahead(self, exts: list[Extent]) -> None:
+        """When a read reaches a new block, fetch the next few blocks in the background."""
+        if not exts or self.s.readahead_blocks <= 0 or exts[-1].block_id == self._last_read_block:
+            return
+        self._last_read_block = exts[-1].block_id
+        last = exts[-1]
+        ahead = self.s.meta.extents(
+            self.ino, last.end, last.end + self.s.readahead_blocks * MAX_SIZE
+        )
+        for e in ahead[: self.s.readahead_blocks]:
+            if e.block_id not in self.s.cache:
+                self.s.nursery.start_soon(self._prefetch, e.block_id)
+
+    async def _prefetch(self, block_id: str) -> None:
+        try:
+            await self.s.cache.get(block_id)
+        except Exception as e:  # the read that needs it will report the error
+            log.debug("read-ahead of block %s failed: %s", block_id, e)
+
+
+def _assemble_and_cut(
+    start: int, end: int, old: list[tuple[Extent, bytes]], pieces: list[tuple[int, bytes]]
+) -> list[tuple[int, int, str | None, bytes]]:
+    """The region's new bytes, cut into blocks: (offset in region, length, id, bytes)."""
+    if len(pieces) == 1 and not old and pieces[0][0] == start and len(pieces[0][1]) == end - start:
+        buf = pieces[0][1]
+    else:
+        buf = bytearray(end - start)
+        for e, block in old:
+            buf[e.offset - start : e.end - start] = block[: e.length]
+        for off, data in pieces:
+            buf[off - start : off - start + len(data)] = data
+    mv = memoryview(buf)
+    return [(o, n, bid, mv[o : o + n]) for o, n, bid in _cut_and_hash(buf)]

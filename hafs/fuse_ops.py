@@ -1,0 +1,228 @@
+"""The pyfuse3 adapter: inode numbers and attributes in, FUSEErrors out.
+
+The filesystem model lives in `vfs`; this class only translates.  Errors are
+converted once, here: `FsError` becomes its errno, storage errors become EIO
+(logged with the block they concern), and any other exception is logged with
+its traceback and becomes EIO, so the mount stays up (DESIGN.md invariant 8).
+
+Lookup counts: +1 for lookup, create, mknod, mkdir, symlink, link and each
+readdir entry the kernel accepted; `forget` gives them back.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+
+import pyfuse3
+
+from .errors import FsError, StorageError
+from .meta import Inode
+from .vfs import Vfs
+
+log = logging.getLogger(__name__)
+
+# Short caches: another mount's changes are visible within about a second.
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 1.0
+
+
+def _errors_to_fuse(fn):
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except StorageError as e:
+            log.error("I/O error in %s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _attrs(inode: Inode) -> pyfuse3.EntryAttributes:
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = inode.id
+    a.generation = 0
+    a.entry_timeout = ENTRY_TIMEOUT
+    a.attr_timeout = ATTR_TIMEOUT
+    a.st_mode = inode.mode
+    a.st_nlink = inode.nlink
+    a.st_uid = inode.uid
+    a.st_gid = inode.gid
+    a.st_rdev = inode.rdev
+    a.st_size = inode.size
+    a.st_blksize = 128 * 1024
+    a.st_blocks = (inode.size + 511) // 512
+    a.st_atime_ns = inode.atime_ns
+    a.st_mtime_ns = inode.mtime_ns
+    a.st_ctime_ns = inode.ctime_ns
+    return a
+
+
+class FuseOps(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, vfs: Vfs) -> None:
+        super().__init__()
+        self.vfs = vfs
+
+    def _ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        self.vfs.lookups[inode.id] += 1
+        return _attrs(inode)
+
+    @_errors_to_fuse
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._ref(self.vfs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            try:
+                self.vfs.forget(ino, n)
+            except Exception:  # forget must not raise
+                log.exception("forget of inode %d failed", ino)
+
+    @_errors_to_fuse
+    async def getattr(self, inode, ctx=None):
+        return _attrs(self.vfs.getattr(inode))
+
+    @_errors_to_fuse
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        return _attrs(
+            await self.vfs.setattr(
+                inode,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                size=attr.st_size if fields.update_size else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            )
+        )
+
+    @_errors_to_fuse
+    async def readlink(self, inode, ctx):
+        return self.vfs.readlink(inode)
+
+    @_errors_to_fuse
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._ref(self.vfs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+
+    @_errors_to_fuse
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._ref(self.vfs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_errors_to_fuse
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self._ref(self.vfs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @_errors_to_fuse
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._ref(self.vfs.link(inode, new_parent_inode, new_name))
+
+    @_errors_to_fuse
+    async def unlink(self, parent_inode, name, ctx):
+        self.vfs.unlink(parent_inode, name)
+
+    @_errors_to_fuse
+    async def rmdir(self, parent_inode, name, ctx):
+        self.vfs.rmdir(parent_inode, name)
+
+    @_errors_to_fuse
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_errors_to_fuse
+    async def open(self, inode, flags, ctx):
+        return pyfuse3.FileInfo(fh=await self.vfs.open(inode, flags), keep_cache=False)
+
+    @_errors_to_fuse
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        fh, inode = self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._ref(inode)
+
+    @_errors_to_fuse
+    async def read(self, fh, off, size):
+        return await self.vfs.read(fh, off, size)
+
+    @_errors_to_fuse
+    async def write(self, fh, off, buf):
+        return await self.vfs.write(fh, off, buf)
+
+    @_errors_to_fuse
+    async def flush(self, fh):
+        await self.vfs.flush(fh)
+
+    @_errors_to_fuse
+    async def release(self, fh):
+        await self.vfs.release(fh)
+
+    @_errors_to_fuse
+    async def fsync(self, fh, datasync):
+        await self.vfs.fsync(fh)
+
+    @_errors_to_fuse
+    async def opendir(self, inode, ctx):
+        return self.vfs.opendir(inode)
+
+    @_errors_to_fuse
+    async def readdir(self, fh, start_id, token):
+        while True:
+            page = self.vfs.readdir(fh, start_id)
+            if not page:
+                return
+            for dentry, inode in page:
+                if not pyfuse3.readdir_reply(token, dentry.name, _attrs(inode), dentry.cursor):
+                    return
+                self.vfs.lookups[inode.id] += 1
+                start_id = dentry.cursor
+
+    @_errors_to_fuse
+    async def releasedir(self, fh):
+        self.vfs.releasedir(fh)
+
+    @_errors_to_fuse
+    async def fsyncdir(self, fh, datasync):
+        await self.vfs.fsync_meta()
+
+    @_errors_to_fuse
+    async def statfs(self, ctx):
+        out = pyfuse3.StatvfsData()
+        for k, v in self.vfs.statfs().items():
+            setattr(out, k, v)
+        return out
+
+    @_errors_to_fuse
+    async def setxattr(self, inode, name, value, ctx):
+        self.vfs.setxattr(inode, name, value)
+
+    @_errors_to_fuse
+    async def getxattr(self, inode, name, ctx):
+        return self.vfs.getxattr(inode, name)
+
+    @_errors_to_fuse
+    async def listxattr(self, inode, ctx):
+        return self.vfs.listxattr(inode)
+
+    @_errors_to_fuse
+    async def removexattr(self, inode, name, ctx):
+        self.vfs.removexattr(inode, name)
+
+    @_errors_to_fuse
+    async def access(self, inode, mode, ctx):
+        self.vfs.getattr(inode)
+        return True  # permissions are checked by the kernel (default_permissions)
+
+
+def mount_options(extra: set[str], fsname: str) -> set[str]:
+    opts = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=hafs"}
+    return opts | extra

@@ -1,0 +1,260 @@
+"""Mounting and unmounting: the daemon's life from checks to a clean exit.
+
+`hafs mount` (background) starts `hafs mount --foreground --ready-fd N` as a
+new session and waits until it reports, through that pipe, either "ok"
+(mounted) or one line of error; so every refusal reaches the user's terminal
+and the exit code.  The foreground daemon:
+
+1. checks the mountpoint (an empty directory not mounted; a dead hafs mount
+   left by a killed daemon is detached with `fusermount3 -u -z` first);
+2. takes HOME/mount.lock (one daemon per filesystem until the lock service
+   lands) and opens the metadata and the backing directories;
+3. mounts, serves, and on SIGINT/SIGTERM or unmount flushes every open file,
+   syncs the metadata and unmounts.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import home as home_mod
+from .cluster import Placement
+from .errors import UserError
+from .fuse_ops import FuseOps
+from .vfs import Options, Vfs
+
+log = logging.getLogger(__name__)
+
+FUSE_PASSTHROUGH = {"allow_other", "allow_root"}
+
+
+def parse_options(text: str | None) -> tuple[Options, set[str]]:
+    """Split `-o a=1,b` into vfs Options and FUSE options; unknown names are an error."""
+    opts = Options()
+    fuse: set[str] = set()
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition("=")
+        if name in FUSE_PASSTHROUGH and not value:
+            fuse.add(name)
+            continue
+        if name not in Options.__dataclass_fields__:
+            known = ", ".join(sorted([*Options.__dataclass_fields__, *FUSE_PASSTHROUGH]))
+            raise UserError(f"unknown mount option {name!r}: known options are {known}")
+        kind = type(getattr(opts, name))
+        try:
+            setattr(opts, name, kind(value))
+        except ValueError:
+            raise UserError(f"mount option {name} needs a {kind.__name__} value, not {value!r}")
+    return opts, fuse
+
+
+def mounted_fs(path: Path) -> tuple[str, str] | None:
+    """(fsname, fstype) of the filesystem mounted exactly at `path`, if any."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            dev, mnt, fstype = line.split()[:3]
+            if mnt.replace("\\040", " ") == target:
+                return dev, fstype
+    return None
+
+
+def check_mountpoint(path: Path) -> None:
+    """Refuse anything but an empty, unmounted directory; detach a dead hafs mount."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # a daemon died and left its mount behind
+            log.warning("detaching the dead mount left at %s", path)
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+            st = os.stat(path)
+        elif e.errno == errno.ENOENT:
+            raise UserError(f"mountpoint {path} does not exist: create it with 'mkdir -p {path}'")
+        else:
+            raise UserError(f"mountpoint {path} cannot be used: {e.strerror}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"mountpoint {path} is not a directory")
+    if mounted_fs(path):
+        raise UserError(
+            f"{path} is already a mountpoint ({mounted_fs(path)[0]}): unmount it first"
+            f" ('hafs umount {path}' or 'fusermount3 -u {path}')"
+        )
+    if any(os.scandir(path)):
+        raise UserError(f"mountpoint {path} is not empty: use an empty directory")
+
+
+def setup_logging(logfile: Path | None, debug: bool = False) -> None:
+    handler: logging.Handler = (
+        logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _lock_home(home: Path) -> int:
+    fd = os.open(home / "mount.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        where = ""
+        try:
+            where = " at " + (home / "mount.pid").read_text().split(maxsplit=1)[1].strip()
+        except (OSError, IndexError):
+            pass
+        raise UserError(
+            f"the filesystem in {home} is already mounted{where}: unmount it first"
+        ) from None
+    return fd
+
+
+def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: int | None) -> int:
+    """Mount and serve until unmounted or signalled; returns the exit code."""
+    home = home.absolute()
+    mountpoint = mountpoint.absolute()
+
+    def report(msg: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, (msg + "\n").encode())
+            os.close(ready_fd)
+
+    try:
+        opts, fuse_opts = parse_options(options)
+        if not home_mod.meta_path(home).exists() and home == home_mod.default_home().absolute():
+            home_mod.create(home)
+            log.info("created the default filesystem in %s", home)
+        check_mountpoint(mountpoint)
+        lock_fd = _lock_home(home)
+        fs = home_mod.open_fs(home)
+    except UserError as e:
+        report(f"hafs: {e}")
+        if ready_fd is None:
+            print(f"hafs: {e}", file=sys.stderr)
+        return 2
+    (home / "mount.pid").write_text(f"{os.getpid()} {mountpoint}\n")
+    log.info("mounting %s (fs %s) at %s", home, fs.fs_uuid, mountpoint)
+    try:
+        trio.run(_serve, fs, mountpoint, opts, fuse_opts, report)
+    finally:
+        fs.meta.close()
+        (home / "mount.pid").unlink(missing_ok=True)
+        os.close(lock_fd)
+    log.info("unmounted %s", mountpoint)
+    return 0
+
+
+async def _serve(fs, mountpoint: Path, opts: Options, fuse_opts: set[str], report) -> None:
+    placement = Placement(fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(opts.threads))
+    vfs = Vfs(fs.meta, placement, opts)
+    ops = FuseOps(vfs)
+    options = set(pyfuse3.default_options) | {f"fsname=hafs:{fs.home}", "subtype=hafs"}
+    options |= fuse_opts
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vfs.run)
+        pyfuse3.init(ops, str(mountpoint), options)
+        mounted = True
+        try:
+            report("ok")
+            nursery.start_soon(_on_signals)
+            await pyfuse3.main()  # returns on unmount or terminate()
+            await vfs.shutdown()
+        finally:
+            pyfuse3.close(unmount=mounted)
+            nursery.cancel_scope.cancel()
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for sig in signals:
+            log.info("signal %s: flushing and unmounting", signal.Signals(sig).name)
+            pyfuse3.terminate()
+            return
+
+
+def start_background(argv: list[str], timeout: float = 60.0) -> int:
+    """Start the daemon for `hafs mount ARGV` and wait until it is mounted or failed."""
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "hafs", "mount", "--foreground", "--ready-fd", str(w), *argv]
+    proc = subprocess.Popen(
+        cmd,
+        pass_fds=(w,),
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with os.fdopen(r, "rb") as f:
+        while time.monotonic() < deadline:
+            chunk = f.read1(4096)
+            if not chunk:
+                break
+            buf += chunk
+            if buf.endswith(b"\n"):
+                break
+    msg = buf.decode(errors="replace").strip()
+    if msg == "ok":
+        return 0
+    if proc.poll() is None and not msg:
+        msg = f"hafs: the mount daemon (pid {proc.pid}) did not report within {timeout:.0f} s"
+    elif not msg:
+        msg = f"hafs: the mount daemon exited with code {proc.wait()} before mounting; see its log"
+    print(msg, file=sys.stderr)
+    return 2 if proc.wait() == 2 else 1
+
+
+def umount(mountpoint: Path, timeout: float = 120.0) -> int:
+    """Unmount a hafs mount and wait until its daemon has exited."""
+    mountpoint = mountpoint.absolute()
+    info = mounted_fs(mountpoint)
+    if info is None or not info[0].startswith("hafs:"):
+        raise UserError(f"{mountpoint} is not a hafs mountpoint")
+    home = Path(info[0][len("hafs:") :])
+    pid = None
+    try:
+        pid = int((home / "mount.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    p = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise UserError(
+            f"cannot unmount {mountpoint}: {p.stderr.strip()} (close the files open in it first)"
+        )
+    deadline = time.monotonic() + timeout
+    while pid is not None and _alive(pid):
+        if time.monotonic() > deadline:
+            print(f"hafs: daemon {pid} is still running after unmount", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (child of a test harness) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,114 @@
+"""Fixtures that mount hafs for real: `hafs mount` in its own process, torn down always."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HAFS = [sys.executable, "-m", "hafs"]
+
+# Log lines a healthy run never writes.
+BAD_LOG = re.compile(r"Traceback|unexpected error| ERROR ")
+
+
+def hafs(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    p = subprocess.run([*HAFS, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"hafs {' '.join(map(str, args))} exited {p.returncode}:\n{p.stderr}")
+    return p
+
+
+@dataclass
+class Mount:
+    home: Path
+    mnt: Path
+    options: str = ""
+
+    @property
+    def log(self) -> Path:
+        return self.home / "hafs.log"
+
+    def daemon_pid(self) -> int | None:
+        try:
+            return int((self.home / "mount.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def node_dirs(self) -> list[Path]:
+        return sorted((self.home / "nodes").iterdir())
+
+    def start(self) -> None:
+        args = ["mount", "--home", self.home]
+        if self.options:
+            args += ["-o", self.options]
+        hafs(*args, self.mnt)
+        assert os.path.ismount(self.mnt)
+
+    def stop(self) -> None:
+        """Unmount and make sure the daemon is gone, whatever state it is in."""
+        pid = self.daemon_pid()
+        p = hafs("umount", self.mnt, check=False, timeout=60) if os.path.ismount(self.mnt) else None
+        if p is not None and p.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        if pid is not None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if not _wait_gone(pid, 10):
+                    os.kill(pid, sig)
+            _wait_gone(pid, 10)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+
+    def bad_log_lines(self, allowed: tuple[str, ...] = ()) -> list[str]:
+        if not self.log.exists():
+            return []
+        return [
+            line
+            for line in self.log.read_text(errors="replace").splitlines()
+            if BAD_LOG.search(line) and not any(a in line for a in allowed)
+        ]
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def make_mount(base: Path, options: str = "gc_grace_s=0,gc_interval_s=1") -> Mount:
+    home, mnt = base / "home", base / "mnt"
+    mnt.mkdir(parents=True)
+    hafs("mkfs", "--home", home)
+    return Mount(home, mnt, options)
+
+
+@pytest.fixture(scope="module")
+def mount(tmp_path_factory):
+    """One hafs mount per test module; fails the module's last test on a bad log line."""
+    m = make_mount(tmp_path_factory.mktemp("hafs"))
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+    bad = m.bad_log_lines()
+    assert not bad, "unexpected errors in the daemon's log:\n" + "\n".join(bad[:20])
+
+
+@pytest.fixture
+def work(mount, request):
+    """A fresh directory inside the module's mount for each test."""
+    d = mount.mnt / re.sub(r"\W", "_", request.node.name)
+    d.mkdir()
+    return d

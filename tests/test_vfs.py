@@ -1,0 +1,185 @@
+"""The vfs without a mount: real metadata and backing directories, trio, no FUSE.
+
+Every test ends with `assert_consistent`, the metadata invariants fsck will check:
+refcounts equal extent counts, link counts equal entries, extents inside files.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+
+import pytest
+import trio
+
+from hafs import home
+from hafs.chunker import MiB
+from hafs.cluster import Placement
+from hafs.errors import FsError
+from hafs.meta import ROOT_INODE
+from hafs.vfs import Options, Vfs
+
+
+def assert_consistent(meta) -> None:
+    db = meta.db
+    bad_refs = db.execute(
+        "SELECT b.id, b.refcount, count(e.block_id) FROM blocks b"
+        " LEFT JOIN extents e ON e.block_id = b.id GROUP BY b.id HAVING b.refcount != count(e.block_id)"
+    ).fetchall()
+    assert not bad_refs, f"refcounts disagree with extents: {bad_refs}"
+    missing = db.execute(
+        "SELECT e.block_id FROM extents e LEFT JOIN blocks b ON b.id = e.block_id WHERE b.id IS NULL"
+    ).fetchall()
+    assert not missing
+    for ino, mode, nlink in db.execute("SELECT id, mode, nlink FROM inodes").fetchall():
+        names = db.execute("SELECT count(*) FROM dentries WHERE inode = ?", (ino,)).fetchone()[0]
+        if stat.S_ISDIR(mode):
+            subdirs = db.execute(
+                "SELECT count(*) FROM dentries d JOIN inodes i ON i.id = d.inode"
+                " WHERE d.parent = ? AND (i.mode & 61440) = 16384",
+                (ino,),
+            ).fetchone()[0]
+            expect = 2 + subdirs if (names or ino == ROOT_INODE) else 0
+            assert nlink == expect, f"directory {ino}: nlink {nlink}, expected {expect}"
+        else:
+            assert nlink == names, f"inode {ino}: nlink {nlink}, {names} names"
+    prev = {}
+    for ino, off, length, size in db.execute(
+        "SELECT e.inode, e.offset, e.length, i.size FROM extents e JOIN inodes i ON i.id = e.inode"
+        " ORDER BY e.inode, e.offset"
+    ):
+        assert off + length <= size, f"inode {ino}: extent past the end"
+        assert prev.get(ino, 0) <= off, f"inode {ino}: overlapping extents"
+        prev[ino] = off + length
+
+
+@pytest.fixture
+async def vfs(tmp_path):
+    home.create(tmp_path / "h")
+    fs = home.open_fs(tmp_path / "h")
+    placement = Placement(fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(8))
+    v = Vfs(fs.meta, placement, Options(flush_mb=4, gc_grace_s=0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(v.run)
+        yield v
+        await v.shutdown()
+        assert_consistent(fs.meta)
+        nursery.cancel_scope.cancel()
+    fs.meta.close()
+
+
+async def write_file(v: Vfs, name: bytes, data: bytes, parent=ROOT_INODE, chunk=128 * 1024) -> int:
+    fh, inode = v.create(parent, name, 0o644, os.O_WRONLY, 0, 0)
+    for off in range(0, len(data), chunk):
+        await v.write(fh, off, data[off : off + chunk])
+    await v.flush(fh)
+    await v.release(fh)
+    return inode.id
+
+
+async def read_file(v: Vfs, ino: int) -> bytes:
+    fh = await v.open(ino, os.O_RDONLY)
+    try:
+        return await v.read(fh, 0, v.getattr(ino).size + 10)
+    finally:
+        await v.release(fh)
+
+
+async def test_write_read_large_file(vfs):
+    data = random.Random(1).randbytes(20 * MiB + 7)
+    ino = await write_file(vfs, b"big", data)
+    assert vfs.getattr(ino).size == len(data)
+    vfs.shared.cache.clear()
+    assert await read_file(vfs, ino) == data
+
+
+async def test_random_write_rechunks_only_the_neighbourhood(vfs):
+    data = bytearray(random.Random(2).randbytes(24 * MiB))
+    ino = await write_file(vfs, b"f", bytes(data))
+    before = {
+        r[0] for r in vfs.meta.db.execute("SELECT block_id FROM extents WHERE inode=?", (ino,))
+    }
+    fh = await vfs.open(ino, os.O_RDWR)
+    await vfs.write(fh, 12 * MiB, b"patch" * 100)
+    await vfs.release(fh)
+    data[12 * MiB : 12 * MiB + 500] = b"patch" * 100
+    after = {
+        r[0] for r in vfs.meta.db.execute("SELECT block_id FROM extents WHERE inode=?", (ino,))
+    }
+    assert len(after - before) <= 3, "only the edited block's neighbourhood is rewritten"
+    assert len(before - after) <= 2
+    vfs.shared.cache.clear()
+    assert await read_file(vfs, ino) == data
+
+
+async def test_dedup_refcounts_and_unlink(vfs):
+    data = random.Random(3).randbytes(6 * MiB)
+    a = await write_file(vfs, b"a", data)
+    await write_file(vfs, b"b", data)
+    refs = vfs.meta.db.execute("SELECT DISTINCT refcount FROM blocks").fetchall()
+    assert refs == [(2,)]
+    vfs.unlink(ROOT_INODE, b"a")
+    assert vfs.meta.get_inode(a) is None  # no kernel reference, no open handle
+    assert vfs.meta.db.execute("SELECT DISTINCT refcount FROM blocks").fetchall() == [(1,)]
+    vfs.unlink(ROOT_INODE, b"b")
+    assert vfs.meta.db.execute("SELECT DISTINCT refcount FROM blocks").fetchall() == [(0,)]
+    assert await vfs.collect_garbage() > 0
+    assert vfs.meta.db.execute("SELECT count(*) FROM blocks").fetchone()[0] == 0
+    assert all(not any(s.iter_ids()) for s in vfs.placement.stores.values())
+
+
+async def test_zero_blocks_are_holes(vfs):
+    ino = await write_file(vfs, b"z", bytes(10 * MiB))
+    assert vfs.meta.db.execute("SELECT count(*) FROM extents").fetchone()[0] == 0
+    assert await read_file(vfs, ino) == bytes(10 * MiB)
+
+
+async def test_interleaved_writers_share_state(vfs):
+    fh1, inode = vfs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, 0, 0)
+    fh2 = await vfs.open(inode.id, os.O_RDWR)
+    await vfs.write(fh1, 0, b"a" * 100)
+    await vfs.write(fh2, 50, b"b" * 100)
+    assert await vfs.read(fh1, 0, 1000) == b"a" * 50 + b"b" * 100
+    await vfs.release(fh1)
+    assert await vfs.read(fh2, 0, 1000) == b"a" * 50 + b"b" * 100
+    await vfs.release(fh2)
+    assert await read_file(vfs, inode.id) == b"a" * 50 + b"b" * 100
+
+
+async def test_posix_errors(vfs):
+    d = vfs.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
+    await write_file(vfs, b"x", b"1", parent=d.id)
+    with pytest.raises(FsError) as e:
+        vfs.rmdir(ROOT_INODE, b"d")
+    assert e.value.errno == errno.ENOTEMPTY
+    with pytest.raises(FsError) as e:
+        vfs.lookup(ROOT_INODE, b"nope")
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(FsError) as e:
+        vfs.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
+    assert e.value.errno == errno.EEXIST
+    with pytest.raises(FsError) as e:
+        vfs.unlink(ROOT_INODE, b"d")
+    assert e.value.errno == errno.EISDIR
+    with pytest.raises(FsError) as e:
+        vfs.mkdir(ROOT_INODE, b"n" * 256, 0o755, 0, 0)
+    assert e.value.errno == errno.ENAMETOOLONG
+    vfs.rename(d.id, b"x", ROOT_INODE, b"y", 0)
+    vfs.rmdir(ROOT_INODE, b"d")
+    assert [de.name for de, _ in vfs.readdir(vfs.opendir(ROOT_INODE), 0)] == [b"y"]
+
+
+async def test_readdir_cursor_survives_changes(vfs):
+    for i in range(50):
+        vfs.mkdir(ROOT_INODE, b"d%02d" % i, 0o755, 0, 0)
+    fh = vfs.opendir(ROOT_INODE)
+    page = vfs.readdir(fh, 0, limit=10)
+    cursor = page[-1][0].cursor
+    vfs.rmdir(ROOT_INODE, b"d05")  # already listed
+    vfs.rmdir(ROOT_INODE, b"d20")  # not yet listed
+    vfs.mkdir(ROOT_INODE, b"new", 0o755, 0, 0)
+    rest = [de.name for de, _ in vfs.readdir(fh, cursor, limit=1000)]
+    assert rest[0] == b"d10" and b"d20" not in rest and rest[-1] == b"new"
+    assert len(rest) == 40
