@@ -54,7 +54,7 @@ def test_placement_is_pinned() -> None:
     assert got == PINNED
 
 
-PINNED = [["n4", "n5"], ["n2", "n5"], ["n1", "n4"], ["n3", "n1"]]
+PINNED = [["n4", "n3"], ["n2", "n5"], ["n3", "n1"], ["n2", "n4"]]
 
 
 def test_key_position_uses_the_first_16_hex_digits() -> None:
@@ -140,7 +140,7 @@ def test_spread_ten_equal_nodes_one_million_keys() -> None:
     spread = max(counts.values()) / mean
     assert spread <= 1.10, (spread, counts)
     assert min(counts.values()) / mean >= 0.90, counts
-    assert statistics.pstdev(counts.values()) / mean <= 0.04, counts  # measured: 0.024
+    assert statistics.pstdev(counts.values()) / mean <= 0.04, counts  # measured: 0.015
 
 
 def test_weighted_node_gets_its_share() -> None:
@@ -179,7 +179,7 @@ def test_adding_a_node_moves_a_quarter_and_only_to_the_new_node() -> None:
         assert len(lost) == len(gained)
         moved += len(lost)
     fraction = moved / (n_keys * r)
-    assert abs(fraction / 0.25 - 1) <= 0.10, fraction  # measured: about 0.25
+    assert abs(fraction / 0.25 - 1) <= 0.10, fraction  # measured: 0.247
 
 
 def test_removing_a_node_moves_only_its_assignments() -> None:
