@@ -3,7 +3,8 @@
 Layout of a backing directory (DESIGN: "Data layout on a backing directory")::
 
     hafs-node.json          identity: {"format": 1, "fs_uuid", "node_id", "created_ns"}
-    blocks/ab/cd/<id>       one file per block; ab = id[0:2], cd = id[2:4]
+    blocks/ab/<id>          one file per block; ab = id[0:2] (256 fan-out directories,
+                            made when the store is opened: a new block never waits on a mkdir)
     tmp/<id>.<random>       a put() in progress (or left over by a crash: harmless)
     corrupt/<id>.<time_ns>  blocks that failed verification, kept for inspection
 
@@ -14,10 +15,9 @@ one place ids are computed). Every public method validates the id against
 Durability of `put` (DESIGN invariant 2), in order:
 
 1. write the bytes to ``tmp/<id>.<random>`` (O_EXCL) and fsync the file;
-2. create the fan-out directories if needed, fsyncing the parent of each one
-   (once per directory per process: the known ones are cached);
-3. rename the temp file to ``blocks/ab/cd/<id>`` (atomic);
-4. fsync ``blocks/ab/cd``.
+2. (re)create the fan-out directory if someone removed it;
+3. rename the temp file to ``blocks/ab/<id>`` (atomic);
+4. fsync ``blocks/ab``.
 
 When the block is already there with the right size, steps 1-3 are skipped
 (content addressing makes the write idempotent), its mtime is refreshed so a
@@ -59,7 +59,6 @@ import logging
 import os
 import re
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,8 +164,7 @@ class DirStore:
         self._blocks = root + "/blocks"
         self._tmp = root + "/tmp"
         self._corrupt = root + "/corrupt"
-        self._known_dirs: set[str] = set()  # "ab" and "ab/cd" known to exist durably
-        self._dirs_lock = threading.Lock()
+        self._known_dirs: set[str] = set()  # fan-out directories "ab" known to exist durably
 
     def __repr__(self) -> str:
         return f"DirStore({os.fspath(self.path)!r}, node_id={self.node_id!r})"
@@ -285,15 +283,20 @@ class DirStore:
             raise FileExistsError(errno.EEXIST, "not a directory", os.fspath(path))
 
     def _make_subdirs(self) -> None:
-        created = False
-        for d in (self._blocks, self._tmp, self._corrupt):
-            try:
-                os.mkdir(d)
-                created = True
-            except FileExistsError:
-                pass
-        if created:
-            _fsync_dir(os.fspath(self.path))
+        for parent, names in (
+            (os.fspath(self.path), ("blocks", "tmp", "corrupt")),
+            (self._blocks, [f"{i:02x}" for i in range(256)]),
+        ):
+            created = False
+            for name in names:
+                try:
+                    os.mkdir(f"{parent}/{name}")
+                    created = True
+                except FileExistsError:
+                    pass
+            if created:
+                _fsync_dir(parent)
+        self._known_dirs.update(f"{i:02x}" for i in range(256))
 
     def _write_identity(self) -> None:
         root = os.fspath(self.path)
@@ -321,26 +324,22 @@ class DirStore:
     # ---------------------------------------------------------------- blocks
 
     def _dir_of(self, bid: str) -> str:
-        return f"{self._blocks}/{bid[:2]}/{bid[2:4]}"
+        return f"{self._blocks}/{bid[:2]}"
 
     def _path_of(self, bid: str) -> str:
-        return f"{self._blocks}/{bid[:2]}/{bid[2:4]}/{bid}"
+        return f"{self._blocks}/{bid[:2]}/{bid}"
 
     def _ensure_fanout(self, bid: str) -> None:
-        """Make blocks/ab/cd exist durably (cached, so usually no syscall at all)."""
-        key = bid[:2] + "/" + bid[2:4]
-        if key in self._known_dirs:  # a set lookup is atomic: no lock on the hot path
+        """Make blocks/ab exist durably (made by open(); cached, so usually no syscall)."""
+        ab = bid[:2]
+        if ab in self._known_dirs:  # a set lookup is atomic: no lock on the hot path
             return
-        with self._dirs_lock:
-            for sub, parent in ((bid[:2], self._blocks), (key, f"{self._blocks}/{bid[:2]}")):
-                if sub in self._known_dirs:
-                    continue
-                try:
-                    os.mkdir(f"{self._blocks}/{sub}")
-                except FileExistsError:
-                    pass  # maybe made a moment ago by another process: fsync anyway
-                _fsync_dir(parent)
-                self._known_dirs.add(sub)
+        try:
+            os.mkdir(f"{self._blocks}/{ab}")
+        except FileExistsError:
+            pass  # maybe made a moment ago by another process: fsync anyway
+        _fsync_dir(self._blocks)
+        self._known_dirs.add(ab)
 
     def put(self, block_id: str, data: bytes | bytearray | memoryview) -> None:
         """Store `data` under `block_id` durably and atomically (see the module docstring).
@@ -476,22 +475,16 @@ class DirStore:
         for ab in _sorted_fanout(self._blocks):
             if ab < after[:2]:
                 continue
-            for cd in _sorted_fanout(f"{self._blocks}/{ab}"):
-                prefix = ab + cd
-                if prefix < after[:4]:
-                    continue
-                try:
-                    names = os.listdir(f"{self._blocks}/{ab}/{cd}")
-                except FileNotFoundError:
-                    continue
-                ids = sorted(
-                    n
-                    for n in names
-                    if n > after and n.startswith(prefix) and BLOCK_ID_RE.fullmatch(n)
-                )
-                out.extend(ids[: limit - len(out)])
-                if len(out) >= limit:
-                    return out
+            try:
+                names = os.listdir(f"{self._blocks}/{ab}")
+            except FileNotFoundError:
+                continue
+            ids = sorted(
+                n for n in names if n > after and n.startswith(ab) and BLOCK_ID_RE.fullmatch(n)
+            )
+            out.extend(ids[: limit - len(out)])
+            if len(out) >= limit:
+                return out
         return out
 
     def usage(self) -> StoreUsage:
@@ -499,20 +492,19 @@ class DirStore:
         vfs = os.statvfs(self.path)
         count = total = 0
         for ab in _sorted_fanout(self._blocks):
-            for cd in _sorted_fanout(f"{self._blocks}/{ab}"):
-                try:
-                    it = os.scandir(f"{self._blocks}/{ab}/{cd}")
-                except FileNotFoundError:
-                    continue
-                with it:
-                    for entry in it:
-                        if BLOCK_ID_RE.fullmatch(entry.name) is None:
-                            continue
-                        try:
-                            total += entry.stat(follow_symlinks=False).st_size
-                        except FileNotFoundError:
-                            continue
-                        count += 1
+            try:
+                it = os.scandir(f"{self._blocks}/{ab}")
+            except FileNotFoundError:
+                continue
+            with it:
+                for entry in it:
+                    if BLOCK_ID_RE.fullmatch(entry.name) is None:
+                        continue
+                    try:
+                        total += entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue
+                    count += 1
         return StoreUsage(
             total_bytes=vfs.f_blocks * vfs.f_frsize,
             free_bytes=vfs.f_bavail * vfs.f_frsize,

@@ -89,15 +89,37 @@ class DirtyBuffer:
             s, b = self._starts[i], self._bufs[i]
             lo, hi = max(s, off), min(s + len(b), end)
             if lo < hi:
-                out.append((lo, bytes(b[lo - s : hi - s])))
+                out.append((lo, bytes(memoryview(b)[lo - s : hi - s])))
             i += 1
         return out
 
-    def take(self, off: int, end: int) -> list[tuple[int, bytes]]:
-        """Remove and return the buffered bytes within [off, end)."""
-        pieces = self.overlapping(off, end)
-        if pieces:
+    def take(self, off: int, end: int) -> list[tuple[int, bytes | bytearray]]:
+        """Remove and return the buffered bytes within [off, end).
+
+        A segment wholly inside the range is handed over without a copy (the
+        buffer no longer refers to it, so the caller owns it).
+        """
+        pieces: list[tuple[int, bytes | bytearray]] = []
+        keep_starts: list[int] = []
+        keep_bufs: list[bytearray] = []
+        partial = False
+        for s, b in zip(self._starts, self._bufs):
+            e = s + len(b)
+            if e <= off or s >= end:
+                keep_starts.append(s)
+                keep_bufs.append(b)
+            elif off <= s and e <= end:
+                pieces.append((s, b))
+                self.nbytes -= len(b)
+            else:
+                partial = True
+                keep_starts.append(s)
+                keep_bufs.append(b)
+        self._starts, self._bufs = keep_starts, keep_bufs
+        if partial:
+            pieces.extend(self.overlapping(off, end))
             self.truncate_range(off, end)
+            pieces.sort(key=lambda p: p[0])
         return pieces
 
     def truncate_range(self, off: int, end: int | None = None) -> None:

@@ -44,6 +44,7 @@ from .meta import Extent, MetaStore
 log = logging.getLogger(__name__)
 
 _ZEROS = bytes(MAX_SIZE)
+MAX_PENDING = 4  # regions of one file stored at once
 
 
 class WriteBudget:
@@ -103,7 +104,9 @@ class FileState:
         self.committed_size = size  # size recorded in the metadata
         self.mtime_ns: int | None = None  # mtime of buffered changes, written at commit
         self.dirty = DirtyBuffer()
-        self.inflight: list[tuple[int, bytes]] = []
+        self.inflight: list[tuple[int, bytes]] = []  # bytes of regions being stored
+        self.pending: list[tuple[int, int]] = []  # regions being stored and committed
+        self._pending_changed = trio.Event()
         self.lock = trio.Lock()
         self.error: BaseException | None = None
         self.handles = 0
@@ -139,25 +142,39 @@ class FileState:
     # ------------------------------------------------------------------ flush
 
     async def flush(self, final: bool = True) -> None:
-        """Store buffered bytes as blocks and commit them (all of them when final)."""
+        """Store buffered bytes as blocks and commit them (all of them when final).
+
+        Regions are cut under the lock; storing and committing them runs in
+        the background (at most MAX_PENDING regions per file), so the next
+        region is cut while the previous one is written.  A final flush waits
+        for every region and reports the first error.
+        """
         async with self.lock:
             if final:
                 self._raise_error()
             try:
                 while self.dirty:
-                    segs = self.dirty.segments()
                     if not final and self.dirty.nbytes < self.s.flush_bytes // 2:
                         break
+                    segs = self.dirty.segments()
                     start, end = max(segs, key=lambda se: se[1] - se[0]) if not final else segs[0]
                     keep_tail = not final and end == self.size
                     if not await self._flush_region(start, end, keep_tail):
                         break
+                if final:
+                    await self._wait_pending(lambda: not self.pending)
             except BaseException as e:
                 if not final:
                     self.error = e
                 raise
-            if final and (self.mtime_ns is not None or self.committed_size != self.size):
-                self._commit_mtime()
+            if final:
+                self._raise_error()
+                if self.mtime_ns is not None or self.committed_size != self.size:
+                    self._commit_mtime()
+
+    async def _wait_pending(self, done) -> None:
+        while not done():
+            await self._pending_changed.wait()
 
     def _commit_mtime(self) -> None:
         """Commit a size and mtime that no flushed block carried (a truncate up, zeros)."""
@@ -186,8 +203,20 @@ class FileState:
             start, end = new_start, new_end
 
     async def _flush_region(self, seg_start: int, seg_end: int, keep_tail: bool) -> bool:
-        """Flush the dirty segment [seg_start, seg_end). False if nothing could be flushed yet."""
+        """Cut the dirty segment [seg_start, seg_end) into blocks and start storing them.
+
+        False if nothing could be flushed yet (one growing block of a stream).
+        Runs under `lock`.
+        """
         start, end, exts = self._widen(seg_start, seg_end)
+        # a region still being stored must be committed before this one reads its extents
+        await self._wait_pending(
+            lambda: (
+                len(self.pending) < MAX_PENDING
+                and not any(s < end and e > start for s, e in self.pending)
+            )
+        )
+        start, end, exts = self._widen(start, end)
         keep_tail = keep_tail and end == seg_end
         pieces = self.dirty.take(start, end)  # still charged to the budget until committed
         self.inflight.extend(pieces)
@@ -198,28 +227,33 @@ class FileState:
             )
             if keep_tail:
                 if len(blocks) < 2:  # one growing block: wait for more data
-                    self._return_to_dirty(pieces)
+                    self._finish_region(pieces, failed=True)
                     return False
                 tail_start = start + blocks[-1][0]
-                self._return_to_dirty([(o, d) for o, d in pieces], from_offset=tail_start)
+                self._return_to_dirty(pieces, from_offset=tail_start)
                 blocks = blocks[:-1]
                 end = tail_start
-            await self._store_and_commit(start, end, blocks)
         except BaseException:
-            self._return_to_dirty(pieces)
+            self._finish_region(pieces, failed=True)
             raise
-        finally:
-            for p in pieces:
-                self._remove_inflight(p)
-            self.s.budget.release(sum(len(d) for _, d in pieces))
+        self.pending.append((start, end))
+        self.s.nursery.start_soon(self._store_and_commit, start, end, blocks, pieces)
         return True
 
-    async def _store_and_commit(self, start: int, end: int, blocks: list) -> None:
+    def _finish_region(self, pieces: list[tuple[int, bytes]], failed: bool) -> None:
+        if failed:  # the bytes go back to the buffer where no newer write replaced them
+            self._return_to_dirty(pieces)
+        for p in pieces:
+            self._remove_inflight(p)
+        self.s.budget.release(sum(len(d) for _, d in pieces))
+
+    async def _store_and_commit(self, start: int, end: int, blocks: list, pieces: list) -> None:
         new = [
             Extent(start + off, length, bid) for off, length, bid, _ in blocks if bid is not None
         ]
         data = {bid: chunk for _, _, bid, chunk in blocks if bid is not None}
         self.s.uncommitted.update(data.keys())
+        failed = True
         try:
             async with trio.open_nursery() as nursery:
                 for bid, chunk in data.items():
@@ -235,13 +269,21 @@ class FileState:
                 self.mtime_ns or time.time_ns(),
             )
             self.committed_size = size
-            if not self.dirty:
+            failed = False
+            if not self.dirty and len(self.pending) == 1:
                 self.mtime_ns = None
+        except Exception as e:
+            log.error("storing bytes %d-%d of inode %d failed: %s", start, end, self.ino, e)
+            self.error = self.error or e
         finally:
             self.s.uncommitted.subtract(data.keys())
             for bid in data:
                 if self.s.uncommitted[bid] <= 0:
                     del self.s.uncommitted[bid]
+            self._finish_region(pieces, failed)
+            self.pending.remove((start, end))
+            self._pending_changed.set()
+            self._pending_changed = trio.Event()
 
     def _return_to_dirty(self, pieces: list[tuple[int, bytes]], from_offset: int = 0) -> None:
         """Put taken bytes back where no newer write replaced them."""
@@ -262,6 +304,7 @@ class FileState:
 
     async def truncate(self, size: int) -> None:
         async with self.lock:
+            await self._wait_pending(lambda: not self.pending)
             before = self.dirty.nbytes
             self.dirty.truncate_range(size)
             self.s.budget.release(before - self.dirty.nbytes)
