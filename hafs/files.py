@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _ZEROS = bytes(MAX_SIZE)
 MAX_PENDING = 4  # regions of one file stored at once
+INLINE_CUT_BYTES = 64 * 1024  # regions up to this size are cut and hashed on the trio thread
 
 
 class WriteBudget:
@@ -222,9 +223,12 @@ class FileState:
         self.inflight.extend(pieces)
         try:
             old = [(e, await self.s.cache.get(e.block_id)) for e in exts]
-            blocks = await trio.to_thread.run_sync(
-                _assemble_and_cut, start, end, old, pieces, limiter=self.s.limiter
-            )
+            if end - start <= INLINE_CUT_BYTES:  # microseconds: cheaper than a thread hop
+                blocks = _assemble_and_cut(start, end, old, pieces)
+            else:
+                blocks = await trio.to_thread.run_sync(
+                    _assemble_and_cut, start, end, old, pieces, limiter=self.s.limiter
+                )
             if keep_tail:
                 if len(blocks) < 2:  # one growing block: wait for more data
                     self._finish_region(pieces, failed=True)
