@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `hafs status | head` ends quietly
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -136,6 +138,8 @@ def cmd_mount(args) -> int:
     from . import mount
 
     home = _home(args)
+    if not home_mod.meta_path(home).exists() and home != home_mod.default_home().absolute():
+        raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
     if args.foreground:
         mount.setup_logging(None if args.ready_fd is None else home / "hafs.log", args.debug)
         if args.ready_fd is None:

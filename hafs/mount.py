@@ -38,6 +38,7 @@ from .vfs import Options, Vfs
 log = logging.getLogger(__name__)
 
 FUSE_PASSTHROUGH = {"allow_other", "allow_root"}
+POSITIVE_OPTIONS = {"threads", "write_buffer_mb", "flush_mb", "gc_interval_s"}
 
 
 def parse_options(text: str | None) -> tuple[Options, set[str]]:
@@ -55,8 +56,12 @@ def parse_options(text: str | None) -> tuple[Options, set[str]]:
         kind = type(getattr(opts, name))
         try:
             setattr(opts, name, kind(value))
+            if kind(value) < (1 if name in POSITIVE_OPTIONS else 0):
+                raise ValueError
         except ValueError:
-            raise UserError(f"mount option {name} needs a {kind.__name__} value, not {value!r}")
+            what = "a whole number" if kind is int else "a number"
+            least = 1 if name in POSITIVE_OPTIONS else 0
+            raise UserError(f"mount option {name} needs {what} >= {least}, not {value!r}")
     return opts, fuse
 
 

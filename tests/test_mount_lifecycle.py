@@ -26,6 +26,8 @@ def fresh(tmp_path):
         yield m
     finally:
         m.stop()
+    bad = m.bad_log_lines(allowed=(" ERROR ",))  # error lines are some tests' subject
+    assert not bad, "unexpected tracebacks in the daemon's log:\n" + "\n".join(bad[:20])
 
 
 def block_files(m: Mount) -> dict[str, list[Path]]:
@@ -47,6 +49,14 @@ def test_remount_keeps_everything(fresh, tmp_path):
     fresh.stop()
     fresh.start()
     assert subprocess.run(["diff", "-r", str(src), str(fresh.mnt / "t")]).returncode == 0
+
+
+def ring_of(m: Mount) -> Ring:
+    meta = MetaStore.open(m.home / "meta.db")
+    try:
+        return Ring.from_json(meta.ring_json())
+    finally:
+        meta.close()
 
 
 def test_every_block_on_exactly_r_nodes_where_the_ring_says(fresh):
@@ -204,3 +214,40 @@ def test_mkfs_refuses_existing(tmp_path):
     make_mount(tmp_path)
     _fails("mkfs", "--home", tmp_path / "home", expect="already holds")
     _fails("mkfs", "--home", tmp_path / "x", "--replicas", "4", expect="--replicas 4")
+
+
+def test_corrupt_replica_is_never_returned(fresh):
+    data = os.urandom(2 * MiB)
+    (fresh.mnt / "f").write_bytes(data)
+    fresh.stop()  # a cold block cache
+    ring = ring_of(fresh)
+    flipped = 0
+    for bid in block_files(fresh):
+        preferred = ring.replicas(bid, 2)[0]  # the copy a read tries first
+        path = fresh.home / "nodes" / preferred / "blocks" / bid[:2] / bid
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(raw)
+        flipped += 1
+    assert flipped
+    fresh.start()
+    assert (fresh.mnt / "f").read_bytes() == data  # served by the other replica
+    log = fresh.log.read_text()
+    assert log.count("BLOCK-CORRUPT") >= flipped
+    assert not fresh.bad_log_lines()
+
+
+def test_every_copy_corrupt_is_eio_not_wrong_bytes(fresh):
+    (fresh.mnt / "f").write_bytes(os.urandom(100_000))
+    fresh.stop()
+    for bid, holders in block_files(fresh).items():
+        for node in holders:
+            path = node / "blocks" / bid[:2] / bid
+            raw = bytearray(path.read_bytes())
+            raw[0] ^= 1
+            path.write_bytes(raw)
+    fresh.start()
+    with pytest.raises(OSError) as e:
+        (fresh.mnt / "f").read_bytes()
+    assert e.value.errno == 5  # EIO
+    assert "is missing" in fresh.log.read_text()  # the block is named in the log

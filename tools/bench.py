@@ -86,8 +86,13 @@ def _sigterm(signum, frame):
 
 
 def install_sigterm_handler() -> None:
-    """Make SIGTERM behave like Ctrl-C, so `kill PID` also runs the cleanup."""
+    """Make SIGTERM behave like Ctrl-C, so `kill PID` also runs the cleanup.
+
+    SIGINT gets Python's usual handler even when we were started with it ignored
+    (as `cmd &` in a non-interactive shell does), so `kill -INT` works there too.
+    """
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def hafs_cmd() -> list[str]:
@@ -389,6 +394,10 @@ def run_fsbench(args, target: TargetRun, directory: Path, raw: list[dict]) -> No
         # the child shares our process group and got the Ctrl-C too; SIGTERM to us
         # did not reach it, so forward one; give it time to clean its work dir.
         target.status = "interrupted"
+        try:
+            proc.wait(5)  # a Ctrl-C reached it too: let it clean up on its own
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass
         if proc.poll() is None:
             try:
                 proc.send_signal(signal.SIGINT)
