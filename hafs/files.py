@@ -82,6 +82,7 @@ class Shared:
     flush_bytes: int  # start a background flush when a file has this much dirty data
     readahead_blocks: int
     uncommitted: Counter  # block ids stored but not yet referenced: garbage collection skips them
+    open_files: dict  # inode -> FileState of every open file (owned by the vfs)
 
 
 def _cut_and_hash(buf: bytearray) -> list[tuple[int, int, str | None]]:
@@ -119,17 +120,26 @@ class FileState:
 
     async def write(self, off: int, data: bytes) -> None:
         self._raise_error()
-        await self.s.budget.wait_below_limit()
+        if self.s.budget.used > self.s.budget.limit:
+            # The buffer is full: every file with buffered bytes stores them now,
+            # also files below flush_mb that nobody writes to any more.
+            for fs in self.s.open_files.values():
+                fs.start_background_flush(force=True)
+            await self.s.budget.wait_below_limit()
         self.s.budget.add(self.dirty.write(off, data))
         self.size = max(self.size, off + len(data))
         self.mtime_ns = time.time_ns()
-        if self.dirty.nbytes >= self.s.flush_bytes and not self.bg_flushing:
-            self.bg_flushing = True
-            self.s.nursery.start_soon(self._background_flush)
+        if self.dirty.nbytes >= self.s.flush_bytes:
+            self.start_background_flush()
 
-    async def _background_flush(self) -> None:
+    def start_background_flush(self, force: bool = False) -> None:
+        if self.dirty and not self.bg_flushing:
+            self.bg_flushing = True
+            self.s.nursery.start_soon(self._background_flush, force)
+
+    async def _background_flush(self, force: bool) -> None:
         try:
-            await self.flush(final=False)
+            await self.flush(final=False, force=force)
         except Exception as e:  # kept and reported by the next write, fsync or close
             log.error("background flush of inode %d failed: %s", self.ino, e)
         finally:
@@ -142,7 +152,7 @@ class FileState:
 
     # ------------------------------------------------------------------ flush
 
-    async def flush(self, final: bool = True) -> None:
+    async def flush(self, final: bool = True, force: bool = False) -> None:
         """Store buffered bytes as blocks and commit them (all of them when final).
 
         Regions are cut under the lock; storing and committing them runs in
@@ -155,11 +165,12 @@ class FileState:
                 self._raise_error()
             try:
                 while self.dirty:
-                    if not final and self.dirty.nbytes < self.s.flush_bytes // 2:
+                    partial = not final and not force
+                    if partial and self.dirty.nbytes < self.s.flush_bytes // 2:
                         break
                     segs = self.dirty.segments()
-                    start, end = max(segs, key=lambda se: se[1] - se[0]) if not final else segs[0]
-                    keep_tail = not final and end == self.size
+                    start, end = max(segs, key=lambda se: se[1] - se[0]) if partial else segs[0]
+                    keep_tail = partial and end == self.size
                     if not await self._flush_region(start, end, keep_tail):
                         break
                 if final:

@@ -93,6 +93,7 @@ class Vfs:
                 flush_bytes=self.opts.flush_mb * MiB,
                 readahead_blocks=self.opts.readahead_blocks,
                 uncommitted=Counter(),
+                open_files=self.files,
             )
             nursery.start_soon(self._gc_loop)
             task_status.started()

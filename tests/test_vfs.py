@@ -183,3 +183,28 @@ async def test_readdir_cursor_survives_changes(vfs):
     rest = [de.name for de, _ in vfs.readdir(fh, cursor, limit=1000)]
     assert rest[0] == b"d10" and b"d20" not in rest and rest[-1] == b"new"
     assert len(rest) == 40
+
+
+async def test_full_write_buffer_flushes_idle_files(tmp_path):
+    """Files each below flush_mb but together over the buffer: writers must not wait forever."""
+    home.create(tmp_path / "h")
+    fs = home.open_fs(tmp_path / "h")
+    placement = Placement(fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(8))
+    v = Vfs(fs.meta, placement, Options(write_buffer_mb=1, flush_mb=4))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(v.run)
+        handles = []
+        data = random.Random(9).randbytes(512 * 1024)
+        with trio.fail_after(20):
+            for i in range(6):
+                fh, inode = v.create(ROOT_INODE, b"f%d" % i, 0o644, os.O_WRONLY, 0, 0)
+                await v.write(fh, 0, data)
+                handles.append((fh, inode.id))
+            assert v.shared.budget.used <= 2 * 1024 * 1024
+            for fh, _ in handles:
+                await v.release(fh)
+        for _, ino in handles:
+            assert await read_file(v, ino) == data
+        assert_consistent(fs.meta)
+        nursery.cancel_scope.cancel()
+    fs.meta.close()
