@@ -50,7 +50,7 @@ CREATE TABLE inodes (
     uid      INTEGER NOT NULL,
     gid      INTEGER NOT NULL,
     nlink    INTEGER NOT NULL,                   -- 0: unlinked, kept while open on a mount
-    size     INTEGER NOT NULL DEFAULT 0,         -- bytes; may exceed the extents (a hole at the end)
+    size     INTEGER NOT NULL DEFAULT 0,         -- bytes; past the last extent: a hole
     atime_ns INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
@@ -87,7 +87,7 @@ CREATE TABLE blocks (
     id            TEXT PRIMARY KEY,    -- BLAKE3-256 of the content, 64 lower-case hex digits
     size          INTEGER NOT NULL,    -- bytes
     refcount      INTEGER NOT NULL,    -- number of extents pointing here
-    zero_since_ns INTEGER              -- when refcount fell to 0 (garbage after a grace period); else NULL
+    zero_since_ns INTEGER              -- refcount 0 since then (garbage after a grace); else NULL
 ) WITHOUT ROWID;
 CREATE INDEX blocks_garbage ON blocks(zero_since_ns) WHERE refcount = 0;
 

@@ -81,8 +81,9 @@ def render(r: dict) -> str:
     ]
     for n in r["nodes"]:
         state = "up" if n["up"] else "DOWN"
+        blocks = "-" if n["blocks"] is None else n["blocks"]
         lines.append(
-            f"{n['id']:<6} {state:<6} {n['weight']:>6g} {n['blocks'] if n['blocks'] is not None else '-':>8}"
+            f"{n['id']:<6} {state:<6} {n['weight']:>6g} {blocks:>8}"
             f" {_size(n['bytes']):>10}  {n['address']}"
         )
         if n["error"]:

@@ -14,7 +14,7 @@ def _model_check(buf: DirtyBuffer, model: dict[int, int]) -> None:
                 covered[off + i] = b
     assert covered == model
     assert buf.nbytes == len(model)
-    for (s1, e1), (s2, _) in zip(segs, segs[1:]):
+    for (_, e1), (s2, _) in zip(segs, segs[1:]):
         assert e1 < s2, "segments must be sorted, disjoint and not adjacent"
 
 

@@ -25,12 +25,13 @@ from hafs.vfs import Options, Vfs
 def assert_consistent(meta) -> None:
     db = meta.db
     bad_refs = db.execute(
-        "SELECT b.id, b.refcount, count(e.block_id) FROM blocks b"
-        " LEFT JOIN extents e ON e.block_id = b.id GROUP BY b.id HAVING b.refcount != count(e.block_id)"
+        "SELECT b.id, b.refcount, count(e.block_id) FROM blocks b LEFT JOIN extents e"
+        " ON e.block_id = b.id GROUP BY b.id HAVING b.refcount != count(e.block_id)"
     ).fetchall()
     assert not bad_refs, f"refcounts disagree with extents: {bad_refs}"
     missing = db.execute(
-        "SELECT e.block_id FROM extents e LEFT JOIN blocks b ON b.id = e.block_id WHERE b.id IS NULL"
+        "SELECT e.block_id FROM extents e LEFT JOIN blocks b ON b.id = e.block_id"
+        " WHERE b.id IS NULL"
     ).fetchall()
     assert not missing
     for ino, mode, nlink in db.execute("SELECT id, mode, nlink FROM inodes").fetchall():
