@@ -57,3 +57,16 @@ class QuorumLost(StorageError):
 
 class NodeIdentityError(UserError):
     """A backing directory belongs to another filesystem or node, or has no identity."""
+
+
+class LockTimeout(HafsError):
+    """A write lock stayed held by another mount for the whole lock wait."""
+
+    def __init__(self, name: str, holder: str | None) -> None:
+        super().__init__(f"lock {name} is held by {holder}")
+        self.name = name
+        self.holder = holder
+
+
+class LockLost(HafsError):
+    """A write lease expired or was taken over: its holder must not commit."""

@@ -27,6 +27,7 @@ and dirty bytes without awaiting in between, then fetches immutable blocks.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections import Counter
@@ -39,6 +40,8 @@ from .cache import BlockCache
 from .chunker import MAX_SIZE, cut_points
 from .cluster import Placement
 from .dirty import DirtyBuffer
+from .errors import FsError, LockLost, LockTimeout
+from .locks import Lease, SqliteLockService
 from .meta import Extent, MetaStore
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class Shared:
     flush_bytes: int  # start a background flush when a file has this much dirty data
     readahead_blocks: int
     uncommitted: Counter  # block ids stored but not yet referenced: garbage collection skips them
+    locks: SqliteLockService  # write locks, shared with the other mounts of the filesystem
+    lock_wait_s: float  # how long a writer waits for another mount's lock
     open_files: dict  # inode -> FileState of every open file (owned by the vfs)
 
 
@@ -112,6 +117,8 @@ class FileState:
         self.lock = trio.Lock()
         self.error: BaseException | None = None
         self.handles = 0
+        self.writers = 0  # handles open for writing
+        self.lease: Lease | None = None  # the write lock, from the first change to the last close
         self.bg_flushing = False
         self.s = shared
         self._last_read_block: str | None = None
@@ -120,6 +127,7 @@ class FileState:
 
     async def write(self, off: int, data: bytes) -> None:
         self._raise_error()
+        await self.take_lock()
         if self.s.budget.used > self.s.budget.limit:
             # The buffer is full: every file with buffered bytes stores them now,
             # also files below flush_mb that nobody writes to any more.
@@ -144,6 +152,79 @@ class FileState:
             log.error("background flush of inode %d failed: %s", self.ino, e)
         finally:
             self.bg_flushing = False
+
+    # ------------------------------------------------------------ write lock
+
+    def has_changes(self) -> bool:
+        """Whether this mount holds changes of the file that are not committed yet."""
+        return bool(self.lease or self.dirty or self.pending)
+
+    def refresh(self) -> None:
+        """Catch up with the metadata (another mount may have changed the file)."""
+        if not self.has_changes():
+            inode = self.s.meta.get_inode(self.ino)
+            if inode is not None:
+                self.size = self.committed_size = inode.size
+
+    async def take_lock(self) -> None:
+        """Hold the file's write lock before its first change (see locks.py)."""
+        if self.lease is not None:
+            if self.s.locks.valid(self.lease):
+                return
+            self.lose_lock("its lease expired")
+            self._raise_error()
+        name = f"inode:{self.ino}"
+        try:
+            lease = await self.s.locks.acquire(name, self.s.lock_wait_s)
+        except LockTimeout as e:
+            log.warning(
+                "LOCK-WAIT-TIMEOUT %s: still held by %s after %.0f s",
+                self.s.meta.path_of(self.ino),
+                e.holder,
+                self.s.lock_wait_s,
+            )
+            raise FsError(errno.ENOLCK, str(e)) from None
+        if self.lease is not None:  # another task of this mount got it meanwhile
+            self.s.locks.release(lease)
+            return
+        try:
+            with self.s.meta.txn():
+                self.s.meta.fence(self.ino, lease.token)
+        except BaseException:
+            self.s.locks.release(lease)
+            raise
+        self.refresh()  # the last writer's size, before this mount changes anything
+        self.lease = lease
+
+    def _fenced_truncate(self, size: int) -> None:
+        try:
+            self.s.meta.truncate(self.ino, size, self.mtime_ns, self._token())
+        except LockLost as e:
+            self.lose_lock(str(e))
+            self._raise_error()
+
+    def _token(self) -> int | None:
+        return self.lease.token if self.lease is not None else None
+
+    def lose_lock(self, why: str) -> None:
+        """The lease is gone: drop the uncommitted changes; fsync and close report EIO."""
+        log.error(
+            "LOCK-LOST %s: %s; its uncommitted writes are dropped",
+            self.s.meta.path_of(self.ino),
+            why,
+        )
+        self.error = LockLost(f"write lock of {self.s.meta.path_of(self.ino)} lost: {why}")
+        before = self.dirty.nbytes
+        self.dirty.truncate_range(0)
+        self.s.budget.release(before)
+        self.lease = None
+        self.mtime_ns = None
+        self.size = self.committed_size
+
+    def release_lock(self) -> None:
+        if self.lease is not None and not (self.dirty or self.pending):
+            self.s.locks.release(self.lease)
+            self.lease = None
 
     def _raise_error(self) -> None:
         if self.error is not None:
@@ -191,14 +272,8 @@ class FileState:
     def _commit_mtime(self) -> None:
         """Commit a size and mtime that no flushed block carried (a truncate up, zeros)."""
         self.mtime_ns = self.mtime_ns or time.time_ns()
-        if self.committed_size != self.size:
-            self.s.meta.truncate(self.ino, self.size, self.mtime_ns)
-            self.committed_size = self.size
-        else:
-            with self.s.meta.txn():
-                self.s.meta.update_inode(
-                    self.ino, mtime_ns=self.mtime_ns, ctime_ns=max(self.mtime_ns, time.time_ns())
-                )
+        self._fenced_truncate(self.size)
+        self.committed_size = self.size
         self.mtime_ns = None
 
     def _widen(self, start: int, end: int) -> tuple[int, int, list[Extent]]:
@@ -252,7 +327,7 @@ class FileState:
             self._finish_region(pieces, failed=True)
             raise
         self.pending.append((start, end))
-        self.s.nursery.start_soon(self._store_and_commit, start, end, blocks, pieces)
+        self.s.nursery.start_soon(self._store_and_commit, start, end, blocks, pieces, self._token())
         return True
 
     def _finish_region(self, pieces: list[tuple[int, bytes]], failed: bool) -> None:
@@ -262,7 +337,9 @@ class FileState:
             self._remove_inflight(p)
         self.s.budget.release(sum(len(d) for _, d in pieces))
 
-    async def _store_and_commit(self, start: int, end: int, blocks: list, pieces: list) -> None:
+    async def _store_and_commit(
+        self, start: int, end: int, blocks: list, pieces: list, token: int | None
+    ) -> None:
         new = [
             Extent(start + off, length, bid) for off, length, bid, _ in blocks if bid is not None
         ]
@@ -282,11 +359,15 @@ class FileState:
                 {bid: len(c) for bid, c in data.items()},
                 size,
                 self.mtime_ns or time.time_ns(),
+                token,  # the lease this region was written under, even if lost since
             )
             self.committed_size = size
             failed = False
             if not self.dirty and len(self.pending) == 1:
                 self.mtime_ns = None
+        except LockLost as e:  # a newer writer committed meanwhile: these bytes must go
+            failed = False
+            self.lose_lock(str(e))
         except Exception as e:
             log.error("storing bytes %d-%d of inode %d failed: %s", start, end, self.ino, e)
             self.error = self.error or e
@@ -318,6 +399,7 @@ class FileState:
     # --------------------------------------------------------------- truncate
 
     async def truncate(self, size: int) -> None:
+        await self.take_lock()
         async with self.lock:
             await self._wait_pending(lambda: not self.pending)
             before = self.dirty.nbytes
@@ -326,12 +408,13 @@ class FileState:
             self.size = size
             self.mtime_ns = time.time_ns()
             if size < self.committed_size:
-                self.s.meta.truncate(self.ino, size, self.mtime_ns)
+                self._fenced_truncate(size)
                 self.committed_size = size
 
     # ------------------------------------------------------------------- read
 
     async def read(self, off: int, size: int) -> bytes:
+        self.refresh()
         end = min(off + size, self.size)
         if off >= end:
             return b""

@@ -17,7 +17,7 @@ import logging
 
 import pyfuse3
 
-from .errors import FsError, StorageError
+from .errors import FsError, LockLost, StorageError
 from .meta import Inode
 from .vfs import Vfs
 
@@ -37,7 +37,7 @@ def _errors_to_fuse(fn):
             raise
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        except StorageError as e:
+        except (StorageError, LockLost) as e:
             log.error("I/O error in %s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:

@@ -28,9 +28,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import LockLost, UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x68616673  # "hafs": marks a SQLite file as a hafs metadata database
 ROOT_INODE = 1
 
@@ -55,7 +55,8 @@ CREATE TABLE inodes (
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
     rdev     INTEGER NOT NULL DEFAULT 0,         -- device number of block/char special files
-    target   BLOB                                -- symlink target; NULL for anything else
+    target   BLOB,                               -- symlink target; NULL for anything else
+    fence_token INTEGER NOT NULL DEFAULT 0       -- newest write-lock token; older are refused
 );
 
 -- Directory entries.  `id` is the readdir cursor: entries are listed in id
@@ -91,6 +92,16 @@ CREATE TABLE blocks (
 ) WITHOUT ROWID;
 CREATE INDEX blocks_garbage ON blocks(zero_since_ns) WHERE refcount = 0;
 
+-- Write locks (the embedded LockService, hafs/locks.py).  A row stays when
+-- its lock is free, so `token` only grows.  holder NULL: free.
+CREATE TABLE locks (
+    name        TEXT PRIMARY KEY,   -- "inode:<number>"
+    holder      TEXT,               -- "host:pid:mountpoint" of the mount holding it
+    token       INTEGER NOT NULL,   -- fencing token of the newest grant
+    acquired_ns INTEGER,
+    expires_ns  INTEGER             -- the lease ends then unless renewed (wall clock)
+) WITHOUT ROWID;
+
 CREATE TABLE xattrs (
     inode INTEGER NOT NULL REFERENCES inodes(id),
     name  BLOB NOT NULL,
@@ -98,6 +109,17 @@ CREATE TABLE xattrs (
     PRIMARY KEY (inode, name)
 ) WITHOUT ROWID;
 """
+
+# Each entry upgrades a database of that version to the next one.
+MIGRATIONS = {
+    1: """
+    ALTER TABLE inodes ADD COLUMN fence_token INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE locks (
+        name TEXT PRIMARY KEY, holder TEXT, token INTEGER NOT NULL,
+        acquired_ns INTEGER, expires_ns INTEGER
+    ) WITHOUT ROWID;
+    """,
+}
 
 _INODE_COLS = "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, target"
 
@@ -158,7 +180,7 @@ class MetaStore:
         db = _connect(path)
         try:
             db.executescript(SCHEMA)
-            with _txn(db):
+            with transaction(db):
                 db.executemany("INSERT INTO settings VALUES (?, ?)", settings.items())
                 t = now_ns()
                 db.execute(
@@ -198,7 +220,12 @@ class MetaStore:
                 f" understands ({SCHEMA_VERSION}): upgrade hafs"
             )
         db.close()
-        return cls(_connect(path), path)
+        db = _connect(path)
+        while version < SCHEMA_VERSION:
+            step, nxt = MIGRATIONS[version], version + 1
+            db.executescript(f"BEGIN IMMEDIATE; {step}; PRAGMA user_version = {nxt}; COMMIT;")
+            version += 1
+        return cls(db, path)
 
     def close(self) -> None:
         self.db.close()
@@ -217,7 +244,7 @@ class MetaStore:
 
     @contextmanager
     def txn(self) -> Iterator[sqlite3.Connection]:
-        with _txn(self.db):
+        with transaction(self.db):
             yield self.db
 
     # --------------------------------------------------------------- settings
@@ -342,14 +369,19 @@ class MetaStore:
         sizes: dict[str, int],
         size: int,
         mtime_ns: int,
+        token: int | None = None,
     ) -> None:
         """Replace the file's content in [start, end) by `new`, and set its size.
 
         Every old extent must lie wholly inside [start, end) or outside it (the
         caller widens the range to extent edges).  `sizes` gives the stored size
         of each new block.  One transaction: extents and refcounts change together.
+        With a write-lock `token`, the change is refused (LockLost) unless the
+        token is at least the newest one recorded for the inode.
         """
         with self.txn():
+            if token is not None:
+                self.fence(ino, token)
             self._drop_extents(ino, start, end)
             for e in new:
                 self._ref_block(e.block_id, sizes[e.block_id])
@@ -362,9 +394,11 @@ class MetaStore:
                 (size, mtime_ns, max(mtime_ns, now_ns()), ino),
             )
 
-    def truncate(self, ino: int, size: int, mtime_ns: int) -> None:
+    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> None:
         """Set the size; extents past it are dropped and one straddling it is shortened."""
         with self.txn():
+            if token is not None:
+                self.fence(ino, token)
             self._drop_extents(ino, size, None)
             row = self.db.execute(
                 "SELECT offset, length FROM extents WHERE inode = ? AND offset < ?"
@@ -380,6 +414,32 @@ class MetaStore:
                 "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
                 (size, mtime_ns, mtime_ns, ino),
             )
+
+    def fence(self, ino: int, token: int) -> None:
+        """Record `token` as the inode's newest; LockLost if a newer one is recorded."""
+        cur = self.db.execute(
+            "UPDATE inodes SET fence_token = ? WHERE id = ? AND fence_token <= ?",
+            (token, ino, token),
+        )
+        if cur.rowcount != 1:
+            row = self.db.execute("SELECT fence_token FROM inodes WHERE id = ?", (ino,)).fetchone()
+            raise LockLost(
+                f"inode {ino}: write token {token} refused, "
+                + (f"a newer writer holds token {row[0]}" if row else "the file was deleted")
+            )
+
+    def path_of(self, ino: int) -> str:
+        """One path of the inode (for messages), or '<inode N>' when it has no name."""
+        parts = []
+        while ino != ROOT_INODE and len(parts) < 256:
+            row = self.db.execute(
+                "SELECT parent, name FROM dentries WHERE inode = ? LIMIT 1", (ino,)
+            ).fetchone()
+            if row is None:
+                return f"<inode {ino}>" + ("/" + "/".join(reversed(parts)) if parts else "")
+            ino = row[0]
+            parts.append(row[1].decode(errors="replace"))
+        return "/" + "/".join(reversed(parts))
 
     def _drop_extents(self, ino: int, start: int, end: int | None) -> None:
         """Delete extents starting in [start, end) and release their blocks (inside a txn)."""
@@ -460,7 +520,7 @@ def _connect(path: Path, check_only: bool = False) -> sqlite3.Connection:
 
 
 @contextmanager
-def _txn(db: sqlite3.Connection) -> Iterator[None]:
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
     if db.in_transaction:  # nested: part of the caller's transaction
         yield
         return

@@ -7,8 +7,9 @@ and the exit code.  The foreground daemon:
 
 1. checks the mountpoint (an empty directory not mounted; a dead hafs mount
    left by a killed daemon is detached with `fusermount3 -u -z` first);
-2. takes HOME/mount.lock (one daemon per filesystem until the lock service
-   lands) and opens the metadata and the backing directories;
+2. holds HOME/mount.lock shared (several mounts of one filesystem work
+   together through the write locks; `fsck --repair` takes it exclusively),
+   and opens the metadata and the backing directories;
 3. mounts, serves, and on SIGINT/SIGTERM or unmount flushes every open file,
    syncs the metadata and unmounts.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import signal
@@ -112,21 +114,34 @@ def setup_logging(logfile: Path | None, debug: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def _lock_home(home: Path) -> int:
+def pid_file(home: Path, mountpoint: Path) -> Path:
+    """HOME/run/<hash of the mountpoint>.pid: "PID MOUNTPOINT" of the daemon serving it."""
+    digest = hashlib.sha1(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
+    return home / "run" / f"{digest}.pid"
+
+
+def _lock_home(home: Path) -> tuple[int, bool]:
+    """Hold HOME/mount.lock shared while mounted (fsck --repair takes it exclusively).
+
+    Returns the descriptor and whether this is the only mount (the exclusive
+    lock could be had first): only then may the mount purge inodes that a
+    crashed mount left open.
+    """
     fd = os.open(home / "mount.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        where = ""
-        try:
-            where = " at " + (home / "mount.pid").read_text().split(maxsplit=1)[1].strip()
-        except (OSError, IndexError):
-            pass
         raise UserError(
-            f"the filesystem in {home} is already mounted{where}: unmount it first"
+            f"the filesystem in {home} is being repaired by 'hafs fsck --repair': mount it"
+            " once that has finished"
         ) from None
-    return fd
+    return fd, alone
 
 
 def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: int | None) -> int:
@@ -145,33 +160,37 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
             home_mod.create(home)
             log.info("created the default filesystem in %s", home)
         check_mountpoint(mountpoint)
-        lock_fd = _lock_home(home)
+        lock_fd, alone = _lock_home(home)
         fs = home_mod.open_fs(home)
     except UserError as e:
         report(f"hafs: {e}")
         if ready_fd is None:
             print(f"hafs: {e}", file=sys.stderr)
         return 2
-    (home / "mount.pid").write_text(f"{os.getpid()} {mountpoint}\n")
+    pidf = pid_file(home, mountpoint)
+    pidf.parent.mkdir(exist_ok=True)
+    pidf.write_text(f"{os.getpid()} {mountpoint}\n")
     log.info("mounting %s (fs %s) at %s", home, fs.fs_uuid, mountpoint)
     try:
-        trio.run(_serve, fs, mountpoint, opts, fuse_opts, report)
+        trio.run(_serve, fs, mountpoint, opts, fuse_opts, alone, report)
     finally:
         fs.meta.close()
-        (home / "mount.pid").unlink(missing_ok=True)
+        pidf.unlink(missing_ok=True)
         os.close(lock_fd)
     log.info("unmounted %s", mountpoint)
     return 0
 
 
-async def _serve(fs, mountpoint: Path, opts: Options, fuse_opts: set[str], report) -> None:
+async def _serve(
+    fs, mountpoint: Path, opts: Options, fuse_opts: set[str], alone: bool, report
+) -> None:
     placement = Placement(fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(opts.threads))
-    vfs = Vfs(fs.meta, placement, opts)
+    vfs = Vfs(fs.meta, placement, opts, holder=str(mountpoint))
     ops = FuseOps(vfs)
     options = set(pyfuse3.default_options) | {f"fsname=hafs:{fs.home}", "subtype=hafs"}
     options |= fuse_opts
     async with trio.open_nursery() as nursery:
-        await nursery.start(vfs.run)
+        await nursery.start(vfs.run, alone)
         pyfuse3.init(ops, str(mountpoint), options)
         mounted = True
         try:
@@ -235,7 +254,7 @@ def umount(mountpoint: Path, timeout: float = 120.0) -> int:
     home = Path(info[0][len("hafs:") :])
     pid = None
     try:
-        pid = int((home / "mount.pid").read_text().split()[0])
+        pid = int(pid_file(home, mountpoint).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         pass
     p = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from . import home as home_mod
@@ -23,6 +24,22 @@ def gather(home: Path) -> dict:
         replicas = int(meta.setting("replicas"))
         logical, stored, count = meta.usage()
         files = meta.count_inodes()
+        now = time.time_ns()
+        locks = [
+            {
+                "name": name,
+                "path": meta.path_of(int(name.split(":")[1])),
+                "holder": holder,
+                "token": token,
+                "age_s": round((now - acquired) / 1e9, 1),
+                "expires_in_s": round((expires - now) / 1e9, 1),
+            }
+            for name, holder, token, acquired, expires in meta.db.execute(
+                "SELECT name, holder, token, acquired_ns, expires_ns FROM locks"
+                " WHERE holder IS NOT NULL AND expires_ns > ? ORDER BY name",
+                (now,),
+            )
+        ]
     finally:
         meta.close()
     nodes = []
@@ -57,6 +74,7 @@ def gather(home: Path) -> dict:
         "unique_blocks": count,
         "dedup_ratio": round(logical / stored, 3) if stored else None,
         "nodes": nodes,
+        "locks": locks,
     }
 
 
@@ -88,4 +106,10 @@ def render(r: dict) -> str:
         )
         if n["error"]:
             lines.append(f"       {n['error']}")
+    lines += ["", f"write locks held: {len(r['locks'])}"]
+    for lk in r["locks"]:
+        lines.append(
+            f"  {lk['path']}  holder {lk['holder']}  token {lk['token']}  age {lk['age_s']} s"
+            f"  (lease ends in {lk['expires_in_s']} s)"
+        )
     return "\n".join(lines)

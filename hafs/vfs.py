@@ -30,8 +30,9 @@ import trio
 from .cache import BlockCache
 from .chunker import MiB
 from .cluster import Placement
-from .errors import FsError
+from .errors import FsError, LockLost
 from .files import FileState, Shared, WriteBudget
+from .locks import SqliteLockService, default_holder
 from .meta import Dentry, Inode, MetaStore, now_ns
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,24 @@ class Options:
     threads: int = 16  # worker threads for block I/O
     gc_grace_s: float = 600.0  # unreferenced blocks are deleted after this long
     gc_interval_s: float = 30.0  # how often garbage collection looks for them
+    lock_ttl_s: float = 10.0  # a write lock's lease; a dead mount's locks free up after it
+    lock_wait_s: float = 30.0  # a writer waits this long for another mount's lock (then ENOLCK)
 
 
 @dataclass
 class Handle:
     ino: int
     append: bool
+    writer: bool
     file: FileState
 
 
 class Vfs:
-    def __init__(self, meta: MetaStore, placement: Placement, opts: Options) -> None:
+    def __init__(
+        self, meta: MetaStore, placement: Placement, opts: Options, holder: str = "vfs"
+    ) -> None:
         self.meta = meta
+        self.locks = SqliteLockService(meta.db, default_holder(holder), opts.lock_ttl_s)
         self.placement = placement
         self.opts = opts
         self.lookups: Counter[int] = Counter()
@@ -77,10 +84,15 @@ class Vfs:
 
     # -------------------------------------------------------------- lifecycle
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run background work until cancelled; ready once the vfs can serve requests."""
-        for ino in self.meta.unlinked_inodes():  # left by a crash while open
-            self.meta.delete_inode(ino)
+    async def run(self, purge_unlinked: bool = True, *, task_status=trio.TASK_STATUS_IGNORED):
+        """Run background work until cancelled; ready once the vfs can serve requests.
+
+        purge_unlinked: delete inodes left without a name by a crash while they
+        were open; only when no other mount of the filesystem is running.
+        """
+        if purge_unlinked:
+            for ino in self.meta.unlinked_inodes():
+                self.meta.delete_inode(ino)
         async with trio.open_nursery() as nursery:
             limiter = trio.CapacityLimiter(self.opts.threads)
             self.shared = Shared(
@@ -94,8 +106,11 @@ class Vfs:
                 readahead_blocks=self.opts.readahead_blocks,
                 uncommitted=Counter(),
                 open_files=self.files,
+                locks=self.locks,
+                lock_wait_s=self.opts.lock_wait_s,
             )
             nursery.start_soon(self._gc_loop)
+            nursery.start_soon(self._keepalive_loop)
             task_status.started()
 
     async def shutdown(self) -> None:
@@ -106,6 +121,17 @@ class Vfs:
             except Exception:
                 log.exception("flushing inode %d at unmount failed", fs.ino)
         await self.fsync_meta()
+
+    async def _keepalive_loop(self) -> None:
+        """Renew the write locks this mount holds, a few times per lease."""
+        while True:
+            await trio.sleep(self.opts.lock_ttl_s / 4)
+            for fs in list(self.files.values()):
+                if fs.lease is not None:
+                    try:
+                        self.locks.keepalive(fs.lease)
+                    except LockLost as e:
+                        fs.lose_lock(str(e))
 
     async def _gc_loop(self) -> None:
         while True:
@@ -133,7 +159,7 @@ class Vfs:
         if inode is None:
             raise FsError(errno.ENOENT)
         fs = self.files.get(ino)
-        if fs is not None:
+        if fs is not None and fs.has_changes():
             inode = replace(inode, size=fs.size, mtime_ns=fs.mtime_ns or inode.mtime_ns)
         return inode
 
@@ -202,10 +228,18 @@ class Vfs:
             if stat.S_ISDIR(inode.mode):
                 raise FsError(errno.EISDIR)
             fs = self.files.get(ino)
-            if fs is not None:
-                await fs.truncate(size)
+            if fs is None:  # truncate(2) of a file not open here: lock it for the change
+                fs = self._file(inode)
+                try:
+                    await fs.truncate(size)
+                    await fs.flush()
+                finally:
+                    self._close_file(fs)
             else:
-                self.meta.truncate(ino, size, t)
+                await fs.truncate(size)
+                if fs.writers == 0:
+                    await fs.flush()
+                    fs.release_lock()
         fields: dict[str, int] = {}
         if mode is not None:
             fields["mode"] = (inode.mode & ~0o7777) | (mode & 0o7777)
@@ -393,14 +427,31 @@ class Vfs:
 
     # ------------------------------------------------------------------ files
 
-    def _open_handle(self, inode: Inode, flags: int) -> int:
+    def _file(self, inode: Inode) -> FileState:
+        """The open-file state of an inode (made on first use, shared by its handles)."""
         fs = self.files.get(inode.id)
         if fs is None:
             fs = self.files[inode.id] = FileState(inode.id, inode.size, self.shared)
+        else:
+            fs.refresh()
         fs.handles += 1
+        return fs
+
+    def _close_file(self, fs: FileState) -> None:
+        fs.handles -= 1
+        if fs.handles == 0:
+            fs.release_lock()
+            if self.files.get(fs.ino) is fs:
+                del self.files[fs.ino]
+                self._maybe_free(fs.ino)
+
+    def _open_handle(self, inode: Inode, flags: int) -> int:
+        fs = self._file(inode)
+        writer = flags & os.O_ACCMODE != os.O_RDONLY
+        fs.writers += writer
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(inode.id, bool(flags & os.O_APPEND), fs)
+        self.handles[fh] = Handle(inode.id, bool(flags & os.O_APPEND), writer, fs)
         return fh
 
     async def open(self, ino: int, flags: int) -> int:
@@ -447,15 +498,14 @@ class Vfs:
         h = self.handles.pop(fh, None)
         if h is None:
             return
-        h.file.handles -= 1
-        if h.file.handles > 0:
-            return
+        fs = h.file
+        fs.writers -= h.writer
         try:
-            await h.file.flush()
+            if fs.writers == 0:  # the last writer: commit, then let other mounts write
+                await fs.flush()
+                fs.release_lock()
         finally:
-            if h.file.handles == 0 and self.files.get(h.ino) is h.file:
-                del self.files[h.ino]
-                self._maybe_free(h.ino)
+            self._close_file(fs)
 
     # ------------------------------------------------------------ directories
 

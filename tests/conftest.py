@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from hafs.mount import pid_file
+
 HAFS = [sys.executable, "-m", "hafs"]
 
 # Log lines a healthy run never writes.
@@ -38,7 +40,7 @@ class Mount:
 
     def daemon_pid(self) -> int | None:
         try:
-            return int((self.home / "mount.pid").read_text().split()[0])
+            return int(pid_file(self.home, self.mnt).read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
 
