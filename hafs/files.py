@@ -114,7 +114,8 @@ class FileState:
         self.inflight: list[tuple[int, bytes]] = []  # bytes of regions being stored
         self.pending: list[tuple[int, int]] = []  # regions being stored and committed
         self._pending_changed = trio.Event()
-        self.lock = trio.Lock()
+        self.lock = trio.Lock()  # flushes and truncates
+        self._taking = trio.Lock()  # acquiring the write lock
         self.error: BaseException | None = None
         self.handles = 0
         self.writers = 0  # handles open for writing
@@ -173,28 +174,27 @@ class FileState:
                 return
             self.lose_lock("its lease expired")
             self._raise_error()
-        name = f"inode:{self.ino}"
-        try:
-            lease = await self.s.locks.acquire(name, self.s.lock_wait_s)
-        except LockTimeout as e:
-            log.warning(
-                "LOCK-WAIT-TIMEOUT %s: still held by %s after %.0f s",
-                self.s.meta.path_of(self.ino),
-                e.holder,
-                self.s.lock_wait_s,
-            )
-            raise FsError(errno.ENOLCK, str(e)) from None
-        if self.lease is not None:  # another task of this mount got it meanwhile
-            self.s.locks.release(lease)
-            return
-        try:
-            with self.s.meta.txn():
-                self.s.meta.fence(self.ino, lease.token)
-        except BaseException:
-            self.s.locks.release(lease)
-            raise
-        self.refresh()  # the last writer's size, before this mount changes anything
-        self.lease = lease
+        async with self._taking:  # one task of this mount asks; the others share its lease
+            if self.lease is not None:
+                return
+            try:
+                lease = await self.s.locks.acquire(f"inode:{self.ino}", self.s.lock_wait_s)
+            except LockTimeout as e:
+                log.warning(
+                    "LOCK-WAIT-TIMEOUT %s: still held by %s after %.0f s",
+                    self.s.meta.path_of(self.ino),
+                    e.holder,
+                    self.s.lock_wait_s,
+                )
+                raise FsError(errno.ENOLCK, str(e)) from None
+            try:
+                with self.s.meta.txn():
+                    self.s.meta.fence(self.ino, lease.token)
+            except BaseException:
+                self.s.locks.release(lease)
+                raise
+            self.refresh()  # the last writer's size, before this mount changes anything
+            self.lease = lease
 
     def _fenced_truncate(self, size: int) -> None:
         try:

@@ -209,3 +209,20 @@ async def test_full_write_buffer_flushes_idle_files(tmp_path):
         assert_consistent(fs.meta)
         nursery.cancel_scope.cancel()
     fs.meta.close()
+
+
+async def test_concurrent_first_writes_share_one_lease(vfs):
+    fh, inode = vfs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, 0, 0)
+    fh2 = await vfs.open(inode.id, os.O_RDWR)
+    async with trio.open_nursery() as n:
+        n.start_soon(vfs.write, fh, 0, b"a" * 10)
+        n.start_soon(vfs.write, fh2, 10, b"b" * 10)
+    fs = vfs.files[inode.id]
+    held = vfs.locks.held()
+    assert len(held) == 1 and held[0].token == fs.lease.token
+    vfs.locks.keepalive(fs.lease)  # still ours: nobody released it under us
+    await vfs.release(fh)
+    assert vfs.locks.held()  # the second writer still has the file open
+    await vfs.release(fh2)
+    assert vfs.locks.held() == []
+    assert await read_file(vfs, inode.id) == b"a" * 10 + b"b" * 10
