@@ -16,6 +16,7 @@ and the exit code.  The foreground daemon:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -144,8 +145,23 @@ def _lock_home(home: Path) -> tuple[int, bool]:
     return fd, alone
 
 
+def _limit_malloc_arenas() -> None:
+    """Keep glibc from giving each worker thread its own heap arena.
+
+    Blocks are 1 MiB buffers allocated in one thread and freed in another;
+    with an arena per thread, freed memory piles up in arenas it cannot be
+    returned from (measured with tools/memcheck.py: 958 MiB peak on a 5 GiB
+    copy with default arenas).  Same as MALLOC_ARENA_MAX=2; no-op off glibc.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: int | None) -> int:
     """Mount and serve until unmounted or signalled; returns the exit code."""
+    _limit_malloc_arenas()  # before any worker thread exists
     home = home.absolute()
     mountpoint = mountpoint.absolute()
 

@@ -37,9 +37,9 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -202,11 +202,35 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def hafs_daemon_pid(home: Path) -> int | None:
-    try:
-        return int((home / "mount.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+def hafs_daemon_pid(home: Path, mnt: Path) -> int | None:
+    """Pid of the daemon serving `mnt`, or None.
+
+    Looks where hafs writes it: HOME/mount.pid ("PID MOUNTPOINT") or, with
+    several mounts per home, HOME/run/*.pid (same format); then, as a last resort,
+    for a live `hafs mount --foreground ... MNT` process.
+    """
+    target = os.path.realpath(mnt)
+    candidates = [home / "mount.pid", *sorted((home / "run").glob("*.pid"))]
+    for f in candidates:
+        try:
+            fields = f.read_text().split(maxsplit=1)
+            pid = int(fields[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        where = fields[1].strip() if len(fields) > 1 else ""
+        if (not where or os.path.realpath(where) == target) and pid_alive(pid):
+            return pid
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv if a]
+        if "hafs" in " ".join(args[:3]) and "--foreground" in args and target in args:
+            return int(d.name)
+    return None
 
 
 def unmount(mnt: Path, kind: str, home: Path | None = None) -> bool:
@@ -214,11 +238,11 @@ def unmount(mnt: Path, kind: str, home: Path | None = None) -> bool:
 
     hafs: `hafs umount MNT` (flushes, waits for the daemon), retried a few times
     if the mount is busy, then `fusermount3 -u -z MNT`.  If a daemon we started
-    is still alive afterwards it gets SIGTERM (by its pid from HOME/mount.pid).
+    is still alive afterwards it gets SIGTERM (by its pid, see hafs_daemon_pid).
     Returns True if nothing is left mounted at `mnt`.
     """
-    pid = hafs_daemon_pid(home) if home is not None else None
-    for attempt in range(3):
+    pid = hafs_daemon_pid(home, mnt) if home is not None else None
+    for _attempt in range(3):
         if not mounted_at(mnt):
             break
         if kind == "hafs":
@@ -276,18 +300,67 @@ def git_revision() -> str:
     """Short HEAD, plus '+dirty (N files)' if the tree has changes (read-only git calls)."""
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
     try:
-        rev = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, env=env, timeout=30,
-        ).stdout.strip() or "?"
+        rev = (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=30,
+            ).stdout.strip()
+            or "?"
+        )
         st = subprocess.run(
-            ["git", "-C", str(REPO), "--no-optional-locks", "status", "--porcelain",
-             "--untracked-files=no"],
-            capture_output=True, text=True, env=env, timeout=30,
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "--no-optional-locks",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
         ).stdout.splitlines()
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     return f"{rev}+dirty ({len(st)} tracked files modified)" if st else rev
+
+
+def _bindfs_version() -> str:
+    exe = shutil.which("bindfs")
+    if not exe:
+        return "not installed"
+    try:
+        v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+        ver = (v.stdout or v.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        ver = "bindfs"
+    return ver + (" on libfuse 2" if _links_libfuse2(exe) else "")
+
+
+def loadavg() -> str:
+    """'1-min 5-min 15-min' load averages: other work on the machine skews every figure."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def busy_warning(info: dict) -> str | None:
+    try:
+        one = float(info["loadavg_start"].split()[0])
+    except (ValueError, IndexError, KeyError):
+        return None
+    if one > 0.5 * info["nproc"]:
+        return (
+            f"WARNING: load average {one:.2f} on {info['nproc']} CPUs at the start: other work is"
+            " running, expect noisy figures"
+        )
+    return None
 
 
 def machine_info(workdir: Path) -> dict:
@@ -321,6 +394,7 @@ def machine_info(workdir: Path) -> dict:
         "workdir_fs": f"{fstype} on {dev} (mounted at {mnt})",
         "disk_free": f"{du.free / GiB:.1f} GiB of {du.total / GiB:.1f} GiB",
         "hafs_revision": git_revision(),
+        "loadavg_start": loadavg(),
     }
 
 
@@ -340,8 +414,17 @@ class TargetRun:
 
 def run_fsbench(args, target: TargetRun, directory: Path, raw: list[dict]) -> None:
     """Run fsbench on `directory`, filling target.records; never leaves the child running."""
-    cmd = [sys.executable, str(args.fsbench), str(directory), target.name, "--unique-data",
-           "--reps", str(args.reps), "--only", ",".join(args.only)]
+    cmd = [
+        sys.executable,
+        str(args.fsbench),
+        str(directory),
+        target.name,
+        "--unique-data",
+        "--reps",
+        str(args.reps),
+        "--only",
+        ",".join(args.only),
+    ]
     if args.quick:
         cmd.append("--quick")
     log(f"[{target.name}] {' '.join(cmd)}")
@@ -379,16 +462,20 @@ def run_fsbench(args, target: TargetRun, directory: Path, raw: list[dict]) -> No
             target.records.append(rec)
             w = rec.get("workload")
             if w == "meta":
-                log(f"[{target.name}] fs under test: {rec.get('fstype')} at {rec.get('mountpoint')}"
-                    f", drop_caches permitted: {rec.get('drop_caches')}")
+                log(
+                    f"[{target.name}] fs under test: {rec.get('fstype')} at {rec.get('mountpoint')}"
+                    f", drop_caches permitted: {rec.get('drop_caches')}"
+                )
             elif w == "done":
                 log(f"[{target.name}] done in {rec.get('total_s')} s")
             else:
                 extra = ""
                 if "iops_incl_fsync" in rec:
                     extra = f", {rec['iops_incl_fsync']} IOPS incl. fsync"
-                log(f"[{target.name}] {w}: {rec.get('rate')} {rec.get('unit')} "
-                    f"(median {rec.get('median_s')} s, samples {rec.get('samples_s')}){extra}")
+                log(
+                    f"[{target.name}] {w}: {rec.get('rate')} {rec.get('unit')} "
+                    f"(median {rec.get('median_s')} s, samples {rec.get('samples_s')}){extra}"
+                )
         rc = proc.wait()
     except KeyboardInterrupt:
         # the child shares our process group and got the Ctrl-C too; SIGTERM to us
@@ -439,18 +526,31 @@ def bench_hafs(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
         if not r or not mounted_at(mnt):
             target.status = "failed"
             target.note = f"'{' '.join(cmd)}' failed (rc={r.rc}): {(r.err or r.out).strip()}"
-            log(f"[hafs] {target.note}\n--- tail of {home / 'hafs.log'} ---\n"
-                f"{log_tail(home / 'hafs.log')}")
+            log(
+                f"[hafs] {target.note}\n--- tail of {home / 'hafs.log'} ---\n"
+                f"{log_tail(home / 'hafs.log')}"
+            )
             return
-        log(f"[hafs] mounted at {mnt} (daemon pid {hafs_daemon_pid(home)},"
-            f" options: {args.options or 'defaults'})")
+        log(
+            f"[hafs] mounted at {mnt} (daemon pid {hafs_daemon_pid(home, mnt)},"
+            f" options: {args.options or 'defaults'})"
+        )
         run_fsbench(args, target, mnt, raw)
     finally:
+        t_umount = time.monotonic()
+        was_mounted = bool(mounted_at(mnt))
         ok = unmount(mnt, "hafs", home)
+        if was_mounted:
+            target.note += (
+                f"{'; ' if target.note else ''}'hafs umount' took"
+                f" {time.monotonic() - t_umount:.1f} s (final flush included)"
+            )
         problems = log_problems(home / "hafs.log")
         if problems:
-            target.note += (f"{'; ' if target.note else ''}hafs.log has {len(problems)}"
-                            f" warning/error lines, e.g. {problems[0]!r}")
+            target.note += (
+                f"{'; ' if target.note else ''}hafs.log has {len(problems)}"
+                f" warning/error lines, e.g. {problems[0]!r}"
+            )
         if not ok:
             target.note += f"{'; ' if target.note else ''}{mnt} could not be unmounted"
         if target.status in ("failed", "timeout") or problems:
@@ -458,10 +558,12 @@ def bench_hafs(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
     st = run_shielded([*hafs_cmd(), "status", "--home", str(home), "--json"], timeout=120)
     try:
         s = json.loads(st.out)
-        target.note += (f"{'; ' if target.note else ''}after the run: {s['inodes']} inodes, "
-                        f"{s['logical_bytes'] / MiB:.0f} MiB logical, "
-                        f"{sum(n.get('bytes') or 0 for n in s['nodes']) / MiB:.0f} MiB in "
-                        f"node dirs (R={s['replicas']}; blocks freed by the run wait for gc)")
+        target.note += (
+            f"{'; ' if target.note else ''}after the run: {s['inodes']} inodes, "
+            f"{s['logical_bytes'] / MiB:.0f} MiB logical, "
+            f"{sum(n.get('bytes') or 0 for n in s['nodes']) / MiB:.0f} MiB in "
+            f"node dirs (R={s['replicas']}; blocks freed by the run wait for gc)"
+        )
     except (ValueError, KeyError, TypeError):
         pass
 
@@ -480,16 +582,32 @@ def bench_bindfs(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
     src, mnt = tmp / "bindfs-src", tmp / "bindfs-mnt"
     src.mkdir()
     mnt.mkdir()
+    cmd = [exe, *shlex.split(args.bindfs_args or ""), str(src), str(mnt)]
+    log(f"[bindfs] {' '.join(cmd)}")
     try:
-        r = run_shielded([exe, str(src), str(mnt)], timeout=60)
+        r = run_shielded(cmd, timeout=60)
         if not r or not mounted_at(mnt):
             target.status = "failed"
             target.note = f"bindfs failed (rc={r.rc}): {(r.err or r.out).strip()}"
             return
+        if "big_writes" not in (args.bindfs_args or "") and _links_libfuse2(exe):
+            target.note = (
+                "bindfs is built on libfuse 2: without --bindfs-args='-o big_writes'"
+                " the kernel hands it writes in 4 KiB pieces (hafs, on libfuse 3,"
+                " gets up to 128 KiB), and it runs single-threaded"
+            )
         run_fsbench(args, target, mnt, raw)
     finally:
         if not unmount(mnt, "fuse"):
             target.note += f"{'; ' if target.note else ''}{mnt} could not be unmounted"
+
+
+def _links_libfuse2(exe: str) -> bool:
+    try:
+        out = subprocess.run(["ldd", exe], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "libfuse.so.2" in out
 
 
 RUNNERS = {"hafs": bench_hafs, "plain": bench_plain, "bindfs": bench_bindfs}
@@ -528,8 +646,9 @@ def cell(rec: dict | None, field: str) -> tuple[str, float | None]:
 
 def render_table(targets: list[TargetRun]) -> str:
     names = [t.name for t in targets]
-    ratios = [(a, b) for a, b in (("hafs", "plain"), ("hafs", "bindfs"))
-              if a in names and b in names]
+    ratios = [
+        (a, b) for a, b in (("hafs", "plain"), ("hafs", "bindfs")) if a in names and b in names
+    ]
     header = ["workload", *names, *[f"{a}/{b}" for a, b in ratios]]
     rows = [header]
     for row, workload, field in ROWS:
@@ -572,19 +691,24 @@ def sizes_note(targets: list[TargetRun]) -> list[str]:
         recs = {r.get("workload"): r for r in t.records}
         parts = []
         if "seqwrite" in recs:
-            parts.append(f"seqwrite/seqread/cp: one {recs['seqwrite']['size_mib']} MiB file,"
-                         f" data {recs['seqwrite'].get('data')}")
+            parts.append(
+                f"seqwrite/seqread/cp: one {recs['seqwrite']['size_mib']} MiB file,"
+                f" data {recs['seqwrite'].get('data')}"
+            )
         if "smallfiles_create" in recs:
             r = recs["smallfiles_create"]
-            parts.append(f"smallfiles: {r['files']} files of {r['file_size'] // 1024} KiB in"
-                         f" {r['dirs']} dirs")
+            parts.append(
+                f"smallfiles: {r['files']} files of {r['file_size'] // 1024} KiB in"
+                f" {r['dirs']} dirs"
+            )
         if "tree_untar" in recs:
             r = recs["tree_untar"]
             parts.append(f"tree: {r['files']} files, {r['mib']} MiB")
         if "randwrite" in recs:
             r = recs["randwrite"]
-            parts.append(f"randwrite: {r['threads']} threads x {r['file_mib']} MiB files,"
-                         f" {r['seconds']} s")
+            parts.append(
+                f"randwrite: {r['threads']} threads x {r['file_mib']} MiB files, {r['seconds']} s"
+            )
         if parts:
             return parts
     return []
@@ -598,30 +722,67 @@ def sizes_note(targets: list[TargetRun]) -> list[str]:
 def parse_args(argv):
     ap = argparse.ArgumentParser(
         description="Compare hafs with a plain directory and bindfs using the shared fsbench.",
-        epilog="Cells: median rate over --reps repetitions; '±N%%' is half the range of the"
+        epilog="Cells: median rate over --reps repetitions; '±N%' is half the range of the"
         " per-repetition rates relative to the median.  hafs/plain and hafs/bindfs are ratios"
         " of the medians (above 1 = hafs faster).",
     )
     ap.add_argument("--quick", action="store_true", help="pass --quick to fsbench (~10x smaller)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions per timing (default 3)")
-    ap.add_argument("--only", default=",".join(ALL_WORKLOADS),
-                    help="comma-separated subset of: " + ",".join(ALL_WORKLOADS))
-    ap.add_argument("--targets", default=",".join(ALL_TARGETS),
-                    help="comma-separated subset of: " + ",".join(ALL_TARGETS)
-                    + " (run in this order)")
-    ap.add_argument("-o", dest="options", metavar="OPTIONS", default=None,
-                    help="mount options passed to 'hafs mount -o' (e.g. cache_mb=256)")
-    ap.add_argument("--json", dest="json_out", metavar="OUT", type=Path,
-                    help="write every raw fsbench JSON line (plus a header line) to OUT")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the temporary directory (hafs home, backing dirs, ...)")
-    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
-                    help="where the temporary directory is made (default /var/tmp; not a tmpfs)")
-    ap.add_argument("--fsbench", type=Path, default=DEFAULT_FSBENCH,
-                    help="path of fsbench.py (default: %(default)s)")
-    ap.add_argument("--timeout", type=float, default=None,
-                    help="seconds one target's fsbench run may take before it is declared hung"
-                    " and stopped (default 600 with --quick, 3600 otherwise)")
+    ap.add_argument(
+        "--only",
+        default=",".join(ALL_WORKLOADS),
+        help="comma-separated subset of: " + ",".join(ALL_WORKLOADS),
+    )
+    ap.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help="comma-separated subset of: " + ",".join(ALL_TARGETS) + " (run in this order)",
+    )
+    ap.add_argument(
+        "-o",
+        dest="options",
+        metavar="OPTIONS",
+        default=None,
+        help="mount options passed to 'hafs mount -o' (e.g. cache_mb=256)",
+    )
+    ap.add_argument(
+        "--bindfs-args",
+        metavar="ARGS",
+        default=None,
+        help="extra bindfs arguments, one shell-quoted string, e.g."
+        " --bindfs-args='-o big_writes --multithreaded' (default: none)",
+    )
+    ap.add_argument(
+        "--json",
+        dest="json_out",
+        metavar="OUT",
+        type=Path,
+        help="write every raw fsbench JSON line (plus a header line) to OUT",
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory (hafs home, backing dirs, ...)",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where the temporary directory is made (default /var/tmp; not a tmpfs)",
+    )
+    ap.add_argument(
+        "--fsbench",
+        type=Path,
+        default=DEFAULT_FSBENCH,
+        help="path of fsbench.py (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds one target's fsbench run may take before it is declared hung"
+        " and stopped (default 600 with --quick, 3600 otherwise)",
+    )
     args = ap.parse_args(argv)
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
     bad = [w for w in args.only if w not in ALL_WORKLOADS]
@@ -646,8 +807,10 @@ def parse_args(argv):
     need = (2 if args.quick else 12) * GiB
     free = shutil.disk_usage(args.workdir).free
     if free < need:
-        ap.error(f"{args.workdir} has {free / GiB:.1f} GiB free; this run needs about"
-                 f" {need / GiB:.0f} GiB")
+        ap.error(
+            f"{args.workdir} has {free / GiB:.1f} GiB free; this run needs about"
+            f" {need / GiB:.0f} GiB"
+        )
     return args
 
 
@@ -661,15 +824,27 @@ def main(argv=None) -> int:
         f"hafs bench  {started}  ({'quick' if args.quick else 'full'} sizes, reps={args.reps})",
         f"machine : {info['host']}: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM,"
         f" kernel {info['kernel']}, Python {info['python']}",
-        f"disk    : {info['workdir']}: {info['workdir_fs']}, {info['disk_free']} free",
+        f"disk    : {info['workdir']}: {info['workdir_fs']}, {info['disk_free']} free;"
+        f" load average at start {info['loadavg_start']}",
         f"hafs    : revision {info['hafs_revision']}; mkfs defaults (R=2, 3 backing dirs on"
         f" this disk); mount options: {args.options or 'defaults'}",
         f"fsbench : {args.fsbench} --unique-data",
     ]
+    if "bindfs" in args.targets:
+        header.append(f"bindfs  : {_bindfs_version()}, arguments: {args.bindfs_args or 'none'}")
     log("\n".join(header))
-    raw: list[dict] = [{"workload": "bench_header", "started": started, "argv": sys.argv,
-                        "options": args.options, "quick": args.quick, "reps": args.reps,
-                        **info}]
+    raw: list[dict] = [
+        {
+            "workload": "bench_header",
+            "started": started,
+            "argv": sys.argv,
+            "options": args.options,
+            "bindfs_args": args.bindfs_args,
+            "quick": args.quick,
+            "reps": args.reps,
+            **info,
+        }
+    ]
     tmp = Path(tempfile.mkdtemp(prefix="hafs-bench-", dir=args.workdir))
     log(f"temporary directory: {tmp}")
     targets = [TargetRun(name) for name in args.targets]
@@ -693,8 +868,10 @@ def main(argv=None) -> int:
         left = mounts_under(tmp)
         for m in left:  # should never happen: every runner unmounts what it mounted
             log(f"WARNING: {m} still mounted; unmounting")
-            unmount(Path(m), "hafs" if (mounted_at(Path(m)) or ("", ""))[0].startswith("hafs:")
-                    else "fuse")
+            unmount(
+                Path(m),
+                "hafs" if (mounted_at(Path(m)) or ("", ""))[0].startswith("hafs:") else "fuse",
+            )
         left = mounts_under(tmp)
         if args.keep:
             log(f"kept {tmp}")
@@ -722,7 +899,10 @@ def main(argv=None) -> int:
         if t.note:
             line += f"; {t.note}"
         print(line)
-    print(f"wall time: {time.monotonic() - t_start:.0f} s")
+    warn = busy_warning(info)
+    if warn:
+        print(warn)
+    print(f"wall time: {time.monotonic() - t_start:.0f} s; load average at the end {loadavg()}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             for rec in raw:

@@ -18,10 +18,11 @@ directories) made in a temporary directory under --dir and mounted with
   umount `hafs umount` (final flush, daemon exit).
 
 Meanwhile a sampler thread reads the daemon's RSS (psutil, pid from
-HOME/mount.pid) every --interval seconds.  Since short spikes can fall between
-two samples, each phase also starts by resetting the kernel's peak-RSS counter
-(writing 5 to /proc/PID/clear_refs) and ends by reading it (VmHWM in
-/proc/PID/status); the phase's peak is the larger of the two.
+HOME/mount.pid or HOME/run/*.pid) and its RssAnon every --interval seconds.
+Since short spikes can fall between two samples, each phase also starts by
+resetting the kernel's peak-RSS counter (writing 5 to /proc/PID/clear_refs)
+and ends by reading it (VmHWM in /proc/PID/status); the phase's peak is the
+larger of the two.
 
 Bound: cache_mb + write_buffer_mb (the mount's configured limits) +
 --overhead-mib (default 256 MiB: interpreter, libraries, metadata, in-flight
@@ -109,6 +110,8 @@ class Sampler(threading.Thread):
         self.progress = ""  # what the main thread is doing, for the periodic line
         self.samples: list[tuple[float, str, int]] = []
         self.peak: dict[str, int] = {}
+        self.peak_anon: dict[str, int] = {}
+        self.last: dict[str, int] = {}  # the last RSS sampled in each phase
         self.hwm: dict[str, int] = {}  # kernel VmHWM per phase (exact peak)
         self.gone = False
         self._halt = threading.Event()
@@ -155,23 +158,33 @@ class Sampler(threading.Thread):
             return
         except psutil.AccessDenied:
             return
+        if rss == 0:  # exiting: its memory is being torn down
+            return
+        anon = self._vm("RssAnon") or 0  # heap etc.; RSS - anon = mapped files, shared
         phase = self.phase
-        self.samples.append((time.monotonic() - self.t0, phase, rss))
+        self.samples.append((time.monotonic() - self.t0, phase, rss, anon))
         if rss > self.peak.get(phase, 0):
             self.peak[phase] = rss
+        if anon > self.peak_anon.get(phase, 0):
+            self.peak_anon[phase] = anon
+        self.last[phase] = rss
 
     def run(self) -> None:
         last_print = time.monotonic()
         while not self._halt.wait(self.interval):
             self.sample_once()
-            if self.gone:
-                return
+            if self.gone or not self.samples:
+                if self.gone:
+                    return
+                continue
             now = time.monotonic()
             if now - last_print >= 10 and self.samples:
                 last_print = now
-                log(f"  [{now - self.t0:6.0f} s] {self.phase:<6} {self.progress:<22}"
+                log(
+                    f"  [{now - self.t0:6.0f} s] {self.phase:<6} {self.progress:<22}"
                     f" rss {self.samples[-1][2] / MiB:7.1f} MiB,"
-                    f" phase peak {self.peak.get(self.phase, 0) / MiB:7.1f} MiB")
+                    f" phase peak {self.peak.get(self.phase, 0) / MiB:7.1f} MiB"
+                )
 
     def stop(self) -> None:
         self._halt.set()
@@ -223,17 +236,36 @@ def parse_args(argv):
         description="Check that the hafs daemon's RSS stays within cache_mb + write_buffer_mb"
         " + an overhead allowance while a large file is written, copied and read back.",
     )
-    ap.add_argument("--size-gib", type=float, default=5.0,
-                    help="size of the file to write (default 5)")
-    ap.add_argument("--dir", type=Path, default=Path("/var/tmp"),
-                    help="where the temporary hafs home is made (default /var/tmp)")
-    ap.add_argument("-o", dest="options", metavar="OPTIONS", default=None,
-                    help="mount options for 'hafs mount -o' (default: none)")
-    ap.add_argument("--overhead-mib", type=int, default=256,
-                    help="allowance above cache_mb + write_buffer_mb (default 256)")
+    ap.add_argument(
+        "--size-gib", type=float, default=5.0, help="size of the file to write (default 5)"
+    )
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where the temporary hafs home is made (default /var/tmp)",
+    )
+    ap.add_argument(
+        "-o",
+        dest="options",
+        metavar="OPTIONS",
+        default=None,
+        help="mount options for 'hafs mount -o' (default: none)",
+    )
+    ap.add_argument(
+        "--overhead-mib",
+        type=int,
+        default=256,
+        help="allowance above cache_mb + write_buffer_mb (default 256)",
+    )
     ap.add_argument("--interval", type=float, default=0.2, help="RSS sampling period (s)")
-    ap.add_argument("--json", dest="json_out", type=Path, metavar="OUT",
-                    help="write the report and every RSS sample as JSON to OUT")
+    ap.add_argument(
+        "--json",
+        dest="json_out",
+        type=Path,
+        metavar="OUT",
+        help="write the report and every RSS sample as JSON to OUT",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
     if args.size_gib <= 0:
@@ -261,9 +293,12 @@ def main(argv=None) -> int:
     need = 2 * size * replicas + 2 * GiB
     free = shutil.disk_usage(args.dir).free
     if free < need:
-        print(f"memcheck: {args.dir} has {free / GiB:.1f} GiB free; writing {args.size_gib:g} GiB"
-              f" and copying it with R={replicas} needs {need / GiB:.1f} GiB"
-              f" (2 x size x R + 2 GiB margin)", file=sys.stderr)
+        print(
+            f"memcheck: {args.dir} has {free / GiB:.1f} GiB free; writing {args.size_gib:g} GiB"
+            f" and copying it with R={replicas} needs {need / GiB:.1f} GiB"
+            f" (2 x size x R + 2 GiB margin)",
+            file=sys.stderr,
+        )
         return 2
 
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -274,9 +309,16 @@ def main(argv=None) -> int:
     log(f"temporary directory {tmp}; {free / GiB:.1f} GiB free, {need / GiB:.1f} GiB needed")
     hafs = bench.hafs_cmd()
     report: dict = {
-        "started": started, "size_gib": args.size_gib, "options": args.options,
-        "cache_mb": cache_mb, "write_buffer_mb": wbuf_mb, "overhead_mib": args.overhead_mib,
-        "bound_mib": bound // MiB, "hash": HASH_NAME, "phases": {}, **info,
+        "started": started,
+        "size_gib": args.size_gib,
+        "options": args.options,
+        "cache_mb": cache_mb,
+        "write_buffer_mb": wbuf_mb,
+        "overhead_mib": args.overhead_mib,
+        "bound_mib": bound // MiB,
+        "hash": HASH_NAME,
+        "phases": {},
+        **info,
     }
     phases: dict[str, dict] = report["phases"]
     failures: list[str] = []
@@ -292,19 +334,21 @@ def main(argv=None) -> int:
             cmd += ["-o", args.options]
         r = bench.run_shielded([*cmd, str(mnt)], timeout=120)
         if not r or not bench.mounted_at(mnt):
-            raise RuntimeError(f"'{' '.join(cmd)} {mnt}' failed (rc={r.rc}):"
-                               f" {(r.err or r.out).strip()}")
-        pid = bench.hafs_daemon_pid(home)
+            raise RuntimeError(
+                f"'{' '.join(cmd)} {mnt}' failed (rc={r.rc}): {(r.err or r.out).strip()}"
+            )
+        pid = bench.hafs_daemon_pid(home, mnt)
         if pid is None:
-            raise RuntimeError(f"no daemon pid in {home / 'mount.pid'}")
+            raise RuntimeError(f"cannot find the daemon's pid ({home}/mount.pid, {home}/run/)")
         log(f"mounted {mnt}, daemon pid {pid}, options: {args.options or 'defaults'}")
         sampler = Sampler(pid, args.interval)
         if not sampler.reset_hwm():
             log("  (cannot reset the kernel peak-RSS counter; using the samples only)")
         sampler.start()
         time.sleep(1.0)
-        report["rss_after_mount_mib"] = round(sampler.samples[-1][2] / MiB, 1) \
-            if sampler.samples else None
+        report["rss_after_mount_mib"] = (
+            round(sampler.samples[-1][2] / MiB, 1) if sampler.samples else None
+        )
 
         big, copy = mnt / "big.bin", mnt / "big.copy"
 
@@ -313,9 +357,12 @@ def main(argv=None) -> int:
         log(f"write: {size_mib} MiB of os.urandom data in 1 MiB writes, then fsync")
         digest, t_write, t_fsync = write_phase(big, size_mib, sampler)
         sampler.end_phase_hwm()
-        phases["write"] = {"seconds": round(t_write + t_fsync, 1),
-                           "write_s": round(t_write, 1), "fsync_s": round(t_fsync, 1),
-                           "mib_s": round(size_mib / (t_write + t_fsync), 1)}
+        phases["write"] = {
+            "seconds": round(t_write + t_fsync, 1),
+            "write_s": round(t_write, 1),
+            "fsync_s": round(t_fsync, 1),
+            "mib_s": round(size_mib / (t_write + t_fsync), 1),
+        }
         log(f"  {phases['write']}")
 
         # --- cp
@@ -335,8 +382,12 @@ def main(argv=None) -> int:
             os.close(fd)
         t2 = time.monotonic()
         sampler.end_phase_hwm()
-        phases["cp"] = {"seconds": round(t2 - t0, 1), "cp_s": round(t1 - t0, 1),
-                        "fsync_s": round(t2 - t1, 1), "mib_s": round(size_mib / (t2 - t0), 1)}
+        phases["cp"] = {
+            "seconds": round(t2 - t0, 1),
+            "cp_s": round(t1 - t0, 1),
+            "fsync_s": round(t2 - t1, 1),
+            "mib_s": round(size_mib / (t2 - t0), 1),
+        }
         log(f"  {phases['cp']}")
 
         # --- read
@@ -354,9 +405,11 @@ def main(argv=None) -> int:
                 failures.append(f"{name}: {HASH_NAME} {got} differs from the written {digest}")
         t1 = time.monotonic()
         sampler.end_phase_hwm()
-        phases["read"] = {"seconds": round(t1 - t0, 1),
-                          "mib_s": round(2 * size_mib / (t1 - t0), 1),
-                          "intact": {k: v[0] for k, v in results.items()}}
+        phases["read"] = {
+            "seconds": round(t1 - t0, 1),
+            "mib_s": round(2 * size_mib / (t1 - t0), 1),
+            "intact": {k: v[0] for k, v in results.items()},
+        }
         log(f"  {phases['read']}")
 
         # --- umount (flush + exit); the daemon's last moments are sampled too
@@ -387,7 +440,8 @@ def main(argv=None) -> int:
     lines = [
         f"hafs memcheck  {started}",
         f"machine : {info['host']}: {info['nproc']} CPUs, {info['memory']} RAM, kernel"
-        f" {info['kernel']}; {info['workdir']}: {info['workdir_fs']}",
+        f" {info['kernel']}; {info['workdir']}: {info['workdir_fs']};"
+        f" load average at start {info['loadavg_start']}",
         f"hafs    : revision {info['hafs_revision']}; mkfs defaults (R=2, 3 backing dirs);"
         f" mount options: {args.options or 'defaults'}",
         f"data    : one {args.size_gib:g} GiB file of os.urandom data, 1 MiB writes;"
@@ -396,45 +450,65 @@ def main(argv=None) -> int:
         f" bound = that + {args.overhead_mib} MiB overhead = {bound // MiB} MiB",
     ]
     if sampler is not None:
-        lines.append(f"RSS after mount (idle): {report.get('rss_after_mount_mib')} MiB;"
-                     f" {len(sampler.samples)} samples every {args.interval} s")
+        lines.append(
+            f"RSS after mount (idle): {report.get('rss_after_mount_mib')} MiB;"
+            f" {len(sampler.samples)} samples every {args.interval} s"
+        )
         lines.append("")
-        lines.append(f"{'phase':<7} {'time':>8} {'rate':>12} {'peak RSS sampled':>17}"
-                     f" {'peak RSS (VmHWM)':>17}  verdict")
+        lines.append(
+            f"{'phase':<7} {'time':>8} {'rate':>12} {'peak RSS sampled':>17}"
+            f" {'peak RSS (VmHWM)':>17} {'peak anon':>10} {'RSS at end':>11}  verdict"
+        )
         worst = 0
         for ph in ("write", "cp", "read", "umount"):
             if ph not in phases and ph not in sampler.peak:
                 continue
             d = phases.get(ph, {})
             ps, hw = sampler.peak.get(ph), sampler.hwm.get(ph)
+            pa, end = sampler.peak_anon.get(ph), sampler.last.get(ph)
             peak = max(x for x in (ps, hw, 0) if x is not None)
             worst = max(worst, peak)
             verdict = "ok" if peak <= bound else f"OVER by {(peak - bound) / MiB:.0f} MiB"
-            d.update(peak_rss_sampled_mib=round(ps / MiB, 1) if ps else None,
-                     peak_rss_hwm_mib=round(hw / MiB, 1) if hw else None, verdict=verdict)
+            d.update(
+                peak_rss_sampled_mib=round(ps / MiB, 1) if ps else None,
+                peak_rss_hwm_mib=round(hw / MiB, 1) if hw else None,
+                peak_anon_mib=round(pa / MiB, 1) if pa else None,
+                rss_at_end_mib=round(end / MiB, 1) if end else None,
+                verdict=verdict,
+            )
             phases[ph] = d
             rate = f"{d['mib_s']} MiB/s" if "mib_s" in d else ""
             secs = f"{d['seconds']} s" if "seconds" in d else "-"
             lines.append(
                 f"{ph:<7} {secs:>8} {rate:>12} "
                 f"{(f'{ps / MiB:.1f} MiB' if ps else '-'):>17} "
-                f"{(f'{hw / MiB:.1f} MiB' if hw else '-'):>17}  {verdict}")
+                f"{(f'{hw / MiB:.1f} MiB' if hw else '-'):>17} "
+                f"{(f'{pa / MiB:.0f} MiB' if pa else '-'):>10} "
+                f"{(f'{end / MiB:.0f} MiB' if end else '-'):>11}  {verdict}"
+            )
             if peak > bound:
                 failures.append(f"{ph}: peak RSS {peak / MiB:.1f} MiB > bound {bound // MiB} MiB")
         report["peak_rss_mib"] = round(worst / MiB, 1)
         lines.append("")
         if "read" in phases:
             intact = phases["read"]["intact"]
-            lines.append("data    : " + ", ".join(
-                f"{k} {'identical' if v else 'DIFFERENT'}" for k, v in intact.items())
-                + f" ({HASH_NAME} {digest[:16]}...)")
-        lines.append(f"overall peak RSS {worst / MiB:.1f} MiB vs bound {bound // MiB} MiB"
-                     f" ({100 * worst / bound:.0f}% of the bound)")
+            lines.append(
+                "data    : "
+                + ", ".join(f"{k} {'identical' if v else 'DIFFERENT'}" for k, v in intact.items())
+                + f" ({HASH_NAME} {digest[:16]}...)"
+            )
+        lines.append(
+            f"overall peak RSS {worst / MiB:.1f} MiB vs bound {bound // MiB} MiB"
+            f" ({100 * worst / bound:.0f}% of the bound)"
+        )
         if sampler.gone and "umount" not in phases:
             failures.append(f"the daemon (pid {sampler.pid}) exited during the run")
     if problems:
         lines.append(f"hafs.log: {len(problems)} warning/error lines, e.g.: {problems[0]}")
-    lines.append(f"total time {report['total_s']} s")
+    warn = bench.busy_warning(info)
+    if warn:
+        lines.append(warn)
+    lines.append(f"total time {report['total_s']} s; load average at the end {bench.loadavg()}")
     report["failures"] = failures
     if failures:
         lines.append("FAIL: " + "; ".join(failures))
@@ -446,8 +520,11 @@ def main(argv=None) -> int:
     print("\n".join(lines))
 
     if args.json_out:
-        report["samples"] = [(round(t, 2), ph, rss) for t, ph, rss in
-                             (sampler.samples if sampler else [])]
+        report["samples_fields"] = ["seconds", "phase", "rss_bytes", "rss_anon_bytes"]
+        report["samples"] = [
+            (round(t, 2), ph, rss, anon)
+            for t, ph, rss, anon in (sampler.samples if sampler else [])
+        ]
         args.json_out.write_text(json.dumps(report, indent=1))
         print(f"report and samples: {args.json_out}")
     if args.keep or bench.mounts_under(tmp):
