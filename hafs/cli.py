@@ -109,6 +109,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _home_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    from .fsck import DEFAULT_GRACE_S, arg_grace, arg_rate
+
+    p = sub.add_parser(
+        "fsck",
+        help="check and repair metadata, replicas and garbage",
+        description="Check the filesystem: metadata consistency (entries, orphan inodes, link"
+        " counts, extents, refcounts, the SQLite database), replicas (every referenced block on"
+        " the R nodes the ring names) and garbage (blocks nothing references). Without --repair"
+        " nothing is changed, and it may run while the filesystem is mounted. Files that lost"
+        " data are named. Also installed as fsck.hafs.",
+        epilog="exit codes (as fsck(8)): 0 no errors, 1 errors corrected, 4 errors left"
+        " uncorrected, 8 operational error (no filesystem, unreadable metadata, --repair while"
+        " mounted), 32 interrupted.",
+    )
+    _home_arg(p)
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="fix what can be fixed: re-replicate from a good copy, fix the metadata, delete"
+        " garbage older than --grace (refused while mounted)",
+    )
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="read every replica and verify its hash (default: check presence and size)",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON report instead of a summary")
+    p.add_argument(
+        "--rate",
+        type=arg_rate,
+        metavar="MB/s",
+        help="limit replica reads to this many MiB per second (default: no limit)",
+    )
+    p.add_argument(
+        "--grace",
+        type=arg_grace,
+        default=DEFAULT_GRACE_S,
+        metavar="SECONDS",
+        help="unreferenced blocks younger than this are left for writers (default: %(default)g)",
+    )
     return ap
 
 
@@ -168,4 +208,87 @@ def cmd_status(args) -> int:
     return 0 if all(n["up"] for n in report["nodes"]) else 1
 
 
-COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount, "status": cmd_status}
+def cmd_fsck(args) -> int:
+    from . import fsck
+
+    home = _home(args)
+    audit = None  # repairs are logged (FSCK-REPAIR ...) to HOME/hafs.log beside the mounts'
+    if args.repair and home_mod.meta_path(home).exists():
+        try:
+            audit = logging.FileHandler(home / "hafs.log")
+        except OSError:
+            pass
+        else:
+            audit.setFormatter(
+                logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+            )
+            logging.getLogger("hafs").addHandler(audit)
+            logging.getLogger("hafs").setLevel(logging.INFO)
+    try:
+        report = fsck.run(
+            home,
+            repair=args.repair,
+            deep=args.deep,
+            rate_mib=args.rate,
+            grace_s=args.grace,
+            progress=fsck.Progress(),
+        )
+        log.info("FSCK-DONE exit %d: %s", report.exit_code, report.error or dict(report.fixed))
+    except KeyboardInterrupt:
+        print("hafs fsck: interrupted", file=sys.stderr)
+        return 32
+    except Exception:
+        log.exception("hafs fsck: unexpected error")
+        print("hafs fsck: unexpected error (traceback above)", file=sys.stderr)
+        return fsck.EXIT_OPERATIONAL
+    finally:
+        if audit is not None:
+            logging.getLogger("hafs").removeHandler(audit)
+            audit.close()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    elif report.error:
+        print(f"hafs fsck: {report.error}", file=sys.stderr)
+    else:
+        print(report.render())
+    return report.exit_code
+
+
+def fsck_main(argv: list[str] | None = None) -> int:
+    """`fsck.hafs [-n|-y|-p|-a] [-f] [--deep] [--json] [--rate MB/s] [--grace S] [HOME]`.
+
+    The form fsck(8) calls (`fsck -t hafs HOME`): -n checks only, -y/-p/-a repair.
+    """
+    from .fsck import DEFAULT_GRACE_S, arg_grace, arg_rate
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    ap = argparse.ArgumentParser(
+        prog="fsck.hafs",
+        description="Check (and with -y, -p or -a repair) a hafs filesystem; see 'hafs fsck'.",
+        epilog="exit codes: 0 no errors, 1 errors corrected, 4 errors left uncorrected,"
+        " 8 operational error, 16 usage error, 32 interrupted.",
+    )
+    ap.add_argument("-n", dest="repair", action="store_false", help="check only (the default)")
+    for flag in ("-y", "-p", "-a"):
+        ap.add_argument(flag, dest="repair", action="store_true", help="repair")
+    ap.add_argument("-f", "-v", "-V", dest="ignored", action="count", help=argparse.SUPPRESS)
+    ap.add_argument("--deep", action="store_true", help="read and hash every replica")
+    ap.add_argument("--json", action="store_true", help="print a JSON report")
+    ap.add_argument("--rate", type=arg_rate, metavar="MB/s", help="limit replica reads (MiB/s)")
+    ap.add_argument("--grace", type=arg_grace, default=DEFAULT_GRACE_S, metavar="SECONDS")
+    ap.add_argument("home", nargs="?", type=Path, metavar="HOME", help="the filesystem's home")
+    ap.set_defaults(repair=False)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return 0 if e.code == 0 else 16
+    return cmd_fsck(args)
+
+
+COMMANDS = {
+    "mkfs": cmd_mkfs,
+    "mount": cmd_mount,
+    "umount": cmd_umount,
+    "status": cmd_status,
+    "fsck": cmd_fsck,
+}
