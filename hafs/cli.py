@@ -67,8 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ADDRESS",
         default=None,
-        help="a backing directory to use as a node; repeat for each node (ids n1, n2, ... in"
-        " this order). It must be empty or new.",
+        help="a node: a backing directory (empty or new) or the http://HOST:PORT of a 'hafs"
+        " node' serving an empty directory; repeat for each node (ids n1, n2, ... in this"
+        " order). Directories and remote nodes can be mixed.",
+    )
+    p.add_argument(
+        "--write-quorum",
+        "-w",
+        type=int,
+        metavar="W",
+        help="a block write succeeds once W copies are durable (default: a majority of R);"
+        " hafs still tries to write R",
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="the bearer token the remote nodes were started with (their --token-file); it is"
+        " kept in the filesystem's metadata",
     )
 
     p = sub.add_parser(
@@ -109,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _home_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    from . import node as node_mod
+
+    p = sub.add_parser(
+        "node",
+        help="serve a backing directory as a block node",
+        description="Serve one backing directory to the network as a block node: 'hafs node"
+        " --data DIR --listen HOST:PORT'. A new, empty DIR waits to be claimed by 'hafs mkfs"
+        " --node http://HOST:PORT' (which writes the node's identity into it); a DIR that"
+        " belongs to a filesystem serves that filesystem only. Ctrl-C or SIGTERM stops it"
+        " cleanly.",
+    )
+    node_mod.add_arguments(p)
+    p.set_defaults(node_command=None)
+
     from .fsck import DEFAULT_GRACE_S, arg_grace, arg_rate
 
     p = sub.add_parser(
@@ -169,7 +199,13 @@ def _home(args) -> Path:
 
 
 def cmd_mkfs(args) -> int:
-    fs_uuid = home_mod.create(args.home, args.replicas, args.node)
+    fs_uuid = home_mod.create(
+        args.home,
+        args.replicas,
+        args.node,
+        token=home_mod.read_token_file(args.token_file),
+        quorum=args.write_quorum,
+    )
     print(f"created hafs filesystem {fs_uuid} in {args.home.absolute()}")
     return 0
 
@@ -206,6 +242,12 @@ def cmd_status(args) -> int:
     report = gather(_home(args))
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0 if all(n["up"] for n in report["nodes"]) else 1
+
+
+def cmd_node(args) -> int:
+    from . import node as node_mod
+
+    return node_mod.run(args)
 
 
 def cmd_fsck(args) -> int:
@@ -291,4 +333,5 @@ COMMANDS = {
     "umount": cmd_umount,
     "status": cmd_status,
     "fsck": cmd_fsck,
+    "node": cmd_node,
 }

@@ -2,14 +2,16 @@
 
 Layout of HOME:
 
-    meta.db        SQLite metadata (WAL), the ring and R live in it
+    meta.db        SQLite metadata (WAL): the ring, R, W and the nodes' token live in it
     nodes/n1 ...   the default backing directories (mkfs without --node)
     hafs.log       the mount daemon's log
     mount.lock     held (flock, shared) by every mount daemon; fsck --repair takes it exclusively
     run/*.pid      pid and mountpoint of each mount daemon
 
 `create` is `hafs mkfs`; `open_fs` checks everything a mount needs and
-modifies nothing when it refuses.
+modifies nothing when it refuses.  `open_store` is the one place that turns a
+node of the ring into a block store: a backing directory (DirStore) or, for an
+http:// address, the client of a `hafs node` server (RemoteStore).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from .blocks import DirStore
 from .errors import UserError
 from .meta import MetaStore, now_ns
+from .remote import NodeError, RemoteStore
 from .ring import NodeSpec, Ring
 
 DEFAULT_REPLICAS = 2
@@ -41,45 +44,130 @@ def meta_path(home: Path) -> Path:
     return home / "meta.db"
 
 
-def create(home: Path, replicas: int = DEFAULT_REPLICAS, nodes: list[str] | None = None) -> str:
-    """Create a filesystem in `home`; returns its uuid.  Refuses to touch an existing one."""
+def is_remote(address: str) -> bool:
+    return "://" in address
+
+
+def read_token_file(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise UserError(f"cannot read the token file {path}: {e.strerror}") from None
+    if not token:
+        raise UserError(f"the token file {path} is empty: put the nodes' bearer token in it")
+    return token
+
+
+def write_quorum(replicas: int) -> int:
+    """The default W: a majority of R, at least 1."""
+    return replicas // 2 + 1
+
+
+def create(
+    home: Path,
+    replicas: int = DEFAULT_REPLICAS,
+    nodes: list[str] | None = None,
+    *,
+    token: str | None = None,
+    quorum: int | None = None,
+) -> str:
+    """Create a filesystem in `home`; returns its uuid.  Refuses to touch an existing one.
+
+    A node is a backing directory (empty or new) or the http:// address of a
+    `hafs node` serving an unclaimed directory; mkfs claims it (writes the node's
+    identity) once every node has been checked.
+    """
     home = home.absolute()
     if meta_path(home).exists():
         raise UserError(f"{home} already holds a hafs filesystem: use it, or choose another --home")
     if "," in str(home):
         raise UserError(f"home directory {home} contains a comma, which mount options cannot carry")
     addresses = nodes or [str(home / "nodes" / f"n{i + 1}") for i in range(DEFAULT_NODES)]
-    for a in addresses:
-        if "://" in a:
-            raise UserError(f"node {a}: remote block nodes are not supported yet; give a directory")
-    addresses = [str(Path(a).expanduser().absolute()) for a in addresses]
+    addresses = [
+        a.rstrip("/") if is_remote(a) else str(Path(a).expanduser().absolute()) for a in addresses
+    ]
     if len(set(addresses)) != len(addresses):
-        raise UserError("the same backing directory is given twice: each node needs its own")
+        raise UserError("the same node is given twice: each node needs its own address")
     if not 1 <= replicas <= len(addresses):
         raise UserError(
             f"--replicas {replicas} needs at least that many nodes (have {len(addresses)})"
         )
+    quorum = write_quorum(replicas) if quorum is None else quorum
+    if not 1 <= quorum <= replicas:
+        raise UserError(f"--write-quorum {quorum} must be between 1 and --replicas ({replicas})")
     fs_uuid = str(uuid.uuid4())
     specs = [NodeSpec(id=f"n{i + 1}", address=a) for i, a in enumerate(addresses)]
-    # Check every node directory before creating anything.
+    # Check every node before creating anything.
     for spec in specs:
-        p = Path(spec.address)
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise UserError(
-                f"backing directory {p} for node {spec.id} is not empty: give an empty or new one"
-            )
+        check_new_node(spec, token)
     home.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        DirStore.create(spec.address, spec.id, fs_uuid)
+        init_node(spec, fs_uuid, token)
     ring = Ring(specs, version=1)
     settings = {
         "fs_uuid": fs_uuid,
         "replicas": str(replicas),
+        "write_quorum": str(quorum),
         "ring": json.dumps(ring.to_json()),
         "created_ns": str(now_ns()),
     }
+    if token is not None:
+        settings["node_token"] = token
     MetaStore.create(meta_path(home), settings, os.getuid(), os.getgid()).close()
+    if token is not None:  # the token is a secret: SQLite gives -wal and -shm the same mode
+        os.chmod(meta_path(home), 0o600)
     return fs_uuid
+
+
+def check_new_node(spec: NodeSpec, token: str | None) -> None:
+    """Refuse (UserError) a node that cannot become `spec.id` of a new filesystem."""
+    if is_remote(spec.address):
+        try:
+            node_id, fs_uuid = RemoteStore.probe(spec.address, token=token)
+        except NodeError as e:
+            raise UserError(
+                f"node {spec.id} at {spec.address}: {e}; start 'hafs node --data DIR --listen"
+                " HOST:PORT' there (with --token-file if the nodes need a token)"
+            ) from None
+        if fs_uuid:
+            raise UserError(
+                f"node {spec.id} at {spec.address} already serves node {node_id} of filesystem"
+                f" {fs_uuid}: give a node started on an empty directory"
+            )
+        return
+    p = Path(spec.address)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise UserError(
+            f"backing directory {p} for node {spec.id} is not empty: give an empty or new one"
+        )
+
+
+def init_node(spec: NodeSpec, fs_uuid: str, token: str | None) -> None:
+    """Make the node `spec.id` of filesystem `fs_uuid` (after `check_new_node`)."""
+    if is_remote(spec.address):
+        try:
+            RemoteStore.claim(spec.address, spec.id, fs_uuid, token=token)
+        except NodeError as e:
+            raise UserError(f"node {spec.id} at {spec.address}: claiming it failed: {e}") from None
+    else:
+        DirStore.create(spec.address, spec.id, fs_uuid)
+
+
+def open_store(
+    spec: NodeSpec, fs_uuid: str, token: str | None = None, timeout: float | None = None
+) -> DirStore | RemoteStore:
+    """The block store of one node of the ring.
+
+    A backing directory is opened and its identity checked here (UserError when it
+    is missing or foreign).  A remote node is not contacted: it may be down now and
+    come back later; `RemoteStore.check_identity` asks it.
+    """
+    if is_remote(spec.address):
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        return RemoteStore(spec.address, spec.id, fs_uuid, token=token, **kwargs)
+    return DirStore.open(spec.address, spec.id, fs_uuid)
 
 
 @dataclass
@@ -87,13 +175,15 @@ class Filesystem:
     home: Path
     meta: MetaStore
     ring: Ring
-    stores: dict[str, DirStore]
+    stores: dict[str, DirStore | RemoteStore]
     replicas: int
+    write_quorum: int
     fs_uuid: str
+    token: str | None
 
 
-def open_fs(home: Path) -> Filesystem:
-    """Open the metadata and every backing directory, checking their identity."""
+def open_fs(home: Path, node_timeout: float | None = None) -> Filesystem:
+    """Open the metadata and every node's store, checking the identity of directories."""
     home = home.absolute()
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
@@ -102,10 +192,12 @@ def open_fs(home: Path) -> Filesystem:
         fs_uuid = meta.setting("fs_uuid")
         ring = Ring.from_json(meta.ring_json())
         replicas = int(meta.setting("replicas"))
+        quorum = int(meta.setting_or("write_quorum", str(write_quorum(replicas))))
+        token = meta.setting_or("node_token", None)
         stores = {
-            spec.id: DirStore.open(spec.address, spec.id, fs_uuid) for spec in ring.nodes.values()
+            spec.id: open_store(spec, fs_uuid, token, node_timeout) for spec in ring.nodes.values()
         }
     except BaseException:
         meta.close()
         raise
-    return Filesystem(home, meta, ring, stores, replicas, fs_uuid)
+    return Filesystem(home, meta, ring, stores, replicas, quorum, fs_uuid, token)

@@ -255,6 +255,10 @@ class MetaStore:
             raise UserError(f"metadata database {self.path} lacks setting {key!r}: run 'hafs fsck'")
         return row[0]
 
+    def setting_or(self, key: str, default: str | None) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
     def ring_json(self) -> dict:
         return json.loads(self.setting("ring"))
 

@@ -1,0 +1,563 @@
+"""RemoteStore: the client of a block node (hafs.node), with DirStore's interface.
+
+`RemoteStore` has the synchronous methods of `DirStore` with the same meaning
+(put, get, has, size, mtime_ns, delete, iter_ids, usage, node_id, fs_uuid), so
+Placement runs it the same way: from worker threads. One instance is shared by
+all threads: it holds one thread-safe `httpx.Client` whose pool keeps up to
+`max_connections` connections to the node open between requests.
+
+Never trust the network: `get` hashes what it received and returns only bytes
+that match the id (else BlockCorrupt); every answer must carry the node's id
+(``Hafs-Node-Id``), and every request carries the node id and filesystem uuid
+this client expects, so a node of another filesystem or another ring slot
+refuses with 409 instead of serving or deleting the wrong blocks. Answers are
+read with a bound on their size, so a node sending garbage can neither produce
+wrong bytes nor exhaust memory.
+
+Errors. A failure of the node (not of the caller) raises a `NodeError`, which is
+both a `StorageError` (EIO at the FUSE boundary) and an `OSError` (so Placement
+treats it as a failed replica, like a disk error of a DirStore):
+
+    NodeError                   base; .address, .node_id, .status (HTTP status or None)
+      NodeUnavailable           no answer: connection refused/reset, unreachable (errno set)
+        NodeTimeout             no answer within the timeout (ETIMEDOUT)
+      NodeProtocolError         an answer that is not a hafs node's (bad status, headers, JSON)
+      NodeRefused               a hafs node's refusal: 5xx disk error (EIO), 507 full (ENOSPC),
+                                422 body not hashing to the id, 413 too large
+        NodeAuthError           401: missing or wrong token (EACCES)
+        NodeIdentityMismatch    409: the node is another node or serves another filesystem
+
+Health (for Placement): NodeUnavailable other than NodeTimeout means "down now";
+NodeTimeout is a strike; the others mean the node is up but failed this request
+(NodeAuthError and NodeIdentityMismatch are configuration errors worth a loud log).
+`BlockMissing` and `BlockCorrupt` keep DirStore's meaning; a body that fails the
+hash on arrival is logged BLOCK-CORRUPT and raised as BlockCorrupt.
+
+Timeouts: `timeout` bounds each wait (connect, each send, each receive, a free
+pooled connection) and a whole answer's transfer: a node that stops answering
+(SIGSTOP, a dead host) fails the call within about `timeout`; one that trickles
+bytes is cut off at the first chunk past the deadline. A request that failed at
+once on a pooled connection the node had closed (a reset, "server
+disconnected") is retried once on a new connection: every request is
+idempotent (a repeated DELETE reports False). Other retries, with backoff, are
+the caller's.
+
+Beyond DirStore's methods: `status()` (the node's /status), `ping()` (a cheap
+health probe), `check_identity()` (NodeIdentityError if the address serves
+another node or filesystem: for mount time), `RemoteStore.probe(address)` (the
+identity a node serves: for mkfs) and `close()`. `mtime_ns` is the
+node's clock: a grace period compared with it assumes clocks roughly in sync.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import re
+import time
+from urllib.parse import urlsplit
+
+import httpx
+from blake3 import blake3
+
+from .blocks import BLOCK_ID_RE, StoreUsage, check_block_id
+from .chunker import MAX_SIZE
+from .errors import BlockCorrupt, BlockMissing, NodeIdentityError, StorageError, UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_CONNECTIONS = 32
+KEEPALIVE_EXPIRY_S = 20.0  # below the node's keep-alive (60 s): the client closes idle ones first
+PAGE_MAX = 10000  # ids per GET /blocks (the node's limit)
+JSON_MAX = 4 * 1024 * 1024  # the largest JSON answer accepted (a full page is ~0.7 MB)
+ERROR_MAX = 64 * 1024  # the largest error answer read
+_PREFIX_RE = re.compile(r"[0-9a-f]{0,64}")
+_INT_RE = re.compile(r"[0-9]{1,20}")
+
+
+_REASONS = {
+    401: "(missing or wrong token)",
+    404: "(not found)",
+    409: "(another node or another filesystem)",
+    410: "(corrupt)",
+    413: "(too large)",
+    422: "(the body does not hash to the id)",
+    507: "(disk full)",
+}
+
+
+class NodeError(StorageError, OSError):
+    """A block node did not do what was asked; treat this replica as failed."""
+
+    def __init__(
+        self,
+        address: str,
+        node_id: str,
+        message: str,
+        err: int = errno.EIO,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(err, f"node {node_id} ({address}): {message}")
+        self.address = address
+        self.node_id = node_id
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):
+        return (
+            type(self),
+            (self.address, self.node_id, self.strerror, self.errno, self.status),
+        )
+
+
+class NodeUnavailable(NodeError):
+    """The node could not be reached: connection refused or reset, host unreachable."""
+
+
+class NodeTimeout(NodeUnavailable):
+    """The node did not answer within the timeout."""
+
+
+class NodeProtocolError(NodeError):
+    """The node answered something a hafs node never sends."""
+
+
+class NodeRefused(NodeError):
+    """The node answered, and refused (disk error, full, bad body)."""
+
+
+class NodeAuthError(NodeRefused):
+    """The node wants a bearer token and ours is missing or wrong (401)."""
+
+
+class NodeIdentityMismatch(NodeRefused):
+    """The node is another node of the ring, or belongs to another filesystem (409)."""
+
+
+class _Stale(Exception):
+    """A transport error that a fresh connection may not have."""
+
+
+def _normalise_address(address: str) -> str:
+    try:
+        parts = urlsplit(address)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or port is None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username
+        or parts.password
+    ):
+        raise UserError(
+            f"block node address {address!r}: expected http://HOST:PORT (or https://HOST:PORT)"
+        )
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno of the OSError that caused `exc`, if any."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+class RemoteStore:
+    """The blocks of one node, stored on a block node server (see the module docstring)."""
+
+    def __init__(
+        self,
+        address: str,
+        node_id: str,
+        fs_uuid: str,
+        *,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        connect_timeout: float | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        """No I/O here: the node may be down when the store is made (see `check_identity`).
+
+        `address` is http://HOST:PORT; `token` the node's bearer token, if it wants one;
+        `timeout` in seconds bounds each call (module docstring); `connect_timeout`
+        (default min(timeout, 5)) bounds establishing a connection.
+        """
+        if not node_id or not fs_uuid:
+            raise ValueError("node_id and fs_uuid must not be empty")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self.address = _normalise_address(address)
+        self.node_id = node_id
+        self.fs_uuid = fs_uuid
+        self.timeout = float(timeout)
+        self._anonymous = False  # True in probe(): no identity sent or checked
+        headers = {
+            "hafs-node-id": node_id,
+            "hafs-fs-uuid": fs_uuid,
+            "user-agent": "hafs-remote",
+        }
+        if token is not None:
+            token = token.strip()
+            if not token or not token.isascii() or not token.isprintable() or " " in token:
+                raise UserError(f"the token of node {node_id} must be printable ASCII, no spaces")
+            headers["authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(
+            base_url=self.address,
+            headers=headers,
+            timeout=httpx.Timeout(
+                self.timeout,
+                connect=min(self.timeout, 5.0) if connect_timeout is None else connect_timeout,
+            ),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
+            ),
+            trust_env=False,  # no proxies or .netrc from the environment for block traffic
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.address!r}, node_id={self.node_id!r})"
+
+    def close(self) -> None:
+        """Close the pooled connections (calls after this fail)."""
+        self._client.close()
+
+    def __enter__(self) -> RemoteStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ transport
+
+    def _fail(self, cls: type[NodeError], message: str, err: int = errno.EIO, status=None):
+        return cls(self.address, self.node_id, message, err, status)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        params: dict | None = None,
+        max_body: int = JSON_MAX,
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """One request, retried once on a stale connection; (status, headers, body)."""
+        started = time.monotonic()
+        try:
+            try:
+                return self._attempt(method, path, content, params, max_body)
+            except _Stale as e:
+                if time.monotonic() - started > min(1.0, self.timeout / 2):
+                    raise  # not a stale connection (those fail at once): no second wait
+                log.debug("%s %s on node %s: %s; retrying", method, path, self.node_id, e)
+                return self._attempt(method, path, content, params, max_body)
+        except _Stale as e:
+            cause = e.__cause__ or e
+            if isinstance(cause, httpx.RemoteProtocolError):
+                raise self._fail(
+                    NodeProtocolError, f"{method} {path}: {cause}", errno.EPROTO
+                ) from None
+            raise self._fail(
+                NodeUnavailable,
+                f"{method} {path}: {str(cause) or type(cause).__name__}",
+                _errno_of(cause) or errno.ECONNRESET,
+            ) from None
+
+    def _attempt(self, method, path, content, params, max_body):
+        deadline = time.monotonic() + self.timeout
+        headers = {"content-type": "application/octet-stream"} if content is not None else None
+        try:
+            with self._client.stream(
+                method, path, content=content, params=params, headers=headers
+            ) as resp:
+                status = resp.status_code
+                limit = max_body if 200 <= status < 300 else ERROR_MAX
+                chunks: list[bytes] = []
+                size = 0
+                if method != "HEAD":
+                    for chunk in resp.iter_raw():
+                        size += len(chunk)
+                        if size > limit:
+                            raise self._fail(
+                                NodeProtocolError,
+                                f"{method} {path}: answer of more than {limit} bytes",
+                                errno.EPROTO,
+                                status,
+                            )
+                        chunks.append(chunk)
+                        if time.monotonic() > deadline:
+                            raise httpx.ReadTimeout("the answer took too long")
+                body = b"".join(chunks)
+                headers_in = resp.headers
+        except httpx.TimeoutException as e:
+            what = "no free connection" if isinstance(e, httpx.PoolTimeout) else "no answer"
+            raise self._fail(
+                NodeTimeout,
+                f"{method} {path}: {what} within {self.timeout:g} s",
+                errno.ETIMEDOUT,
+            ) from None
+        except httpx.ConnectError as e:
+            raise self._fail(
+                NodeUnavailable,
+                f"{method} {path}: cannot connect: {e}",
+                _errno_of(e) or errno.ECONNREFUSED,
+            ) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+            raise _Stale(str(e)) from e
+        except httpx.TransportError as e:  # CloseError, ProxyError, UnsupportedProtocol...
+            raise self._fail(
+                NodeUnavailable, f"{method} {path}: {e!r}", _errno_of(e) or errno.EIO
+            ) from None
+        if status != 401:
+            who = headers_in.get("hafs-node-id")
+            if who is None:
+                raise self._fail(
+                    NodeProtocolError,
+                    f"{method} {path}: answer {status} without Hafs-Node-Id: not a hafs node",
+                    errno.EPROTO,
+                    status,
+                )
+            if who != self.node_id and status != 409 and not self._anonymous:
+                raise self._fail(
+                    NodeIdentityMismatch,
+                    f"answers as node {who[:80]!r}, expected {self.node_id}",
+                    errno.EPROTO,
+                    status,
+                )
+        return status, headers_in, body
+
+    def _unexpected(self, method: str, path: str, status: int, body: bytes) -> NodeError:
+        """The error for an answer that the operation does not expect."""
+        try:
+            detail = str(json.loads(body)["error"])[:300]
+        except (ValueError, KeyError, TypeError):
+            detail = body[:100].decode("utf-8", "replace")
+        if not detail.strip():
+            detail = _REASONS.get(status, "")
+        what = f"{method} {path}: {status} {detail}".rstrip()
+        if status == 401:
+            return self._fail(NodeAuthError, what + " (check the token)", errno.EACCES, status)
+        if status == 409:
+            return self._fail(NodeIdentityMismatch, what, errno.EPROTO, status)
+        if status == 507:
+            return self._fail(NodeRefused, what, errno.ENOSPC, status)
+        if status in (413, 422) or 500 <= status < 600:
+            return self._fail(NodeRefused, what, errno.EIO, status)
+        return self._fail(NodeProtocolError, what, errno.EPROTO, status)
+
+    def _json(self, method: str, path: str, params: dict | None = None) -> dict:
+        status, _, body = self._request(method, path, params=params)
+        if status != 200:
+            raise self._unexpected(method, path, status, body)
+        try:
+            value = json.loads(body)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise self._fail(
+                NodeProtocolError, f"{method} {path}: answer is not a JSON object", errno.EPROTO
+            )
+        return value
+
+    # --------------------------------------------------------------- blocks
+
+    def put(self, block_id: str, data: bytes | bytearray | memoryview) -> None:
+        """Store `data` under `block_id` on the node, durably (the node fsyncs before 204).
+
+        The node refuses (NodeRefused, 422) bytes that do not hash to the id.
+        """
+        bid = check_block_id(block_id)
+        body = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
+        if len(body) > MAX_SIZE:
+            raise ValueError(f"block {bid} has {len(body)} bytes; a block is at most {MAX_SIZE}")
+        path = f"/blocks/{bid}"
+        status, _, answer = self._request("PUT", path, content=body, max_body=ERROR_MAX)
+        if status not in (200, 201, 204):
+            raise self._unexpected("PUT", path, status, answer)
+
+    def get(self, block_id: str) -> bytes:
+        """The bytes of block `block_id`, verified against the id here.
+
+        Raises BlockMissing if the node lacks it, BlockCorrupt if its copy failed
+        the hash there (the node moved it aside) or the bytes received do.
+        """
+        bid = check_block_id(block_id)
+        path = f"/blocks/{bid}"
+        status, _, body = self._request("GET", path, max_body=MAX_SIZE)
+        if status == 404:
+            raise BlockMissing(bid, f"not on node {self.node_id}")
+        if status == 410:
+            raise BlockCorrupt(bid, where=self.node_id)
+        if status != 200:
+            raise self._unexpected("GET", path, status, body)
+        actual = blake3(body).hexdigest()
+        if actual != bid:
+            log.warning(
+                "BLOCK-CORRUPT %s from node %s (%s): %d bytes received hash to %s",
+                bid,
+                self.node_id,
+                self.address,
+                len(body),
+                actual,
+            )
+            raise BlockCorrupt(bid, where=self.node_id)
+        return body
+
+    def _head(self, block_id: str) -> tuple[int, int] | None:
+        """(size, mtime_ns) of the block on the node, or None if it lacks it."""
+        bid = check_block_id(block_id)
+        path = f"/blocks/{bid}"
+        status, headers, body = self._request("HEAD", path)
+        if status == 404:
+            return None
+        if status != 200:
+            raise self._unexpected("HEAD", path, status, body)
+        size, mtime = headers.get("hafs-size", ""), headers.get("hafs-mtime-ns", "")
+        if not (_INT_RE.fullmatch(size) and _INT_RE.fullmatch(mtime)):
+            raise self._fail(
+                NodeProtocolError,
+                f"HEAD {path}: bad Hafs-Size {size[:30]!r} or Hafs-Mtime-Ns {mtime[:30]!r}",
+                errno.EPROTO,
+            )
+        return int(size), int(mtime)
+
+    def has(self, block_id: str) -> bool:
+        """True if the node has a file for `block_id` (not verified)."""
+        return self._head(block_id) is not None
+
+    def size(self, block_id: str) -> int | None:
+        """The size of block `block_id` in bytes, or None if the node lacks it."""
+        st = self._head(block_id)
+        return None if st is None else st[0]
+
+    def mtime_ns(self, block_id: str) -> int | None:
+        """When the node last stored block `block_id` (its clock), or None if absent."""
+        st = self._head(block_id)
+        return None if st is None else st[1]
+
+    def delete(self, block_id: str) -> bool:
+        """Remove block `block_id` from the node; True if it was there. Durable on return."""
+        bid = check_block_id(block_id)
+        path = f"/blocks/{bid}"
+        status, _, body = self._request("DELETE", path)
+        if status == 204:
+            return True
+        if status == 404:
+            return False
+        raise self._unexpected("DELETE", path, status, body)
+
+    def iter_ids(self, after: str = "", limit: int = 1000) -> list[str]:
+        """One page of block ids, sorted, each strictly greater than `after` (as DirStore)."""
+        if not isinstance(after, str) or _PREFIX_RE.fullmatch(after) is None:
+            raise ValueError(f"invalid iter_ids cursor {after!r}: expected lower-case hex")
+        if limit < 1:
+            raise ValueError(f"iter_ids limit must be positive, got {limit}")
+        out: list[str] = []
+        cursor = after
+        while len(out) < limit:
+            want = min(limit - len(out), PAGE_MAX)
+            page = self._json("GET", "/blocks", {"after": cursor, "limit": want}).get("ids")
+            if not isinstance(page, list) or len(page) > want:
+                raise self._fail(NodeProtocolError, "GET /blocks: malformed page", errno.EPROTO)
+            for bid in page:
+                if not isinstance(bid, str) or not BLOCK_ID_RE.fullmatch(bid) or bid <= cursor:
+                    raise self._fail(
+                        NodeProtocolError,
+                        f"GET /blocks: id {str(bid)[:80]!r} is malformed or out of order",
+                        errno.EPROTO,
+                    )
+                cursor = bid
+            out.extend(page)
+            if len(page) < want:
+                break
+        return out
+
+    # ----------------------------------------------------------------- node
+
+    def status(self) -> dict:
+        """The node's GET /status (see hafs.node), its figures checked to be integers."""
+        st = self._json("GET", "/status")
+        for key in ("total_bytes", "free_bytes", "block_count", "block_bytes"):
+            value = st.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise self._fail(
+                    NodeProtocolError, f"GET /status: bad {key} {value!r}", errno.EPROTO
+                )
+        return st
+
+    def usage(self) -> StoreUsage:
+        """Capacity and free space of the node's disk, and what the blocks take (<= 1 s old)."""
+        st = self.status()
+        return StoreUsage(
+            total_bytes=st["total_bytes"],
+            free_bytes=st["free_bytes"],
+            block_count=st["block_count"],
+            block_bytes=st["block_bytes"],
+        )
+
+    def ping(self) -> None:
+        """Return if the node answers as the expected node (a cheap health probe)."""
+        self._json("GET", "/ping")
+
+    @classmethod
+    def probe(
+        cls, address: str, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> tuple[str, str]:
+        """(node_id, fs_uuid) that the node at `address` serves, as it reports them.
+
+        For mkfs, before the ring exists: the only call that sends no identity.
+        Raises NodeError subclasses like the other calls.
+        """
+        with cls(address, "?", "?", token=token, timeout=timeout, max_connections=1) as store:
+            store._anonymous = True
+            del store._client.headers["hafs-node-id"]
+            del store._client.headers["hafs-fs-uuid"]
+            st = store._json("GET", "/ping")
+            node_id, fs_uuid = st.get("node_id"), st.get("fs_uuid")
+            if not (isinstance(node_id, str) and node_id and isinstance(fs_uuid, str) and fs_uuid):
+                raise store._fail(
+                    NodeProtocolError, "GET /ping: no node_id or fs_uuid", errno.EPROTO
+                )
+        return node_id, fs_uuid
+
+    def check_identity(self) -> None:
+        """Check that the node is `node_id` of `fs_uuid` (e.g. when mounting).
+
+        Raises NodeIdentityError (a UserError: the ring or the node is misconfigured)
+        if it is another one, NodeAuthError if the token is wrong, and other
+        NodeErrors if it cannot be asked.
+        """
+        try:
+            st = self._json("GET", "/ping")
+        except NodeIdentityMismatch as e:
+            raise NodeIdentityError(
+                f"{e}: the ring names {self.address} as node {self.node_id} of filesystem"
+                f" {self.fs_uuid}; fix the node's address or start the right node there"
+            ) from None
+        if st.get("node_id") != self.node_id or st.get("fs_uuid") != self.fs_uuid:
+            raise NodeIdentityError(
+                f"{self.address} is node {st.get('node_id')!r} of filesystem"
+                f" {st.get('fs_uuid')!r}, expected node {self.node_id} of {self.fs_uuid}"
+            )
+
+    def cleanup_tmp(self, older_than_s: float = 3600) -> int:
+        """Nothing to do here: the node removes its stale temp files when it starts."""
+        return 0

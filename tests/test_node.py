@@ -1,0 +1,834 @@
+"""Tests of the block node server (hafs.node) and its client (hafs.remote).
+
+Real `python -m hafs.node` processes on loopback ports, stopped by PID; raw
+HTTP for the requests a RemoteStore never sends; a fake server for the answers
+a hafs node never gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hafs.blocks import DirStore, block_id
+from hafs.chunker import MAX_SIZE
+from hafs.errors import BlockCorrupt, BlockMissing, NodeIdentityError
+from hafs.remote import (
+    NodeAuthError,
+    NodeError,
+    NodeIdentityMismatch,
+    NodeProtocolError,
+    NodeRefused,
+    NodeTimeout,
+    NodeUnavailable,
+    RemoteStore,
+)
+
+FS = "3f0c6a55-0b8e-4d0e-9a43-5d1b8a3c2f10"
+OTHER_FS = "9d8e2b11-7c4a-4f2e-8d6b-0a1e3c5b7d92"
+TOKEN = "s3cr3t-t0ken-for-tests"
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Node:
+    proc: subprocess.Popen
+    port: int
+    data: Path
+    log: Path
+    token: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def store(self, node_id: str = "n1", fs_uuid: str = FS, **kw) -> RemoteStore:
+        kw.setdefault("token", self.token)
+        return RemoteStore(self.url, node_id, fs_uuid, **kw)
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10, trust_env=False)
+
+    def block_file(self, bid: str) -> Path:
+        return self.data / "blocks" / bid[:2] / bid
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stop the process by PID: `sig`, then SIGKILL; its exit code (None if killed)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)  # in case a test left it stopped
+                os.kill(self.proc.pid, sig)
+            try:
+                return self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                return None
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def run_node(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`python -m hafs.node ARGS` expected to exit (a refusal)."""
+    return subprocess.run(
+        [sys.executable, "-m", "hafs.node", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_node(
+    data: Path,
+    *extra: str,
+    init: str | None = "n1",
+    token: str | None = None,
+    port: int | None = None,
+) -> Node:
+    """Start a node serving `data`, and return once it answers HTTP."""
+    args = ["--data", str(data)]
+    if init:
+        args += ["--init", init, "--fs-uuid", FS]
+    if token is not None:
+        token_file = data.parent / f"{data.name}.token"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        args += ["--token-file", str(token_file)]
+    log = data.parent / f"{data.name}.log"
+    for _attempt in range(3):  # a free port can be taken by someone else before we bind it
+        node_port = port or free_port()
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "hafs.node",
+                    *args,
+                    "--listen",
+                    f"127.0.0.1:{node_port}",
+                    *extra,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        node = Node(proc, node_port, data, log, token)
+        try:
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    with socket.create_connection(("127.0.0.1", node_port), timeout=1) as s:
+                        s.sendall(b"GET /ping HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                        if s.recv(12).startswith(b"HTTP/1.1 "):
+                            return node
+                except OSError:
+                    time.sleep(0.05)
+            if proc.poll() is None:
+                raise AssertionError(f"node did not answer in time:\n{node.log_text()}")
+        except BaseException:
+            node.stop(signal.SIGKILL)
+            raise
+        if port is not None or "Address already in use" not in node.log_text():
+            raise AssertionError(f"node exited {proc.returncode}:\n{node.log_text()}")
+    raise AssertionError("no free port found")
+
+
+@contextlib.contextmanager
+def running(data: Path, *extra: str, **kw) -> Iterator[Node]:
+    node = start_node(data, *extra, **kw)
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory) -> Iterator[Node]:
+    """One node for the tests that do not restart or break it."""
+    with running(tmp_path_factory.mktemp("node") / "n1") as n:
+        yield n
+    bad = [
+        line
+        for line in n.log_text().splitlines()
+        if re.search(r"Traceback| ERROR ", line) and "DISK-ERROR" not in line
+    ]
+    assert not bad, "unexpected errors in the node's log:\n" + "\n".join(bad[:20])
+
+
+@pytest.fixture(scope="module")
+def token_node(tmp_path_factory) -> Iterator[Node]:
+    with running(tmp_path_factory.mktemp("tnode") / "n1", token=TOKEN) as n:
+        yield n
+
+
+@pytest.fixture
+def remote(node) -> Iterator[RemoteStore]:
+    with node.store() as s:
+        yield s
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def raw_request(port: int, request: bytes, timeout: float = 10) -> tuple[int, bytes]:
+    """Send raw bytes, read until the node closes; (status, whole answer). Status 0: none."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(request)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                answer += chunk
+    m = re.match(rb"HTTP/1\.1 (\d{3})", answer)
+    return (int(m.group(1)) if m else 0), answer
+
+
+def ping_ok(node: Node) -> bool:
+    with node.client(node.token) as c:
+        return c.get("/ping").status_code == 200
+
+
+# ---------------------------------------------------------- the happy paths
+
+
+def test_round_trip(remote: RemoteStore, node: Node) -> None:
+    blocks = {block_id(d): d for d in (b"", b"a", b"hello world", os.urandom(300_000))}
+    for bid, data in blocks.items():
+        assert not remote.has(bid)
+        assert remote.size(bid) is None and remote.mtime_ns(bid) is None
+        remote.put(bid, data)
+        remote.put(bid, memoryview(data))  # idempotent; any buffer
+    for bid, data in blocks.items():
+        assert remote.get(bid) == data
+        assert remote.has(bid)
+        assert remote.size(bid) == len(data)
+        assert remote.mtime_ns(bid) == node.block_file(bid).stat().st_mtime_ns
+        assert node.block_file(bid).read_bytes() == data
+    mine = sorted(blocks)
+    listed = [b for b in remote.iter_ids() if b in blocks]
+    assert listed == mine
+    # Paging: a cursor, limits smaller than the count, a hex prefix as cursor.
+    assert [b for b in remote.iter_ids(after=mine[0]) if b in blocks] == mine[1:]
+    everything = remote.iter_ids(limit=10**6)
+    assert remote.iter_ids(limit=2) == everything[:2]
+    assert (
+        remote.iter_ids(after=everything[1][:5], limit=1)
+        == [b for b in everything if b > everything[1][:5]][:1]
+    )
+    for bid in mine:
+        assert remote.delete(bid) is True
+        assert remote.delete(bid) is False
+        assert not remote.has(bid)
+        with pytest.raises(BlockMissing):
+            remote.get(bid)
+    with pytest.raises(ValueError):
+        remote.iter_ids(after="XYZ")
+    with pytest.raises(ValueError):
+        remote.get("../etc/passwd")
+
+
+def test_largest_block(remote: RemoteStore) -> None:
+    data = os.urandom(MAX_SIZE)
+    bid = block_id(data)
+    remote.put(bid, data)
+    assert remote.get(bid) == data
+    assert remote.delete(bid)
+    with pytest.raises(ValueError):
+        remote.put(block_id(data + b"x"), data + b"x")
+
+
+def test_status_and_usage(remote: RemoteStore, node: Node) -> None:
+    st = remote.status()
+    assert st["node_id"] == "n1" and st["fs_uuid"] == FS
+    assert st["version"] and st["max_block_size"] == MAX_SIZE
+    assert 0 < st["free_bytes"] <= st["total_bytes"]
+    data = os.urandom(1000)
+    remote.put(block_id(data), data)
+    time.sleep(1.1)  # the node reuses a block count for 1 s
+    usage = remote.usage()
+    count = len(list((node.data / "blocks").glob("*/*")))
+    assert usage.block_count == count >= 1
+    assert usage.block_bytes >= 1000
+    remote.ping()
+    remote.check_identity()
+    remote.delete(block_id(data))
+
+
+def test_metrics(remote: RemoteStore, node: Node) -> None:
+    data = os.urandom(5000)
+    bid = block_id(data)
+    with node.client() as c:
+        before = c.get("/metrics").text
+        remote.put(bid, data)
+        remote.get(bid)
+        remote.has(bid)
+        c.get("/blocks/nothex")
+        after = c.get("/metrics")
+    assert after.status_code == 200
+    assert after.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+    def value(text: str, sample: str) -> float:
+        m = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    text = after.text
+    assert "# TYPE hafs_node_requests_total counter" in text
+    for sample in (
+        'hafs_node_requests_total{method="PUT",status="204"}',
+        'hafs_node_requests_total{method="GET",status="200"}',
+        'hafs_node_requests_total{method="HEAD",status="200"}',
+        'hafs_node_requests_total{method="GET",status="400"}',
+        "hafs_node_blocks_stored_total",
+    ):
+        assert value(text, sample) >= value(before, sample) + 1, sample
+    assert value(text, "hafs_node_received_bytes_total") >= value(
+        before, "hafs_node_received_bytes_total"
+    ) + len(data)
+    assert value(text, "hafs_node_sent_bytes_total") >= value(
+        before, "hafs_node_sent_bytes_total"
+    ) + len(data)
+    assert re.search(r"^hafs_node_blocks \d+$", text, re.M)
+    assert f'hafs_node_info{{node_id="n1",fs_uuid="{FS}"' in text
+    remote.delete(bid)
+
+
+def test_threads_share_one_store(remote: RemoteStore) -> None:
+    datas = [os.urandom(50_000 + i) for i in range(32)]
+    errors: list[BaseException] = []
+
+    def work(part: list[bytes]) -> None:
+        try:
+            for d in part:
+                remote.put(block_id(d), d)
+                assert remote.get(block_id(d)) == d
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(datas[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for d in datas:
+        assert remote.delete(block_id(d))
+
+
+# -------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/blocks/" + b"A" * 64,
+        b"/blocks/" + b"a" * 63,
+        b"/blocks/" + b"a" * 65,
+        b"/blocks/nothex",
+        b"/blocks/" + b"g" * 64,
+        b"/blocks/..%2F..%2Fhafs-node.json",
+        b"/blocks/..%2f" + b"a" * 61,
+        b"/blocks/../hafs-node.json",
+        b"/blocks/../../../../etc/passwd",
+        b"/blocks/%00" + b"a" * 63,
+        b"/blocks/" + b"a" * 62 + b"/x",
+        b"/blocks/",
+    ],
+)
+@pytest.mark.parametrize("method", [b"GET", b"PUT", b"HEAD", b"DELETE"])
+def test_bad_ids_are_400(node: Node, target: bytes, method: bytes) -> None:
+    before = files_under(node.data)
+    body = b"hello"
+    status, answer = raw_request(
+        node.port,
+        method
+        + b" "
+        + target
+        + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 5\r\n\r\n"
+        + body,
+    )
+    assert status == 400, answer[:300]
+    assert files_under(node.data) == before
+
+
+def test_unknown_paths_and_methods(node: Node) -> None:
+    bid = block_id(b"x")
+    with node.client() as c:
+        assert c.get("/").status_code == 404
+        assert c.get("/hafs-node.json").status_code == 404
+        assert c.post(f"/blocks/{bid}", content=b"x").status_code == 405
+        assert c.put("/status", content=b"x").status_code == 405
+        assert c.delete("/blocks").status_code == 405
+        for query in (
+            "after=XYZ",
+            "limit=0",
+            "limit=10001",
+            "limit=x",
+            "bogus=1",
+            "after=" + "a" * 65,
+        ):
+            assert c.get(f"/blocks?{query}").status_code == 400, query
+    assert ping_ok(node)
+
+
+def test_wrong_hash_is_422_and_stores_nothing(node: Node, remote: RemoteStore) -> None:
+    bid = block_id(b"the right bytes")
+    before = files_under(node.data)
+    with node.client() as c:
+        r = c.put(f"/blocks/{bid}", content=b"the wrong bytes")
+    assert r.status_code == 422
+    assert "hash" in r.json()["error"]
+    assert files_under(node.data) == before
+    assert not remote.has(bid)
+    with pytest.raises(NodeRefused) as e:
+        remote.put(bid, b"the wrong bytes")
+    assert e.value.status == 422 and isinstance(e.value, OSError)
+    assert files_under(node.data) == before
+
+
+def test_oversized_body_is_413_before_it_is_read(node: Node) -> None:
+    before = files_under(node.data)
+    bid = "a" * 64
+    # Only the head is sent: the node answers from Content-Length, not waiting for the body.
+    t0 = time.monotonic()
+    status, _ = raw_request(
+        node.port,
+        f"PUT /blocks/{bid} HTTP/1.1\r\nHost: t\r\nContent-Length: {MAX_SIZE + 1}\r\n\r\n".encode(),
+    )
+    assert status == 413 and time.monotonic() - t0 < 5
+    status, _ = raw_request(
+        node.port,
+        f"PUT /blocks/{bid} HTTP/1.1\r\nHost: t\r\nContent-Length: {10**30}\r\n\r\n".encode(),
+    )
+    assert status in (400, 413)
+    # A chunked body is counted while it streams: refused once it passes MAX_SIZE.
+    chunk = b"x" * 65536
+    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    body = framed * (MAX_SIZE // len(chunk) + 2) + b"0\r\n\r\n"
+    status, _ = raw_request(
+        node.port,
+        f"PUT /blocks/{bid} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + body,
+    )
+    assert status == 413
+    # A body longer than announced is not taken either.
+    with node.client() as c:
+        data = os.urandom(MAX_SIZE + 1)
+        with contextlib.suppress(httpx.TransportError):  # the node may close while we send
+            assert c.put(f"/blocks/{block_id(data)}", content=data).status_code == 413
+    assert files_under(node.data) == before
+    assert ping_ok(node)
+
+
+def test_garbage_on_the_socket(node: Node) -> None:
+    for junk in (
+        b"\x00\xff\xfe garbage \r\n\r\n",
+        b"GET\r\n\r\n",
+        b"GET /sta tus HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"PUT /blocks/" + b"a" * 64 + b" HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"PUT /blocks/" + b"a" * 64 + b" HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+        b"Content-Length: 6\r\n\r\nhello!",
+        b"GET /status HTTP/1.1\r\nHost: t\r\nX-Big: " + b"y" * 100_000 + b"\r\n\r\n",
+        b"GET /status HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n",
+        random.Random(7).randbytes(5000) + b"\r\n\r\n",
+        b"A" * 20_000,  # a request line longer than the server buffers
+    ):
+        status, answer = raw_request(node.port, junk)
+        assert status in (0, 400, 413, 431), answer[:200]
+        assert ping_ok(node)
+    # A client that connects and vanishes mid-body.
+    with socket.create_connection(("127.0.0.1", node.port)) as s:
+        s.sendall(
+            b"PUT /blocks/" + b"b" * 64 + b" HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\nab"
+        )
+    time.sleep(0.1)
+    assert ping_ok(node)
+    assert not (node.data / "blocks" / "bb" / ("b" * 64)).exists()
+    with node.client() as c:  # the next request on a fresh connection is served as usual
+        assert c.get("/status").json()["node_id"] == "n1"
+
+
+def test_token(token_node: Node, tmp_path: Path) -> None:
+    data = b"guarded"
+    bid = block_id(data)
+    before = files_under(token_node.data)
+    for token in (None, "wrong", TOKEN + "x", TOKEN[:-1]):
+        with token_node.client(token) as c:
+            for method, path in (
+                ("PUT", f"/blocks/{bid}"),
+                ("GET", f"/blocks/{bid}"),
+                ("HEAD", f"/blocks/{bid}"),
+                ("DELETE", f"/blocks/{bid}"),
+                ("GET", "/blocks"),
+                ("GET", "/status"),
+                ("GET", "/metrics"),
+                ("GET", "/ping"),
+                ("GET", "/blocks/nothex"),
+                ("GET", "/nowhere"),
+            ):
+                r = c.request(method, path, content=data if method == "PUT" else None)
+                assert r.status_code == 401, (token, method, path)
+                assert "hafs-node-id" not in r.headers
+    for header in (f"Basic {TOKEN}", TOKEN, f"Bearer{TOKEN}", f"Bearer {TOKEN} {TOKEN}"):
+        with httpx.Client(base_url=token_node.url, trust_env=False) as c:
+            assert c.get("/ping", headers={"authorization": header}).status_code == 401
+    assert files_under(token_node.data) == before
+    with pytest.raises(NodeAuthError) as e:
+        token_node.store(token="wrong").put(bid, data)
+    assert e.value.errno == 13 and e.value.status == 401
+    with pytest.raises(NodeAuthError):
+        token_node.store(token=None).get(bid)
+    with token_node.store() as s:
+        s.put(bid, data)
+        assert s.get(bid) == data
+        assert s.delete(bid)
+    with httpx.Client(base_url=token_node.url, trust_env=False) as c:
+        assert c.get("/ping", headers={"authorization": f"bearer  {TOKEN}"}).status_code == 200
+
+
+def test_refused_body_keeps_the_connection(token_node: Node) -> None:
+    """An answer sent before the body was read: the body is drained, the next request served."""
+    body = os.urandom(1 << 20)
+    bid = block_id(body)
+    refused = (
+        f"PUT /blocks/{bid} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer nope\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    ping = f"GET /ping HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n".encode()
+    status, answer = raw_request(
+        token_node.port, refused + ping + b"\r\n" + ping + b"Connection: close\r\n\r\n"
+    )
+    assert status == 401
+    assert re.findall(rb"HTTP/1\.1 (\d+)", answer) == [b"401", b"200", b"200"]
+    assert not token_node.block_file(bid).exists()
+
+
+def test_probe(node: Node, token_node: Node) -> None:
+    assert RemoteStore.probe(node.url) == ("n1", FS)
+    assert RemoteStore.probe(token_node.url, token=TOKEN) == ("n1", FS)
+    with pytest.raises(NodeAuthError):
+        RemoteStore.probe(token_node.url)
+    with pytest.raises(NodeUnavailable):
+        RemoteStore.probe(f"http://127.0.0.1:{free_port()}", timeout=2)
+
+
+def test_identity_mismatch(node: Node) -> None:
+    bid = block_id(b"whose?")
+    with node.store(node_id="n2") as s:
+        with pytest.raises(NodeIdentityMismatch):
+            s.has(bid)
+        with pytest.raises(NodeIdentityError):
+            s.check_identity()
+    with node.store(fs_uuid=OTHER_FS) as s:
+        with pytest.raises(NodeIdentityMismatch):
+            s.put(bid, b"whose?")
+        with pytest.raises(NodeIdentityError):
+            s.check_identity()
+    assert not node.block_file(bid).exists()
+
+
+# ------------------------------------------------------------ node lifecycle
+
+
+def test_identity_contract(tmp_path: Path, node: Node) -> None:
+    d = tmp_path / "d"
+    p = run_node("--data", str(d), "--listen", "127.0.0.1:1")
+    assert p.returncode == 2 and "missing" in p.stderr and "--init" in p.stderr
+    d.mkdir()
+    p = run_node("--data", str(d))
+    assert p.returncode == 2 and "no identity file" in p.stderr
+    p = run_node("--data", str(d), "--init", "n1")
+    assert p.returncode == 2 and "--fs-uuid" in p.stderr
+    p = run_node("--data", str(d), "--init", "../n1", "--fs-uuid", FS)
+    assert p.returncode == 2 and "node id" in p.stderr
+    p = run_node("--data", str(d), "--init", "n1", "--fs-uuid", "not-a-uuid")
+    assert p.returncode == 2 and "UUID" in p.stderr
+    (d / "stray").write_text("x")
+    p = run_node("--data", str(d), "--init", "n1", "--fs-uuid", FS)
+    assert p.returncode == 2 and "not empty" in p.stderr
+    DirStore.create(tmp_path / "other", "n1", OTHER_FS)
+    p = run_node("--data", str(tmp_path / "other"), "--init", "n1", "--fs-uuid", FS)
+    assert p.returncode == 2 and OTHER_FS in p.stderr
+    p = run_node("--data", str(tmp_path / "other"), "--fs-uuid", FS)
+    assert p.returncode == 2 and OTHER_FS in p.stderr and "refusing" in p.stderr
+    p = run_node("--data", str(tmp_path / "other"), "--listen", "nonsense")
+    assert p.returncode == 2 and "HOST:PORT" in p.stderr
+    p = run_node("--data", str(tmp_path / "other"), "--token-file", str(tmp_path / "none"))
+    assert p.returncode == 2 and "token file" in p.stderr
+    assert not list((tmp_path / "other" / "blocks").glob("*/*"))
+    busy = f"127.0.0.1:{node.port}"
+    p = run_node("--data", str(tmp_path / "n2"), "--init", "n2", "--fs-uuid", FS, "--listen", busy)
+    assert p.returncode == 2 and "cannot listen" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_restart_serves_old_blocks_and_sigterm_exits_0(tmp_path: Path) -> None:
+    data = tmp_path / "n1"
+    node = start_node(data)
+    store = node.store(timeout=5)
+    try:
+        blocks = [os.urandom(n) for n in (1, 1000, 200_000)]
+        for b in blocks:
+            store.put(block_id(b), b)
+        assert node.stop(signal.SIGTERM) == 0
+        assert "NODE-STOPPED" in node.log_text()
+        with pytest.raises(NodeUnavailable) as e:
+            store.get(block_id(blocks[0]))
+        assert not isinstance(e.value, NodeTimeout)
+        # Restart without --init, on the same port: the pooled client reconnects by itself.
+        node = start_node(data, init=None, port=node.port)
+        for b in blocks:
+            assert store.get(block_id(b)) == b
+        assert sorted(store.iter_ids()) == sorted(block_id(b) for b in blocks)
+        assert node.stop(signal.SIGINT) == 0
+        assert "Traceback" not in node.log_text()
+    finally:
+        store.close()
+        node.stop(signal.SIGKILL)
+
+
+def test_sigterm_lets_a_running_request_finish(tmp_path: Path) -> None:
+    node = start_node(tmp_path / "n1")
+    try:
+        data = os.urandom(1 << 20)
+        bid = block_id(data)
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as idle:
+            idle.sendall(b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n")  # then stays idle
+            answer = b""
+            while not answer.endswith(b"}"):  # the whole JSON answer
+                answer += idle.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+            with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+                head = f"PUT /blocks/{bid} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(data)}"
+                s.sendall(head.encode() + b"\r\n\r\n" + data[:1000])
+                time.sleep(0.2)
+                os.kill(node.proc.pid, signal.SIGTERM)
+                time.sleep(0.2)
+                assert idle.recv(100) == b""  # idle connections are closed at once
+                s.sendall(data[1000:])
+                answer = s.recv(1000)
+        assert answer.startswith(b"HTTP/1.1 204") and b"connection: close" in answer.lower()
+        assert node.proc.wait(10) == 0
+        assert node.block_file(bid).read_bytes() == data
+    finally:
+        node.stop(signal.SIGKILL)
+
+
+def test_corrupt_block_is_never_served(tmp_path: Path) -> None:
+    with running(tmp_path / "n1") as node, node.store() as store:
+        data = os.urandom(10_000)
+        bid = block_id(data)
+        store.put(bid, data)
+        f = node.block_file(bid)
+        raw = bytearray(f.read_bytes())
+        raw[5000] ^= 1
+        f.write_bytes(raw)
+        with node.client() as c:
+            r = c.get(f"/blocks/{bid}")
+            assert r.status_code == 410 and r.content != bytes(raw)
+            assert c.get(f"/blocks/{bid}").status_code == 404  # moved aside
+        assert not f.exists()
+        assert [p.name.split(".")[0] for p in (node.data / "corrupt").iterdir()] == [bid]
+        with pytest.raises(BlockMissing):
+            store.get(bid)
+        store.put(bid, data)  # a good copy comes back
+        f.write_bytes(raw)
+        with pytest.raises(BlockCorrupt):
+            store.get(bid)
+        time.sleep(0.2)
+        assert "BLOCK-CORRUPT" in node.log_text()
+
+
+def test_stopped_node_times_out(node: Node) -> None:
+    with node.store(timeout=0.5) as store:
+        data = b"frozen"
+        store.put(block_id(data), data)
+        os.kill(node.proc.pid, signal.SIGSTOP)
+        try:
+            for call in (lambda: store.get(block_id(data)), lambda: store.put("c" * 64, b"x")):
+                t0 = time.monotonic()
+                with pytest.raises(NodeTimeout) as e:
+                    call()
+                assert time.monotonic() - t0 < 2.0
+                assert isinstance(e.value, OSError) and e.value.errno == 110
+        finally:
+            os.kill(node.proc.pid, signal.SIGCONT)
+        assert store.get(block_id(data)) == data
+        store.delete(block_id(data))
+
+
+def test_connection_refused() -> None:
+    port = free_port()
+    with RemoteStore(f"http://127.0.0.1:{port}", "n1", FS, timeout=2) as store:
+        t0 = time.monotonic()
+        with pytest.raises(NodeUnavailable) as e:
+            store.get("a" * 64)
+        assert time.monotonic() - t0 < 1
+        assert e.value.errno == 111 and not isinstance(e.value, NodeTimeout)
+
+
+def test_bad_addresses() -> None:
+    from hafs.errors import UserError
+
+    for address in ("127.0.0.1:80", "ftp://h:1", "http://h", "http://h:1/path", "http://h:x"):
+        with pytest.raises(UserError):
+            RemoteStore(address, "n1", FS)
+
+
+# ------------------------------------------------- a node that answers garbage
+
+
+class _FakeNode(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    answer: bytes = b""
+
+
+class _FakeHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                return
+            head += chunk
+        m = re.search(rb"content-length: (\d+)", head, re.I)
+        rest = int(m.group(1)) - len(head.split(b"\r\n\r\n", 1)[1]) if m else 0
+        while rest > 0:
+            rest -= len(self.request.recv(min(rest, 65536)))
+        with contextlib.suppress(OSError):
+            self.request.sendall(self.server.answer)
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[_FakeNode]:
+    server = _FakeNode(("127.0.0.1", 0), _FakeHandler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _answer(status: int, body: bytes = b"", headers: str = "Hafs-Node-Id: n1\r\n") -> bytes:
+    return (
+        f"HTTP/1.1 {status} X\r\n{headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def test_garbage_answers_never_give_wrong_bytes(fake: _FakeNode) -> None:
+    good = b"the real content"
+    bid = block_id(good)
+    host, port = fake.server_address
+    with RemoteStore(f"http://{host}:{port}", "n1", FS, timeout=2) as store:
+        cases = [
+            (_answer(200, b"not the real content"), BlockCorrupt),
+            (_answer(200, good, headers=""), NodeProtocolError),  # not a hafs node
+            (_answer(200, good, headers="Hafs-Node-Id: n9\r\n"), NodeIdentityMismatch),
+            (_answer(302, b"", headers="Hafs-Node-Id: n1\r\nLocation: /x\r\n"), NodeProtocolError),
+            (_answer(500, b'{"error": "disk on fire"}'), NodeRefused),
+            (_answer(200, b"x" * (MAX_SIZE + 1)), NodeProtocolError),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", NodeProtocolError),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", NodeError),
+            (b"", NodeError),
+        ]
+        for answer, expected in cases:
+            fake.answer = answer
+            with pytest.raises(expected):
+                store.get(bid)
+        fake.answer = _answer(200, good)
+        assert store.get(bid) == good  # the fake serves the right bytes: accepted
+        for answer in (
+            _answer(200, b"[1, 2]"),
+            _answer(200, b"{not json"),
+            _answer(200, b'{"ids": ["zz"]}'),
+            _answer(200, b'{"ids": ["' + b"b" * 64 + b'", "' + b"a" * 64 + b'"]}'),
+            _answer(200, b'{"ids": 5}'),
+        ):
+            fake.answer = answer
+            with pytest.raises(NodeProtocolError):
+                store.iter_ids()
+        fake.answer = _answer(200, b'{"total_bytes": -1}')
+        with pytest.raises(NodeProtocolError):
+            store.usage()
+        fake.answer = _answer(200, headers="Hafs-Node-Id: n1\r\nHafs-Size: 1x\r\n")
+        with pytest.raises(NodeProtocolError):
+            store.size(bid)
+        fake.answer = _answer(418, b"teapot")
+        with pytest.raises(NodeProtocolError):
+            store.delete(bid)
+
+
+# --------------------------------------------------------------- property test
+
+
+_HEX = "0123456789abcdef"
+
+
+@st.composite
+def id_and_body(draw) -> tuple[str, bytes]:
+    body = draw(st.binary(max_size=3000))
+    kind = draw(st.sampled_from(["right", "hex", "text", "near"]))
+    if kind == "right":
+        return block_id(body), body
+    if kind == "hex":
+        return draw(st.text(_HEX, min_size=64, max_size=64)), body
+    if kind == "near":  # the right id, damaged: upper case, cut, or with a suffix
+        good = block_id(body)
+        return draw(st.sampled_from([good.upper(), good[:-1], good + "0", "../" + good])), body
+    return draw(st.text(max_size=80)), body
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=id_and_body())
+def test_property_nothing_stored_unless_id_is_the_hash(node: Node, case) -> None:
+    bid, body = case
+    with node.client() as c:
+        r = c.put("/blocks/" + quote(bid, safe=""), content=body)
+        right = bid == block_id(body)
+        if right:
+            assert r.status_code == 204
+            assert c.get(f"/blocks/{bid}").content == body
+        elif re.fullmatch("[0-9a-f]{64}", bid):
+            assert r.status_code == 422
+        else:
+            assert r.status_code in (400, 404), (bid, r.status_code)
+        assert c.get("/ping").status_code == 200
+    for path in (node.data / "blocks").glob("*/*"):
+        assert block_id(path.read_bytes()) == path.name
+    assert not [p for p in (node.data / "tmp").iterdir() if p.stat().st_mtime > time.time() - 60]
+    assert sorted(os.listdir(node.data)) == ["blocks", "corrupt", "hafs-node.json", "tmp"]
