@@ -263,6 +263,17 @@ class DirStore:
         store._make_subdirs()
         return store
 
+    def ping(self) -> None:
+        """Raise OSError unless the directory is still this node's and writable (health probe)."""
+        try:
+            ident = read_identity(self.path)
+        except NodeIdentityError as e:
+            raise OSError(errno.ENODEV, str(e)) from None
+        if ident is None or not self._matches(ident):
+            raise OSError(errno.ENODEV, f"{self.path} is no longer node {self.node_id}'s directory")
+        if not os.access(self._tmp, os.W_OK | os.X_OK):
+            raise OSError(errno.EROFS, f"{self._tmp} is not writable")
+
     def _make_dirs(self, path: Path) -> None:
         """mkdir -p `path`, fsyncing the parent of every directory created."""
         missing = []

@@ -11,6 +11,8 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -96,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         " write_buffer_mb (buffered writes of all files, default 256), flush_mb (a file with"
         " this much buffered data starts storing it, default 16), readahead_blocks (default 4),"
         " threads (block I/O threads, default 16), gc_grace_s (unreferenced blocks are deleted"
-        " after this long, default 600), gc_interval_s (default 30), allow_other, allow_root.",
+        " after this long, default 600), gc_interval_s (default 30), lock_ttl_s (write-lock"
+        " lease, default 10), lock_wait_s (wait for another mount's write lock, default 30),"
+        " node_timeout_s (a remote node's request fails after this long and the next node is"
+        " used, default 10), probe_interval_s (how often down nodes are asked again, default"
+        " 2), allow_other, allow_root.",
     )
     _home_arg(p)
     p.add_argument(
@@ -126,18 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     _home_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     from . import node as node_mod
+    from . import nodeadmin
 
     p = sub.add_parser(
         "node",
-        help="serve a backing directory as a block node",
+        help="serve a block node, or list, add, remove and reweight a filesystem's nodes",
         description="Serve one backing directory to the network as a block node: 'hafs node"
         " --data DIR --listen HOST:PORT'. A new, empty DIR waits to be claimed by 'hafs mkfs"
-        " --node http://HOST:PORT' (which writes the node's identity into it); a DIR that"
-        " belongs to a filesystem serves that filesystem only. Ctrl-C or SIGTERM stops it"
-        " cleanly.",
+        " --node http://HOST:PORT' or 'hafs node add http://HOST:PORT' (which write the"
+        " node's identity into it); a DIR that belongs to a filesystem serves that filesystem"
+        " only. Ctrl-C or SIGTERM stops it cleanly. With a subcommand instead, manage the"
+        " nodes of a filesystem's ring: 'hafs node list|add|remove|set ... [--home DIR]'"
+        " ('hafs node SUBCOMMAND --help'); each change makes a new ring version that running"
+        " mounts pick up within a second, and 'hafs rebalance' then moves the blocks.",
     )
     node_mod.add_arguments(p)
-    p.set_defaults(node_command=None)
+    nodeadmin.add_subcommands(p, _home_arg)
 
     from .fsck import DEFAULT_GRACE_S, arg_grace, arg_rate
 
@@ -179,6 +189,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="unreferenced blocks younger than this are left for writers (default: %(default)g)",
     )
+
+    p = sub.add_parser(
+        "rebalance",
+        help="move blocks to where the ring puts them (after node add/remove/set)",
+        description="Move every block copy that sits on a node the ring does not name for it"
+        " to the node that it names: copy, verify the hash there, then delete the old copy,"
+        " so no block ever has fewer good copies. Also restores copies missing on the named"
+        " nodes, and drops drained nodes from the ring once empty. Safe while mounted; kill it"
+        " at any time and run it again to finish. --dry-run prints the plan only.",
+        epilog="exit codes: 0 every block is where the ring puts it, 1 some blocks could not"
+        " be moved (a node down or failing: the summary says which; run it again), 2 bad"
+        " input, 130 interrupted.",
+    )
+    _home_arg(p)
+    p.add_argument(
+        "--dry-run",
+        "-n",
+        action="store_true",
+        help="list the nodes and print what would move (blocks, bytes, from where to where,"
+        " the fraction of all replicas and the ideal fraction); change nothing",
+    )
+    p.add_argument(
+        "--bandwidth",
+        type=arg_rate,
+        metavar="MB/s",
+        help="copy at most this many MiB per second (default: no limit)",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON report instead of a summary")
     return ap
 
 
@@ -244,10 +282,60 @@ def cmd_status(args) -> int:
     return 0 if all(n["up"] for n in report["nodes"]) else 1
 
 
+@contextmanager
+def _audit_log(home: Path, enabled: bool = True) -> Iterator[None]:
+    """Log hafs's INFO and above to HOME/hafs.log (beside the mounts') while a tool runs."""
+    logger = logging.getLogger("hafs")
+    handler = None
+    if enabled and home_mod.meta_path(home).exists():
+        try:
+            handler = logging.FileHandler(home / "hafs.log")
+        except OSError:
+            pass
+    if handler is None:
+        yield
+        return
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    )
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
 def cmd_node(args) -> int:
+    if args.node_command is not None:
+        from . import nodeadmin
+
+        home = _home(args)
+        with _audit_log(home, enabled=args.node_command != "list"):
+            return nodeadmin.run(args, home)
+    if getattr(args, "data", None) is None:
+        raise UserError(
+            "give 'hafs node' --data DIR to serve a directory, or a subcommand (list, add,"
+            " remove, set) to manage a filesystem's nodes; see 'hafs node --help'"
+        )
     from . import node as node_mod
 
     return node_mod.run(args)
+
+
+def cmd_rebalance(args) -> int:
+    from . import rebalance
+
+    home = _home(args)
+    with _audit_log(home, enabled=not args.dry_run):
+        report = rebalance.run(
+            home, dry_run=args.dry_run, bandwidth_mib=args.bandwidth, progress=rebalance.Progress()
+        )
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
+    return report.exit_code
 
 
 def cmd_fsck(args) -> int:
@@ -334,4 +422,5 @@ COMMANDS = {
     "status": cmd_status,
     "fsck": cmd_fsck,
     "node": cmd_node,
+    "rebalance": cmd_rebalance,
 }

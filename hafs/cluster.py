@@ -1,21 +1,35 @@
-"""Placement: where blocks go on the ring, and how R replicas are written and read.
+"""Placement: where blocks go on the ring, how replicas are written and read, node health.
 
 - `put` writes a block to the R nodes the ring names, in parallel worker
-  threads, and returns once every copy is durable.  A node that fails is
-  skipped for the next node clockwise on the ring, so R copies are still made
-  while any R nodes work; fewer than R durable copies is `QuorumLost`.
+  threads.  A node that is down (or fails the write) is replaced by the next
+  healthy node clockwise on the ring, so R copies are still made while any R
+  nodes work.  The put succeeds once every attempt has ended with at least W
+  durable copies (W = the write quorum, a majority of R by default); fewer than
+  R copies is logged BLOCK-DEGRADED (fsck --repair or rebalance restores R), fewer
+  than W is `QuorumLost`.  A down node is tried only when the healthy ones
+  cannot make W copies.
 - `get` tries the ring's replicas in order, then every other node (a block
-  written while its preferred node was failing lives elsewhere), and returns
-  only bytes whose hash matched (the store verifies).  Corrupt replicas are
-  logged (BLOCK-CORRUPT) and skipped.
-- `delete` removes an unreferenced block from every node, only if no copy was
-  written or re-stored within the grace period (a writer that just stored a
-  block with this content is about to reference it).
+  written while its preferred node was failing lives elsewhere), healthy nodes
+  first and down ones last, and returns only bytes whose hash matched (the store
+  verifies).  Corrupt replicas are logged (BLOCK-CORRUPT) and skipped.
+- `delete` removes an unreferenced block from every reachable node, only if no
+  copy was written or re-stored within the grace period (a writer that just
+  stored a block with this content is about to reference it).  A copy left on a
+  down node is garbage for fsck.
+
+Node health (`NodeHealth`): a node that refuses connections, or answers as
+another node, is down at once; a timeout or another failure is a strike, and
+STRIKES in a row make it down; any success clears the strikes.  `probe_loop`
+pings the down nodes every few seconds in its own threads and brings back those
+that answer (NODE-UP), so a hung node costs at most one request timeout per
+call that was already waiting on it, and no call once it is marked down.
 
 Concurrency rules: store calls are blocking and run in worker threads bounded
-by one CapacityLimiter.  `put` and `delete` of the same block id are
-serialized by a keyed trio lock, so a garbage collection in this mount can
-never delete a block that a writer of this mount has just (re)stored.
+by one CapacityLimiter (probes have their own, so a full pool of calls stuck
+on a hung node cannot delay the probe that marks it down).  `put` and `delete`
+of the same block id are serialized by a keyed trio lock, so a garbage
+collection in this mount can never delete a block that a writer of this mount
+has just (re)stored.  `set_ring` swaps the ring and stores between calls.
 """
 
 from __future__ import annotations
@@ -29,9 +43,49 @@ import trio
 
 from .blocks import DirStore
 from .errors import BlockCorrupt, BlockMissing, QuorumLost
+from .remote import NodeRefused, NodeTimeout, NodeUnavailable, RemoteStore
 from .ring import Ring
 
 log = logging.getLogger(__name__)
+
+STRIKES = 3  # failures in a row (timeouts, errors) that mark a node down
+PROBE_INTERVAL_S = 2.0  # how often down nodes are pinged and free space refreshed
+
+
+class NodeHealth:
+    """Up or down, per node, from the outcomes of the calls made to it."""
+
+    def __init__(self, strikes: int = STRIKES) -> None:
+        self.strikes_to_down = strikes
+        self._strikes: dict[str, int] = {}
+        self._down: dict[str, str] = {}  # node id -> why
+
+    def is_down(self, node_id: str) -> bool:
+        return node_id in self._down
+
+    def down(self) -> dict[str, str]:
+        return dict(self._down)
+
+    def success(self, node_id: str) -> None:
+        self._strikes.pop(node_id, None)
+        why = self._down.pop(node_id, None)
+        if why is not None:
+            log.warning("NODE-UP %s (was down: %s)", node_id, why)
+
+    def failure(self, node_id: str, exc: BaseException) -> None:
+        immediate = isinstance(exc, NodeUnavailable | NodeRefused) and not isinstance(
+            exc, NodeTimeout
+        )
+        if isinstance(exc, NodeRefused) and exc.status not in (401, 409, None):
+            immediate = False  # a disk error or a refused body: the node itself answers
+        strikes = self._strikes.get(node_id, 0) + 1
+        self._strikes[node_id] = strikes
+        if (immediate or strikes >= self.strikes_to_down) and node_id not in self._down:
+            self.mark_down(node_id, str(exc))
+
+    def mark_down(self, node_id: str, why: str) -> None:
+        self._down[node_id] = why
+        log.warning("NODE-DOWN %s: %s", node_id, why)
 
 
 class KeyedLock:
@@ -61,60 +115,110 @@ class Placement:
     """R-way replicated block storage over the nodes of a ring."""
 
     def __init__(
-        self, ring: Ring, stores: dict[str, DirStore], replicas: int, limiter: trio.CapacityLimiter
+        self,
+        ring: Ring,
+        stores: dict[str, DirStore | RemoteStore],
+        replicas: int,
+        limiter: trio.CapacityLimiter,
+        write_quorum: int | None = None,
+        health: NodeHealth | None = None,
     ) -> None:
         self.ring = ring
         self.stores = stores
         self.replicas = replicas
+        self.write_quorum = write_quorum or replicas
         self.limiter = limiter
+        self.health = health or NodeHealth()
         self._block_locks = KeyedLock()
+        self._probe_limiter = trio.CapacityLimiter(8)
+        self.usage: dict[str, tuple[int, int]] = {}  # node id -> (total, free) bytes, remote nodes
+        self.degraded = 0  # blocks stored with fewer than R copies or off their ring nodes
+        self._degraded_logged = -1e9
 
-    def _run(self, fn: Callable, *args):
-        return trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+    def set_ring(self, ring: Ring, stores: dict[str, DirStore | RemoteStore]) -> None:
+        """Use a new version of the ring (and the stores of its nodes) from now on."""
+        self.ring, self.stores = ring, stores
+
+    async def _call(self, node_id: str, fn: Callable, *args):
+        """fn(*args) in a worker thread; a node failure (OSError) is counted against the node."""
+        try:
+            result = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except (BlockMissing, BlockCorrupt):
+            self.health.success(node_id)
+            raise
+        except OSError as e:
+            self.health.failure(node_id, e)
+            raise
+        self.health.success(node_id)
+        return result
 
     def _candidates(self, block_id: str) -> Iterator[str]:
-        """Preferred replicas first, then every other node clockwise."""
+        """Preferred replicas first, then every other node clockwise; down nodes last."""
         preferred = self.ring.replicas(block_id, self.replicas)
-        yield from preferred
-        for node_id in self.ring.walk(block_id):
-            if node_id not in preferred:
-                yield node_id
+        order = preferred + [n for n in self.ring.walk(block_id) if n not in preferred]
+        down = [n for n in order if self.health.is_down(n)]
+        yield from (n for n in order if n not in down)
+        yield from down
 
     async def put(self, block_id: str, data: bytes | memoryview) -> None:
         async with self._block_locks(block_id):
-            candidates = self._candidates(block_id)
+            stores = self.stores  # this call's view, whatever set_ring does meanwhile
+            order = list(self._candidates(block_id))
+            healthy = [n for n in order if not self.health.is_down(n)]
             stored: list[str] = []
             errors: list[str] = []
+            queue = iter(healthy)
 
-            async def store_on(node_id: str) -> None:
-                try:
-                    await self._run(self.stores[node_id].put, block_id, data)
-                except OSError as e:
-                    log.error("BLOCK-WRITE-FAILED %s on node %s: %s", block_id, node_id, e)
-                    errors.append(f"{node_id}: {e}")
-                    nxt = next(candidates, None)
-                    if nxt is not None:
-                        await store_on(nxt)
-                else:
-                    stored.append(node_id)
+            async def store_on(node_id: str | None) -> None:
+                while node_id is not None:
+                    try:
+                        await self._call(node_id, stores[node_id].put, block_id, data)
+                    except OSError as e:
+                        log.error("BLOCK-WRITE-FAILED %s on node %s: %s", block_id, node_id, e)
+                        errors.append(f"{node_id}: {e}")
+                        node_id = next(queue, None)
+                    else:
+                        stored.append(node_id)
+                        return
 
             async with trio.open_nursery() as nursery:
                 for _ in range(self.replicas):
-                    node_id = next(candidates, None)
-                    if node_id is None:
-                        break
-                    nursery.start_soon(store_on, node_id)
-            if len(stored) < self.replicas:
+                    nursery.start_soon(store_on, next(queue, None))
+            if len(stored) < self.write_quorum:  # last resort: the nodes believed down
+                queue = iter(n for n in order if n not in healthy)
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self.replicas - len(stored)):
+                        nursery.start_soon(store_on, next(queue, None))
+            if len(stored) < self.write_quorum:
                 raise QuorumLost(
-                    f"block {block_id}: {len(stored)} of {self.replicas} copies stored"
-                    f" ({'; '.join(errors) or 'not enough nodes'})"
+                    f"block {block_id}: {len(stored)} of {self.replicas} copies stored, at least"
+                    f" {self.write_quorum} needed ({'; '.join(errors) or 'not enough nodes'})"
                 )
+            named = self.ring.replicas(block_id, self.replicas)
+            if set(stored) != set(named):
+                self._degraded(block_id, stored, named)
+
+    def _degraded(self, block_id: str, stored: list[str], named: list[str]) -> None:
+        """Log a block stored off its ring nodes: the first, then a count every 10 s."""
+        self.degraded += 1
+        now = time.monotonic()
+        if now - self._degraded_logged >= 10:
+            log.warning(
+                "BLOCK-DEGRADED %s: copies on %s, the ring names %s; %d blocks so far"
+                " (hafs fsck --repair or hafs rebalance puts them right)",
+                block_id,
+                ", ".join(sorted(stored)),
+                ", ".join(named),
+                self.degraded,
+            )
+            self._degraded_logged = now
 
     async def get(self, block_id: str) -> bytes:
         problems: list[str] = []
+        stores = self.stores  # this call's view, whatever set_ring does meanwhile
         for node_id in self._candidates(block_id):
             try:
-                return await self._run(self.stores[node_id].get, block_id)
+                return await self._call(node_id, stores[node_id].get, block_id)
             except BlockMissing:
                 continue
             except BlockCorrupt:
@@ -128,10 +232,34 @@ class Placement:
         """Delete an unreferenced block everywhere unless a copy is younger than grace_s."""
         async with self._block_locks(block_id):
             cutoff = time.time_ns() - int(grace_s * 1e9)
-            for node_id in self.ring.walk(block_id):
-                mtime = await self._run(self.stores[node_id].mtime_ns, block_id)
+            stores = self.stores  # this call's view, whatever set_ring does meanwhile
+            nodes = [n for n in self.ring.walk(block_id) if not self.health.is_down(n)]
+            for node_id in nodes:
+                mtime = await self._call(node_id, stores[node_id].mtime_ns, block_id)
                 if mtime is not None and mtime >= cutoff:
                     return False
-            for node_id in self.ring.walk(block_id):
-                await self._run(self.stores[node_id].delete, block_id)
+            for node_id in nodes:
+                await self._call(node_id, stores[node_id].delete, block_id)
             return True
+
+    async def probe_loop(self, interval: float = PROBE_INTERVAL_S) -> None:
+        """Bring back down nodes that answer again; keep remote nodes' free space fresh."""
+        while True:
+            async with trio.open_nursery() as nursery:
+                for node_id, store in list(self.stores.items()):
+                    if self.health.is_down(node_id) or isinstance(store, RemoteStore):
+                        nursery.start_soon(self._probe, node_id, store)
+            await trio.sleep(interval)
+
+    async def _probe(self, node_id: str, store: DirStore | RemoteStore) -> None:
+        try:
+            if isinstance(store, RemoteStore):
+                st = await trio.to_thread.run_sync(store.status, limiter=self._probe_limiter)
+                self.usage[node_id] = (st["total_bytes"], st["free_bytes"])
+            else:
+                await trio.to_thread.run_sync(store.ping, limiter=self._probe_limiter)
+        except OSError as e:
+            if not self.health.is_down(node_id):
+                self.health.failure(node_id, e)
+            return
+        self.health.success(node_id)

@@ -70,7 +70,7 @@ from urllib.parse import quote
 
 from .blocks import BLOCK_ID_RE, DirStore, read_identity
 from .errors import BlockCorrupt, BlockMissing, HafsError
-from .home import meta_path
+from .home import is_remote, meta_path, open_store
 from .meta import APPLICATION_ID, ROOT_INODE, SCHEMA_VERSION, MetaStore, now_ns
 from .ring import Ring
 
@@ -103,7 +103,7 @@ KINDS = {
     "missing_block_row": "a block referenced by extents but absent from the blocks table",
     "refcount": "a block reference count that disagrees with the extents",
     "block_row_size": "a block row whose size disagrees with the block's verified content",
-    "node_unavailable": "a node whose backing directory cannot be used",
+    "node_unavailable": "a node whose backing directory or server cannot be used",
     "missing_replica": "a copy missing on a node the ring names for it",
     "corrupt_replica": "a copy whose bytes do not hash to its id (moved to corrupt/)",
     "lost_block": "a block with no good copy anywhere: reads of its range fail with EIO",
@@ -538,8 +538,10 @@ class Checker:
             if store is not None:
                 self._timed("node_listing", self.check_node, node_id, store)
         for node_id, store in self.stores.items():
+            if not isinstance(store, DirStore):
+                continue  # a remote node keeps its corrupt copies on its own host
             try:
-                kept = len(os.listdir(store.path / "corrupt")) if store else 0
+                kept = len(os.listdir(store.path / "corrupt"))
             except OSError:
                 kept = 0
             if kept:
@@ -654,9 +656,13 @@ class Checker:
             self.replicas = int(self.meta.setting("replicas"))
         except (HafsError, ValueError) as e:
             raise FsckError(f"the metadata's settings are unusable: {e}") from None
+        token = self.meta.setting_or("node_token", None)
         for spec in self.ring.nodes.values():
             try:
-                if self.repair:
+                if is_remote(spec.address):
+                    store = open_store(spec, fs_uuid, token)
+                    store.check_identity()
+                elif self.repair:
                     store = DirStore.open(spec.address, spec.id, fs_uuid)
                 else:  # no I/O but the identity check: a check changes nothing
                     ident = read_identity(spec.address)

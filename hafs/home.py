@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .blocks import DirStore
 from .errors import UserError
 from .meta import MetaStore, now_ns
-from .remote import NodeError, RemoteStore
+from .remote import NodeAuthError, NodeError, RemoteStore
 from .ring import NodeSpec, Ring
 
 DEFAULT_REPLICAS = 2
@@ -201,3 +202,31 @@ def open_fs(home: Path, node_timeout: float | None = None) -> Filesystem:
         meta.close()
         raise
     return Filesystem(home, meta, ring, stores, replicas, quorum, fs_uuid, token)
+
+
+def check_remote_nodes(fs: Filesystem) -> dict[str, str]:
+    """Ask every remote node who it is (in parallel); returns {node id: why} of unreachable ones.
+
+    A node that answers as another node or filesystem, or refuses the token, is a
+    configuration error: UserError.  An unreachable one is only down (invariant 4:
+    the mount works while up to R-1 nodes are down).
+    """
+    remote = [s for s in fs.stores.values() if isinstance(s, RemoteStore)]
+    down: dict[str, str] = {}
+
+    def check(store: RemoteStore) -> None:
+        try:
+            store.check_identity()
+        except NodeAuthError as e:
+            raise UserError(
+                f"node {store.node_id} at {store.address} refuses the filesystem's token ({e}):"
+                " give the node and the filesystem the same token"
+            ) from None
+        except NodeError as e:
+            down[store.node_id] = str(e)
+
+    if remote:
+        with ThreadPoolExecutor(len(remote)) as pool:
+            for future in [pool.submit(check, s) for s in remote]:
+                future.result()
+    return down

@@ -37,6 +37,7 @@ ROOT_INODE = 1
 SCHEMA = """
 -- Key/value settings of the filesystem.  Keys: fs_uuid, replicas (R),
 -- ring (JSON: {"version": N, "nodes": [{id, address, weight, zone, state}]}),
+-- ring_changed_ns (when the ring last got a new version; absent: at mkfs),
 -- created_ns.
 CREATE TABLE settings (
     key   TEXT PRIMARY KEY,
@@ -261,6 +262,21 @@ class MetaStore:
 
     def ring_json(self) -> dict:
         return json.loads(self.setting("ring"))
+
+    def replace_ring(self, ring: dict, expect_version: int) -> bool:
+        """Store a new ring description if the stored one still has `expect_version`.
+
+        One transaction: the ring and ring_changed_ns change together, and a
+        concurrent change (another `hafs node` or rebalance) makes this return False.
+        """
+        with self.txn():
+            if self.ring_json().get("version") != expect_version:
+                return False
+            self.db.execute("UPDATE settings SET value = ? WHERE key = 'ring'", (json.dumps(ring),))
+            self.db.execute(
+                "INSERT OR REPLACE INTO settings VALUES ('ring_changed_ns', ?)", (str(now_ns()),)
+            )
+        return True
 
     # ----------------------------------------------------------------- inodes
 

@@ -41,7 +41,14 @@ from .vfs import Options, Vfs
 log = logging.getLogger(__name__)
 
 FUSE_PASSTHROUGH = {"allow_other", "allow_root"}
-POSITIVE_OPTIONS = {"threads", "write_buffer_mb", "flush_mb", "gc_interval_s"}
+POSITIVE_OPTIONS = {
+    "threads",
+    "write_buffer_mb",
+    "flush_mb",
+    "gc_interval_s",
+    "node_timeout_s",
+    "probe_interval_s",
+}
 
 
 def parse_options(text: str | None) -> tuple[Options, set[str]]:
@@ -177,7 +184,12 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
             log.info("created the default filesystem in %s", home)
         check_mountpoint(mountpoint)
         lock_fd, alone = _lock_home(home)
-        fs = home_mod.open_fs(home)
+        fs = home_mod.open_fs(home, opts.node_timeout_s)
+        try:
+            down = home_mod.check_remote_nodes(fs)
+        except BaseException:
+            fs.meta.close()
+            raise
     except UserError as e:
         report(f"hafs: {e}")
         if ready_fd is None:
@@ -188,7 +200,7 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
     pidf.write_text(f"{os.getpid()} {mountpoint}\n")
     log.info("mounting %s (fs %s) at %s", home, fs.fs_uuid, mountpoint)
     try:
-        trio.run(_serve, fs, mountpoint, opts, fuse_opts, alone, report)
+        trio.run(_serve, fs, down, mountpoint, opts, fuse_opts, alone, report)
     finally:
         fs.meta.close()
         pidf.unlink(missing_ok=True)
@@ -198,9 +210,13 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
 
 
 async def _serve(
-    fs, mountpoint: Path, opts: Options, fuse_opts: set[str], alone: bool, report
+    fs, down: dict[str, str], mountpoint: Path, opts: Options, fuse_opts: set[str], alone, report
 ) -> None:
-    placement = Placement(fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(opts.threads))
+    placement = Placement(
+        fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(opts.threads), fs.write_quorum
+    )
+    for node_id, why in down.items():
+        placement.health.mark_down(node_id, why)
     vfs = Vfs(fs.meta, placement, opts, holder=str(mountpoint))
     ops = FuseOps(vfs)
     options = set(pyfuse3.default_options) | {f"fsname=hafs:{fs.home}", "subtype=hafs"}

@@ -6,7 +6,8 @@ checked before any path is made, bodies must hash to their id, sizes are
 bounded, and with a token every request must carry it.
 
 Endpoints (every answer to an authorised request carries ``Hafs-Node-Id`` and
-``Hafs-Fs-Uuid``; error bodies are JSON ``{"error": "..."}``):
+``Hafs-Fs-Uuid``, both empty while the node is unclaimed; error bodies are JSON
+``{"error": "..."}``):
 
     PUT    /blocks/<id>   store the body as block <id>: 204 stored (durable: DirStore.put);
                           422 the body does not hash to <id>, nothing stored;
@@ -24,19 +25,30 @@ Endpoints (every answer to an authorised request carries ``Hafs-Node-Id`` and
                           "free_bytes", "block_count", "block_bytes", "max_block_size",
                           "started_ns"}; the block figures are at most 1 s old
     GET    /ping          200 {"node_id", "fs_uuid"}: a cheap liveness check for health probes
+    POST   /claim         body {"node_id", "fs_uuid"} (at most CLAIM_MAX bytes; the node id as
+                          for --init, the uuid in canonical form): an unclaimed node makes DIR
+                          that node's backing directory (DirStore.create: durable), serves it
+                          from then on, logs NODE-CLAIMED and answers 200 {"node_id",
+                          "fs_uuid"}; 200 as well if it already is that node (a retried mkfs);
+                          409 it is another node or filesystem (the message names it); 400 a
+                          malformed body; 413 a larger one
     GET    /metrics       200 Prometheus text: hafs_node_requests_total{method,status},
                           hafs_node_received_bytes_total, hafs_node_sent_bytes_total,
                           hafs_node_blocks_stored_total, hafs_node_blocks_rejected_total{reason},
                           hafs_node_blocks_corrupt_total, hafs_node_blocks, hafs_node_block_bytes,
                           hafs_node_capacity_bytes, hafs_node_free_bytes, hafs_node_info
 
+An unclaimed node answers /ping and /status with node_id and fs_uuid null,
+every /blocks request with 503, and takes the first valid POST /claim.
+
 Every request: an id that is not 64 lower-case hex digits is 400, checked on the
 raw request target (``..%2F`` or ``../`` never reaches the filesystem); an
 unknown path is 404, a wrong method 405. With ``--token-file``, a request
 without ``Authorization: Bearer <token>`` (compared with hmac.compare_digest) is
 401, checked before anything else. A request whose ``Hafs-Fs-Uuid`` or
-``Hafs-Node-Id`` header names another filesystem or node is 409: a client whose
-ring names this address for another node never reads or deletes here.
+``Hafs-Node-Id`` header names another filesystem or node is 409 (not checked
+while unclaimed): a client whose ring names this address for another node never
+reads or deletes here.
 Malformed HTTP is answered 400 (431: head over 16 KiB) and the connection closed;
 the node stays up.
 
@@ -45,11 +57,18 @@ Identity contract (DESIGN: a directory attached to the wrong filesystem is refus
 - ``--init NODE_ID --fs-uuid UUID`` makes DIR the backing directory of node NODE_ID
   of filesystem UUID (DirStore.create: idempotent for the same identity; an empty or
   new directory only) and serves it.
-- Without ``--init``, DIR must already hold an identity file; the node serves the
-  identity written there. ``--fs-uuid UUID`` without ``--init`` is a check: a
-  directory of another filesystem is refused.
-- A directory of another identity, a non-empty directory without identity, a
-  missing one without ``--init``: refused with a message, exit 2, nothing modified.
+- Without ``--init``, a DIR holding an identity file: the node serves the identity
+  written there. ``--fs-uuid UUID`` without ``--init`` is a check: a directory of
+  another filesystem is refused.
+- Without ``--init`` or ``--fs-uuid``, an empty DIR or a missing one (created; its
+  parent must exist): the node starts unclaimed and waits for ``hafs mkfs --node
+  http://...`` (or ``hafs node add``) to POST /claim, which writes the identity as
+  ``--init`` would; the node serves it at once, and after a restart like any node
+  directory. A node is claimed once: the same identity again is a no-op, another
+  one is refused (409).
+- A directory of another identity, a non-empty directory without identity, an
+  empty one with ``--fs-uuid`` but no ``--init``: refused with a message, exit 2,
+  nothing modified.
 
 Why h11 directly (and not hypercorn + ASGI): refusing a body before reading it
 needs the server to answer and then close the connection. ASGI has no way to
@@ -63,7 +82,7 @@ is a small loop: keep-alive, timeouts, a connection cap, graceful shutdown.
 HTTP behaviour: keep-alive and pipelining (one request at a time per
 connection); a connection idle for KEEP_ALIVE_S, or silent for READ_TIMEOUT_S
 inside a request, or not reading our answer for WRITE_TIMEOUT_S is closed. An
-answer sent before the body was read (401, 400, 409, 413) is followed by reading
+answer sent before the body was read (401, 400, 409, 413, 503) is followed by reading
 and discarding that body when it announced at most MAX_SIZE bytes (so the
 connection stays usable); otherwise it says ``Connection: close`` and the node
 closes after discarding at most LINGER_BYTES for at most LINGER_S, so that the
@@ -75,8 +94,12 @@ serving its requests one after another. Every DirStore call (and hashing) runs
 in a worker thread bounded by one CapacityLimiter (``--threads``); DirStore
 allows any number of concurrent callers. Request bodies are held in memory by at
 most 2 x threads requests at once. Metrics and the usage cache are only touched
-on the trio thread. SIGINT or SIGTERM stops accepting, closes idle connections,
-lets running requests finish (GRACEFUL_S at most) and exits 0.
+on the trio thread. A claim holds a trio lock from its check to the switch of
+identity, so of two concurrent claims exactly one wins; the store and the
+identity headers change only there, once, on the trio thread (a request routed
+before the switch is answered as unclaimed). SIGINT or SIGTERM stops accepting,
+closes idle connections, lets running requests finish (GRACEFUL_S at most) and
+exits 0.
 """
 
 from __future__ import annotations
@@ -105,7 +128,7 @@ import h11
 import trio
 
 from . import __version__
-from .blocks import DirStore, StoreUsage, block_id, read_identity
+from .blocks import DirStore, StoreUsage, _fsync_dir, block_id, read_identity
 from .chunker import MAX_SIZE
 from .errors import BlockCorrupt, BlockMissing, NodeIdentityError, UserError
 
@@ -125,15 +148,19 @@ WRITE_TIMEOUT_S = 30.0  # the longest a client may take to accept our bytes
 LINGER_S = 1.0  # before closing with an unread body: wait this long for the client...
 LINGER_BYTES = MAX_SIZE  # ...discarding at most this much of its body
 GRACEFUL_S = 5.0  # on SIGTERM, running requests get this long to finish
+CLAIM_MAX = 4096  # the largest POST /claim body
 
 ID_PATH_PREFIX = b"/blocks/"
 _ID_RE = re.compile(rb"[0-9a-f]{64}")
 _PREFIX_RE = re.compile(r"[0-9a-f]{0,64}")
 _NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TOKEN_RE = re.compile(rb"[\x21-\x7e]+")  # what an HTTP header can carry verbatim
-_METHODS = ("GET", "HEAD", "PUT", "DELETE")  # metric labels; anything else is "other"
+_METHODS = ("GET", "HEAD", "PUT", "DELETE", "POST")  # metric labels; anything else is "other"
 _JSON = b"application/json"
 _OCTETS = b"application/octet-stream"
+UNCLAIMED = (
+    "this node is not claimed by a filesystem yet: create one with 'hafs mkfs --node http://...'"
+)
 
 
 class _Gone(Exception):
@@ -533,29 +560,53 @@ def _stat(store: DirStore, bid: str) -> tuple[int, int] | None:
     return None if size is None or mtime is None else (size, mtime)
 
 
+def _unclaimed_usage(path: Path) -> StoreUsage:
+    """The usage of an unclaimed (empty) directory: its disk's figures, no blocks."""
+    vfs = os.statvfs(path)
+    return StoreUsage(vfs.f_blocks * vfs.f_frsize, vfs.f_bavail * vfs.f_frsize, 0, 0)
+
+
 class NodeApp:
-    """What a node answers: routing, checks, and DirStore calls in worker threads."""
+    """What a node answers: routing, checks, and DirStore calls in worker threads.
+
+    `store` is None while the node is unclaimed (`path` is then an empty directory).
+    """
 
     def __init__(
         self,
-        store: DirStore,
+        path: Path,
+        store: DirStore | None,
         *,
         token: bytes | None = None,
         threads: int = DEFAULT_THREADS,
     ) -> None:
-        self.store = store
+        self.path = path
+        self.store: DirStore | None = None
+        self._ident = [(b"hafs-node-id", b""), (b"hafs-fs-uuid", b"")]
+        if store is not None:
+            self._serve(store)
         self.token = token
         self.limiter = trio.CapacityLimiter(threads)
         self.bodies = trio.CapacityLimiter(2 * threads)  # PUT bodies held in memory
         self.metrics = Metrics()
         self.started_ns = time.time_ns()
+        self._usage: StoreUsage | None = None
+        self._usage_at = -float("inf")
+        self._usage_lock = trio.Lock()
+        self._claim_lock = trio.Lock()
+
+    def _serve(self, store: DirStore) -> None:
+        """Serve `store`'s identity from now on (at start, or once claimed)."""
+        self.store = store
         self._ident = [
             (b"hafs-node-id", store.node_id.encode()),
             (b"hafs-fs-uuid", store.fs_uuid.encode()),
         ]
-        self._usage: StoreUsage | None = None
-        self._usage_at = -float("inf")
-        self._usage_lock = trio.Lock()
+
+    def describe(self) -> str:
+        if self.store is None:
+            return "unclaimed node"
+        return f"node {self.store.node_id} of filesystem {self.store.fs_uuid}"
 
     def _run(self, fn: Callable, *args):
         return trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -563,7 +614,10 @@ class NodeApp:
     async def usage(self) -> StoreUsage:
         async with self._usage_lock:
             if self._usage is None or trio.current_time() - self._usage_at > USAGE_TTL_S:
-                self._usage = await self._run(self.store.usage)
+                if self.store is None:
+                    self._usage = await self._run(_unclaimed_usage, self.path)
+                else:
+                    self._usage = await self._run(self.store.usage)
                 self._usage_at = trio.current_time()
             return self._usage
 
@@ -610,6 +664,9 @@ class NodeApp:
         if mismatch:
             await self._error(req, 409, mismatch)
             return
+        if self.store is None and (req.path == b"/blocks" or req.path.startswith(ID_PATH_PREFIX)):
+            await self._error(req, 503, UNCLAIMED)
+            return
         if req.path.startswith(ID_PATH_PREFIX):
             raw_id = req.path[len(ID_PATH_PREFIX) :]
             if _ID_RE.fullmatch(raw_id) is None:
@@ -629,16 +686,17 @@ class NodeApp:
             else:
                 await handler(req, raw_id.decode())
             return
-        handler = {
-            b"/blocks": self._list,
-            b"/status": self._status,
-            b"/ping": self._ping,
-            b"/metrics": self._metrics,
-        }.get(req.path)
+        method, handler = {
+            b"/blocks": ("GET", self._list),
+            b"/status": ("GET", self._status),
+            b"/ping": ("GET", self._ping),
+            b"/metrics": ("GET", self._metrics),
+            b"/claim": ("POST", self._claim),
+        }.get(req.path, ("", None))
         if handler is None:
             await self._error(req, 404, "no such endpoint")
-        elif req.method != "GET":
-            await self._not_allowed(req, b"GET")
+        elif req.method != method:
+            await self._not_allowed(req, method.encode())
         else:
             await handler(req)
 
@@ -650,6 +708,8 @@ class NodeApp:
         return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token)
 
     def _identity_mismatch(self, req: Request) -> str:
+        if self.store is None:
+            return ""  # unclaimed: no identity to protect, and /claim must get through
         for name, mine in self._ident:
             theirs = req.header(name)
             if theirs is not None and theirs != mine:
@@ -768,13 +828,20 @@ class NodeApp:
         ids = await self._run(self.store.iter_ids, after, int(limit))
         await self._json(req, {"ids": ids})
 
+    def _identity(self) -> dict:
+        """{"node_id", "fs_uuid"} as /ping, /status and /claim report them (null: unclaimed)."""
+        store = self.store
+        return {
+            "node_id": store.node_id if store else None,
+            "fs_uuid": store.fs_uuid if store else None,
+        }
+
     async def _status(self, req: Request) -> None:
         usage = await self.usage()
         await self._json(
             req,
             {
-                "node_id": self.store.node_id,
-                "fs_uuid": self.store.fs_uuid,
+                **self._identity(),
                 "version": __version__,
                 "total_bytes": usage.total_bytes,
                 "free_bytes": usage.free_bytes,
@@ -786,40 +853,101 @@ class NodeApp:
         )
 
     async def _ping(self, req: Request) -> None:
-        await self._json(req, {"node_id": self.store.node_id, "fs_uuid": self.store.fs_uuid})
+        await self._json(req, self._identity())
 
     async def _metrics(self, req: Request) -> None:
         usage = await self.usage()
-        body = self.metrics.render(usage, self.store.node_id, self.store.fs_uuid)
+        node_id, fs_uuid = (v.decode() for _, v in self._ident)
+        body = self.metrics.render(usage, node_id, fs_uuid)
         await self._answer(req, 200, body, content_type=b"text/plain; version=0.0.4; charset=utf-8")
+
+    async def _claim(self, req: Request) -> None:
+        body = await req.read_body(CLAIM_MAX)
+        if body is None:
+            await self._error(req, 413, f"a claim is at most {CLAIM_MAX} bytes")
+            return
+        try:
+            claim = json.loads(body)
+            if not isinstance(claim, dict) or set(claim) != {"node_id", "fs_uuid"}:
+                raise ValueError('expected a JSON object {"node_id": ..., "fs_uuid": ...}')
+            node_id = check_node_id(claim["node_id"])
+            fs_uuid = canonical_uuid(claim["fs_uuid"], "fs_uuid")
+            if fs_uuid != claim["fs_uuid"]:
+                raise ValueError(f"fs_uuid {claim['fs_uuid']!r} is not in canonical form")
+        except (ValueError, UserError) as e:  # UnicodeDecodeError too
+            await self._error(req, 400, f"bad claim: {e}")
+            return
+        async with self._claim_lock:
+            if self.store is None:
+                try:
+                    store = await self._run(DirStore.create, self.path, node_id, fs_uuid)
+                except UserError as e:  # the directory changed since the start, or a disk error
+                    log.error("CLAIM-FAILED node %s of filesystem %s: %s", node_id, fs_uuid, e)
+                    await self._error(req, 409 if isinstance(e, NodeIdentityError) else 500, str(e))
+                    return
+                self._serve(store)
+                log.info(
+                    "NODE-CLAIMED node %s of filesystem %s (by %s)", node_id, fs_uuid, req.client
+                )
+            elif (self.store.node_id, self.store.fs_uuid) != (node_id, fs_uuid):
+                await self._error(
+                    req,
+                    409,
+                    f"this node is already {self.describe()}; refusing to make it node"
+                    f" {node_id} of filesystem {fs_uuid}",
+                )
+                return
+        await self._json(req, self._identity())
 
 
 # ------------------------------------------------------------------- set-up
 
 
+def check_node_id(value: object) -> str:
+    """`value` if it is a valid node id, else UserError."""
+    if not isinstance(value, str) or _NODE_ID_RE.fullmatch(value) is None:
+        raise UserError(
+            f"node id {str(value)[:80]!r}: use 1-64 letters, digits, '.', '_' or '-'"
+            " (starting with a letter or digit)"
+        )
+    return value
+
+
+def canonical_uuid(value: object, what: str) -> str:
+    """`value` (the `what` of a message) as a canonical UUID string, else UserError."""
+    try:
+        return str(uuid.UUID(value))
+    except (TypeError, ValueError, AttributeError):
+        raise UserError(f"{what} {str(value)[:80]!r} is not a UUID") from None
+
+
 def open_node_store(
     data: str | Path, init_node_id: str | None = None, fs_uuid: str | None = None
-) -> DirStore:
+) -> DirStore | None:
     """Open (or with `init_node_id`, first create) the backing directory a node serves.
 
-    See "Identity contract" in the module docstring. Raises UserError (or its
-    subclass NodeIdentityError) with a message saying what to do.
+    None: the directory is empty or was missing (then created), and the node
+    serves it unclaimed. See "Identity contract" in the module docstring. Raises
+    UserError (or its subclass NodeIdentityError) with a message saying what to do.
     """
     path = Path(data).expanduser().absolute()
     if fs_uuid is not None:
-        try:
-            fs_uuid = str(uuid.UUID(fs_uuid))
-        except ValueError:
-            raise UserError(f"--fs-uuid {fs_uuid!r} is not a UUID") from None
+        fs_uuid = canonical_uuid(fs_uuid, "--fs-uuid")
     if init_node_id is not None:
-        if _NODE_ID_RE.fullmatch(init_node_id) is None:
-            raise UserError(
-                f"node id {init_node_id!r}: use 1-64 letters, digits, '.', '_' or '-'"
-                " (starting with a letter or digit)"
-            )
+        check_node_id(init_node_id)
         if fs_uuid is None:
             raise UserError("--init NODE_ID needs --fs-uuid UUID (the filesystem's uuid)")
         return DirStore.create(path, init_node_id, fs_uuid)
+    if fs_uuid is None and not path.exists() and not path.is_symlink():
+        try:
+            path.mkdir()
+            _fsync_dir(str(path.parent))
+        except OSError as e:
+            raise UserError(
+                f"cannot create backing directory {path}: {e.strerror}: its parent must be"
+                " an existing, writable directory"
+            ) from None
+        return None
     if not path.is_dir():
         raise UserError(
             f"backing directory {path} {'is not a directory' if path.exists() else 'is missing'}:"
@@ -828,10 +956,21 @@ def open_node_store(
         )
     ident = read_identity(path)
     if ident is None:
-        raise NodeIdentityError(
-            f"{path} is not a hafs node directory (no identity file): initialise it with"
-            " --init NODE_ID --fs-uuid UUID"
-        )
+        if any(path.iterdir()):
+            raise NodeIdentityError(
+                f"{path} is not a hafs node directory (no identity file) and is not empty:"
+                " give an empty or new directory (to be claimed by 'hafs mkfs --node'), or"
+                " empty this one"
+            )
+        if fs_uuid is not None:
+            raise NodeIdentityError(
+                f"{path} is empty (no identity file), so it cannot belong to filesystem"
+                f" {fs_uuid}: give the node's directory, or drop --fs-uuid to serve it"
+                " unclaimed, or initialise it with --init NODE_ID"
+            )
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"backing directory {path} is not writable: fix its permissions")
+        return None
     if fs_uuid is not None and ident["fs_uuid"] != fs_uuid:
         raise NodeIdentityError(
             f"backing directory {path} belongs to filesystem {ident['fs_uuid']} (node"
@@ -900,23 +1039,21 @@ async def serve(
             nonlocal stopped_by
             async for signum in signals:
                 stopped_by = signal.Signals(signum).name
-                log.info(
-                    "NODE-STOP %s: %s, finishing running requests", app.store.node_id, stopped_by
-                )
+                log.info("NODE-STOP %s: %s, finishing running requests", app.describe(), stopped_by)
                 return
 
         urls = [_url(listener.socket.getsockname()) for listener in listeners]
         log.info(
-            "NODE-READY node %s of filesystem %s serving %s at %s (%s)",
-            app.store.node_id,
-            app.store.fs_uuid,
-            app.store.path,
+            "NODE-READY %s serving %s at %s (%s)%s",
+            app.describe(),
+            app.path,
             ", ".join(urls),
             "bearer token required" if app.token else "no token",
+            "" if app.store else f": waiting for 'hafs mkfs --node {urls[0]}' to claim it",
         )
         task_status.started(urls)
         await HttpServer(app, app.metrics).serve(listeners, stop)
-    log.info("NODE-STOPPED %s", app.store.node_id)
+    log.info("NODE-STOPPED %s", app.describe())
     return stopped_by
 
 
@@ -924,10 +1061,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `hafs node` (see `run`)."""
     parser.add_argument(
         "--data",
-        required=True,
         type=Path,
         metavar="DIR",
-        help="the backing directory to serve",
+        help="the backing directory to serve (required to serve); an empty or new one is"
+        " served unclaimed until 'hafs mkfs --node http://HOST:PORT' claims it",
     )
     parser.add_argument(
         "--listen",
@@ -969,20 +1106,25 @@ def run(args: argparse.Namespace) -> int:
             level=logging.DEBUG if args.debug else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+    if args.data is None:
+        raise UserError("hafs node needs --data DIR: the backing directory to serve")
     host, _ = parse_listen(args.listen)
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     token = read_token(args.token_file) if args.token_file is not None else None
-    store = open_node_store(args.data, args.init, args.fs_uuid)
+    path = Path(args.data).expanduser().absolute()
+    store = open_node_store(path, args.init, args.fs_uuid)
     if token is None and not _is_loopback(host):
         log.warning(
             "serving %s on %s without --token-file: anyone who can reach it can read and"
-            " delete blocks",
-            store.path,
+            " delete blocks%s",
+            path,
             args.listen,
+            "" if store else ", or claim it",
         )
-    store.cleanup_tmp()
-    app = NodeApp(store, token=token, threads=args.threads)
+    if store is not None:
+        store.cleanup_tmp()
+    app = NodeApp(path, store, token=token, threads=args.threads)
     trio.run(serve, app, args.listen)
     return 0
 

@@ -45,8 +45,10 @@ the caller's.
 Beyond DirStore's methods: `status()` (the node's /status), `ping()` (a cheap
 health probe), `check_identity()` (NodeIdentityError if the address serves
 another node or filesystem: for mount time), `RemoteStore.probe(address)` (the
-identity a node serves: for mkfs) and `close()`. `mtime_ns` is the
-node's clock: a grace period compared with it assumes clocks roughly in sync.
+identity a node serves, None while unclaimed) and `RemoteStore.claim(address,
+node_id, fs_uuid)` (make an unclaimed node that node: for mkfs and node add),
+and `close()`. `mtime_ns` is the node's clock: a grace period compared with it
+assumes clocks roughly in sync.
 """
 
 from __future__ import annotations
@@ -336,9 +338,12 @@ class RemoteStore:
                     status,
                 )
             if who != self.node_id and status != 409 and not self._anonymous:
+                what = (
+                    f"answers as node {who[:80]!r}" if who else "is unclaimed (an empty directory)"
+                )
                 raise self._fail(
                     NodeIdentityMismatch,
-                    f"answers as node {who[:80]!r}, expected {self.node_id}",
+                    f"{what}, expected {self.node_id}",
                     errno.EPROTO,
                     status,
                 )
@@ -363,8 +368,10 @@ class RemoteStore:
             return self._fail(NodeRefused, what, errno.EIO, status)
         return self._fail(NodeProtocolError, what, errno.EPROTO, status)
 
-    def _json(self, method: str, path: str, params: dict | None = None) -> dict:
-        status, _, body = self._request(method, path, params=params)
+    def _json(
+        self, method: str, path: str, params: dict | None = None, content: bytes | None = None
+    ) -> dict:
+        status, _, body = self._request(method, path, params=params, content=content)
         if status != 200:
             raise self._unexpected(method, path, status, body)
         try:
@@ -518,25 +525,59 @@ class RemoteStore:
         self._json("GET", "/ping")
 
     @classmethod
+    def _anonymous_store(cls, address: str, token: str | None, timeout: float) -> RemoteStore:
+        """A store that sends no identity and takes any (probe, claim: before the ring exists)."""
+        store = cls(address, "?", "?", token=token, timeout=timeout, max_connections=1)
+        store._anonymous = True
+        del store._client.headers["hafs-node-id"]
+        del store._client.headers["hafs-fs-uuid"]
+        return store
+
+    def _reported_identity(self, what: str, answer: dict) -> tuple[str, str] | tuple[None, None]:
+        """(node_id, fs_uuid) of a /ping or /claim answer: both strings, or both None."""
+        node_id, fs_uuid = answer.get("node_id"), answer.get("fs_uuid")
+        if node_id is None and fs_uuid is None:
+            return None, None
+        if not (isinstance(node_id, str) and node_id and isinstance(fs_uuid, str) and fs_uuid):
+            raise self._fail(NodeProtocolError, f"{what}: bad node_id or fs_uuid", errno.EPROTO)
+        return node_id, fs_uuid
+
+    @classmethod
     def probe(
         cls, address: str, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S
-    ) -> tuple[str, str]:
-        """(node_id, fs_uuid) that the node at `address` serves, as it reports them.
+    ) -> tuple[str, str] | tuple[None, None]:
+        """(node_id, fs_uuid) that the node at `address` serves, both None if it is unclaimed.
 
-        For mkfs, before the ring exists: the only call that sends no identity.
+        For mkfs, before the ring exists: sends no identity (as `claim`).
         Raises NodeError subclasses like the other calls.
         """
-        with cls(address, "?", "?", token=token, timeout=timeout, max_connections=1) as store:
-            store._anonymous = True
-            del store._client.headers["hafs-node-id"]
-            del store._client.headers["hafs-fs-uuid"]
-            st = store._json("GET", "/ping")
-            node_id, fs_uuid = st.get("node_id"), st.get("fs_uuid")
-            if not (isinstance(node_id, str) and node_id and isinstance(fs_uuid, str) and fs_uuid):
+        with cls._anonymous_store(address, token, timeout) as store:
+            return store._reported_identity("GET /ping", store._json("GET", "/ping"))
+
+    @classmethod
+    def claim(
+        cls,
+        address: str,
+        node_id: str,
+        fs_uuid: str,
+        *,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        """Make the unclaimed node at `address` node `node_id` of filesystem `fs_uuid`.
+
+        Durable on return. Idempotent: a node that already is that node says yes
+        again. Raises NodeIdentityMismatch if it is another node or filesystem,
+        NodeAuthError (token), NodeUnavailable (unreachable), NodeRefused (it
+        cannot write its directory) or NodeProtocolError (not a hafs node).
+        """
+        body = json.dumps({"node_id": node_id, "fs_uuid": fs_uuid}).encode()
+        with cls._anonymous_store(address, token, timeout) as store:
+            answer = store._json("POST", "/claim", content=body)
+            if store._reported_identity("POST /claim", answer) != (node_id, fs_uuid):
                 raise store._fail(
-                    NodeProtocolError, "GET /ping: no node_id or fs_uuid", errno.EPROTO
+                    NodeProtocolError, "POST /claim: answered another identity", errno.EPROTO
                 )
-        return node_id, fs_uuid
 
     def check_identity(self) -> None:
         """Check that the node is `node_id` of `fs_uuid` (e.g. when mounting).

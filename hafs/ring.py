@@ -67,6 +67,12 @@ from blake3 import blake3
 
 NODE_STATES = ("up", "draining")
 
+# Running mounts read the ring's version from the metadata this often and switch to a
+# new version without remounting; `hafs rebalance` waits RING_SETTLE_S after a change
+# before it moves anything, so that every mount writes new blocks to the new homes.
+RING_RELOAD_S = 1.0
+RING_SETTLE_S = 3.0
+
 _BLOCK_ID_LEN = 64
 
 

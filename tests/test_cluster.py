@@ -86,3 +86,67 @@ async def test_delete_honours_the_grace_period(tmp_path):
     assert holders(placement, bid)
     assert await placement.delete(bid, grace_s=0)
     assert holders(placement, bid) == []
+
+
+async def test_write_quorum_lets_a_put_succeed_with_fewer_copies(tmp_path, caplog):
+    placement, _ = make(tmp_path, n=3, failing={"n1", "n2"})
+    placement.write_quorum = 1
+    data = os.urandom(100)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    assert holders(placement, bid) == ["n3"]
+    assert "BLOCK-DEGRADED" in caplog.text
+    assert await placement.get(bid) == data
+
+
+class CountingFailingStore(FailingStore):
+    calls = 0
+    healthy = False
+
+    def put(self, block_id, data):
+        type(self).calls += 1
+        if self.healthy:
+            return super(FailingStore, self).put(block_id, data)
+        return super().put(block_id, data)
+
+    def ping(self):
+        if not self.healthy:
+            raise OSError(5, "still failing (injected)")
+
+
+async def test_a_failing_node_is_marked_down_skipped_and_probed_back(tmp_path, caplog):
+    placement, ring = make(tmp_path, n=4)
+    n1 = placement.stores["n1"]
+    bad = CountingFailingStore(n1.path, "n1", "fs")
+    placement.stores["n1"] = bad
+    blocks = [os.urandom(100) for _ in range(40)]
+    for data in blocks:
+        await placement.put(block_id(data), data)
+    # three failures in a row mark it down; after that it is not asked again
+    assert placement.health.is_down("n1")
+    assert CountingFailingStore.calls == 3
+    assert "NODE-DOWN n1" in caplog.text
+    # a probe while it still fails keeps it down; once it works, it is up again
+    await placement._probe("n1", bad)
+    assert placement.health.is_down("n1")
+    bad.healthy = True
+    await placement._probe("n1", bad)
+    assert not placement.health.is_down("n1")
+    assert "NODE-UP n1" in caplog.text
+    data = os.urandom(100)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    assert holders(placement, bid) == sorted(ring.replicas(bid, 2))
+
+
+async def test_reads_try_down_nodes_last(tmp_path):
+    placement, ring = make(tmp_path)
+    data = os.urandom(100)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    first, second = ring.replicas(bid, 2)
+    placement.health.mark_down(first, "test")
+    order = list(placement._candidates(bid))
+    assert order[0] == second and order[-1] == first
+    placement.stores[second].delete(bid)
+    assert await placement.get(bid) == data  # the down node is still asked as a last resort

@@ -14,12 +14,9 @@ import re
 import signal
 import socket
 import socketserver
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -28,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hafs.blocks import DirStore, block_id
+from hafs.blocks import DirStore, block_id, read_identity
 from hafs.chunker import MAX_SIZE
 from hafs.errors import BlockCorrupt, BlockMissing, NodeIdentityError
 from hafs.remote import (
@@ -42,7 +39,6 @@ from hafs.remote import (
     RemoteStore,
 )
 
-FS = "3f0c6a55-0b8e-4d0e-9a43-5d1b8a3c2f10"
 OTHER_FS = "9d8e2b11-7c4a-4f2e-8d6b-0a1e3c5b7d92"
 TOKEN = "s3cr3t-t0ken-for-tests"
 
@@ -50,125 +46,7 @@ TOKEN = "s3cr3t-t0ken-for-tests"
 # ------------------------------------------------------------------ fixtures
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Node:
-    proc: subprocess.Popen
-    port: int
-    data: Path
-    log: Path
-    token: str | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def store(self, node_id: str = "n1", fs_uuid: str = FS, **kw) -> RemoteStore:
-        kw.setdefault("token", self.token)
-        return RemoteStore(self.url, node_id, fs_uuid, **kw)
-
-    def client(self, token: str | None = None) -> httpx.Client:
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=10, trust_env=False)
-
-    def block_file(self, bid: str) -> Path:
-        return self.data / "blocks" / bid[:2] / bid
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        """Stop the process by PID: `sig`, then SIGKILL; its exit code (None if killed)."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)  # in case a test left it stopped
-                os.kill(self.proc.pid, sig)
-            try:
-                return self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                return None
-        return self.proc.returncode
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def run_node(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    """`python -m hafs.node ARGS` expected to exit (a refusal)."""
-    return subprocess.run(
-        [sys.executable, "-m", "hafs.node", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def start_node(
-    data: Path,
-    *extra: str,
-    init: str | None = "n1",
-    token: str | None = None,
-    port: int | None = None,
-) -> Node:
-    """Start a node serving `data`, and return once it answers HTTP."""
-    args = ["--data", str(data)]
-    if init:
-        args += ["--init", init, "--fs-uuid", FS]
-    if token is not None:
-        token_file = data.parent / f"{data.name}.token"
-        token_file.write_text(token + "\n")
-        token_file.chmod(0o600)
-        args += ["--token-file", str(token_file)]
-    log = data.parent / f"{data.name}.log"
-    for _attempt in range(3):  # a free port can be taken by someone else before we bind it
-        node_port = port or free_port()
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "hafs.node",
-                    *args,
-                    "--listen",
-                    f"127.0.0.1:{node_port}",
-                    *extra,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        node = Node(proc, node_port, data, log, token)
-        try:
-            deadline = time.monotonic() + 20
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    with socket.create_connection(("127.0.0.1", node_port), timeout=1) as s:
-                        s.sendall(b"GET /ping HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-                        if s.recv(12).startswith(b"HTTP/1.1 "):
-                            return node
-                except OSError:
-                    time.sleep(0.05)
-            if proc.poll() is None:
-                raise AssertionError(f"node did not answer in time:\n{node.log_text()}")
-        except BaseException:
-            node.stop(signal.SIGKILL)
-            raise
-        if port is not None or "Address already in use" not in node.log_text():
-            raise AssertionError(f"node exited {proc.returncode}:\n{node.log_text()}")
-    raise AssertionError("no free port found")
-
-
-@contextlib.contextmanager
-def running(data: Path, *extra: str, **kw) -> Iterator[Node]:
-    node = start_node(data, *extra, **kw)
-    try:
-        yield node
-    finally:
-        node.stop()
+from nodeproc import FS, Node, free_port, run_node, running, start_node  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -560,12 +438,17 @@ def test_identity_mismatch(node: Node) -> None:
 
 
 def test_identity_contract(tmp_path: Path, node: Node) -> None:
+    p = run_node()
+    assert p.returncode == 2 and "needs --data DIR" in p.stderr
     d = tmp_path / "d"
-    p = run_node("--data", str(d), "--listen", "127.0.0.1:1")
+    p = run_node("--data", str(d), "--fs-uuid", FS)
     assert p.returncode == 2 and "missing" in p.stderr and "--init" in p.stderr
+    p = run_node("--data", str(tmp_path / "nowhere" / "d"))
+    assert p.returncode == 2 and "cannot create" in p.stderr and "parent" in p.stderr
+    assert not d.exists() and not (tmp_path / "nowhere").exists()
     d.mkdir()
-    p = run_node("--data", str(d))
-    assert p.returncode == 2 and "no identity file" in p.stderr
+    p = run_node("--data", str(d), "--fs-uuid", FS)
+    assert p.returncode == 2 and "empty" in p.stderr and FS in p.stderr
     p = run_node("--data", str(d), "--init", "n1")
     assert p.returncode == 2 and "--fs-uuid" in p.stderr
     p = run_node("--data", str(d), "--init", "../n1", "--fs-uuid", FS)
@@ -575,6 +458,9 @@ def test_identity_contract(tmp_path: Path, node: Node) -> None:
     (d / "stray").write_text("x")
     p = run_node("--data", str(d), "--init", "n1", "--fs-uuid", FS)
     assert p.returncode == 2 and "not empty" in p.stderr
+    p = run_node("--data", str(d))  # not a node directory, and not free to be claimed
+    assert p.returncode == 2 and "no identity file" in p.stderr and "not empty" in p.stderr
+    assert os.listdir(d) == ["stray"]
     DirStore.create(tmp_path / "other", "n1", OTHER_FS)
     p = run_node("--data", str(tmp_path / "other"), "--init", "n1", "--fs-uuid", FS)
     assert p.returncode == 2 and OTHER_FS in p.stderr
@@ -701,6 +587,169 @@ def test_bad_addresses() -> None:
     for address in ("127.0.0.1:80", "ftp://h:1", "http://h", "http://h:1/path", "http://h:x"):
         with pytest.raises(UserError):
             RemoteStore(address, "n1", FS)
+
+
+# ---------------------------------------------------------- unclaimed nodes
+
+
+def post_claim(node: Node, body: object) -> httpx.Response:
+    with node.client(node.token) as c:
+        if isinstance(body, bytes):
+            return c.post("/claim", content=body)
+        return c.post("/claim", json=body)
+
+
+def test_unclaimed_node_answers_but_serves_no_blocks(tmp_path: Path) -> None:
+    data = tmp_path / "u"  # missing: the node creates it
+    with running(data, init=None) as node:
+        assert data.is_dir() and os.listdir(data) == []
+        assert "NODE-READY unclaimed node" in node.log_text()
+        assert "hafs mkfs --node" in node.log_text()
+        with node.client() as c:
+            r = c.get("/ping")
+            assert r.status_code == 200 and r.json() == {"node_id": None, "fs_uuid": None}
+            assert r.headers["hafs-node-id"] == "" and r.headers["hafs-fs-uuid"] == ""
+            st = c.get("/status").json()
+            assert st["node_id"] is None and st["fs_uuid"] is None
+            assert 0 < st["free_bytes"] <= st["total_bytes"] and st["block_count"] == 0
+            assert c.get("/metrics").status_code == 200
+            # A client that names an identity is not refused with 409 on /ping.
+            ident = {"hafs-node-id": "n1", "hafs-fs-uuid": FS}
+            assert c.get("/ping", headers=ident).status_code == 200
+            bid = block_id(b"early")
+            for method, path in (
+                ("PUT", f"/blocks/{bid}"),
+                ("GET", f"/blocks/{bid}"),
+                ("HEAD", f"/blocks/{bid}"),
+                ("DELETE", f"/blocks/{bid}"),
+                ("GET", "/blocks"),
+                ("GET", "/blocks/nothex"),
+            ):
+                r = c.request(method, path, content=b"early" if method == "PUT" else None)
+                assert r.status_code == 503, (method, path)
+                if method != "HEAD":
+                    assert "not claimed" in r.json()["error"] and "hafs mkfs" in r.json()["error"]
+            assert c.get("/claim").status_code == 405
+        assert RemoteStore.probe(node.url) == (None, None)
+        with node.store() as s:  # a mount whose ring names this address: refused, clearly
+            with pytest.raises(NodeIdentityMismatch, match="unclaimed"):
+                s.get(bid)
+            with pytest.raises(NodeIdentityError, match="unclaimed"):
+                s.check_identity()
+        assert os.listdir(data) == []
+    assert "Traceback" not in node.log_text()
+
+
+def test_claim_serves_the_identity_now_and_after_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "u"
+    data.mkdir()
+    node = start_node(data, init=None)
+    try:
+        RemoteStore.claim(node.url, "n7", FS)
+        assert "NODE-CLAIMED node n7 of filesystem " + FS in node.log_text()
+        assert RemoteStore.probe(node.url) == ("n7", FS)
+        with node.store("n7") as s:
+            s.check_identity()
+            blob = os.urandom(10_000)
+            s.put(block_id(blob), blob)
+            assert s.get(block_id(blob)) == blob
+            assert s.status()["node_id"] == "n7"
+        RemoteStore.claim(node.url, "n7", FS)  # a retried mkfs: the same identity again
+        for other in (("n8", FS), ("n7", OTHER_FS)):
+            with pytest.raises(NodeIdentityMismatch) as e:
+                RemoteStore.claim(node.url, *other)
+            assert e.value.status == 409 and f"node n7 of filesystem {FS}" in str(e.value)
+        assert RemoteStore.probe(node.url) == ("n7", FS)
+        assert node.stop() == 0
+        node = start_node(data, init=None, port=node.port)  # no --init: the claimed identity
+        assert RemoteStore.probe(node.url) == ("n7", FS)
+        with node.store("n7") as s:
+            assert s.get(block_id(blob)) == blob
+        with pytest.raises(NodeIdentityMismatch):
+            RemoteStore.claim(node.url, "n8", FS)
+        RemoteStore.claim(node.url, "n7", FS)
+    finally:
+        node.stop()
+    assert not re.search(r"Traceback| ERROR ", node.log_text())
+
+
+def test_bad_claims_change_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "u"
+    with running(data, init=None) as node:
+        for body in (
+            b"",
+            b"{not json",
+            b"\xff\xfe",
+            [],
+            {"node_id": "n1"},
+            {"node_id": "n1", "fs_uuid": FS, "extra": 1},
+            {"node_id": "../n1", "fs_uuid": FS},
+            {"node_id": "", "fs_uuid": FS},
+            {"node_id": 5, "fs_uuid": FS},
+            {"node_id": "n1", "fs_uuid": "not-a-uuid"},
+            {"node_id": "n1", "fs_uuid": 7},
+            {"node_id": "n1", "fs_uuid": FS.upper()},  # one spelling: headers compare bytes
+        ):
+            r = post_claim(node, body)
+            assert r.status_code == 400, body
+            assert "bad claim" in r.json()["error"]
+        r = post_claim(node, {"node_id": "n1", "fs_uuid": FS, "pad": "x" * 5000})
+        assert r.status_code == 413
+        with pytest.raises(NodeProtocolError):  # 400: what the node said comes through
+            RemoteStore.claim(node.url, "n/1", FS)
+        assert os.listdir(data) == []
+        assert RemoteStore.probe(node.url) == (None, None)
+        # The directory was filled behind the node's back: the claim is refused, nothing written.
+        (data / "stray").write_text("x")
+        with pytest.raises(NodeIdentityMismatch, match="not empty"):
+            RemoteStore.claim(node.url, "n1", FS)
+        assert os.listdir(data) == ["stray"]
+        assert RemoteStore.probe(node.url) == (None, None)
+
+
+def test_claim_needs_the_token(tmp_path: Path) -> None:
+    with running(tmp_path / "u", init=None, token=TOKEN) as node:
+        for token in (None, "wrong"):
+            with pytest.raises(NodeAuthError):
+                RemoteStore.claim(node.url, "n1", FS, token=token)
+            with pytest.raises(NodeAuthError):
+                RemoteStore.probe(node.url, token=token)
+            with node.client(token) as c:
+                assert c.post("/claim", json={"node_id": "n1", "fs_uuid": FS}).status_code == 401
+        assert os.listdir(node.data) == []
+        assert RemoteStore.probe(node.url, token=TOKEN) == (None, None)
+        RemoteStore.claim(node.url, "n1", FS, token=TOKEN)
+        assert RemoteStore.probe(node.url, token=TOKEN) == ("n1", FS)
+
+
+def test_concurrent_claims_one_wins(tmp_path: Path) -> None:
+    with running(tmp_path / "u", "--threads", "4", init=None) as node:
+        claims = [(f"n{i}", FS if i % 2 else OTHER_FS) for i in range(8)]
+        barrier = threading.Barrier(len(claims))
+        outcome: dict[tuple[str, str], object] = {}
+
+        def claim(ident: tuple[str, str]) -> None:
+            barrier.wait()
+            try:
+                RemoteStore.claim(node.url, *ident)
+                outcome[ident] = "won"
+            except NodeError as e:
+                outcome[ident] = e
+
+        threads = [threading.Thread(target=claim, args=(c,)) for c in claims]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [ident for ident, result in outcome.items() if result == "won"]
+        assert len(winners) == 1, outcome
+        losers = [r for r in outcome.values() if r != "won"]
+        assert len(losers) == len(claims) - 1
+        assert all(isinstance(r, NodeIdentityMismatch) for r in losers), losers
+        assert RemoteStore.probe(node.url) == winners[0]
+        ident = read_identity(node.data)
+        assert ident is not None and (ident["node_id"], ident["fs_uuid"]) == winners[0]
+        assert node.log_text().count("NODE-CLAIMED") == 1
 
 
 # ------------------------------------------------- a node that answers garbage
