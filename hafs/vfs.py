@@ -648,6 +648,10 @@ class Vfs:
             raise FsError(errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
+        if name.startswith(b"system.posix_acl_"):
+            # No POSIX ACLs: stored as a plain xattr an ACL would not change the mode, and
+            # `cp -a` sets the mode this way; refused, tools fall back to chmod.
+            raise FsError(errno.EOPNOTSUPP)
         with self.meta.txn():
             self.meta.set_xattr(ino, name, value)
             self.meta.update_inode(ino, ctime_ns=now_ns())

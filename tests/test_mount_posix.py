@@ -8,6 +8,7 @@ import os
 import random
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -279,6 +280,21 @@ def test_many_files_in_one_directory(work):
     assert set(os.listdir(work)) | set(seen) == {f"f{i:05d}" for i in range(n)}
 
 
+def tree(root: Path) -> dict[str, object]:
+    """Relative path -> file bytes, symlink target or "dir", and the mode bits, for a tree."""
+    out: dict[str, object] = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        if p.is_symlink():
+            what = ("link", os.readlink(p))
+        elif p.is_dir():
+            what = ("dir",)
+        else:
+            what = ("file", p.read_bytes())
+        out[str(p.relative_to(root))] = (*what, stat.S_IMODE(st.st_mode))
+    return out
+
+
 def test_real_tools(work, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -287,14 +303,20 @@ def test_real_tools(work, tmp_path):
         d.mkdir(exist_ok=True)
         (d / f"f{i}").write_bytes(os.urandom(random.Random(i).randrange(1, 300_000)))
     os.symlink("d0/f0", src / "link")
+    expected = tree(src)
+    assert len(expected) == 36  # 5 directories, 30 files, 1 symlink
     run("cp", "-a", str(src), str(work / "cp"))
     run("diff", "-r", str(src), str(work / "cp"))
+    assert tree(work / "cp") == expected
     run("tar", "-cf", str(tmp_path / "t.tar"), "-C", str(src), ".")
     (work / "untar").mkdir()
     run("tar", "-xf", str(tmp_path / "t.tar"), "-C", str(work / "untar"))
-    run("diff", "-r", str(src), str(work / "untar"))
+    assert tree(work / "untar") == expected
     run("rsync", "-a", "--delete", str(src) + "/", str(work / "rsync"))
-    run("diff", "-r", str(src), str(work / "rsync"))
+    assert tree(work / "rsync") == expected
+    (src / "d1" / "f1").unlink()
+    run("rsync", "-a", "--delete", str(src) + "/", str(work / "rsync"))
+    assert tree(work / "rsync") == tree(src)  # --delete removed it through the mount
 
 
 def test_git_and_sqlite(work):
