@@ -29,7 +29,8 @@ by one CapacityLimiter (probes have their own, so a full pool of calls stuck
 on a hung node cannot delay the probe that marks it down).  `put` and `delete`
 of the same block id are serialized by a keyed trio lock, so a garbage
 collection in this mount can never delete a block that a writer of this mount
-has just (re)stored.  `set_ring` swaps the ring and stores between calls.
+has just (re)stored.  `set_ring` swaps the ring and stores; a call already
+running goes on with the ring and stores it started with.
 """
 
 from __future__ import annotations

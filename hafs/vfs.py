@@ -15,10 +15,8 @@ Concurrency rules (trio, one thread):
 - Background work (flushes, read-ahead, garbage collection, ring reloads)
   runs in the nursery given to `run`.
 - A new ring version (from `hafs node` or `hafs rebalance`) is swapped into
-  the placement between two awaits (`reload_ring`); the stores of nodes that
-  left the ring stay in `placement.stores` for STORE_LINGER_S, so a put or get
-  that began on the previous version and looks a store up after an await
-  still finds it.
+  the placement between two awaits (`reload_ring`); a put, get or delete that
+  began on the previous version goes on with the stores it started with.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import errno
 import logging
 import os
 import stat
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -45,8 +42,6 @@ from .meta import Dentry, Inode, MetaStore, now_ns
 from .ring import RING_RELOAD_S, NodeSpec, Ring
 
 log = logging.getLogger(__name__)
-
-STORE_LINGER_S = 60.0  # stores of nodes that left the ring are kept this long after
 
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
@@ -94,7 +89,6 @@ class Vfs:
         self.meta = meta
         self._open_store = open_store
         self._ring_refused: int | None = None  # a version that could not be used (logged)
-        self._lingering: tuple[float, set[str]] | None = None  # (since, ids of left nodes)
         self.locks = SqliteLockService(meta.db, default_holder(holder), opts.lock_ttl_s)
         self.placement = placement
         self.opts = opts
@@ -175,11 +169,6 @@ class Vfs:
         Returns True if the placement switched.
         """
         placement = self.placement
-        if self._lingering and time.monotonic() - self._lingering[0] > STORE_LINGER_S:
-            left, self._lingering = self._lingering[1], None
-            placement.set_ring(
-                placement.ring, {k: v for k, v in placement.stores.items() if k not in left}
-            )
         current = placement.ring
         desc: dict = {}
         try:
@@ -206,10 +195,6 @@ class Vfs:
             return False
         if placement.ring is not current:
             return False  # switched meanwhile
-        left = {k for k in placement.stores if k not in stores}
-        stores.update((k, placement.stores[k]) for k in left)  # linger: see the module docstring
-        if left:
-            self._lingering = (time.monotonic(), left)
         placement.set_ring(ring, stores)
         self._ring_refused = None
         log.info(

@@ -10,18 +10,16 @@ from dataclasses import replace
 
 import pytest
 import trio
-from conftest import hafs
+from conftest import hafs, vfs_session
 from nodeproc import start_node
 from test_rebalance import assert_in_place, build, contents, holders, read_back, ring_of
 
 from hafs import home, nodeadmin, rebalance
 from hafs.blocks import block_id
 from hafs.cli import build_parser
-from hafs.cluster import Placement
 from hafs.errors import UserError
 from hafs.meta import ROOT_INODE, MetaStore
 from hafs.ring import NodeSpec
-from hafs.vfs import Options, Vfs
 
 
 @pytest.fixture
@@ -241,47 +239,38 @@ def test_a_running_vfs_switches_to_each_new_ring_version(tmp_path):
     h = tmp_path / "h"
     home.create(h)
 
-    async def main():
-        fs = home.open_fs(h)
-        placement = Placement(fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(8))
-        v = Vfs(fs.meta, placement, Options(gc_grace_s=3600, gc_interval_s=3600))
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(v.run)
-                n1_store = placement.stores["n1"]
-                nodeadmin.add_node(h, str(tmp_path / "n4"))
-                await v.reload_ring()
-                assert placement.ring.version == 2 and "n4" in placement.stores
-                assert placement.stores["n1"] is n1_store  # unchanged nodes keep their store
-                files = contents(60, seed=22)
-                for name, data in files.items():
-                    fh, _ = v.create(ROOT_INODE, name.encode(), 0o644, os.O_WRONLY, 0, 0)
-                    await v.write(fh, 0, data)
-                    await v.release(fh)
-                where = holders(placement.ring, fs.fs_uuid)
-                for data in files.values():
-                    bid = block_id(data)
-                    assert where[bid] == set(placement.ring.replicas(bid, 2))
-                assert any("n4" in where[block_id(d)] for d in files.values())
+    async def main(v):
+        placement = v.placement
+        n1_store = placement.stores["n1"]
+        nodeadmin.add_node(h, str(tmp_path / "n4"))
+        await v.reload_ring()
+        assert placement.ring.version == 2 and "n4" in placement.stores
+        assert placement.stores["n1"] is n1_store  # unchanged nodes keep their store
+        files = contents(60, seed=22)
+        for name, data in files.items():
+            fh, _ = v.create(ROOT_INODE, name.encode(), 0o644, os.O_WRONLY, 0, 0)
+            await v.write(fh, 0, data)
+            await v.release(fh)
+        where = holders(placement.ring, v.meta.setting("fs_uuid"))
+        for data in files.values():
+            bid = block_id(data)
+            assert where[bid] == set(placement.ring.replicas(bid, 2))
+        assert any("n4" in where[block_id(d)] for d in files.values())
 
-                # The background task follows on its own (within RING_RELOAD_S).
-                nodeadmin.remove_node(h, "n4")
-                with trio.fail_after(5):
-                    while placement.ring.version != 3:
-                        await trio.sleep(0.05)
-                assert placement.ring.nodes["n4"].state == "draining"
-                report = await trio.to_thread.run_sync(lambda: rebalance.run(h, settle_s=0))
-                assert report.removed_nodes == ["n4"], report.render()
-                with trio.fail_after(5):
-                    while placement.ring.version != 4:
-                        await trio.sleep(0.05)
-                assert "n4" not in placement.ring.nodes
-                assert "n4" in placement.stores  # lingers for calls begun on version 3
-                await v.shutdown()
-                nursery.cancel_scope.cancel()
-        finally:
-            fs.meta.close()
+        # The background task follows on its own (within RING_RELOAD_S).
+        nodeadmin.remove_node(h, "n4")
+        with trio.fail_after(5):
+            while placement.ring.version != 3:
+                await trio.sleep(0.05)
+        assert placement.ring.nodes["n4"].state == "draining"
+        report = await trio.to_thread.run_sync(lambda: rebalance.run(h, settle_s=0))
+        assert report.removed_nodes == ["n4"], report.render()
+        with trio.fail_after(5):
+            while placement.ring.version != 4:
+                await trio.sleep(0.05)
+        assert "n4" not in placement.ring.nodes
+        assert "n4" not in placement.stores
         return files
 
-    files = trio.run(main)
+    files = trio.run(vfs_session, h, main)
     assert_in_place(h, files)
