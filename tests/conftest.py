@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
+from hafs import home as home_mod
+from hafs.cluster import Placement
 from hafs.mount import pid_file
+from hafs.vfs import Options, Vfs
 
 HAFS = [sys.executable, "-m", "hafs"]
 
@@ -114,3 +118,22 @@ def work(mount, request):
     d = mount.mnt / re.sub(r"\W", "_", request.node.name)
     d.mkdir()
     return d
+
+
+async def vfs_session(home: Path, work):
+    """`await work(vfs)` on a running Vfs over the filesystem in `home`, without a mount.
+
+    Garbage collection is off (a long grace); the vfs is flushed and closed after.
+    """
+    fs = home_mod.open_fs(home)
+    placement = Placement(fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(8), fs.write_quorum)
+    v = Vfs(fs.meta, placement, Options(gc_grace_s=3600, gc_interval_s=3600))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(v.run)
+            result = await work(v)
+            await v.shutdown()
+            nursery.cancel_scope.cancel()
+    finally:
+        fs.meta.close()
+    return result

@@ -17,35 +17,19 @@ import time
 from pathlib import Path
 
 import trio
-from conftest import hafs, make_mount
+from conftest import hafs, make_mount, vfs_session
 
 from hafs import fsck, home
 from hafs.blocks import DirStore, block_id
-from hafs.cluster import Placement
 from hafs.errors import FsError, StorageError
 from hafs.meta import ROOT_INODE
 from hafs.ring import Ring
-from hafs.vfs import Options, Vfs
+from hafs.vfs import Vfs
 
 KB = 1024
 
 
 # ------------------------------------------------------------------ helpers
-
-
-async def _vfs_session(h: Path, work) -> object:
-    fs = home.open_fs(h)
-    placement = Placement(fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(8))
-    v = Vfs(fs.meta, placement, Options(gc_grace_s=3600, gc_interval_s=3600))
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(v.run)
-            result = await work(v)
-            await v.shutdown()
-            nursery.cancel_scope.cancel()
-    finally:
-        fs.meta.close()
-    return result
 
 
 def _dir_of(v: Vfs, path: str) -> tuple[int, bytes]:
@@ -77,7 +61,7 @@ def build(tmp_path: Path, files: dict[str, bytes], links: dict[str, str] | None 
             parent, name = _dir_of(v, new)
             v.link(inos[old], parent, name)
 
-    trio.run(_vfs_session, h, work)
+    trio.run(vfs_session, h, work)
     return h
 
 
@@ -93,7 +77,7 @@ def read_back(h: Path, ino: int) -> bytes | StorageError:
         finally:
             await v.release(fh)
 
-    return trio.run(_vfs_session, h, work)
+    return trio.run(vfs_session, h, work)
 
 
 def db(h: Path) -> sqlite3.Connection:

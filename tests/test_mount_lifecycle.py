@@ -170,9 +170,14 @@ def test_bad_mountpoints(tmp_path):
     _fails("mount", "--home", m.home, tmp_path / "nope", expect="does not exist")
     _fails("mount", "--home", m.home, "-o", "bogus=1", m.mnt, expect="unknown mount option")
     _fails("mount", "--home", tmp_path / "nohome", m.mnt, expect="hafs mkfs")
+    assert os.listdir(tmp_path / "full") == ["x"] and not os.path.ismount(tmp_path / "full")
+    assert not (tmp_path / "nope").exists() and not (tmp_path / "nohome").exists()
+    assert not os.path.ismount(m.mnt)
     m.start()
     try:
+        pid = m.daemon_pid()
         _fails("mount", "--home", m.home, m.mnt, expect="already")
+        assert os.path.ismount(m.mnt) and m.daemon_pid() == pid  # the first mount serves on
     finally:
         m.stop()
 
@@ -209,8 +214,11 @@ def test_corrupt_and_newer_metadata(tmp_path):
 
 def test_mkfs_refuses_existing(tmp_path):
     make_mount(tmp_path)
+    before = (tmp_path / "home" / "meta.db").read_bytes()
     _fails("mkfs", "--home", tmp_path / "home", expect="already holds")
+    assert (tmp_path / "home" / "meta.db").read_bytes() == before
     _fails("mkfs", "--home", tmp_path / "x", "--replicas", "4", expect="--replicas 4")
+    assert not (tmp_path / "x").exists()  # refused before anything was made
 
 
 def test_corrupt_replica_is_never_returned(fresh):

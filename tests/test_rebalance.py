@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import trio
-from conftest import HAFS, hafs, make_mount
+from conftest import HAFS, hafs, make_mount, vfs_session
 
 from hafs import fsck, home, nodeadmin, rebalance
 from hafs.blocks import DirStore, block_id
-from hafs.cluster import Placement
 from hafs.meta import ROOT_INODE, MetaStore
 from hafs.ring import Ring
-from hafs.vfs import Options, Vfs
+from hafs.vfs import Vfs
 
 R = 2
 
@@ -36,21 +35,6 @@ def contents(n: int, seed: int = 0) -> dict[str, bytes]:
     """`n` small files (one block each), deterministic."""
     rng = random.Random(seed)
     return {f"f{i}": rng.randbytes(rng.randint(1000, 3000)) for i in range(n)}
-
-
-async def _session(h: Path, work):
-    fs = home.open_fs(h)
-    placement = Placement(fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(8))
-    v = Vfs(fs.meta, placement, Options(gc_grace_s=3600, gc_interval_s=3600))
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(v.run)
-            result = await work(v)
-            await v.shutdown()
-            nursery.cancel_scope.cancel()
-    finally:
-        fs.meta.close()
-    return result
 
 
 def build(tmp_path: Path, files: dict[str, bytes], **kw) -> Path:
@@ -71,7 +55,7 @@ def build(tmp_path: Path, files: dict[str, bytes], **kw) -> Path:
             for name, data in files.items():
                 n.start_soon(one, name, data)
 
-    trio.run(_session, h, work)
+    trio.run(vfs_session, h, work)
     return h
 
 
@@ -84,7 +68,7 @@ def read_back(h: Path, files: dict[str, bytes]) -> None:
             await v.release(fh)
             assert got == data, name
 
-    trio.run(_session, h, work)
+    trio.run(vfs_session, h, work)
 
 
 def ring_of(h: Path) -> Ring:
