@@ -86,6 +86,30 @@ def mounted_fs(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def set_readahead(mountpoint: Path, kb: int) -> None:
+    """Set the kernel's read-ahead of the mount at `mountpoint` (its bdi in sysfs).
+
+    FUSE mounts start at 128 KiB, so a sequential reader costs a request per
+    128 KiB; 1 MiB requests take a quarter less CPU here.  Only root may write
+    the setting: otherwise the kernel default stays.  Blocking, and only once
+    the mount is served: the kernel resets the setting when the FUSE handshake
+    completes, and the stat here waits for that.
+    """
+    if kb <= 0:
+        return
+    try:
+        dev = os.stat(mountpoint).st_dev
+    except OSError as e:
+        log.info("kernel read-ahead left at its default: %s", e)
+        return
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+    except OSError as e:
+        log.info("kernel read-ahead left at its default: cannot write %s: %s", path, e.strerror)
+
+
 def check_mountpoint(path: Path) -> None:
     """Refuse anything but an empty, unmounted directory; detach a dead hafs mount."""
     try:
@@ -228,6 +252,7 @@ async def _serve(
         try:
             report("ok")
             nursery.start_soon(_on_signals)
+            nursery.start_soon(trio.to_thread.run_sync, set_readahead, mountpoint, opts.readahead_kb)
             await pyfuse3.main()  # returns on unmount or terminate()
             await vfs.shutdown()
         finally:

@@ -58,6 +58,7 @@ class Options:
     write_buffer_mb: int = 256  # buffered, not yet stored bytes of all files together
     flush_mb: int = 16  # a file with this much buffered data starts a background flush
     readahead_blocks: int = 4  # blocks fetched ahead of a sequential reader
+    readahead_kb: int = 1024  # the kernel's read-ahead for this mount (needs root; 0: leave it)
     threads: int = 16  # worker threads for block I/O
     gc_grace_s: float = 600.0  # unreferenced blocks are deleted after this long
     gc_interval_s: float = 30.0  # how often garbage collection looks for them

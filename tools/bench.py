@@ -2,7 +2,7 @@
 """Run the shared fsbench yardstick on hafs, a plain directory and bindfs, side by side.
 
     python3 tools/bench.py [--quick] [--reps N] [--only seqwrite,...]
-                           [--targets hafs,plain,bindfs] [-o cache_mb=256,...]
+                           [--targets hafs,hafs-nodes,plain,bindfs] [-o cache_mb=256,...]
                            [--json OUT.jsonl] [--keep] [--workdir /var/tmp]
                            [--fsbench PATH] [--timeout SECONDS]
 
@@ -12,6 +12,10 @@ on the same disk):
 
   hafs    `hafs mkfs` with the defaults (R=2, three backing directories in
           HOME/nodes), mounted with `hafs mount --home HOME [-o OPTIONS] MNT`;
+  hafs-nodes  the same workloads on three `hafs node` processes on loopback
+          ports (data directories on the same disk), claimed by `hafs mkfs
+          --node URL ...` (R=2, W=2), mounted the same way; the nodes are
+          stopped by PID afterwards;
   plain   a plain directory on the same filesystem;
   bindfs  `bindfs SRC MNT` (libfuse's C passthrough; skipped with a note when
           bindfs is not installed), the cost of FUSE itself.
@@ -40,6 +44,7 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +54,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_FSBENCH = REPO.parent / "shared" / "bench" / "fsbench.py"
-ALL_TARGETS = ["hafs", "plain", "bindfs"]
+ALL_TARGETS = ["hafs", "hafs-nodes", "plain", "bindfs"]
 ALL_WORKLOADS = ["seqwrite", "seqread", "cp", "smallfiles", "tree", "randwrite"]
 # Table rows: (row name, fsbench workload, field of the record holding the rate)
 ROWS = [
@@ -510,13 +515,84 @@ def run_fsbench(args, target: TargetRun, directory: Path, raw: list[dict]) -> No
 
 
 def bench_hafs(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
-    home, mnt = tmp / "hafs-home", tmp / "hafs-mnt"
+    """The embedded defaults: `hafs mkfs --home HOME` (three backing directories)."""
+    mkfs_and_bench(args, target, tmp / "hafs-home", tmp / "hafs-mnt", [], raw)
+
+
+NODES = 3  # `hafs node` processes of the hafs-nodes target (R=2, like the embedded defaults)
+
+
+def bench_hafs_nodes(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
+    """Three `hafs node` processes on loopback ports, claimed by `hafs mkfs --node URL ...`."""
+    procs: list[subprocess.Popen] = []
+    try:
+        urls = []
+        for i in range(NODES):
+            data, port = tmp / f"node{i}", free_port()
+            data.mkdir()
+            listen = f"127.0.0.1:{port}"
+            logf = open(tmp / f"node{i}.log", "wb")  # noqa: SIM115 - closed with the process
+            procs.append(
+                subprocess.Popen(
+                    [*hafs_cmd(), "node", "--data", str(data), "--listen", listen],
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # a Ctrl-C here reaches us; we stop them in order
+                )
+            )
+            logf.close()
+            if not wait_listening(port, procs[-1]):
+                target.status = "failed"
+                target.note = f"hafs node on {listen} did not start: {log_tail(tmp / f'node{i}.log')}"
+                return
+            urls.append(f"http://{listen}")
+        log(f"[{target.name}] {NODES} hafs node processes: {', '.join(urls)}")
+        extra = [a for url in urls for a in ("--node", url)]
+        mkfs_and_bench(args, target, tmp / "nodes-home", tmp / "nodes-mnt", extra, raw)
+    finally:
+        for proc in procs:
+            stop_process(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM by PID, then SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def mkfs_and_bench(
+    args, target: TargetRun, home: Path, mnt: Path, mkfs_args: list[str], raw: list[dict]
+) -> None:
+    """`hafs mkfs --home HOME MKFS_ARGS`, mount at MNT, run fsbench, unmount, report."""
     mnt.mkdir()
-    r = run_shielded([*hafs_cmd(), "mkfs", "--home", str(home)], timeout=120)
+    r = run_shielded([*hafs_cmd(), "mkfs", "--home", str(home), *mkfs_args], timeout=120)
     if not r:
         target.status, target.note = "failed", f"hafs mkfs failed (rc={r.rc}): {r.err.strip()}"
         return
-    log(f"[hafs] {r.out.strip()}")
+    log(f"[{target.name}] {r.out.strip()}")
     cmd = [*hafs_cmd(), "mount", "--home", str(home)]
     if args.options:
         cmd += ["-o", args.options]
@@ -527,12 +603,12 @@ def bench_hafs(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
             target.status = "failed"
             target.note = f"'{' '.join(cmd)}' failed (rc={r.rc}): {(r.err or r.out).strip()}"
             log(
-                f"[hafs] {target.note}\n--- tail of {home / 'hafs.log'} ---\n"
+                f"[{target.name}] {target.note}\n--- tail of {home / 'hafs.log'} ---\n"
                 f"{log_tail(home / 'hafs.log')}"
             )
             return
         log(
-            f"[hafs] mounted at {mnt} (daemon pid {hafs_daemon_pid(home, mnt)},"
+            f"[{target.name}] mounted at {mnt} (daemon pid {hafs_daemon_pid(home, mnt)},"
             f" options: {args.options or 'defaults'})"
         )
         run_fsbench(args, target, mnt, raw)
@@ -554,7 +630,7 @@ def bench_hafs(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
         if not ok:
             target.note += f"{'; ' if target.note else ''}{mnt} could not be unmounted"
         if target.status in ("failed", "timeout") or problems:
-            log(f"[hafs] --- tail of {home / 'hafs.log'} ---\n{log_tail(home / 'hafs.log')}")
+            log(f"[{target.name}] --- tail of {home / 'hafs.log'} ---\n{log_tail(home / 'hafs.log')}")
     st = run_shielded([*hafs_cmd(), "status", "--home", str(home), "--json"], timeout=120)
     try:
         s = json.loads(st.out)
@@ -610,7 +686,12 @@ def _links_libfuse2(exe: str) -> bool:
     return "libfuse.so.2" in out
 
 
-RUNNERS = {"hafs": bench_hafs, "plain": bench_plain, "bindfs": bench_bindfs}
+RUNNERS = {
+    "hafs": bench_hafs,
+    "hafs-nodes": bench_hafs_nodes,
+    "plain": bench_plain,
+    "bindfs": bench_bindfs,
+}
 
 
 # ---------------------------------------------------------------------------
@@ -647,7 +728,9 @@ def cell(rec: dict | None, field: str) -> tuple[str, float | None]:
 def render_table(targets: list[TargetRun]) -> str:
     names = [t.name for t in targets]
     ratios = [
-        (a, b) for a, b in (("hafs", "plain"), ("hafs", "bindfs")) if a in names and b in names
+        (a, b)
+        for a, b in (("hafs-nodes", "hafs"), ("hafs", "plain"), ("hafs", "bindfs"))
+        if a in names and b in names
     ]
     header = ["workload", *names, *[f"{a}/{b}" for a, b in ratios]]
     rows = [header]
@@ -827,7 +910,8 @@ def main(argv=None) -> int:
         f"disk    : {info['workdir']}: {info['workdir_fs']}, {info['disk_free']} free;"
         f" load average at start {info['loadavg_start']}",
         f"hafs    : revision {info['hafs_revision']}; mkfs defaults (R=2, 3 backing dirs on"
-        f" this disk); mount options: {args.options or 'defaults'}",
+        f" this disk; hafs-nodes: {NODES} hafs node processes on loopback, R=2, W=2);"
+        f" mount options: {args.options or 'defaults'}",
         f"fsbench : {args.fsbench} --unique-data",
     ]
     if "bindfs" in args.targets:
