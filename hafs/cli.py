@@ -97,12 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="mount options (-o name=value,...): cache_mb (read cache, default 128),"
         " write_buffer_mb (buffered writes of all files, default 256), flush_mb (a file with"
         " this much buffered data starts storing it, default 16), readahead_blocks (default 4),"
-        " readahead_kb (the kernel's read-ahead, default 1024), threads (block I/O threads, default 16), gc_grace_s (unreferenced blocks are deleted"
+        " readahead_kb (the kernel's read-ahead, default 1024), threads (block I/O threads,"
+        " default 16), gc_grace_s (unreferenced blocks are deleted"
         " after this long, default 600), gc_interval_s (default 30), lock_ttl_s (write-lock"
         " lease, default 10), lock_wait_s (wait for another mount's write lock, default 30),"
         " node_timeout_s (a remote node's request fails after this long and the next node is"
         " used, default 10), probe_interval_s (how often down nodes are asked again, default"
-        " 2), allow_other, allow_root.",
+        " 2), repair_interval_s (how often blocks written while a node failed are put right,"
+        " default 10), allow_other, allow_root.",
     )
     _home_arg(p)
     p.add_argument(

@@ -5,8 +5,9 @@
   healthy node clockwise on the ring, so R copies are still made while any R
   nodes work.  The put succeeds once every attempt has ended with at least W
   durable copies (W = the write quorum, a majority of R by default); fewer than
-  R copies is logged BLOCK-DEGRADED (fsck --repair or rebalance restores R), fewer
-  than W is `QuorumLost`.  A down node is tried only when the healthy ones
+  R copies is logged BLOCK-DEGRADED and handed to `on_degraded` (the mount
+  records it; `repair` puts it right once its nodes answer), fewer than W is
+  `QuorumLost`.  A down node is tried only when the healthy ones
   cannot make W copies.
 - `get` tries the ring's replicas in order, then every other node (a block
   written while its preferred node was failing lives elsewhere), healthy nodes
@@ -16,6 +17,11 @@
   copy was written or re-stored within the grace period (a writer that just
   stored a block with this content is about to reference it).  A copy left on a
   down node is garbage for fsck.
+
+Retries: a node that failed a get or put in a way that may be gone a moment
+later (`is_temporary`: a refused or reset connection, a 5xx answer; never a
+timeout) is tried once more after a jittered backoff, if no other node served
+the read or the write still lacks its quorum.
 
 Node health (`NodeHealth`): a node that refuses connections, or answers as
 another node, is down at once; a timeout or another failure is a strike, and
@@ -36,6 +42,7 @@ running goes on with the ring and stores it started with.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
@@ -51,6 +58,7 @@ log = logging.getLogger(__name__)
 
 STRIKES = 3  # failures in a row (timeouts, errors) that mark a node down
 PROBE_INTERVAL_S = 2.0  # how often down nodes are pinged and free space refreshed
+RETRY_BACKOFF_S = 0.25  # mean wait before the one retry of a node that failed temporarily
 
 
 class NodeHealth:
@@ -89,6 +97,22 @@ class NodeHealth:
         log.warning("NODE-DOWN %s: %s", node_id, why)
 
 
+def is_temporary(exc: BaseException) -> bool:
+    """A failure that may be gone a moment later: a refused or reset connection (a node
+    restarting) or a node's own 5xx answer.  Not a timeout (it took long enough
+    already), a full disk or a refusal that would only repeat."""
+    if isinstance(exc, NodeTimeout):
+        return False
+    if isinstance(exc, NodeUnavailable):
+        return True
+    return isinstance(exc, NodeRefused) and (exc.status or 0) >= 500 and exc.status != 507
+
+
+async def backoff() -> None:
+    """Wait before a retry: RETRY_BACKOFF_S, jittered so that callers do not retry in step."""
+    await trio.sleep(RETRY_BACKOFF_S * random.uniform(0.5, 1.5))
+
+
 class KeyedLock:
     """One trio lock per key, created on demand and dropped when unused."""
 
@@ -123,6 +147,7 @@ class Placement:
         limiter: trio.CapacityLimiter,
         write_quorum: int | None = None,
         health: NodeHealth | None = None,
+        on_degraded: Callable[[str, list[str]], None] | None = None,
     ) -> None:
         self.ring = ring
         self.stores = stores
@@ -135,6 +160,7 @@ class Placement:
         self.usage: dict[str, tuple[int, int]] = {}  # node id -> (total, free) bytes, remote nodes
         self.degraded = 0  # blocks stored with fewer than R copies or off their ring nodes
         self._degraded_logged = -1e9
+        self.on_degraded = on_degraded  # records such a block (id, nodes holding it) for repair
 
     def set_ring(self, ring: Ring, stores: dict[str, DirStore | RemoteStore]) -> None:
         """Use a new version of the ring (and the stores of its nodes) from now on."""
@@ -168,7 +194,8 @@ class Placement:
             healthy = [n for n in order if not self.health.is_down(n)]
             stored: list[str] = []
             errors: list[str] = []
-            queue = iter(healthy)
+            retry: list[str] = []  # nodes that failed in a way worth one more try
+            queue: Iterator[str] = iter(())
 
             async def store_on(node_id: str | None) -> None:
                 while node_id is not None:
@@ -177,19 +204,27 @@ class Placement:
                     except OSError as e:
                         log.error("BLOCK-WRITE-FAILED %s on node %s: %s", block_id, node_id, e)
                         errors.append(f"{node_id}: {e}")
+                        if is_temporary(e):
+                            retry.append(node_id)
                         node_id = next(queue, None)
                     else:
                         stored.append(node_id)
                         return
 
-            async with trio.open_nursery() as nursery:
-                for _ in range(self.replicas):
-                    nursery.start_soon(store_on, next(queue, None))
-            if len(stored) < self.write_quorum:  # last resort: the nodes believed down
-                queue = iter(n for n in order if n not in healthy)
+            async def attempt(nodes: list[str]) -> None:
+                nonlocal queue
+                queue = iter(nodes)
                 async with trio.open_nursery() as nursery:
                     for _ in range(self.replicas - len(stored)):
                         nursery.start_soon(store_on, next(queue, None))
+
+            await attempt(healthy)
+            if len(stored) < self.write_quorum:  # last resort: the nodes believed down
+                await attempt([n for n in order if n not in healthy])
+            if len(stored) < self.write_quorum and retry:
+                await backoff()
+                again, retry[:] = list(dict.fromkeys(retry)), []
+                await attempt(again)
             if len(stored) < self.write_quorum:
                 raise QuorumLost(
                     f"block {block_id}: {len(stored)} of {self.replicas} copies stored, at least"
@@ -200,13 +235,15 @@ class Placement:
                 self._degraded(block_id, stored, named)
 
     def _degraded(self, block_id: str, stored: list[str], named: list[str]) -> None:
-        """Log a block stored off its ring nodes: the first, then a count every 10 s."""
+        """Record a block stored off its ring nodes; log the first, then a count every 10 s."""
         self.degraded += 1
+        if self.on_degraded is not None:
+            self.on_degraded(block_id, stored)
         now = time.monotonic()
         if now - self._degraded_logged >= 10:
             log.warning(
                 "BLOCK-DEGRADED %s: copies on %s, the ring names %s; %d blocks so far"
-                " (hafs fsck --repair or hafs rebalance puts them right)",
+                " (recorded: background repair puts them right once the nodes answer)",
                 block_id,
                 ", ".join(sorted(stored)),
                 ", ".join(named),
@@ -214,19 +251,67 @@ class Placement:
             )
             self._degraded_logged = now
 
+    async def repair(self, block_id: str, holders: list[str]) -> bool | None:
+        """Put a degraded block right: True once it is, False if that failed (try
+        again later), None without trying while a node the ring names is down.
+
+        Every node the ring names gets a verified copy (read from any node that
+        has one), and only then are the copies on `holders` the ring does not
+        name deleted, so the block never has fewer copies than before.
+        """
+        named = self.ring.replicas(block_id, self.replicas)
+        if any(self.health.is_down(n) for n in named):
+            return None
+        async with self._block_locks(block_id):
+            stores = self.stores  # this call's view, whatever set_ring does meanwhile
+            failed: list[str] = []
+
+            async def copy_to(node_id: str, data: bytes) -> None:
+                try:
+                    await self._call(node_id, stores[node_id].put, block_id, data)
+                except OSError as e:
+                    failed.append(str(e))
+
+            try:
+                lacking = [n for n in named if not await self._call(n, stores[n].has, block_id)]
+                if lacking:
+                    data = await self.get(block_id)
+                    async with trio.open_nursery() as nursery:
+                        for node_id in lacking:
+                            nursery.start_soon(copy_to, node_id, data)
+                if not failed:
+                    for node_id in holders:
+                        if node_id not in named and node_id in stores:
+                            await self._call(node_id, stores[node_id].delete, block_id)
+            except (OSError, BlockMissing) as e:
+                failed.append(str(e))
+            if failed:
+                log.info("repair of block %s deferred: %s", block_id, "; ".join(failed))
+                return False
+        return True
+
     async def get(self, block_id: str) -> bytes:
         problems: list[str] = []
         stores = self.stores  # this call's view, whatever set_ring does meanwhile
-        for node_id in self._candidates(block_id):
-            try:
-                return await self._call(node_id, stores[node_id].get, block_id)
-            except BlockMissing:
-                continue
-            except BlockCorrupt:
-                problems.append(f"corrupt on {node_id}")
-            except OSError as e:
-                log.error("BLOCK-READ-FAILED %s on node %s: %s", block_id, node_id, e)
-                problems.append(f"{node_id}: {e}")
+        nodes = list(self._candidates(block_id))
+        for attempt in range(2):
+            retry = []  # nodes that failed in a way worth one more try
+            for node_id in nodes:
+                try:
+                    return await self._call(node_id, stores[node_id].get, block_id)
+                except BlockMissing:
+                    continue
+                except BlockCorrupt:
+                    problems.append(f"corrupt on {node_id}")
+                except OSError as e:
+                    log.error("BLOCK-READ-FAILED %s on node %s: %s", block_id, node_id, e)
+                    problems.append(f"{node_id}: {e}")
+                    if is_temporary(e):
+                        retry.append(node_id)
+            if not retry or attempt:
+                break
+            await backoff()
+            nodes = retry
         raise BlockMissing(block_id, "; ".join(problems) or "on no node")
 
     async def delete(self, block_id: str, grace_s: float) -> bool:

@@ -553,7 +553,15 @@ class Checker:
             removed = sum(s.cleanup_tmp(self.report.grace_s) for s in self.stores.values() if s)
             if removed:
                 self.report.notes.append(f"removed {removed} stale temp files of cut-off writes")
+            if all(s is not None for s in self.stores.values()):  # every node was checked
+                self.meta.clear_degraded(keep=self.unhealthy)
             self.meta.sync()
+        degraded = self.meta.count_degraded()
+        if degraded:
+            self.report.notes.append(
+                f"{degraded} blocks are recorded as written while a node was failing;"
+                " a mount repairs them in the background, as does 'hafs fsck --repair'"
+            )
         st["bytes_read"] = self.throttle.bytes
 
     # ------------------------------------------------------------ helpers

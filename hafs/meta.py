@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .errors import LockLost, UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x68616673  # "hafs": marks a SQLite file as a hafs metadata database
 ROOT_INODE = 1
 
@@ -109,6 +109,15 @@ CREATE TABLE xattrs (
     value BLOB NOT NULL,
     PRIMARY KEY (inode, name)
 ) WITHOUT ROWID;
+
+-- Blocks stored with fewer than R copies or off the nodes the ring names (a
+-- node was down or failed the write), until a repair puts them right.
+CREATE TABLE degraded (
+    id       TEXT PRIMARY KEY,  -- the block
+    nodes    TEXT NOT NULL,     -- space-separated ids of the nodes its copies went to
+    since_ns INTEGER NOT NULL,
+    tries    INTEGER NOT NULL DEFAULT 0  -- repairs that failed (not counting waits for a node)
+) WITHOUT ROWID;
 """
 
 # Each entry upgrades a database of that version to the next one.
@@ -118,6 +127,12 @@ MIGRATIONS = {
     CREATE TABLE locks (
         name TEXT PRIMARY KEY, holder TEXT, token INTEGER NOT NULL,
         acquired_ns INTEGER, expires_ns INTEGER
+    ) WITHOUT ROWID;
+    """,
+    2: """
+    CREATE TABLE degraded (
+        id TEXT PRIMARY KEY, nodes TEXT NOT NULL, since_ns INTEGER NOT NULL,
+        tries INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID;
     """,
 }
@@ -497,7 +512,46 @@ class MetaStore:
         """Drop the row of an unreferenced block; False if it is referenced again."""
         with self.txn():
             cur = self.db.execute("DELETE FROM blocks WHERE id = ? AND refcount = 0", (block_id,))
+            if cur.rowcount == 1:
+                self.db.execute("DELETE FROM degraded WHERE id = ?", (block_id,))
             return cur.rowcount == 1
+
+    def record_degraded(self, block_id: str, nodes: list[str]) -> None:
+        """Note a block whose copies went to `nodes`, not (all) where the ring says."""
+        with self.txn():
+            row = self.db.execute("SELECT nodes FROM degraded WHERE id = ?", (block_id,)).fetchone()
+            known = row[0].split() if row else []
+            self.db.execute(
+                "INSERT INTO degraded (id, nodes, since_ns) VALUES (?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET nodes = excluded.nodes",
+                (block_id, " ".join(sorted({*known, *nodes})), now_ns()),
+            )
+
+    def degraded_blocks(self, limit: int) -> list[tuple[str, list[str]]]:
+        """Up to `limit` recorded degraded blocks, least tried first: (id, nodes)."""
+        rows = self.db.execute(
+            "SELECT id, nodes FROM degraded ORDER BY tries, since_ns LIMIT ?", (limit,)
+        )
+        return [(bid, nodes.split()) for bid, nodes in rows]
+
+    def degraded_done(self, block_id: str, repaired: bool) -> None:
+        """A repair of the block succeeded (forget it) or failed (count the try)."""
+        with self.txn():
+            if repaired:
+                self.db.execute("DELETE FROM degraded WHERE id = ?", (block_id,))
+            else:
+                self.db.execute("UPDATE degraded SET tries = tries + 1 WHERE id = ?", (block_id,))
+
+    def clear_degraded(self, keep: set[str]) -> int:
+        """Forget every recorded degraded block but those in `keep` (after a full repair)."""
+        with self.txn():
+            ids = [r[0] for r in self.db.execute("SELECT id FROM degraded")]
+            gone = [(bid,) for bid in ids if bid not in keep]
+            self.db.executemany("DELETE FROM degraded WHERE id = ?", gone)
+        return len(gone)
+
+    def count_degraded(self) -> int:
+        return self.db.execute("SELECT count(*) FROM degraded").fetchone()[0]
 
     def usage(self) -> tuple[int, int, int]:
         """(logical bytes in files, stored bytes of referenced blocks, referenced block count)."""

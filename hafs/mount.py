@@ -252,7 +252,9 @@ async def _serve(
         try:
             report("ok")
             nursery.start_soon(_on_signals)
-            nursery.start_soon(trio.to_thread.run_sync, set_readahead, mountpoint, opts.readahead_kb)
+            nursery.start_soon(
+                trio.to_thread.run_sync, set_readahead, mountpoint, opts.readahead_kb
+            )
             await pyfuse3.main()  # returns on unmount or terminate()
             await vfs.shutdown()
         finally:

@@ -104,6 +104,7 @@ def gather(home: Path) -> dict:
         node_token = meta.setting_or("node_token", None)
         logical, stored, count = meta.usage()
         files = meta.count_inodes()
+        degraded = meta.count_degraded()
         now = time.time_ns()
         locks = [
             {
@@ -132,6 +133,7 @@ def gather(home: Path) -> dict:
         "stored_bytes": stored,
         "unique_blocks": count,
         "dedup_ratio": round(logical / stored, 3) if stored else None,
+        "degraded_blocks": degraded,
         "nodes": node_table(ring, fs_uuid, node_token, replicas),
         "locks": locks,
     }
@@ -181,6 +183,12 @@ def render(r: dict) -> str:
         "",
         *render_nodes(r["nodes"]),
     ]
+    if r["degraded_blocks"]:
+        lines += [
+            "",
+            f"degraded blocks: {r['degraded_blocks']} (written while a node was failing;"
+            " a mount repairs them in the background, as does 'hafs fsck --repair')",
+        ]
     lines += ["", f"write locks held: {len(r['locks'])}"]
     for lk in r["locks"]:
         lines.append(

@@ -48,6 +48,7 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 64 * 1024
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+REPAIR_BATCH = 200  # degraded blocks looked at per repair round
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Options:
     lock_wait_s: float = 30.0  # a writer waits this long for another mount's lock (then ENOLCK)
     node_timeout_s: float = 10.0  # a remote node's request fails after this long (then: next node)
     probe_interval_s: float = 2.0  # how often down nodes are asked whether they are back
+    repair_interval_s: float = 10.0  # how often degraded blocks are put right (0: never)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Vfs:
         self._ring_refused: int | None = None  # a version that could not be used (logged)
         self.locks = SqliteLockService(meta.db, default_holder(holder), opts.lock_ttl_s)
         self.placement = placement
+        placement.on_degraded = meta.record_degraded  # for repair_degraded
         self.opts = opts
         self.lookups: Counter[int] = Counter()
         self.files: dict[int, FileState] = {}
@@ -131,6 +134,8 @@ class Vfs:
             nursery.start_soon(self._keepalive_loop)
             nursery.start_soon(self.placement.probe_loop, self.opts.probe_interval_s)
             nursery.start_soon(self._ring_loop)
+            if self.opts.repair_interval_s > 0:
+                nursery.start_soon(self._repair_loop)
             task_status.started()
 
     async def shutdown(self) -> None:
@@ -217,6 +222,30 @@ class Vfs:
             timeout = self.opts.node_timeout_s
             self._open_store = lambda spec: open_store(spec, fs_uuid, token, timeout)
         return self._open_store
+
+    async def _repair_loop(self) -> None:
+        while True:
+            await trio.sleep(self.opts.repair_interval_s)
+            await self.repair_degraded()
+
+    async def repair_degraded(self, batch: int = REPAIR_BATCH) -> int:
+        """Put right the recorded degraded blocks whose nodes answer; returns how many."""
+        done = failed = 0
+        for block_id, holders in self.meta.degraded_blocks(batch):
+            repaired = await self.placement.repair(block_id, holders)
+            if repaired is None:
+                continue  # not a try: waiting for a node (or for a ring without it)
+            self.meta.degraded_done(block_id, repaired)
+            done += repaired
+            failed += not repaired
+        if done or failed:
+            log.info(
+                "REPAIR: %d degraded blocks put right, %d deferred; %d still recorded",
+                done,
+                failed,
+                self.meta.count_degraded(),
+            )
+        return done
 
     async def _gc_loop(self) -> None:
         while True:

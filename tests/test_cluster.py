@@ -6,8 +6,9 @@ import pytest
 import trio
 
 from hafs.blocks import DirStore, block_id
-from hafs.cluster import Placement
+from hafs.cluster import Placement, is_temporary
 from hafs.errors import BlockMissing, QuorumLost
+from hafs.remote import NodeRefused, NodeTimeout, NodeUnavailable
 from hafs.ring import NodeSpec, Ring
 
 
@@ -150,3 +151,94 @@ async def test_reads_try_down_nodes_last(tmp_path):
     assert order[0] == second and order[-1] == first
     placement.stores[second].delete(bid)
     assert await placement.get(bid) == data  # the down node is still asked as a last resort
+
+
+async def test_blocks_written_around_a_failing_node_are_recorded_and_repaired(tmp_path):
+    placement, ring = make(tmp_path, failing={"n1"})
+    recorded = {}
+    placement.on_degraded = lambda bid, nodes: recorded.setdefault(bid, nodes)
+    blocks = {}
+    for _ in range(30):
+        data = os.urandom(1000)
+        bid = block_id(data)
+        await placement.put(bid, data)
+        blocks[bid] = data
+    affected = {bid for bid in blocks if "n1" in ring.replicas(bid, 2)}
+    assert affected and set(recorded) == affected
+    for bid in affected:  # recorded where the copies went: R nodes, not n1
+        assert sorted(recorded[bid]) == holders(placement, bid) and "n1" not in recorded[bid]
+
+    placement.health.mark_down("n1", "test")
+    assert all([await placement.repair(b, recorded[b]) is None for b in affected])  # waits
+
+    placement.stores["n1"] = DirStore.open(tmp_path / "n1", "n1", "fs")  # the disk is back
+    placement.health.success("n1")
+    for bid in affected:
+        assert await placement.repair(bid, recorded[bid]) is True
+        assert holders(placement, bid) == sorted(ring.replicas(bid, 2))  # extra copy gone
+        assert await placement.get(bid) == blocks[bid]
+
+
+async def test_a_repair_that_cannot_copy_keeps_every_copy(tmp_path):
+    placement, ring = make(tmp_path, failing={"n1"})
+    while "n1" not in ring.replicas(bid := block_id(data := os.urandom(1000)), 2):
+        pass  # a block the ring places on the failing node
+    await placement.put(bid, data)
+    before = holders(placement, bid)
+    assert await placement.repair(bid, before) is False  # n1 still fails its writes
+    assert holders(placement, bid) == before
+
+
+class RestartingStore(DirStore):
+    """A node that refuses connections for its first `refusals` calls (a restart)."""
+
+    refusals = 1
+
+    def _maybe_refuse(self):
+        if self.refusals:
+            self.refusals -= 1
+            raise NodeUnavailable("http://test", self.node_id, "connection refused", 111)
+
+    def get(self, block_id):
+        self._maybe_refuse()
+        return super().get(block_id)
+
+    def put(self, block_id, data):
+        self._maybe_refuse()
+        return super().put(block_id, data)
+
+
+class HungStore(DirStore):
+    calls = 0
+
+    def get(self, block_id):
+        self.calls += 1
+        raise NodeTimeout("http://test", self.node_id, "no answer within 1 s", 110)
+
+
+def test_only_temporary_failures_are_retried():
+    refused = NodeUnavailable("a", "n1", "connection refused", 111)
+    assert is_temporary(refused) and is_temporary(NodeRefused("a", "n1", "disk", 5, 500))
+    assert not is_temporary(NodeTimeout("a", "n1", "slow", 110))
+    assert not is_temporary(NodeRefused("a", "n1", "full", 28, 507))
+    assert not is_temporary(NodeRefused("a", "n1", "bad body", 5, 422))
+    assert not is_temporary(OSError(5, "disk error"))
+
+
+async def test_a_restarting_node_is_retried_after_a_backoff(tmp_path):
+    placement, ring = make(tmp_path, n=1, r=1)
+    placement.write_quorum = 1
+    placement.stores["n1"] = RestartingStore.open(tmp_path / "n1", "n1", "fs")
+    data = os.urandom(100)
+    bid = block_id(data)
+    await placement.put(bid, data)  # refused, then stored on the retry
+    placement.stores["n1"].refusals = 1
+    assert await placement.get(bid) == data  # refused, then read on the retry
+
+
+async def test_a_timed_out_read_is_not_retried(tmp_path):
+    placement, ring = make(tmp_path, n=1, r=1)
+    hung = placement.stores["n1"] = HungStore.open(tmp_path / "n1", "n1", "fs")
+    with pytest.raises(BlockMissing):
+        await placement.get(block_id(b"x"))
+    assert hung.calls == 1

@@ -89,3 +89,32 @@ def test_refuses_foreign_newer_and_damaged_databases(tmp_path, meta):
         MetaStore.open(bad)
     with pytest.raises(UserError, match="missing"):
         MetaStore.open(tmp_path / "none.db")
+
+
+def test_degraded_blocks_are_recorded_merged_and_forgotten(meta):
+    meta.record_degraded(A, ["n1", "n3"])
+    meta.record_degraded(A, ["n4"])  # written again around another failing node
+    meta.record_degraded(B, ["n2"])
+    assert sorted(meta.degraded_blocks(10)) == [(A, ["n1", "n3", "n4"]), (B, ["n2"])]
+    meta.degraded_done(A, repaired=False)
+    assert [bid for bid, _ in meta.degraded_blocks(10)] == [B, A]  # least tried first
+    meta.degraded_done(B, repaired=True)
+    assert meta.count_degraded() == 1
+    assert meta.clear_degraded(keep={A}) == 0 and meta.clear_degraded(keep=set()) == 1
+    ino = new_file(meta)  # a collected garbage block takes its record with it
+    meta.replace_extents(ino, 0, 10, [Extent(0, 10, C)], {C: 10}, 10, 1)
+    meta.record_degraded(C, ["n1"])
+    meta.truncate(ino, 0, 1)
+    assert meta.forget_block(C) and meta.count_degraded() == 0
+
+
+def test_a_version_2_database_is_upgraded(tmp_path, meta):
+    meta.db.executescript("DROP TABLE degraded; PRAGMA user_version = 2;")
+    meta.close()
+    upgraded = MetaStore.open(meta.path)
+    try:
+        assert upgraded.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        upgraded.record_degraded(A, ["n1"])
+        assert upgraded.count_degraded() == 1
+    finally:
+        upgraded.close()

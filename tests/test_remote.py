@@ -6,6 +6,7 @@ Nodes are killed and stopped by PID; the mount is always unmounted.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -21,7 +22,10 @@ from nodeproc import Node, start_node
 from hafs.chunker import MiB
 
 TIMEOUT_S = 2  # node_timeout_s of the mount
-OPTIONS = f"node_timeout_s={TIMEOUT_S},probe_interval_s=1,gc_grace_s=0,gc_interval_s=1"
+OPTIONS = (
+    f"node_timeout_s={TIMEOUT_S},probe_interval_s=1,gc_grace_s=0,gc_interval_s=1,"
+    "repair_interval_s=1"
+)
 # Log lines these tests cause on purpose (a node killed or stopped under a running mount).
 EXPECTED = ("BLOCK-WRITE-FAILED", "BLOCK-READ-FAILED", "BLOCK-CORRUPT")
 
@@ -148,6 +152,34 @@ def test_kill_9_of_a_node_during_a_copy(cluster, tmp_path):
     assert set(cluster.holders().values()) == {2}
     cluster.mount.start()
     check_tree(mnt / "during", during)
+
+
+def degraded_blocks(cluster) -> int:
+    p = hafs("status", "--home", cluster.mount.home, "--json", check=False)  # 1: a node down
+    return json.loads(p.stdout)["degraded_blocks"]
+
+
+def test_blocks_written_while_a_node_is_dead_are_repaired_when_it_returns(cluster, tmp_path):
+    mnt = cluster.mount.mnt
+    cluster.nodes[1].stop(signal.SIGKILL)
+    files = make_tree(tmp_path / "src", 10, 2 * MiB, seed=5)
+    subprocess.run(["cp", "-a", str(tmp_path / "src"), str(mnt / "t")], check=True)
+    subprocess.run(["sync", "-f", str(mnt / "t")], check=True)
+    holders = cluster.holders()
+    assert set(holders.values()) == {2}, "R copies made on the two nodes left"
+    assert degraded_blocks(cluster) > 0, "the blocks that belong on n2 are recorded"
+    cluster.restart(1)  # the same directory and port: the probe finds it, repair follows
+    deadline = time.monotonic() + 30
+    while degraded_blocks(cluster):
+        assert time.monotonic() < deadline, "degraded blocks were not repaired"
+        time.sleep(0.5)
+    assert cluster.holders() == holders, "each block still on exactly R=2 nodes"
+    assert any((cluster.nodes[1].data / "blocks").rglob("*/*")), "n2 got its blocks back"
+    log = cluster.mount.log.read_text()
+    assert "NODE-UP n2" in log and "REPAIR: " in log
+    p = hafs("fsck", "--home", cluster.mount.home, check=False)  # a check beside the mount
+    assert p.returncode == 0, p.stdout + p.stderr
+    check_tree(mnt / "t", files)
 
 
 def test_a_hung_node_never_stalls_the_mount(cluster, tmp_path):

@@ -544,7 +544,9 @@ def bench_hafs_nodes(args, target: TargetRun, tmp: Path, raw: list[dict]) -> Non
             logf.close()
             if not wait_listening(port, procs[-1]):
                 target.status = "failed"
-                target.note = f"hafs node on {listen} did not start: {log_tail(tmp / f'node{i}.log')}"
+                target.note = (
+                    f"hafs node on {listen} did not start: {log_tail(tmp / f'node{i}.log')}"
+                )
                 return
             urls.append(f"http://{listen}")
         log(f"[{target.name}] {NODES} hafs node processes: {', '.join(urls)}")
@@ -630,7 +632,8 @@ def mkfs_and_bench(
         if not ok:
             target.note += f"{'; ' if target.note else ''}{mnt} could not be unmounted"
         if target.status in ("failed", "timeout") or problems:
-            log(f"[{target.name}] --- tail of {home / 'hafs.log'} ---\n{log_tail(home / 'hafs.log')}")
+            logfile = home / "hafs.log"
+            log(f"[{target.name}] --- tail of {logfile} ---\n{log_tail(logfile)}")
     st = run_shielded([*hafs_cmd(), "status", "--home", str(home), "--json"], timeout=120)
     try:
         s = json.loads(st.out)
