@@ -35,7 +35,7 @@ from .blocks import DirStore
 from .cache import BlockCache
 from .chunker import MiB
 from .cluster import Placement
-from .errors import FsError, HafsError, LockLost
+from .errors import BlockMissing, FsError, HafsError, LockLost
 from .files import FileState, Shared, WriteBudget
 from .locks import SqliteLockService, default_holder
 from .meta import Dentry, Inode, MetaStore, now_ns
@@ -588,7 +588,20 @@ class Vfs:
             raise FsError(errno.EBADF) from None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._handle(fh).file.read(off, size)
+        file = self._handle(fh).file
+        try:
+            return await file.read(off, size)
+        except BlockMissing as e:  # EIO for this read; the log says which file lost what
+            log.error(
+                "BLOCK-UNREADABLE %s of %s (inode %d, bytes %d..%d): %s",
+                e.block_id,
+                self.meta.path_of(file.ino),
+                file.ino,
+                off,
+                off + size,
+                e,
+            )
+            raise
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         h = self._handle(fh)

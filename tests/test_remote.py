@@ -6,6 +6,7 @@ Nodes are killed and stopped by PID; the mount is always unmounted.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -27,7 +28,13 @@ OPTIONS = (
     "repair_interval_s=1"
 )
 # Log lines these tests cause on purpose (a node killed or stopped under a running mount).
-EXPECTED = ("BLOCK-WRITE-FAILED", "BLOCK-READ-FAILED", "BLOCK-CORRUPT")
+EXPECTED = (
+    "BLOCK-WRITE-FAILED",
+    "BLOCK-READ-FAILED",
+    "BLOCK-CORRUPT",
+    "BLOCK-UNREADABLE",
+    "I/O error in read",
+)
 
 
 class Cluster:
@@ -150,6 +157,7 @@ def test_kill_9_of_a_node_during_a_copy(cluster, tmp_path):
     assert p.returncode in (0, 1), p.stdout + p.stderr
     assert hafs("fsck", "--home", cluster.mount.home, check=False).returncode == 0
     assert set(cluster.holders().values()) == {2}
+    assert degraded_blocks(cluster) == 0, "fsck --repair clears the record"
     cluster.mount.start()
     check_tree(mnt / "during", during)
 
@@ -238,6 +246,20 @@ def test_a_corrupt_block_on_a_node_is_never_returned(cluster, tmp_path):
     assert corrupted
     cluster.mount.start()
     assert (mnt / "f").read_bytes() == data
+    # every copy corrupt: EIO, and the log names the block and the file
+    cluster.mount.stop()
+    for node in cluster.nodes:
+        for f in (node.data / "blocks").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"x" + f.read_bytes()[1:])
+    cluster.mount.start()
+    with pytest.raises(OSError) as err:
+        (mnt / "f").read_bytes()
+    assert err.value.errno == errno.EIO
+    assert any(
+        "BLOCK-UNREADABLE" in ln and " of /f " in ln
+        for ln in cluster.mount.log.read_text().splitlines()
+    )
 
 
 def test_wrong_token_is_refused_at_mkfs_and_mount(tmp_path):
