@@ -54,6 +54,7 @@ OSError; the layer above treats them as a failed replica.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -103,6 +104,22 @@ class StoreUsage:
     free_bytes: int  # space available to unprivileged users (f_bavail * f_frsize)
     block_count: int  # number of block files
     block_bytes: int  # sum of their sizes
+
+
+def disk_id(path: str | Path) -> str:
+    """Which disk holds `path`, the same string from any process on this machine:
+    the machine id and the device number, so `df` counts a disk shared by several
+    nodes (backing directories or local block nodes) once."""
+    return f"{_machine_id()}:{os.stat(path).st_dev}"
+
+
+@functools.cache
+def _machine_id() -> str:
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or os.uname().nodename
+    except OSError:
+        return os.uname().nodename
 
 
 def _fsync_dir(path: str) -> None:

@@ -157,7 +157,8 @@ class Placement:
         self.health = health or NodeHealth()
         self._block_locks = KeyedLock()
         self._probe_limiter = trio.CapacityLimiter(8)
-        self.usage: dict[str, tuple[int, int]] = {}  # node id -> (total, free) bytes, remote nodes
+        # remote nodes: node id -> (disk id, total bytes, free bytes), refreshed by probe_loop
+        self.usage: dict[str, tuple[str, int, int]] = {}
         self.degraded = 0  # blocks stored with fewer than R copies or off their ring nodes
         self._degraded_logged = -1e9
         self.on_degraded = on_degraded  # records such a block (id, nodes holding it) for repair
@@ -341,7 +342,8 @@ class Placement:
         try:
             if isinstance(store, RemoteStore):
                 st = await trio.to_thread.run_sync(store.status, limiter=self._probe_limiter)
-                self.usage[node_id] = (st["total_bytes"], st["free_bytes"])
+                disk = st.get("disk_id") if isinstance(st.get("disk_id"), str) else node_id
+                self.usage[node_id] = (disk, st["total_bytes"], st["free_bytes"])
             else:
                 await trio.to_thread.run_sync(store.ping, limiter=self._probe_limiter)
         except OSError as e:

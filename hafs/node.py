@@ -128,7 +128,7 @@ import h11
 import trio
 
 from . import __version__
-from .blocks import DirStore, StoreUsage, _fsync_dir, block_id, read_identity
+from .blocks import DirStore, StoreUsage, _fsync_dir, block_id, disk_id, read_identity
 from .chunker import MAX_SIZE
 from .errors import BlockCorrupt, BlockMissing, NodeIdentityError, UserError
 
@@ -590,6 +590,7 @@ class NodeApp:
         self.bodies = trio.CapacityLimiter(2 * threads)  # PUT bodies held in memory
         self.metrics = Metrics()
         self.started_ns = time.time_ns()
+        self.disk_id = disk_id(path)
         self._usage: StoreUsage | None = None
         self._usage_at = -float("inf")
         self._usage_lock = trio.Lock()
@@ -849,6 +850,7 @@ class NodeApp:
                 "block_bytes": usage.block_bytes,
                 "max_block_size": MAX_SIZE,
                 "started_ns": self.started_ns,
+                "disk_id": self.disk_id,
             },
         )
 

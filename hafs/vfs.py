@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from .blocks import DirStore
+from .blocks import DirStore, disk_id
 from .cache import BlockCache
 from .chunker import MiB
 from .cluster import Placement
@@ -700,21 +700,24 @@ class Vfs:
     def statfs(self) -> dict[str, int]:
         """Capacity and free space as a user can fill them: raw space / R, each disk once.
 
-        Backing directories are asked directly (each device counted once); remote
-        nodes by the figures the probe loop keeps (a node not heard from yet counts 0).
+        Backing directories are asked directly; remote nodes by the figures the
+        probe loop keeps (a node not heard from yet counts 0).  A disk holding
+        several nodes (backing directories or nodes on this machine) counts once.
         """
-        seen: dict[int, tuple[int, int]] = {}
+        seen: dict[str, tuple[int, int]] = {}
         for store in self.placement.stores.values():
             if isinstance(store, DirStore):
                 try:
                     st = os.statvfs(store.path)
-                    seen[os.stat(store.path).st_dev] = (
+                    seen[disk_id(store.path)] = (
                         st.f_blocks * st.f_frsize,
                         st.f_bavail * st.f_frsize,
                     )
                 except OSError:
                     continue  # a lost disk adds no space
-        space = [*seen.values(), *self.placement.usage.values()]
+        for disk, total, free in self.placement.usage.values():
+            seen[disk] = (total, free)
+        space = seen.values()
         r = self.placement.replicas
         total = sum(t for t, _ in space) // r
         free = sum(f for _, f in space) // r

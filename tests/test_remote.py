@@ -120,6 +120,14 @@ def test_mkfs_claims_the_nodes_and_blocks_land_on_r_of_them(cluster, tmp_path):
     status = hafs("status", "--home", cluster.mount.home).stdout
     for node in cluster.nodes:
         assert node.url in status
+    # df: three nodes on one disk count as that disk once, divided by R
+    disk = os.statvfs(tmp_path)
+    deadline = time.monotonic() + 10
+    while (st := os.statvfs(cluster.mount.mnt)).f_blocks == 0:  # until the first probe
+        assert time.monotonic() < deadline, "df never saw the nodes' space"
+        time.sleep(0.2)
+    expected = disk.f_blocks * disk.f_frsize // 2
+    assert abs(st.f_blocks * st.f_frsize - expected) <= 4096
 
 
 def test_mkfs_refuses_a_node_of_another_filesystem(cluster, tmp_path):
