@@ -192,7 +192,11 @@ class Placement:
         async with self._block_locks(block_id):
             stores = self.stores  # this call's view, whatever set_ring does meanwhile
             order = list(self._candidates(block_id))
-            healthy = [n for n in order if not self.health.is_down(n)]
+            ring = self.ring
+            # draining nodes are being emptied: like down ones, only a last resort
+            healthy = [
+                n for n in order if not self.health.is_down(n) and ring.nodes[n].state == "up"
+            ]
             stored: list[str] = []
             errors: list[str] = []
             retry: list[str] = []  # nodes that failed in a way worth one more try
@@ -220,7 +224,7 @@ class Placement:
                         nursery.start_soon(store_on, next(queue, None))
 
             await attempt(healthy)
-            if len(stored) < self.write_quorum:  # last resort: the nodes believed down
+            if len(stored) < self.write_quorum:  # last resort: draining nodes, those believed down
                 await attempt([n for n in order if n not in healthy])
             if len(stored) < self.write_quorum and retry:
                 await backoff()

@@ -242,3 +242,18 @@ async def test_a_timed_out_read_is_not_retried(tmp_path):
     with pytest.raises(BlockMissing):
         await placement.get(block_id(b"x"))
     assert hung.calls == 1
+
+
+async def test_a_write_around_a_failing_node_avoids_draining_nodes(tmp_path):
+    specs = [NodeSpec(f"n{i + 1}", str(tmp_path / f"n{i + 1}")) for i in range(4)]
+    specs[3] = NodeSpec("n4", specs[3].address, state="draining")
+    stores = {}
+    for s in specs:
+        DirStore.create(s.address, s.id, "fs")
+        stores[s.id] = (FailingStore if s.id == "n1" else DirStore).open(s.address, s.id, "fs")
+    placement = Placement(Ring(specs), stores, 2, trio.CapacityLimiter(4))
+    for _ in range(30):
+        data = os.urandom(1000)
+        bid = block_id(data)
+        await placement.put(bid, data)
+        assert holders(placement, bid) == ["n2", "n3"]  # never the failing or the draining node
