@@ -193,6 +193,7 @@ def _limit_malloc_arenas() -> None:
 def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: int | None) -> int:
     """Mount and serve until unmounted or signalled; returns the exit code."""
     _limit_malloc_arenas()  # before any worker thread exists
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a peer's reset is an error, not our death
     home = home.absolute()
     mountpoint = mountpoint.absolute()
 

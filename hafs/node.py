@@ -1127,6 +1127,7 @@ def run(args: argparse.Namespace) -> int:
     if store is not None:
         store.cleanup_tmp()
     app = NodeApp(path, store, token=token, threads=args.threads)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a peer's reset is an error, not our death
     trio.run(serve, app, args.listen)
     return 0
 

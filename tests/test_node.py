@@ -8,15 +8,19 @@ a hafs node never gives.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import socketserver
+import ssl
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hafs import remote as remote_module
 from hafs.blocks import DirStore, block_id, read_identity
 from hafs.chunker import MAX_SIZE
 from hafs.errors import BlockCorrupt, BlockMissing, NodeIdentityError
@@ -756,30 +761,64 @@ def test_concurrent_claims_one_wins(tmp_path: Path) -> None:
 
 
 class _FakeNode(socketserver.ThreadingTCPServer):
+    """A fake node: reads each request and sends `answer` (bytes, or a function of the
+    socket), `per_connection` times per connection, then closes; counts what it saw."""
+
     daemon_threads = True
     allow_reuse_address = True
-    answer: bytes = b""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _FakeHandler)
+        self.tls = tls
+        self.answer: bytes | Callable[[socket.socket], None] = b""
+        self.per_connection = 1
+        self.connections = 0  # accepted
+        self.requests = 0  # read in full
+        self.closed_by_client = 0  # connections the client closed between requests
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
 
-class _FakeHandler(socketserver.StreamRequestHandler):
+class _FakeHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.request.recv(65536)
-            if not chunk:
-                return
-            head += chunk
-        m = re.search(rb"content-length: (\d+)", head, re.I)
-        rest = int(m.group(1)) - len(head.split(b"\r\n\r\n", 1)[1]) if m else 0
-        while rest > 0:
-            rest -= len(self.request.recv(min(rest, 65536)))
-        with contextlib.suppress(OSError):
-            self.request.sendall(self.server.answer)
+        srv: _FakeNode = self.server  # type: ignore[assignment]
+        with srv.lock:
+            srv.connections += 1
+        with contextlib.suppress(OSError):  # the client may go away at any point
+            sock = srv.tls.wrap_socket(self.request, server_side=True) if srv.tls else self.request
+            buf = b""
+            for _ in range(srv.per_connection):
+                while b"\r\n\r\n" not in buf:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        with srv.lock:
+                            srv.closed_by_client += 1
+                        return
+                    buf += chunk
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                m = re.search(rb"content-length: (\d+)", head, re.I)
+                size = int(m.group(1)) if m else 0
+                while len(buf) < size:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                buf = buf[size:]
+                with srv.lock:
+                    srv.requests += 1
+                answer = srv.answer
+                if callable(answer):
+                    answer(sock)
+                else:
+                    sock.sendall(answer)
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[_FakeNode]:
-    server = _FakeNode(("127.0.0.1", 0), _FakeHandler)
+@contextlib.contextmanager
+def serving(server: _FakeNode) -> Iterator[_FakeNode]:
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     try:
@@ -789,17 +828,39 @@ def fake() -> Iterator[_FakeNode]:
         server.server_close()
 
 
-def _answer(status: int, body: bytes = b"", headers: str = "Hafs-Node-Id: n1\r\n") -> bytes:
+@pytest.fixture(scope="module")
+def fake() -> Iterator[_FakeNode]:
+    """One fake for the garbage answers: one answer per connection."""
+    with serving(_FakeNode()) as server:
+        yield server
+
+
+@pytest.fixture
+def keep_alive_fake() -> Iterator[_FakeNode]:
+    """A fresh fake that keeps its connections open (its counters start at 0)."""
+    server = _FakeNode()
+    server.per_connection = 10**6
+    with serving(server) as s:
+        yield s
+
+
+def _answer(
+    status: int, body: bytes = b"", headers: str = "Hafs-Node-Id: n1\r\n", close: bool = True
+) -> bytes:
     return (
-        f"HTTP/1.1 {status} X\r\n{headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"HTTP/1.1 {status} X\r\n{headers}Content-Length: {len(body)}\r\n"
+        + ("Connection: close\r\n" if close else "")
+        + "\r\n"
     ).encode() + body
+
+
+PING = _answer(200, f'{{"node_id": "n1", "fs_uuid": "{FS}"}}'.encode(), close=False)
 
 
 def test_garbage_answers_never_give_wrong_bytes(fake: _FakeNode) -> None:
     good = b"the real content"
     bid = block_id(good)
-    host, port = fake.server_address
-    with RemoteStore(f"http://{host}:{port}", "n1", FS, timeout=2) as store:
+    with RemoteStore(fake.url, "n1", FS, timeout=2) as store:
         cases = [
             (_answer(200, b"not the real content"), BlockCorrupt),
             (_answer(200, good, headers=""), NodeProtocolError),  # not a hafs node
@@ -836,6 +897,185 @@ def test_garbage_answers_never_give_wrong_bytes(fake: _FakeNode) -> None:
         fake.answer = _answer(418, b"teapot")
         with pytest.raises(NodeProtocolError):
             store.delete(bid)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_pool_reuses_connections_across_threads(keep_alive_fake: _FakeNode) -> None:
+    fake = keep_alive_fake
+    fake.answer = PING
+    errors: list[BaseException] = []
+    with RemoteStore(fake.url, "n1", FS, max_connections=3) as store:
+
+        def work() -> None:
+            try:
+                for _ in range(25):
+                    store.ping()
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert fake.requests == 200
+        assert 1 <= fake.connections <= 3
+        assert fake.closed_by_client == 0
+    wait_for(lambda: fake.closed_by_client == fake.connections)  # close() closed them
+
+
+def test_waiting_for_a_free_connection_times_out(keep_alive_fake: _FakeNode) -> None:
+    keep_alive_fake.answer = PING
+    with RemoteStore(keep_alive_fake.url, "n1", FS, timeout=0.5, max_connections=1) as store:
+        store.ping()
+        taken = store._pool.take(time.monotonic() + 1)  # the only connection, in use
+        assert taken is not None
+        t0 = time.monotonic()
+        with pytest.raises(NodeTimeout, match="no free connection") as e:
+            store.ping()
+        assert 0.4 < time.monotonic() - t0 < 2 and e.value.errno == 110
+        store._pool.give(taken[0], True)
+        store.ping()
+    assert keep_alive_fake.connections == 1
+
+
+def test_connections_not_kept(keep_alive_fake: _FakeNode, monkeypatch) -> None:
+    """Connection: close, an answer not read in full, an idle one too old: not reused."""
+    fake = keep_alive_fake
+    with RemoteStore(fake.url, "n1", FS, timeout=5) as store:
+        fake.answer = _answer(200, b"{}")  # Connection: close
+        store.ping()
+        store.ping()
+        assert fake.connections == 2
+        wait_for(lambda: fake.closed_by_client == 2)
+        # An oversized answer is refused from its Content-Length, at once, unread.
+        head = f"HTTP/1.1 200 OK\r\nHafs-Node-Id: n1\r\nContent-Length: {MAX_SIZE + 1}\r\n\r\n"
+        fake.answer = head.encode()  # and no body: the fake waits for the next request
+        t0 = time.monotonic()
+        with pytest.raises(NodeProtocolError, match="more than"):
+            store.get("a" * 64)
+        assert time.monotonic() - t0 < 1
+        fake.answer = PING
+        store.ping()
+        assert fake.connections == 4
+        store.ping()
+        assert fake.connections == 4  # kept: a complete keep-alive answer
+        monkeypatch.setattr(remote_module, "KEEPALIVE_EXPIRY_S", 0.2)
+        time.sleep(0.3)
+        store.ping()
+        assert fake.connections == 5
+        wait_for(lambda: fake.closed_by_client == 4)  # the expired one was closed
+
+
+def test_stale_connection_is_retried_once(keep_alive_fake: _FakeNode) -> None:
+    fake = keep_alive_fake
+    fake.answer = PING
+    fake.per_connection = 1  # the fake closes each connection after one answer
+    with RemoteStore(fake.url, "n1", FS, timeout=5) as store:
+        store.ping()
+        time.sleep(0.1)  # the close reaches us; the connection sits in the pool
+        store.ping()  # on the pooled connection: fails at once, retried on a new one
+        assert (fake.connections, fake.requests) == (2, 2)
+        time.sleep(0.1)
+        fake.answer = b""  # closes without answering: the retry fails too, and that is all
+        t0 = time.monotonic()
+        with pytest.raises(NodeUnavailable) as e:
+            store.ping()
+        assert not isinstance(e.value, NodeTimeout) and e.value.errno == errno.ECONNRESET
+        assert time.monotonic() - t0 < 1
+        assert (fake.connections, fake.requests) == (3, 3)
+        # A fresh connection that fails is not retried.
+        with pytest.raises(NodeUnavailable):
+            store.ping()
+        assert fake.connections == 4
+
+
+def test_trickling_answer_is_cut_off_at_the_timeout(keep_alive_fake: _FakeNode) -> None:
+    def trickle(sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nHafs-Node-Id: n1\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(1000):
+            sock.sendall(b"x")
+            time.sleep(0.02)
+
+    keep_alive_fake.answer = trickle
+    with RemoteStore(keep_alive_fake.url, "n1", FS, timeout=0.5) as store:
+        t0 = time.monotonic()
+        with pytest.raises(NodeTimeout):
+            store.get("a" * 64)
+        assert 0.4 < time.monotonic() - t0 < 1.5
+
+
+def test_chunked_answers(keep_alive_fake: _FakeNode) -> None:
+    """An answer without Content-Length is decoded by h11, within the same bounds."""
+    good = os.urandom(100_000)
+    bid = block_id(good)
+
+    def chunked(body_size: int) -> Callable[[socket.socket], None]:
+        def send(sock: socket.socket) -> None:
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nHafs-Node-Id: n1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            whole = good * (body_size // len(good) + 1)
+            for off in range(0, body_size, 65536):
+                piece = whole[off : min(off + 65536, body_size)]
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            sock.sendall(b"0\r\n\r\n")
+
+        return send
+
+    with RemoteStore(keep_alive_fake.url, "n1", FS, timeout=5) as store:
+        keep_alive_fake.answer = chunked(len(good))
+        assert store.get(bid) == good
+        keep_alive_fake.answer = chunked(MAX_SIZE + 1)
+        with pytest.raises(NodeProtocolError, match="more than"):
+            store.get(bid)
+
+
+def test_get_returns_a_read_only_view(remote: RemoteStore) -> None:
+    data = os.urandom(70_000)
+    bid = block_id(data)
+    remote.put(bid, bytearray(data))
+    got = remote.get(bid)
+    assert isinstance(got, memoryview) and got.readonly
+    assert got == data and bytes(got[5:10]) == data[5:10] and len(got) == len(data)
+    remote.delete(bid)
+
+
+def test_https(tmp_path: Path, monkeypatch) -> None:
+    """https:// addresses: TLS with the system's trust (here a test CA via SSL_CERT_FILE)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server = _FakeNode(tls)
+    server.per_connection = 10**6
+    good = os.urandom(300_000)
+    server.answer = _answer(200, good, close=False)
+    with serving(server):
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        with RemoteStore(server.url, "n1", FS, timeout=5) as store:
+            assert store.get(block_id(good)) == good
+            assert store.get(block_id(good)) == good
+        assert server.connections == 1
+        monkeypatch.delenv("SSL_CERT_FILE")
+        with RemoteStore(server.url, "n1", FS, timeout=5) as store:
+            with pytest.raises(NodeUnavailable, match="certificate"):
+                store.get(block_id(good))
 
 
 # --------------------------------------------------------------- property test
