@@ -258,17 +258,20 @@ class Placement:
 
     async def repair(self, block_id: str, holders: list[str]) -> bool | None:
         """Put a degraded block right: True once it is, False if that failed (try
-        again later), None without trying while a node the ring names is down.
+        again later), None while it waits for a node that is down.
 
         Every node the ring names gets a verified copy (read from any node that
-        has one), and only then are the copies on `holders` the ring does not
-        name deleted, so the block never has fewer copies than before.
+        has one), and only then are the stand-in copies on `holders` the ring
+        does not name deleted, so the block never has fewer copies than before.
+        Nothing is done while a named node is down; a stand-in that is down keeps
+        its copy until it answers.
         """
         named = self.ring.replicas(block_id, self.replicas)
         if any(self.health.is_down(n) for n in named):
             return None
         async with self._block_locks(block_id):
             stores = self.stores  # this call's view, whatever set_ring does meanwhile
+            stand_ins = [n for n in holders if n not in named and n in stores]
             failed: list[str] = []
 
             async def copy_to(node_id: str, data: bytes) -> None:
@@ -285,15 +288,15 @@ class Placement:
                         for node_id in lacking:
                             nursery.start_soon(copy_to, node_id, data)
                 if not failed:
-                    for node_id in holders:
-                        if node_id not in named and node_id in stores:
+                    for node_id in stand_ins:
+                        if not self.health.is_down(node_id):
                             await self._call(node_id, stores[node_id].delete, block_id)
             except (OSError, BlockMissing) as e:
                 failed.append(str(e))
             if failed:
                 log.info("repair of block %s deferred: %s", block_id, "; ".join(failed))
                 return False
-        return True
+        return None if any(self.health.is_down(n) for n in stand_ins) else True
 
     async def get(self, block_id: str) -> bytes:
         problems: list[str] = []

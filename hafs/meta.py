@@ -115,8 +115,7 @@ CREATE TABLE xattrs (
 CREATE TABLE degraded (
     id       TEXT PRIMARY KEY,  -- the block
     nodes    TEXT NOT NULL,     -- space-separated ids of the nodes its copies went to
-    since_ns INTEGER NOT NULL,
-    tries    INTEGER NOT NULL DEFAULT 0  -- repairs that failed (not counting waits for a node)
+    since_ns INTEGER NOT NULL   -- first recorded
 ) WITHOUT ROWID;
 """
 
@@ -131,8 +130,7 @@ MIGRATIONS = {
     """,
     2: """
     CREATE TABLE degraded (
-        id TEXT PRIMARY KEY, nodes TEXT NOT NULL, since_ns INTEGER NOT NULL,
-        tries INTEGER NOT NULL DEFAULT 0
+        id TEXT PRIMARY KEY, nodes TEXT NOT NULL, since_ns INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
 }
@@ -527,20 +525,17 @@ class MetaStore:
                 (block_id, " ".join(sorted({*known, *nodes})), now_ns()),
             )
 
-    def degraded_blocks(self, limit: int) -> list[tuple[str, list[str]]]:
-        """Up to `limit` recorded degraded blocks, least tried first: (id, nodes)."""
+    def degraded_blocks(self, after: str, limit: int) -> list[tuple[str, list[str]]]:
+        """Up to `limit` recorded degraded blocks with ids after `after`: (id, nodes)."""
         rows = self.db.execute(
-            "SELECT id, nodes FROM degraded ORDER BY tries, since_ns LIMIT ?", (limit,)
+            "SELECT id, nodes FROM degraded WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
         )
         return [(bid, nodes.split()) for bid, nodes in rows]
 
-    def degraded_done(self, block_id: str, repaired: bool) -> None:
-        """A repair of the block succeeded (forget it) or failed (count the try)."""
+    def forget_degraded(self, block_id: str) -> None:
+        """The block is where the ring says again."""
         with self.txn():
-            if repaired:
-                self.db.execute("DELETE FROM degraded WHERE id = ?", (block_id,))
-            else:
-                self.db.execute("UPDATE degraded SET tries = tries + 1 WHERE id = ?", (block_id,))
+            self.db.execute("DELETE FROM degraded WHERE id = ?", (block_id,))
 
     def clear_degraded(self, keep: set[str]) -> int:
         """Forget every recorded degraded block but those in `keep` (after a full repair)."""

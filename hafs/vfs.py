@@ -95,6 +95,7 @@ class Vfs:
         self.locks = SqliteLockService(meta.db, default_holder(holder), opts.lock_ttl_s)
         self.placement = placement
         placement.on_degraded = meta.record_degraded  # for repair_degraded
+        self._repair_after = ""  # where the next repair round goes on in the degraded table
         self.opts = opts
         self.lookups: Counter[int] = Counter()
         self.files: dict[int, FileState] = {}
@@ -229,15 +230,19 @@ class Vfs:
             await self.repair_degraded()
 
     async def repair_degraded(self, batch: int = REPAIR_BATCH) -> int:
-        """Put right the recorded degraded blocks whose nodes answer; returns how many."""
+        """Put right the next `batch` recorded degraded blocks (in id order, wrapping
+        around, so blocks waiting for a node that stays down hold up no others) whose
+        nodes answer; returns how many."""
+        rows = self.meta.degraded_blocks(self._repair_after, batch)
+        self._repair_after = rows[-1][0] if len(rows) == batch else ""
         done = failed = 0
-        for block_id, holders in self.meta.degraded_blocks(batch):
+        for block_id, holders in rows:
             repaired = await self.placement.repair(block_id, holders)
-            if repaired is None:
-                continue  # not a try: waiting for a node (or for a ring without it)
-            self.meta.degraded_done(block_id, repaired)
-            done += repaired
-            failed += not repaired
+            if repaired:
+                self.meta.forget_degraded(block_id)
+                done += 1
+            elif repaired is not None:  # None: waiting for a node, or a ring without it
+                failed += 1
         if done or failed:
             log.info(
                 "REPAIR: %d degraded blocks put right, %d deferred; %d still recorded",

@@ -95,10 +95,9 @@ def test_degraded_blocks_are_recorded_merged_and_forgotten(meta):
     meta.record_degraded(A, ["n1", "n3"])
     meta.record_degraded(A, ["n4"])  # written again around another failing node
     meta.record_degraded(B, ["n2"])
-    assert sorted(meta.degraded_blocks(10)) == [(A, ["n1", "n3", "n4"]), (B, ["n2"])]
-    meta.degraded_done(A, repaired=False)
-    assert [bid for bid, _ in meta.degraded_blocks(10)] == [B, A]  # least tried first
-    meta.degraded_done(B, repaired=True)
+    assert meta.degraded_blocks("", 10) == [(A, ["n1", "n3", "n4"]), (B, ["n2"])]
+    assert meta.degraded_blocks(A, 10) == [(B, ["n2"])]  # paged in id order
+    meta.forget_degraded(B)
     assert meta.count_degraded() == 1
     assert meta.clear_degraded(keep={A}) == 0 and meta.clear_degraded(keep=set()) == 1
     ino = new_file(meta)  # a collected garbage block takes its record with it

@@ -10,11 +10,14 @@ import errno
 import os
 import random
 import stat
+from pathlib import Path
 
 import pytest
 import trio
+from conftest import vfs_session
 
 from hafs import home
+from hafs.blocks import block_id
 from hafs.chunker import MiB
 from hafs.cluster import Placement
 from hafs.errors import FsError
@@ -226,3 +229,53 @@ async def test_concurrent_first_writes_share_one_lease(vfs):
     await vfs.release(fh2)
     assert vfs.locks.held() == []
     assert await read_file(vfs, inode.id) == b"a" * 10 + b"b" * 10
+
+
+async def test_repair_rounds_go_past_blocks_waiting_for_a_down_node(tmp_path):
+    h = tmp_path / "h"
+    home.create(h, 2, [str(h / "nodes" / f"n{i}") for i in (1, 2, 3, 4)])
+    await vfs_session(h, repair_rounds)
+
+
+def disk_gone(p: Placement, node_id: str) -> Path:
+    """Take the node's directory away (so probes keep it down) and mark it down."""
+    path = p.stores[node_id].path
+    path.rename(path.with_name(node_id + "-gone"))
+    p.health.mark_down(node_id, "test")
+    return path
+
+
+def disk_back(p: Placement, path: Path) -> None:
+    path.with_name(path.name + "-gone").rename(path)
+    p.health.success(path.name)
+
+
+async def repair_rounds(vfs):
+    p = vfs.placement
+    n1 = disk_gone(p, "n1")
+    blocks = [os.urandom(1000) for _ in range(40)]
+    for data in blocks:
+        await p.put(block_id(data), data)
+    recorded = dict(vfs.meta.degraded_blocks("", 100))
+    assert set(recorded) == {block_id(d) for d in blocks if "n1" in p.ring.replicas(block_id(d), 2)}
+    disk_back(p, n1)
+    n2 = disk_gone(p, "n2")  # blocks with a copy on n2 (or due there) must wait
+    waiting = {bid for bid, nodes in recorded.items() if "n2" in nodes + p.ring.replicas(bid, 2)}
+    assert waiting and waiting != set(recorded)
+    for _ in range(2 * len(recorded)):  # one block per round: the rounds must rotate
+        await vfs.repair_degraded(batch=1)
+    assert {bid for bid, _ in vfs.meta.degraded_blocks("", 100)} == waiting
+    disk_back(p, n2)
+    for bid in recorded:
+        named = p.ring.replicas(bid, 2)
+        holders = sorted(n for n, s in p.stores.items() if s.has(bid))
+        if bid not in waiting:
+            assert holders == sorted(named)
+        elif "n2" not in named:  # on its named nodes; the copy on n2 goes when n2 is back
+            assert holders == sorted({*named, "n2"})
+    for _ in range(2 * len(recorded)):
+        await vfs.repair_degraded(batch=1)
+    assert vfs.meta.count_degraded() == 0
+    for bid in recorded:
+        holders = sorted(n for n, s in p.stores.items() if s.has(bid))
+        assert holders == sorted(p.ring.replicas(bid, 2))
