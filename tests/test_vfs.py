@@ -234,7 +234,8 @@ async def test_concurrent_first_writes_share_one_lease(vfs):
 async def test_repair_rounds_go_past_blocks_waiting_for_a_down_node(tmp_path):
     h = tmp_path / "h"
     home.create(h, 2, [str(h / "nodes" / f"n{i}") for i in (1, 2, 3, 4)])
-    await vfs_session(h, repair_rounds)
+    repaired = await vfs_session(h, repair_rounds)
+    assert repaired > 0
 
 
 def disk_gone(p: Placement, node_id: str) -> Path:
@@ -250,7 +251,9 @@ def disk_back(p: Placement, path: Path) -> None:
     p.health.success(path.name)
 
 
-async def repair_rounds(vfs):
+async def repair_rounds(vfs) -> int:
+    """Degrade blocks around n1, repair while n2 is down, then with every node up;
+    returns how many blocks were repaired (each checked on exactly its named nodes)."""
     p = vfs.placement
     n1 = disk_gone(p, "n1")
     blocks = [os.urandom(1000) for _ in range(40)]
@@ -279,3 +282,4 @@ async def repair_rounds(vfs):
     for bid in recorded:
         holders = sorted(n for n, s in p.stores.items() if s.has(bid))
         assert holders == sorted(p.ring.replicas(bid, 2))
+    return len(recorded)
