@@ -71,7 +71,14 @@ from urllib.parse import quote
 from .blocks import BLOCK_ID_RE, DirStore, read_identity
 from .errors import BlockCorrupt, BlockMissing, HafsError
 from .home import is_remote, meta_path, open_store
-from .meta import APPLICATION_ID, ROOT_INODE, SCHEMA_VERSION, MetaStore, now_ns
+from .meta import (
+    APPLICATION_ID,
+    DEGRADED_SCHEMA,
+    ROOT_INODE,
+    SCHEMA_VERSION,
+    MetaStore,
+    now_ns,
+)
 from .ring import Ring
 
 log = logging.getLogger(__name__)
@@ -556,7 +563,10 @@ class Checker:
             if all(s is not None for s in self.stores.values()):  # every node was checked
                 self.meta.clear_degraded(keep=self.unhealthy)
             self.meta.sync()
-        degraded = self.meta.count_degraded()
+        # a check opens the database as it is: schema 2 (before any mount upgraded it)
+        # has no table of degraded blocks
+        schema = self.db.execute("PRAGMA user_version").fetchone()[0]
+        degraded = self.meta.count_degraded() if schema >= DEGRADED_SCHEMA else 0
         if degraded:
             self.report.notes.append(
                 f"{degraded} blocks are recorded as written while a node was failing;"

@@ -31,6 +31,7 @@ from pathlib import Path
 from .errors import LockLost, UserError
 
 SCHEMA_VERSION = 3
+DEGRADED_SCHEMA = 3  # the first schema with the table of degraded blocks
 APPLICATION_ID = 0x68616673  # "hafs": marks a SQLite file as a hafs metadata database
 ROOT_INODE = 1
 

@@ -586,3 +586,13 @@ def test_extra_copy_is_kept_while_a_named_copy_cannot_be_written(tmp_path, monke
     assert report.exit_code == 1 and report.fixed == report.found
     assert holders(h, bid) == sorted([full, kept])
     assert_clean(h, deep=True)
+
+
+def test_a_check_reads_a_database_of_the_previous_schema_without_changing_it(tmp_path):
+    h = build(tmp_path, {"/a": rand(3, 100 * KB)})
+    d = db(h)
+    d.executescript("DROP TABLE degraded; PRAGMA user_version = 2;")  # as schema 2 left it
+    d.close()
+    report = fsck.run(h)
+    assert report.exit_code == 0 and not found(report)
+    assert db(h).execute("PRAGMA user_version").fetchone()[0] == 2  # a check writes nothing
