@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _home_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    from . import node as node_mod
-    from . import nodeadmin
+    from .admin import nodes as nodeadmin
+    from .node import server as node_mod
 
     p = sub.add_parser(
         "node",
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_mod.add_arguments(p)
     nodeadmin.add_subcommands(p, _home_arg)
 
-    from .fsck import DEFAULT_GRACE_S, arg_grace, arg_rate
+    from .admin.fsck import DEFAULT_GRACE_S, arg_grace, arg_rate
 
     p = sub.add_parser(
         "fsck",
@@ -277,7 +277,7 @@ def cmd_umount(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .status import gather, render
+    from .admin.status import gather, render
 
     report = gather(_home(args))
     print(json.dumps(report, indent=2) if args.json else render(report))
@@ -313,7 +313,7 @@ def _audit_log(home: Path, enabled: bool = True) -> Iterator[None]:
 
 def cmd_node(args) -> int:
     if args.node_command is not None:
-        from . import nodeadmin
+        from .admin import nodes as nodeadmin
 
         home = _home(args)
         with _audit_log(home, enabled=args.node_command != "list"):
@@ -323,13 +323,13 @@ def cmd_node(args) -> int:
             "give 'hafs node' --data DIR to serve a directory, or a subcommand (list, add,"
             " remove, set) to manage a filesystem's nodes; see 'hafs node --help'"
         )
-    from . import node as node_mod
+    from .node import server as node_mod
 
     return node_mod.run(args)
 
 
 def cmd_rebalance(args) -> int:
-    from . import rebalance
+    from .admin import rebalance
 
     home = _home(args)
     with _audit_log(home, enabled=not args.dry_run):
@@ -341,7 +341,7 @@ def cmd_rebalance(args) -> int:
 
 
 def cmd_fsck(args) -> int:
-    from . import fsck
+    from .admin import fsck
 
     home = _home(args)
     audit = None  # repairs are logged (FSCK-REPAIR ...) to HOME/hafs.log beside the mounts'
@@ -391,7 +391,7 @@ def fsck_main(argv: list[str] | None = None) -> int:
 
     The form fsck(8) calls (`fsck -t hafs HOME`): -n checks only, -y/-p/-a repair.
     """
-    from .fsck import DEFAULT_GRACE_S, arg_grace, arg_rate
+    from .admin.fsck import DEFAULT_GRACE_S, arg_grace, arg_rate
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     ap = argparse.ArgumentParser(

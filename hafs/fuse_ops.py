@@ -18,8 +18,8 @@ import logging
 import pyfuse3
 
 from .errors import FsError, LockLost, StorageError
-from .meta import Inode
-from .vfs import Vfs
+from .fs.vfs import Vfs
+from .meta.sqlite import Inode
 
 log = logging.getLogger(__name__)
 

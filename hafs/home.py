@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blocks import DirStore
 from .errors import UserError
-from .meta import MetaStore, now_ns
-from .remote import NodeAuthError, NodeError, RemoteStore
-from .ring import NodeSpec, Ring
+from .meta.sqlite import MetaStore, now_ns
+from .store.dirstore import DirStore
+from .store.remote import NodeAuthError, NodeError, RemoteStore
+from .store.ring import NodeSpec, Ring
 
 DEFAULT_REPLICAS = 2
 DEFAULT_NODES = 3

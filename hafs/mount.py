@@ -33,10 +33,10 @@ import pyfuse3
 import trio
 
 from . import home as home_mod
-from .cluster import Placement
 from .errors import UserError
+from .fs.vfs import Options, Vfs
 from .fuse_ops import FuseOps
-from .vfs import Options, Vfs
+from .store.placement import Placement
 
 log = logging.getLogger(__name__)
 

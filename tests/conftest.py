@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from hafs import home as home_mod
-from hafs.cluster import Placement
+from hafs.fs.vfs import Options, Vfs
 from hafs.mount import pid_file
-from hafs.vfs import Options, Vfs
+from hafs.store.placement import Placement
 
 HAFS = [sys.executable, "-m", "hafs"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from hafs.remote import RemoteStore
+from hafs.store.remote import RemoteStore
 
 FS = "3f0c6a55-0b8e-4d0e-9a43-5d1b8a3c2f10"  # the filesystem uuid of nodes started with init
 

@@ -1,0 +1,1 @@
+"""Administration tools: fsck, rebalance, node management, status."""

@@ -1,0 +1,368 @@
+"""`hafs node list|add|remove|set`: the nodes of a filesystem's ring.
+
+Every change writes a new ring version (version + 1) into the metadata in one
+transaction (`MetaStore.replace_ring`, a compare-and-set on the version, so two
+changes made at once cannot lose one another: the loser re-reads and re-checks).
+Running mounts switch to the new version within about a second
+(`RING_RELOAD_S`); `hafs rebalance` then moves the blocks the change displaced.
+
+- add: a backing directory (empty or new) or the http:// address of a `hafs
+  node` serving an empty directory; it is checked and claimed as mkfs does
+  (`home.check_new_node`, `home.init_node`) before the ring names it.
+- remove: the node drains (state "draining"): it takes no new blocks, reads
+  still find what it holds, and `hafs rebalance` moves its blocks to their new
+  homes and drops it from the ring once it is empty.  Its directory (or
+  server) is left as it is, for the user to reuse or delete.
+- set: weight, zone, or state ("up" cancels a removal not yet finished).
+
+Refused with a clear message (UserError, exit 2, nothing changed): an unknown
+id, an address or id the ring already has, and any change that would leave
+fewer nodes taking blocks (state up, weight > 0) than the R replicas.
+
+No lock is needed beyond the transaction: the tool is short and synchronous.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from .. import home as home_mod
+from ..errors import UserError
+from ..meta.sqlite import MetaStore
+from ..store.ring import NODE_STATES, NodeSpec, Ring
+from .status import node_table, render_nodes
+
+log = logging.getLogger(__name__)
+
+NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+CAS_RETRIES = 5
+
+
+def add_subcommands(p: argparse.ArgumentParser, home_arg: Callable) -> None:
+    """Add `list`, `add`, `remove`, `set` under the `hafs node` parser `p`."""
+    sub = p.add_subparsers(
+        dest="node_command",
+        metavar="{list,add,remove,set}",
+        required=False,
+        title="managing the nodes of a filesystem (instead of serving one)",
+    )
+    q = sub.add_parser(
+        "list",
+        help="the ring's nodes: state, weight, zone, blocks and bytes held",
+        description="List the nodes of the ring: id, address, weight, zone, state (up, down,"
+        " draining), blocks and bytes held, the share of the ring's placements each should"
+        " hold and the share of the data it holds. Exit 1 if a node is down.",
+    )
+    home_arg(q)
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    q = sub.add_parser(
+        "add",
+        help="add a node to the ring",
+        description="Add a node: a backing directory (empty or new) or the http://HOST:PORT of a"
+        " 'hafs node' serving an empty directory (it is claimed for this filesystem). The ring"
+        " gets a new version, running mounts use it within a second, new blocks go to the new"
+        " node at once; run 'hafs rebalance' to move its share of the existing blocks.",
+    )
+    home_arg(q)
+    q.add_argument("address", metavar="ADDRESS", help="a directory or http://HOST:PORT")
+    q.add_argument("--id", dest="node_id", help="the node's id (default: the next free nK)")
+    q.add_argument(
+        "--weight",
+        type=float,
+        default=1.0,
+        help="its share of the blocks relative to the others (default: %(default)g)",
+    )
+    q.add_argument("--zone", help="failure zone: replicas go to distinct zones where possible")
+
+    q = sub.add_parser(
+        "remove",
+        help="drain a node; it leaves the ring once rebalance emptied it",
+        description="Remove a node: it drains at once (takes no new blocks; reads still find"
+        " its blocks) and 'hafs rebalance' moves its blocks to their new homes, then drops it"
+        " from the ring. Refused if fewer than R nodes would be left taking blocks.",
+    )
+    home_arg(q)
+    q.add_argument("node_id", metavar="ID")
+
+    q = sub.add_parser(
+        "set",
+        help="change a node's weight, zone or state",
+        description="Change a node's weight or zone (then run 'hafs rebalance'), or set"
+        " --state up to cancel a removal that rebalance has not finished.",
+    )
+    home_arg(q)
+    q.add_argument("node_id", metavar="ID")
+    q.add_argument("--weight", type=float, help="new weight (0: takes no new blocks)")
+    q.add_argument("--zone", help="new zone ('' for none)")
+    q.add_argument("--state", choices=NODE_STATES, help="up, or draining (as 'hafs node remove')")
+
+
+def run(args: argparse.Namespace, home: Path) -> int:
+    """Dispatch `hafs node SUBCOMMAND`; returns the exit code."""
+    if args.node_command == "list":
+        report = list_nodes(home)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(f"ring version {report['ring_version']}, {report['replicas']} replicas")
+            print("\n".join(render_nodes(report["nodes"])))
+        return 0 if all(n["up"] for n in report["nodes"]) else 1
+    if args.node_command == "add":
+        spec, ring = add_node(home, args.address, args.node_id, args.weight, args.zone)
+        print(
+            f"added node {spec.id} ({spec.address}, weight {spec.weight:g}"
+            f"{', zone ' + spec.zone if spec.zone else ''}): ring version {ring.version}."
+            f" New blocks go to it now; 'hafs rebalance --home {home}' moves its share of the"
+            " existing ones."
+        )
+        return 0
+    if args.node_command == "remove":
+        ring, changed = remove_node(home, args.node_id)
+        print(
+            f"node {args.node_id} is {'' if changed else 'already '}draining: ring version"
+            f" {ring.version}. It takes no new"
+            f" blocks; 'hafs rebalance --home {home}' moves its blocks off and then drops it"
+            " from the ring."
+        )
+        return 0
+    if args.node_command == "set":
+        ring, changed = set_node(home, args.node_id, args.weight, args.zone, args.state)
+        if not changed:
+            print(f"node {args.node_id}: nothing to change (ring version {ring.version})")
+            return 0
+        spec = ring.nodes[args.node_id]
+        print(
+            f"node {spec.id}: weight {spec.weight:g}, zone {spec.zone or '-'}, {spec.state}:"
+            f" ring version {ring.version}. 'hafs rebalance --home {home}' moves the blocks"
+            " this displaced."
+        )
+        return 0
+    raise AssertionError(args.node_command)
+
+
+# ------------------------------------------------------------------ operations
+
+
+def _open(home: Path) -> MetaStore:
+    if not home_mod.meta_path(home).exists():
+        raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
+    return MetaStore.open(home_mod.meta_path(home))
+
+
+def _normalise(address: str) -> str:
+    if home_mod.is_remote(address):
+        if not address.startswith("http://"):
+            raise UserError(f"node address {address!r}: only http://HOST:PORT nodes are known")
+        return address.rstrip("/")
+    return str(Path(address).expanduser().absolute())
+
+
+def _same_address(a: str, b: str) -> bool:
+    if home_mod.is_remote(a) or home_mod.is_remote(b):
+        return a.lower() == b.lower()
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_takers(specs: list[NodeSpec], replicas: int, what: str) -> None:
+    """Refuse a ring with fewer nodes taking blocks (up, weight > 0) than R."""
+    takers = [s.id for s in specs if s.state == "up" and s.weight > 0]
+    if len(takers) < replicas:
+        raise UserError(
+            f"{what} would leave {len(takers)} node(s) taking blocks"
+            f" ({', '.join(takers) or 'none'}), fewer than the {replicas} replicas of every"
+            " block: add a node first ('hafs node add ADDRESS')"
+        )
+
+
+def _known(ring: Ring, node_id: str) -> NodeSpec:
+    spec = ring.nodes.get(node_id)
+    if spec is None:
+        raise UserError(
+            f"no node {node_id!r} in the ring (nodes: {', '.join(ring.nodes)});"
+            " 'hafs node list' shows them"
+        )
+    return spec
+
+
+def change_ring(
+    meta: MetaStore, change: Callable[[Ring], list[NodeSpec] | None]
+) -> tuple[Ring, bool]:
+    """Write the ring `change(current ring)` returns as the next version.
+
+    Returns (the ring now in force, whether this call wrote it).  `change` raises
+    UserError to refuse, or returns None for "nothing to do".  A concurrent change
+    makes us re-read and call `change` again.
+    """
+    for _ in range(CAS_RETRIES):
+        current = Ring.from_json(meta.ring_json())
+        specs = change(current)
+        if specs is None:
+            return current, False
+        try:
+            new = Ring(specs, version=current.version + 1)
+        except ValueError as e:
+            raise UserError(f"the new ring would be invalid: {e}") from None
+        if meta.replace_ring(new.to_json(), current.version):
+            return new, True
+    raise UserError("the ring kept changing under this command (another 'hafs node'?): retry")
+
+
+def list_nodes(home: Path) -> dict:
+    meta = _open(home)
+    try:
+        ring = Ring.from_json(meta.ring_json())
+        replicas = int(meta.setting("replicas"))
+        fs_uuid = meta.setting("fs_uuid")
+        token = meta.setting_or("node_token", None)
+    finally:
+        meta.close()
+    return {
+        "home": str(home),
+        "ring_version": ring.version,
+        "replicas": replicas,
+        "nodes": node_table(ring, fs_uuid, token, replicas),
+    }
+
+
+def next_node_id(ring: Ring) -> str:
+    """n1, n2, ...: one more than the highest nK in the ring."""
+    nums = [int(i[1:]) for i in ring.nodes if re.fullmatch(r"n[0-9]+", i)]
+    return f"n{max(nums, default=0) + 1}"
+
+
+def add_node(
+    home: Path,
+    address: str,
+    node_id: str | None = None,
+    weight: float = 1.0,
+    zone: str | None = None,
+) -> tuple[NodeSpec, Ring]:
+    """Check, claim and add a node; returns its spec and the new ring."""
+    address = _normalise(address)
+    meta = _open(home)
+    try:
+        fs_uuid = meta.setting("fs_uuid")
+        token = meta.setting_or("node_token", None)
+        ring = Ring.from_json(meta.ring_json())
+        if node_id is None:
+            node_id = next_node_id(ring)
+        elif not NODE_ID_RE.fullmatch(node_id):
+            raise UserError(
+                f"node id {node_id!r}: use letters, digits, '.', '_' or '-' (at most 64,"
+                " starting with a letter or digit)"
+            )
+        if not weight > 0:
+            raise UserError(f"--weight {weight:g}: a new node needs a weight above 0")
+        try:
+            spec = NodeSpec(node_id, address, weight, zone or None)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+        def check(current: Ring) -> None:
+            if spec.id in current.nodes:
+                raise UserError(
+                    f"the ring already has a node {spec.id}: choose another --id"
+                    " ('hafs node list' shows them)"
+                )
+            for other in current.nodes.values():
+                if _same_address(other.address, spec.address):
+                    hint = (
+                        f"; to cancel its removal: 'hafs node set {other.id} --state up'"
+                        if other.state == "draining"
+                        else ""
+                    )
+                    raise UserError(f"{spec.address} already is node {other.id}{hint}")
+
+        check(ring)
+        home_mod.check_new_node(spec, token)
+        home_mod.init_node(spec, fs_uuid, token)
+
+        def change(current: Ring) -> list[NodeSpec]:
+            check(current)
+            return [*current.nodes.values(), spec]
+
+        ring = change_ring(meta, change)[0]
+        log.info(
+            "NODE-ADD %s at %s, weight %g, zone %s: ring version %d",
+            spec.id,
+            spec.address,
+            spec.weight,
+            spec.zone or "-",
+            ring.version,
+        )
+        return spec, ring
+    finally:
+        meta.close()
+
+
+def remove_node(home: Path, node_id: str) -> tuple[Ring, bool]:
+    """Drain node `node_id` (rebalance empties it, then drops it); (ring, whether changed)."""
+    meta = _open(home)
+    try:
+        replicas = int(meta.setting("replicas"))
+
+        def change(current: Ring) -> list[NodeSpec] | None:
+            spec = _known(current, node_id)
+            if spec.state == "draining":
+                return None
+            specs = [
+                replace(s, state="draining") if s.id == node_id else s
+                for s in current.nodes.values()
+            ]
+            _check_takers(specs, replicas, f"removing node {node_id}")
+            return specs
+
+        ring, changed = change_ring(meta, change)
+        if changed:
+            log.info("NODE-DRAIN %s: ring version %d", node_id, ring.version)
+        return ring, changed
+    finally:
+        meta.close()
+
+
+def set_node(
+    home: Path,
+    node_id: str,
+    weight: float | None = None,
+    zone: str | None = None,
+    state: str | None = None,
+) -> tuple[Ring, bool]:
+    """Change a node's weight, zone and/or state; returns (ring, whether it changed)."""
+    if weight is None and zone is None and state is None:
+        raise UserError("give --weight W, --zone Z or --state up|draining")
+    meta = _open(home)
+    try:
+        replicas = int(meta.setting("replicas"))
+        changes: dict = {}
+        if weight is not None:
+            changes["weight"] = weight
+        if zone is not None:
+            changes["zone"] = zone or None
+        if state is not None:
+            changes["state"] = state
+
+        def change(current: Ring) -> list[NodeSpec] | None:
+            spec = _known(current, node_id)
+            try:
+                new = replace(spec, **changes)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            if new == spec:
+                return None
+            specs = [new if s.id == node_id else s for s in current.nodes.values()]
+            _check_takers(specs, replicas, f"this change of node {node_id}")
+            return specs
+
+        ring, changed = change_ring(meta, change)
+        if changed:
+            log.info("NODE-SET %s %s: ring version %d", node_id, changes, ring.version)
+        return ring, changed
+    finally:
+        meta.close()

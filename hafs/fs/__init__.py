@@ -1,0 +1,1 @@
+"""The filesystem model: POSIX semantics (vfs) over metadata, open files and blocks."""

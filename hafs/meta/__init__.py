@@ -1,0 +1,1 @@
+"""Metadata engines behind one interface (see DESIGN.md, "Metadata engines")."""

@@ -1,0 +1,1 @@
+"""The block node server (`hafs node`)."""

@@ -1,0 +1,1146 @@
+"""The block node server (`hafs node`): one backing directory served over HTTP/1.1.
+
+A node serves the `DirStore` of one backing directory to the `RemoteStore`
+clients of a filesystem (hafs.remote). It never trusts a request: ids are
+checked before any path is made, bodies must hash to their id, sizes are
+bounded, and with a token every request must carry it.
+
+Endpoints (every answer to an authorised request carries ``Hafs-Node-Id`` and
+``Hafs-Fs-Uuid``, both empty while the node is unclaimed; error bodies are JSON
+``{"error": "..."}``):
+
+    PUT    /blocks/<id>   store the body as block <id>: 204 stored (durable: DirStore.put);
+                          422 the body does not hash to <id>, nothing stored;
+                          413 larger than MAX_SIZE: refused from Content-Length before
+                          the body is read, or as soon as a streamed body exceeds it;
+                          507 the disk is full; 500 another disk error
+    GET    /blocks/<id>   200 the block's verified bytes; 404 not here; 410 it failed its
+                          hash (moved aside to corrupt/, logged BLOCK-CORRUPT, never served)
+    HEAD   /blocks/<id>   200 with Content-Length, Hafs-Size and Hafs-Mtime-Ns; 404 not here
+    DELETE /blocks/<id>   204 deleted (durable); 404 was not here
+    GET    /blocks?after=<hex>&limit=<n>
+                          200 {"ids": [...]}: up to n (1..10000, default 1000) ids in order,
+                          each > after ("" or a lower-case hex prefix); 400 bad arguments
+    GET    /status        200 {"node_id", "fs_uuid", "version", "total_bytes" (capacity),
+                          "free_bytes", "block_count", "block_bytes", "max_block_size",
+                          "started_ns"}; the block figures are at most 1 s old
+    GET    /ping          200 {"node_id", "fs_uuid"}: a cheap liveness check for health probes
+    POST   /claim         body {"node_id", "fs_uuid"} (at most CLAIM_MAX bytes; the node id as
+                          for --init, the uuid in canonical form): an unclaimed node makes DIR
+                          that node's backing directory (DirStore.create: durable), serves it
+                          from then on, logs NODE-CLAIMED and answers 200 {"node_id",
+                          "fs_uuid"}; 200 as well if it already is that node (a retried mkfs);
+                          409 it is another node or filesystem (the message names it); 400 a
+                          malformed body; 413 a larger one
+    GET    /metrics       200 Prometheus text: hafs_node_requests_total{method,status},
+                          hafs_node_received_bytes_total, hafs_node_sent_bytes_total,
+                          hafs_node_blocks_stored_total, hafs_node_blocks_rejected_total{reason},
+                          hafs_node_blocks_corrupt_total, hafs_node_blocks, hafs_node_block_bytes,
+                          hafs_node_capacity_bytes, hafs_node_free_bytes, hafs_node_info
+
+An unclaimed node answers /ping and /status with node_id and fs_uuid null,
+every /blocks request with 503, and takes the first valid POST /claim.
+
+Every request: an id that is not 64 lower-case hex digits is 400, checked on the
+raw request target (``..%2F`` or ``../`` never reaches the filesystem); an
+unknown path is 404, a wrong method 405. With ``--token-file``, a request
+without ``Authorization: Bearer <token>`` (compared with hmac.compare_digest) is
+401, checked before anything else. A request whose ``Hafs-Fs-Uuid`` or
+``Hafs-Node-Id`` header names another filesystem or node is 409 (not checked
+while unclaimed): a client whose ring names this address for another node never
+reads or deletes here.
+Malformed HTTP is answered 400 (431: head over 16 KiB) and the connection closed;
+the node stays up.
+
+Identity contract (DESIGN: a directory attached to the wrong filesystem is refused):
+
+- ``--init NODE_ID --fs-uuid UUID`` makes DIR the backing directory of node NODE_ID
+  of filesystem UUID (DirStore.create: idempotent for the same identity; an empty or
+  new directory only) and serves it.
+- Without ``--init``, a DIR holding an identity file: the node serves the identity
+  written there. ``--fs-uuid UUID`` without ``--init`` is a check: a directory of
+  another filesystem is refused.
+- Without ``--init`` or ``--fs-uuid``, an empty DIR or a missing one (created; its
+  parent must exist): the node starts unclaimed and waits for ``hafs mkfs --node
+  http://...`` (or ``hafs node add``) to POST /claim, which writes the identity as
+  ``--init`` would; the node serves it at once, and after a restart like any node
+  directory. A node is claimed once: the same identity again is a no-op, another
+  one is refused (409).
+- A directory of another identity, a non-empty directory without identity, an
+  empty one with ``--fs-uuid`` but no ``--init``: refused with a message, exit 2,
+  nothing modified.
+
+Why h11 directly (and not hypercorn + ASGI): refusing a body before reading it
+needs the server to answer and then close the connection. ASGI has no way to
+say "close", and hypercorn 0.18 deadlocks a connection whose app answers before
+draining a large body (the app's last send waits on a full body queue forever;
+found while testing this module). With h11 (the maintained sans-I/O HTTP/1.1
+parser under hypercorn and httpx) the node owns each connection: it parses with
+h11's limits, answers, and closes after a bounded "lingering close". The rest
+is a small loop: keep-alive, timeouts, a connection cap, graceful shutdown.
+
+HTTP behaviour: keep-alive and pipelining (one request at a time per
+connection); a connection idle for KEEP_ALIVE_S, or silent for READ_TIMEOUT_S
+inside a request, or not reading our answer for WRITE_TIMEOUT_S is closed. An
+answer sent before the body was read (401, 400, 409, 413, 503) is followed by reading
+and discarding that body when it announced at most MAX_SIZE bytes (so the
+connection stays usable); otherwise it says ``Connection: close`` and the node
+closes after discarding at most LINGER_BYTES for at most LINGER_S, so that the
+client reads the answer instead of a reset.
+
+Concurrency: everything except DirStore calls runs on the trio thread: one task
+per connection (at most MAX_CONNECTIONS; more wait in the listen backlog), each
+serving its requests one after another. Every DirStore call (and hashing) runs
+in a worker thread bounded by one CapacityLimiter (``--threads``); DirStore
+allows any number of concurrent callers. Request bodies are held in memory by at
+most 2 x threads requests at once. Metrics and the usage cache are only touched
+on the trio thread. A claim holds a trio lock from its check to the switch of
+identity, so of two concurrent claims exactly one wins; the store and the
+identity headers change only there, once, on the trio thread (a request routed
+before the switch is answered as unclaimed). SIGINT or SIGTERM stops accepting,
+closes idle connections, lets running requests finish (GRACEFUL_S at most) and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import email.utils
+import errno
+import hmac
+import http
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import h11
+import trio
+
+from .. import __version__
+from ..errors import BlockCorrupt, BlockMissing, NodeIdentityError, UserError
+from ..store.chunker import MAX_SIZE
+from ..store.dirstore import DirStore, StoreUsage, _fsync_dir, block_id, disk_id, read_identity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:7470"
+DEFAULT_THREADS = 16
+LIST_LIMIT_DEFAULT = 1000
+LIST_LIMIT_MAX = 10000
+USAGE_TTL_S = 1.0  # /status and /metrics reuse a block count this young
+MAX_CONNECTIONS = 1024
+MAX_HEAD = 16 * 1024  # request line + headers
+RECV_SIZE = 256 * 1024
+KEEP_ALIVE_S = 60.0  # an idle connection is closed after this (RemoteStore closes its own at 20)
+READ_TIMEOUT_S = 30.0  # inside a request, the longest silence from the client
+WRITE_TIMEOUT_S = 30.0  # the longest a client may take to accept our bytes
+LINGER_S = 1.0  # before closing with an unread body: wait this long for the client...
+LINGER_BYTES = MAX_SIZE  # ...discarding at most this much of its body
+GRACEFUL_S = 5.0  # on SIGTERM, running requests get this long to finish
+CLAIM_MAX = 4096  # the largest POST /claim body
+
+ID_PATH_PREFIX = b"/blocks/"
+_ID_RE = re.compile(rb"[0-9a-f]{64}")
+_PREFIX_RE = re.compile(r"[0-9a-f]{0,64}")
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TOKEN_RE = re.compile(rb"[\x21-\x7e]+")  # what an HTTP header can carry verbatim
+_METHODS = ("GET", "HEAD", "PUT", "DELETE", "POST")  # metric labels; anything else is "other"
+_JSON = b"application/json"
+_OCTETS = b"application/octet-stream"
+UNCLAIMED = (
+    "this node is not claimed by a filesystem yet: create one with 'hafs mkfs --node http://...'"
+)
+
+
+class _Gone(Exception):
+    """The client went away, or was too slow: close the connection without an answer."""
+
+
+# ------------------------------------------------------------------- metrics
+
+
+def _label(value: str) -> str:
+    """`value` escaped for a Prometheus label."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Counters of one node process, rendered in Prometheus text format."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.received_bytes = 0
+        self.sent_bytes = 0
+        self.stored = 0
+        self.rejected: Counter[str] = Counter()
+        self.corrupt = 0
+        self.started = time.time()
+
+    def render(self, usage: StoreUsage, node_id: str, fs_uuid: str) -> bytes:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+        info = (
+            f'{{node_id="{_label(node_id)}",fs_uuid="{_label(fs_uuid)}",'
+            f'version="{_label(__version__)}"}}'
+        )
+        metric("hafs_node_info", "gauge", "Identity and version of this node.", [(info, 1)])
+        metric(
+            "hafs_node_requests_total",
+            "counter",
+            "HTTP requests answered, by method and status.",
+            [(f'{{method="{m}",status="{s}"}}', n) for (m, s), n in sorted(self.requests.items())],
+        )
+        metric(
+            "hafs_node_received_bytes_total",
+            "counter",
+            "Request body bytes received.",
+            [("", self.received_bytes)],
+        )
+        metric(
+            "hafs_node_sent_bytes_total",
+            "counter",
+            "Response body bytes sent.",
+            [("", self.sent_bytes)],
+        )
+        metric(
+            "hafs_node_blocks_stored_total",
+            "counter",
+            "Blocks stored by PUT (including ones already present).",
+            [("", self.stored)],
+        )
+        metric(
+            "hafs_node_blocks_rejected_total",
+            "counter",
+            "PUTs refused: body not hashing to the id (hash) or too large (size).",
+            [(f'{{reason="{r}"}}', self.rejected[r]) for r in ("hash", "size")],
+        )
+        metric(
+            "hafs_node_blocks_corrupt_total",
+            "counter",
+            "Blocks that failed their hash on GET and were moved aside.",
+            [("", self.corrupt)],
+        )
+        metric("hafs_node_blocks", "gauge", "Blocks stored.", [("", usage.block_count)])
+        metric(
+            "hafs_node_block_bytes", "gauge", "Bytes of stored blocks.", [("", usage.block_bytes)]
+        )
+        metric(
+            "hafs_node_capacity_bytes",
+            "gauge",
+            "Size of the filesystem holding the backing directory.",
+            [("", usage.total_bytes)],
+        )
+        metric(
+            "hafs_node_free_bytes",
+            "gauge",
+            "Bytes available on that filesystem.",
+            [("", usage.free_bytes)],
+        )
+        metric(
+            "hafs_node_start_time_seconds",
+            "gauge",
+            "When this node process started (Unix time).",
+            [("", round(self.started, 3))],
+        )
+        return ("\n".join(lines) + "\n").encode()
+
+
+# ----------------------------------------------------------- HTTP/1.1 (h11)
+
+
+class Request:
+    """One request as the app sees it: its head, its body on demand, one answer."""
+
+    def __init__(self, conn: _Connection, event: h11.Request) -> None:
+        self._conn = conn
+        self.method = event.method.decode("ascii", "replace").upper()
+        self.path, _, self.query = bytes(event.target).partition(b"?")
+        self.headers: list[tuple[bytes, bytes]] = list(event.headers)  # names in lower case
+        self.client = conn.peer
+        self.status = 0  # of the answer, once sent
+
+    def header(self, name: bytes) -> bytes | None:
+        """The value of header `name` (lower case); None if absent or repeated."""
+        values = [v for k, v in self.headers if k == name]
+        return values[0] if len(values) == 1 else None
+
+    async def read_body(self, limit: int) -> bytearray | None:
+        """The whole body, or None as soon as it exceeds `limit` bytes (the rest unread)."""
+        return await self._conn.read_body(limit)
+
+    async def respond(
+        self,
+        status: int,
+        body: bytes | bytearray = b"",
+        *,
+        content_type: bytes = _JSON,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        content_length: int | None = None,
+    ) -> None:
+        """Send the answer (once). `content_length` announces a HEAD answer's size."""
+        if self.status:
+            raise RuntimeError(f"answered twice ({self.status}, {status})")
+        self.status = status
+        hdrs = list(headers or [])
+        if status != 204:
+            length = len(body) if content_length is None else content_length
+            hdrs.append((b"content-length", str(length).encode()))
+        if body or status == 200:
+            hdrs.append((b"content-type", content_type))
+        await self._conn.send_response(self, status, hdrs, body)
+
+
+class _Connection:
+    """One client connection: h11's state machine over a trio stream (module docstring)."""
+
+    def __init__(self, server: HttpServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            self.peer = f"{host}:{port}"
+        except OSError:
+            self.peer = "?"
+        self._drain = False  # after the answer: read and discard the rest of the body
+        self._pending = None  # an event taken from h11 that _next_event returns first
+
+    async def run(self) -> None:
+        try:
+            while True:
+                event = await self._next_event(idle=True)
+                if not isinstance(event, h11.Request):
+                    return  # closed by the client, idle too long, or shutting down
+                req = Request(self, event)
+                # An empty body ends right away: take its EndOfMessage now (no I/O), so the
+                # answer need not close the connection. Anything else waits for read_body.
+                first = self.h11.next_event()
+                if first is not h11.NEED_DATA and not isinstance(first, h11.EndOfMessage):
+                    self._pending = first
+                await self.server.handler(req)
+                if not req.status:
+                    raise RuntimeError(f"no answer to {req.method} {req.path!r}")
+                if not await self._end_cycle():
+                    return
+        except h11.RemoteProtocolError as e:
+            await self._refuse_garbage(e)
+        except (_Gone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _end_cycle(self) -> bool:
+        """After an answer: True if the connection can take another request."""
+        if self.h11.their_state is h11.SEND_BODY:  # answered before reading the body
+            if not self._drain or self.h11.our_state is h11.MUST_CLOSE:
+                await self._linger()
+                return False
+            while True:  # discard the body (at most MAX_SIZE, announced by Content-Length)
+                event = await self._next_event()
+                if isinstance(event, h11.EndOfMessage):
+                    break
+                if not isinstance(event, h11.Data):
+                    return False
+        if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+            return False  # MUST_CLOSE: one of us said "Connection: close"
+        if self.server.stopping:
+            return False
+        self.h11.start_next_cycle()
+        return True
+
+    async def _next_event(self, idle: bool = False):
+        """The next h11 event, reading as needed; None if the connection should just close.
+
+        While waiting for the first byte of a new request (`idle`), the wait ends
+        after KEEP_ALIVE_S or when the server stops; inside a request, a client
+        silent for READ_TIMEOUT_S is gone.
+        """
+        if self._pending is not None:
+            event, self._pending = self._pending, None
+            return event
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            waiting = idle and self.h11.their_state is h11.IDLE and not self.h11.trailing_data[0]
+            if waiting and self.server.stopping:
+                return None
+            with trio.move_on_after(KEEP_ALIVE_S if waiting else READ_TIMEOUT_S) as scope:
+                if waiting:
+                    self.server.idle_scopes.add(scope)
+                try:
+                    # A head arrives in small reads, so h11 sees one over MAX_HEAD (431).
+                    body = self.h11.their_state is h11.SEND_BODY
+                    data = await self.stream.receive_some(RECV_SIZE if body else MAX_HEAD)
+                finally:
+                    self.server.idle_scopes.discard(scope)
+            if scope.cancelled_caught:
+                if waiting:
+                    return None
+                raise _Gone
+            self.h11.receive_data(data)  # b"" is the end of the stream
+
+    async def read_body(self, limit: int) -> bytearray | None:
+        if self.h11.their_state is not h11.SEND_BODY:  # an empty body, already ended
+            return bytearray()
+        if self.h11.they_are_waiting_for_100_continue:
+            await self._send(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+        body = bytearray()
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                self.server.metrics.received_bytes += len(event.data)
+                if len(body) + len(event.data) > limit:
+                    return None
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return body
+            else:  # ConnectionClosed: h11 raises first if the body was cut short
+                raise _Gone
+
+    async def send_response(
+        self, req: Request, status: int, headers: list[tuple[bytes, bytes]], body
+    ) -> None:
+        if self.h11.their_state is h11.SEND_BODY:  # answering before the body was read
+            declared = req.header(b"content-length")
+            self._drain = (
+                declared is not None
+                and int(declared) <= MAX_SIZE
+                and not self.h11.they_are_waiting_for_100_continue
+                and status != 413
+            )
+            if not self._drain:
+                headers.append((b"connection", b"close"))
+        elif self.server.stopping:
+            headers.append((b"connection", b"close"))
+        headers.append((b"date", email.utils.formatdate(usegmt=True).encode()))
+        reason = http.HTTPStatus(status).phrase.encode() if status in _STATUSES else b""
+        head = self.h11.send(h11.Response(status_code=status, headers=headers, reason=reason))
+        if body and req.method != "HEAD":
+            await self._send(head)
+            for piece in self.h11.send_with_data_passthrough(h11.Data(data=body)) or ():
+                await self._send(piece)
+            self.server.metrics.sent_bytes += len(body)
+            await self._send(self.h11.send(h11.EndOfMessage()))
+        else:
+            await self._send(head + self.h11.send(h11.EndOfMessage()))
+        method = req.method if req.method in _METHODS else "other"
+        self.server.metrics.requests[(method, status)] += 1
+
+    async def _send(self, data: bytes | bytearray | memoryview | None) -> None:
+        if not data:
+            return
+        with trio.move_on_after(WRITE_TIMEOUT_S) as scope:
+            await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            raise _Gone
+
+    async def _refuse_garbage(self, e: h11.RemoteProtocolError) -> None:
+        """Answer a protocol violation (if we still can), then close."""
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        status = e.error_status_hint
+        body = json.dumps({"error": f"bad HTTP request: {e}"}).encode()
+        try:
+            data = self.h11.send(
+                h11.Response(
+                    status_code=status,
+                    headers=[
+                        (b"content-length", str(len(body)).encode()),
+                        (b"content-type", _JSON),
+                        (b"connection", b"close"),
+                    ],
+                )
+            )
+            data += self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage())
+            await self._send(data)
+        except (h11.LocalProtocolError, _Gone, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        self.server.metrics.requests[("other", status)] += 1
+        await self._linger()
+
+    async def _linger(self) -> None:
+        """Close gracefully when the client may still be sending: FIN, discard, close."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self.stream.send_eof()
+            discarded = 0
+            with trio.move_on_after(LINGER_S):
+                while discarded < LINGER_BYTES:
+                    data = await self.stream.receive_some(RECV_SIZE)
+                    if not data:
+                        break
+                    discarded += len(data)
+
+
+_STATUSES = {s.value for s in http.HTTPStatus}
+
+
+class HttpServer:
+    """Accepts connections and runs `handler` for each request (see the module docstring)."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[None]], metrics: Metrics) -> None:
+        self.handler = handler
+        self.metrics = metrics
+        self.stopping = False
+        self.idle_scopes: set[trio.CancelScope] = set()  # connections waiting for a request
+        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        stop: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Serve until `stop()` returns, then shut down gracefully."""
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(self._accept, listener, connections)
+                await stop()
+                acceptors.cancel_scope.cancel()
+            self.stopping = True
+            for scope in list(self.idle_scopes):
+                scope.cancel()
+            connections.cancel_scope.deadline = trio.current_time() + GRACEFUL_S
+        for listener in listeners:
+            await listener.aclose()
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            await self._slots.acquire()  # over MAX_CONNECTIONS, clients wait in the backlog
+            try:
+                stream = await listener.accept()
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: wait for descriptors to free up
+                self._slots.release()
+                log.error("cannot accept a connection: %s", e)
+                await trio.sleep(0.1)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            nursery.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            await _Connection(self, stream).run()
+        except Exception:
+            log.exception("unexpected error on a connection; closing it")
+        finally:
+            self._slots.release()
+            await trio.aclose_forcefully(stream)
+
+
+# ----------------------------------------------------------------------- app
+
+
+def _verified_put(store: DirStore, bid: str, data: bytearray) -> bool:
+    """Store `data` as `bid` if it hashes to it (worker thread); False if it does not."""
+    if block_id(data) != bid:
+        return False
+    store.put(bid, data)
+    return True
+
+
+def _stat(store: DirStore, bid: str) -> tuple[int, int] | None:
+    size = store.size(bid)
+    mtime = store.mtime_ns(bid)
+    return None if size is None or mtime is None else (size, mtime)
+
+
+def _unclaimed_usage(path: Path) -> StoreUsage:
+    """The usage of an unclaimed (empty) directory: its disk's figures, no blocks."""
+    vfs = os.statvfs(path)
+    return StoreUsage(vfs.f_blocks * vfs.f_frsize, vfs.f_bavail * vfs.f_frsize, 0, 0)
+
+
+class NodeApp:
+    """What a node answers: routing, checks, and DirStore calls in worker threads.
+
+    `store` is None while the node is unclaimed (`path` is then an empty directory).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        store: DirStore | None,
+        *,
+        token: bytes | None = None,
+        threads: int = DEFAULT_THREADS,
+    ) -> None:
+        self.path = path
+        self.store: DirStore | None = None
+        self._ident = [(b"hafs-node-id", b""), (b"hafs-fs-uuid", b"")]
+        if store is not None:
+            self._serve(store)
+        self.token = token
+        self.limiter = trio.CapacityLimiter(threads)
+        self.bodies = trio.CapacityLimiter(2 * threads)  # PUT bodies held in memory
+        self.metrics = Metrics()
+        self.started_ns = time.time_ns()
+        self.disk_id = disk_id(path)
+        self._usage: StoreUsage | None = None
+        self._usage_at = -float("inf")
+        self._usage_lock = trio.Lock()
+        self._claim_lock = trio.Lock()
+
+    def _serve(self, store: DirStore) -> None:
+        """Serve `store`'s identity from now on (at start, or once claimed)."""
+        self.store = store
+        self._ident = [
+            (b"hafs-node-id", store.node_id.encode()),
+            (b"hafs-fs-uuid", store.fs_uuid.encode()),
+        ]
+
+    def describe(self) -> str:
+        if self.store is None:
+            return "unclaimed node"
+        return f"node {self.store.node_id} of filesystem {self.store.fs_uuid}"
+
+    def _run(self, fn: Callable, *args):
+        return trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def usage(self) -> StoreUsage:
+        async with self._usage_lock:
+            if self._usage is None or trio.current_time() - self._usage_at > USAGE_TTL_S:
+                if self.store is None:
+                    self._usage = await self._run(_unclaimed_usage, self.path)
+                else:
+                    self._usage = await self._run(self.store.usage)
+                self._usage_at = trio.current_time()
+            return self._usage
+
+    async def _answer(
+        self,
+        req: Request,
+        status: int,
+        body: bytes = b"",
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        **kw,
+    ) -> None:
+        await req.respond(status, body, headers=self._ident + (headers or []), **kw)
+
+    async def _json(self, req: Request, value: dict, status: int = 200) -> None:
+        await self._answer(req, status, json.dumps(value).encode())
+
+    async def _error(self, req: Request, status: int, message: str, **kw) -> None:
+        await self._answer(req, status, json.dumps({"error": message}).encode(), **kw)
+
+    # --------------------------------------------------------------- routing
+
+    async def __call__(self, req: Request) -> None:
+        """Answer `req`; an unexpected error is logged and answered 500."""
+        try:
+            await self._route(req)
+        except (_Gone, h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            raise  # the connection's business: the client broke the protocol or went away
+        except Exception:
+            log.exception("unexpected error in %s %r", req.method, req.path[:200])
+            if req.status:
+                raise _Gone from None  # half-answered: the connection cannot go on
+            await self._error(req, 500, "internal error (see the node's log)")
+
+    async def _route(self, req: Request) -> None:
+        if self.token is not None and not self._authorised(req):
+            await req.respond(
+                401,
+                json.dumps({"error": "missing or wrong bearer token"}).encode(),
+                headers=[(b"www-authenticate", b'Bearer realm="hafs"')],
+            )
+            return
+        mismatch = self._identity_mismatch(req)
+        if mismatch:
+            await self._error(req, 409, mismatch)
+            return
+        if self.store is None and (req.path == b"/blocks" or req.path.startswith(ID_PATH_PREFIX)):
+            await self._error(req, 503, UNCLAIMED)
+            return
+        if req.path.startswith(ID_PATH_PREFIX):
+            raw_id = req.path[len(ID_PATH_PREFIX) :]
+            if _ID_RE.fullmatch(raw_id) is None:
+                shown = raw_id[:80].decode("ascii", "replace")
+                await self._error(
+                    req, 400, f"invalid block id {shown!r}: expected 64 lower-case hex digits"
+                )
+                return
+            handler = {
+                "PUT": self._put,
+                "GET": self._get,
+                "HEAD": self._head,
+                "DELETE": self._delete,
+            }.get(req.method)
+            if handler is None:
+                await self._not_allowed(req, b"PUT, GET, HEAD, DELETE")
+            else:
+                await handler(req, raw_id.decode())
+            return
+        method, handler = {
+            b"/blocks": ("GET", self._list),
+            b"/status": ("GET", self._status),
+            b"/ping": ("GET", self._ping),
+            b"/metrics": ("GET", self._metrics),
+            b"/claim": ("POST", self._claim),
+        }.get(req.path, ("", None))
+        if handler is None:
+            await self._error(req, 404, "no such endpoint")
+        elif req.method != method:
+            await self._not_allowed(req, method.encode())
+        else:
+            await handler(req)
+
+    def _authorised(self, req: Request) -> bool:
+        value = req.header(b"authorization")
+        if value is None:
+            return False
+        scheme, _, credential = value.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token)
+
+    def _identity_mismatch(self, req: Request) -> str:
+        if self.store is None:
+            return ""  # unclaimed: no identity to protect, and /claim must get through
+        for name, mine in self._ident:
+            theirs = req.header(name)
+            if theirs is not None and theirs != mine:
+                return (
+                    f"this is node {self.store.node_id} of filesystem {self.store.fs_uuid}; the"
+                    f" request is for {name.decode()} {theirs.decode('latin-1')[:80]!r}: check"
+                    " the node's address in the filesystem's ring"
+                )
+        return ""
+
+    async def _not_allowed(self, req: Request, allow: bytes) -> None:
+        await self._error(req, 405, "method not allowed", headers=[(b"allow", allow)])
+
+    # ---------------------------------------------------------------- blocks
+
+    async def _put(self, req: Request, bid: str) -> None:
+        declared = req.header(b"content-length")  # h11 checked that it is digits
+        if declared is not None and int(declared) > MAX_SIZE:
+            self.metrics.rejected["size"] += 1
+            await self._error(req, 413, f"a block is at most {MAX_SIZE} bytes")
+            return
+        async with self.bodies:
+            data = await req.read_body(MAX_SIZE)
+            if data is None:
+                self.metrics.rejected["size"] += 1
+                await self._error(req, 413, f"a block is at most {MAX_SIZE} bytes")
+                return
+            try:
+                stored = await self._run(_verified_put, self.store, bid, data)
+            except OSError as e:
+                await self._disk_error(req, "store", bid, e)
+                return
+        if not stored:
+            self.metrics.rejected["hash"] += 1
+            log.warning(
+                "PUT-REJECTED %s from %s: %d bytes do not hash to the id",
+                bid,
+                req.client,
+                len(data),
+            )
+            await self._error(req, 422, "the body does not hash to the block id; nothing stored")
+            return
+        self.metrics.stored += 1
+        await self._answer(req, 204)
+
+    async def _get(self, req: Request, bid: str) -> None:
+        try:
+            data = await self._run(self.store.get, bid)
+        except BlockMissing:
+            await self._error(req, 404, f"block {bid} is not on this node")
+            return
+        except BlockCorrupt:  # DirStore.get logged BLOCK-CORRUPT and moved it aside
+            self.metrics.corrupt += 1
+            await self._error(req, 410, f"block {bid} failed its hash here and was moved aside")
+            return
+        except OSError as e:
+            await self._disk_error(req, "read", bid, e)
+            return
+        await self._answer(req, 200, data, content_type=_OCTETS)
+
+    async def _head(self, req: Request, bid: str) -> None:
+        try:
+            st = await self._run(_stat, self.store, bid)
+        except OSError as e:
+            await self._disk_error(req, "stat", bid, e)
+            return
+        if st is None:
+            await self._answer(req, 404)
+            return
+        size, mtime_ns = st
+        await self._answer(
+            req,
+            200,
+            content_length=size,
+            content_type=_OCTETS,
+            headers=[
+                (b"hafs-size", str(size).encode()),
+                (b"hafs-mtime-ns", str(mtime_ns).encode()),
+            ],
+        )
+
+    async def _delete(self, req: Request, bid: str) -> None:
+        try:
+            existed = await self._run(self.store.delete, bid)
+        except OSError as e:
+            await self._disk_error(req, "delete", bid, e)
+            return
+        await self._answer(req, 204 if existed else 404)
+
+    async def _disk_error(self, req: Request, what: str, bid: str, e: OSError) -> None:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        log.error("DISK-ERROR cannot %s block %s in %s: %s", what, bid, self.store.path, e)
+        await self._error(
+            req, 507 if full else 500, f"cannot {what} block {bid}: {e.strerror or e}"
+        )
+
+    # ------------------------------------------------------------ the others
+
+    async def _list(self, req: Request) -> None:
+        try:
+            query = dict(
+                parse_qsl(req.query.decode("ascii"), keep_blank_values=True, max_num_fields=4)
+            )
+            unknown = set(query) - {"after", "limit"}
+            if unknown:
+                raise ValueError(f"unknown parameter {sorted(unknown)[0]!r}")
+            after = query.get("after", "")
+            if _PREFIX_RE.fullmatch(after) is None:
+                raise ValueError("after must be lower-case hex, at most 64 digits")
+            limit = query.get("limit", str(LIST_LIMIT_DEFAULT))
+            if not limit.isdigit() or not 1 <= int(limit) <= LIST_LIMIT_MAX:
+                raise ValueError(f"limit must be an integer from 1 to {LIST_LIMIT_MAX}")
+        except ValueError as e:  # UnicodeDecodeError too
+            await self._error(req, 400, f"bad query: {e}")
+            return
+        ids = await self._run(self.store.iter_ids, after, int(limit))
+        await self._json(req, {"ids": ids})
+
+    def _identity(self) -> dict:
+        """{"node_id", "fs_uuid"} as /ping, /status and /claim report them (null: unclaimed)."""
+        store = self.store
+        return {
+            "node_id": store.node_id if store else None,
+            "fs_uuid": store.fs_uuid if store else None,
+        }
+
+    async def _status(self, req: Request) -> None:
+        usage = await self.usage()
+        await self._json(
+            req,
+            {
+                **self._identity(),
+                "version": __version__,
+                "total_bytes": usage.total_bytes,
+                "free_bytes": usage.free_bytes,
+                "block_count": usage.block_count,
+                "block_bytes": usage.block_bytes,
+                "max_block_size": MAX_SIZE,
+                "started_ns": self.started_ns,
+                "disk_id": self.disk_id,
+            },
+        )
+
+    async def _ping(self, req: Request) -> None:
+        await self._json(req, self._identity())
+
+    async def _metrics(self, req: Request) -> None:
+        usage = await self.usage()
+        node_id, fs_uuid = (v.decode() for _, v in self._ident)
+        body = self.metrics.render(usage, node_id, fs_uuid)
+        await self._answer(req, 200, body, content_type=b"text/plain; version=0.0.4; charset=utf-8")
+
+    async def _claim(self, req: Request) -> None:
+        body = await req.read_body(CLAIM_MAX)
+        if body is None:
+            await self._error(req, 413, f"a claim is at most {CLAIM_MAX} bytes")
+            return
+        try:
+            claim = json.loads(body)
+            if not isinstance(claim, dict) or set(claim) != {"node_id", "fs_uuid"}:
+                raise ValueError('expected a JSON object {"node_id": ..., "fs_uuid": ...}')
+            node_id = check_node_id(claim["node_id"])
+            fs_uuid = canonical_uuid(claim["fs_uuid"], "fs_uuid")
+            if fs_uuid != claim["fs_uuid"]:
+                raise ValueError(f"fs_uuid {claim['fs_uuid']!r} is not in canonical form")
+        except (ValueError, UserError) as e:  # UnicodeDecodeError too
+            await self._error(req, 400, f"bad claim: {e}")
+            return
+        async with self._claim_lock:
+            if self.store is None:
+                try:
+                    store = await self._run(DirStore.create, self.path, node_id, fs_uuid)
+                except UserError as e:  # the directory changed since the start, or a disk error
+                    log.error("CLAIM-FAILED node %s of filesystem %s: %s", node_id, fs_uuid, e)
+                    await self._error(req, 409 if isinstance(e, NodeIdentityError) else 500, str(e))
+                    return
+                self._serve(store)
+                log.info(
+                    "NODE-CLAIMED node %s of filesystem %s (by %s)", node_id, fs_uuid, req.client
+                )
+            elif (self.store.node_id, self.store.fs_uuid) != (node_id, fs_uuid):
+                await self._error(
+                    req,
+                    409,
+                    f"this node is already {self.describe()}; refusing to make it node"
+                    f" {node_id} of filesystem {fs_uuid}",
+                )
+                return
+        await self._json(req, self._identity())
+
+
+# ------------------------------------------------------------------- set-up
+
+
+def check_node_id(value: object) -> str:
+    """`value` if it is a valid node id, else UserError."""
+    if not isinstance(value, str) or _NODE_ID_RE.fullmatch(value) is None:
+        raise UserError(
+            f"node id {str(value)[:80]!r}: use 1-64 letters, digits, '.', '_' or '-'"
+            " (starting with a letter or digit)"
+        )
+    return value
+
+
+def canonical_uuid(value: object, what: str) -> str:
+    """`value` (the `what` of a message) as a canonical UUID string, else UserError."""
+    try:
+        return str(uuid.UUID(value))
+    except (TypeError, ValueError, AttributeError):
+        raise UserError(f"{what} {str(value)[:80]!r} is not a UUID") from None
+
+
+def open_node_store(
+    data: str | Path, init_node_id: str | None = None, fs_uuid: str | None = None
+) -> DirStore | None:
+    """Open (or with `init_node_id`, first create) the backing directory a node serves.
+
+    None: the directory is empty or was missing (then created), and the node
+    serves it unclaimed. See "Identity contract" in the module docstring. Raises
+    UserError (or its subclass NodeIdentityError) with a message saying what to do.
+    """
+    path = Path(data).expanduser().absolute()
+    if fs_uuid is not None:
+        fs_uuid = canonical_uuid(fs_uuid, "--fs-uuid")
+    if init_node_id is not None:
+        check_node_id(init_node_id)
+        if fs_uuid is None:
+            raise UserError("--init NODE_ID needs --fs-uuid UUID (the filesystem's uuid)")
+        return DirStore.create(path, init_node_id, fs_uuid)
+    if fs_uuid is None and not path.exists() and not path.is_symlink():
+        try:
+            path.mkdir()
+            _fsync_dir(str(path.parent))
+        except OSError as e:
+            raise UserError(
+                f"cannot create backing directory {path}: {e.strerror}: its parent must be"
+                " an existing, writable directory"
+            ) from None
+        return None
+    if not path.is_dir():
+        raise UserError(
+            f"backing directory {path} {'is not a directory' if path.exists() else 'is missing'}:"
+            " give an existing node directory, or initialise a new one with"
+            " --init NODE_ID --fs-uuid UUID"
+        )
+    ident = read_identity(path)
+    if ident is None:
+        if any(path.iterdir()):
+            raise NodeIdentityError(
+                f"{path} is not a hafs node directory (no identity file) and is not empty:"
+                " give an empty or new directory (to be claimed by 'hafs mkfs --node'), or"
+                " empty this one"
+            )
+        if fs_uuid is not None:
+            raise NodeIdentityError(
+                f"{path} is empty (no identity file), so it cannot belong to filesystem"
+                f" {fs_uuid}: give the node's directory, or drop --fs-uuid to serve it"
+                " unclaimed, or initialise it with --init NODE_ID"
+            )
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"backing directory {path} is not writable: fix its permissions")
+        return None
+    if fs_uuid is not None and ident["fs_uuid"] != fs_uuid:
+        raise NodeIdentityError(
+            f"backing directory {path} belongs to filesystem {ident['fs_uuid']} (node"
+            f" {ident['node_id']}), not {fs_uuid}: refusing to serve it; give the right --data"
+        )
+    return DirStore.open(path, ident["node_id"], ident["fs_uuid"])
+
+
+def read_token(file: str | Path) -> bytes:
+    """The bearer token in `file` (surrounding whitespace ignored); UserError if unusable."""
+    try:
+        raw = Path(file).read_bytes()
+        mode = os.stat(file).st_mode
+    except OSError as e:
+        raise UserError(f"cannot read token file {file}: {e.strerror}") from None
+    token = raw.strip()
+    if _TOKEN_RE.fullmatch(token) is None:
+        raise UserError(
+            f"token file {file} must hold one token of printable ASCII without spaces"
+            " (e.g. the output of 'openssl rand -hex 32')"
+        )
+    if mode & 0o077:
+        log.warning("token file %s is readable by others: chmod 600 it", file)
+    return token
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT or [IPV6]:PORT -> (host, port); UserError if malformed."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]/]+):(\d{1,5})", value)
+    if m is None or not 0 <= int(m.group(2) or m.group(4)) <= 65535:
+        raise UserError(f"--listen {value!r}: expected HOST:PORT, e.g. 0.0.0.0:7470 or [::]:7470")
+    return (m.group(1) or m.group(3)), int(m.group(2) or m.group(4))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _url(sockname: tuple) -> str:
+    host, port = sockname[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve(
+    app: NodeApp,
+    listen: str,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> str:
+    """Serve `app` on `listen` until SIGINT or SIGTERM; return the signal's name.
+
+    `task_status.started` gets the bound URLs (port 0 picks a free port).
+    """
+    host, port = parse_listen(listen)
+    stopped_by = ""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host, backlog=256)
+        except OSError as e:
+            raise UserError(f"cannot listen on {listen}: {e.strerror or e}") from None
+
+        async def stop() -> None:
+            nonlocal stopped_by
+            async for signum in signals:
+                stopped_by = signal.Signals(signum).name
+                log.info("NODE-STOP %s: %s, finishing running requests", app.describe(), stopped_by)
+                return
+
+        urls = [_url(listener.socket.getsockname()) for listener in listeners]
+        log.info(
+            "NODE-READY %s serving %s at %s (%s)%s",
+            app.describe(),
+            app.path,
+            ", ".join(urls),
+            "bearer token required" if app.token else "no token",
+            "" if app.store else f": waiting for 'hafs mkfs --node {urls[0]}' to claim it",
+        )
+        task_status.started(urls)
+        await HttpServer(app, app.metrics).serve(listeners, stop)
+    log.info("NODE-STOPPED %s", app.describe())
+    return stopped_by
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `hafs node` (see `run`)."""
+    parser.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="the backing directory to serve (required to serve); an empty or new one is"
+        " served unclaimed until 'hafs mkfs --node http://HOST:PORT' claims it",
+    )
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help="address to serve on (default: %(default)s; 0.0.0.0:PORT or [::]:PORT for the"
+        " network)",
+    )
+    parser.add_argument(
+        "--init",
+        metavar="NODE_ID",
+        help="initialise DIR as node NODE_ID of the filesystem given by --fs-uuid (an empty or"
+        " new directory; harmless when DIR already is that node)",
+    )
+    parser.add_argument(
+        "--fs-uuid",
+        metavar="UUID",
+        help="the filesystem's uuid: with --init, the one to write; without, DIR must belong to it",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="require 'Authorization: Bearer TOKEN' on every request, TOKEN read from FILE",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help="worker threads for disk I/O (default: %(default)s)",
+    )
+    parser.add_argument("--debug", action="store_true", help="log debug messages")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; 0 after a clean stop. Bad input raises UserError."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.DEBUG if args.debug else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+    if args.data is None:
+        raise UserError("hafs node needs --data DIR: the backing directory to serve")
+    host, _ = parse_listen(args.listen)
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    token = read_token(args.token_file) if args.token_file is not None else None
+    path = Path(args.data).expanduser().absolute()
+    store = open_node_store(path, args.init, args.fs_uuid)
+    if token is None and not _is_loopback(host):
+        log.warning(
+            "serving %s on %s without --token-file: anyone who can reach it can read and"
+            " delete blocks%s",
+            path,
+            args.listen,
+            "" if store else ", or claim it",
+        )
+    if store is not None:
+        store.cleanup_tmp()
+    app = NodeApp(path, store, token=token, threads=args.threads)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a peer's reset is an error, not our death
+    trio.run(serve, app, args.listen)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hafs.node",
+        description="Serve one hafs backing directory to the network (a block node).",
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"hafs node: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""Block storage: backing directories, remote nodes, placement on the ring, chunking."""

@@ -1,0 +1,259 @@
+"""Placement: R copies on the ring's nodes, the next node when one fails, verified reads."""
+
+import os
+
+import pytest
+import trio
+
+from hafs.errors import BlockMissing, QuorumLost
+from hafs.store.dirstore import DirStore, block_id
+from hafs.store.placement import Placement, is_temporary
+from hafs.store.remote import NodeRefused, NodeTimeout, NodeUnavailable
+from hafs.store.ring import NodeSpec, Ring
+
+
+class FailingStore(DirStore):
+    """A backing directory whose disk fails every put (fault injection)."""
+
+    def put(self, block_id, data):
+        raise OSError(5, "Input/output error (injected)")
+
+
+def make(tmp_path, n=4, failing=(), r=2):
+    specs = [NodeSpec(f"n{i + 1}", str(tmp_path / f"n{i + 1}")) for i in range(n)]
+    stores = {}
+    for s in specs:
+        DirStore.create(s.address, s.id, "fs")
+        cls = FailingStore if s.id in failing else DirStore
+        stores[s.id] = cls.open(s.address, s.id, "fs")
+    ring = Ring(specs)
+    return Placement(ring, stores, r, trio.CapacityLimiter(4)), ring
+
+
+def holders(placement, bid):
+    return sorted(n for n, s in placement.stores.items() if s.has(bid))
+
+
+async def test_put_places_r_copies_where_the_ring_says(tmp_path):
+    placement, ring = make(tmp_path)
+    for _ in range(20):
+        data = os.urandom(1000)
+        bid = block_id(data)
+        await placement.put(bid, data)
+        assert holders(placement, bid) == sorted(ring.replicas(bid, 2))
+        assert await placement.get(bid) == data
+
+
+async def test_a_failing_node_is_replaced_by_the_next_on_the_ring(tmp_path):
+    placement, ring = make(tmp_path, failing={"n1"})
+    moved = 0
+    for _ in range(30):
+        data = os.urandom(1000)
+        bid = block_id(data)
+        await placement.put(bid, data)
+        got = holders(placement, bid)
+        assert len(got) == 2 and "n1" not in got
+        moved += "n1" in ring.replicas(bid, 2)
+        assert await placement.get(bid) == data  # found off its preferred node
+    assert moved > 0
+
+
+async def test_too_few_working_nodes_is_quorum_lost(tmp_path):
+    placement, _ = make(tmp_path, n=3, failing={"n1", "n2"})
+    with pytest.raises(QuorumLost):
+        await placement.put(block_id(b"x"), b"x")
+
+
+async def test_reads_skip_corrupt_and_missing_copies(tmp_path):
+    placement, ring = make(tmp_path)
+    data = os.urandom(5000)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    first, second = ring.replicas(bid, 2)
+    path = placement.stores[first].path / "blocks" / bid[:2] / bid
+    path.write_bytes(b"garbage")
+    assert await placement.get(bid) == data
+    placement.stores[second].delete(bid)
+    with pytest.raises(BlockMissing):
+        await placement.get(bid)
+
+
+async def test_delete_honours_the_grace_period(tmp_path):
+    placement, _ = make(tmp_path)
+    data = os.urandom(100)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    assert not await placement.delete(bid, grace_s=3600)
+    assert holders(placement, bid)
+    assert await placement.delete(bid, grace_s=0)
+    assert holders(placement, bid) == []
+
+
+async def test_write_quorum_lets_a_put_succeed_with_fewer_copies(tmp_path, caplog):
+    placement, _ = make(tmp_path, n=3, failing={"n1", "n2"})
+    placement.write_quorum = 1
+    data = os.urandom(100)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    assert holders(placement, bid) == ["n3"]
+    assert "BLOCK-DEGRADED" in caplog.text
+    assert await placement.get(bid) == data
+
+
+class CountingFailingStore(FailingStore):
+    calls = 0
+    healthy = False
+
+    def put(self, block_id, data):
+        type(self).calls += 1
+        if self.healthy:
+            return super(FailingStore, self).put(block_id, data)
+        return super().put(block_id, data)
+
+    def ping(self):
+        if not self.healthy:
+            raise OSError(5, "still failing (injected)")
+
+
+async def test_a_failing_node_is_marked_down_skipped_and_probed_back(tmp_path, caplog):
+    placement, ring = make(tmp_path, n=4)
+    n1 = placement.stores["n1"]
+    bad = CountingFailingStore(n1.path, "n1", "fs")
+    placement.stores["n1"] = bad
+    blocks = [os.urandom(100) for _ in range(40)]
+    for data in blocks:
+        await placement.put(block_id(data), data)
+    # three failures in a row mark it down; after that it is not asked again
+    assert placement.health.is_down("n1")
+    assert CountingFailingStore.calls == 3
+    assert "NODE-DOWN n1" in caplog.text
+    # a probe while it still fails keeps it down; once it works, it is up again
+    await placement._probe("n1", bad)
+    assert placement.health.is_down("n1")
+    bad.healthy = True
+    await placement._probe("n1", bad)
+    assert not placement.health.is_down("n1")
+    assert "NODE-UP n1" in caplog.text
+    data = os.urandom(100)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    assert holders(placement, bid) == sorted(ring.replicas(bid, 2))
+
+
+async def test_reads_try_down_nodes_last(tmp_path):
+    placement, ring = make(tmp_path)
+    data = os.urandom(100)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    first, second = ring.replicas(bid, 2)
+    placement.health.mark_down(first, "test")
+    order = list(placement._candidates(bid))
+    assert order[0] == second and order[-1] == first
+    placement.stores[second].delete(bid)
+    assert await placement.get(bid) == data  # the down node is still asked as a last resort
+
+
+async def test_blocks_written_around_a_failing_node_are_recorded_and_repaired(tmp_path):
+    placement, ring = make(tmp_path, failing={"n1"})
+    recorded = {}
+    placement.on_degraded = lambda bid, nodes: recorded.setdefault(bid, nodes)
+    blocks = {}
+    for _ in range(30):
+        data = os.urandom(1000)
+        bid = block_id(data)
+        await placement.put(bid, data)
+        blocks[bid] = data
+    affected = {bid for bid in blocks if "n1" in ring.replicas(bid, 2)}
+    assert affected and set(recorded) == affected
+    for bid in affected:  # recorded where the copies went: R nodes, not n1
+        assert sorted(recorded[bid]) == holders(placement, bid) and "n1" not in recorded[bid]
+
+    placement.health.mark_down("n1", "test")
+    assert all([await placement.repair(b, recorded[b]) is None for b in affected])  # waits
+
+    placement.stores["n1"] = DirStore.open(tmp_path / "n1", "n1", "fs")  # the disk is back
+    placement.health.success("n1")
+    for bid in affected:
+        assert await placement.repair(bid, recorded[bid]) is True
+        assert holders(placement, bid) == sorted(ring.replicas(bid, 2))  # extra copy gone
+        assert await placement.get(bid) == blocks[bid]
+
+
+async def test_a_repair_that_cannot_copy_keeps_every_copy(tmp_path):
+    placement, ring = make(tmp_path, failing={"n1"})
+    while "n1" not in ring.replicas(bid := block_id(data := os.urandom(1000)), 2):
+        pass  # a block the ring places on the failing node
+    await placement.put(bid, data)
+    before = holders(placement, bid)
+    assert await placement.repair(bid, before) is False  # n1 still fails its writes
+    assert holders(placement, bid) == before
+
+
+class RestartingStore(DirStore):
+    """A node that refuses connections for its first `refusals` calls (a restart)."""
+
+    refusals = 1
+
+    def _maybe_refuse(self):
+        if self.refusals:
+            self.refusals -= 1
+            raise NodeUnavailable("http://test", self.node_id, "connection refused", 111)
+
+    def get(self, block_id):
+        self._maybe_refuse()
+        return super().get(block_id)
+
+    def put(self, block_id, data):
+        self._maybe_refuse()
+        return super().put(block_id, data)
+
+
+class HungStore(DirStore):
+    calls = 0
+
+    def get(self, block_id):
+        self.calls += 1
+        raise NodeTimeout("http://test", self.node_id, "no answer within 1 s", 110)
+
+
+def test_only_temporary_failures_are_retried():
+    refused = NodeUnavailable("a", "n1", "connection refused", 111)
+    assert is_temporary(refused) and is_temporary(NodeRefused("a", "n1", "disk", 5, 500))
+    assert not is_temporary(NodeTimeout("a", "n1", "slow", 110))
+    assert not is_temporary(NodeRefused("a", "n1", "full", 28, 507))
+    assert not is_temporary(NodeRefused("a", "n1", "bad body", 5, 422))
+    assert not is_temporary(OSError(5, "disk error"))
+
+
+async def test_a_restarting_node_is_retried_after_a_backoff(tmp_path):
+    placement, ring = make(tmp_path, n=1, r=1)
+    placement.write_quorum = 1
+    placement.stores["n1"] = RestartingStore.open(tmp_path / "n1", "n1", "fs")
+    data = os.urandom(100)
+    bid = block_id(data)
+    await placement.put(bid, data)  # refused, then stored on the retry
+    placement.stores["n1"].refusals = 1
+    assert await placement.get(bid) == data  # refused, then read on the retry
+
+
+async def test_a_timed_out_read_is_not_retried(tmp_path):
+    placement, ring = make(tmp_path, n=1, r=1)
+    hung = placement.stores["n1"] = HungStore.open(tmp_path / "n1", "n1", "fs")
+    with pytest.raises(BlockMissing):
+        await placement.get(block_id(b"x"))
+    assert hung.calls == 1
+
+
+async def test_a_write_around_a_failing_node_avoids_draining_nodes(tmp_path):
+    specs = [NodeSpec(f"n{i + 1}", str(tmp_path / f"n{i + 1}")) for i in range(4)]
+    specs[3] = NodeSpec("n4", specs[3].address, state="draining")
+    stores = {}
+    for s in specs:
+        DirStore.create(s.address, s.id, "fs")
+        stores[s.id] = (FailingStore if s.id == "n1" else DirStore).open(s.address, s.id, "fs")
+    placement = Placement(Ring(specs), stores, 2, trio.CapacityLimiter(4))
+    for _ in range(30):
+        data = os.urandom(1000)
+        bid = block_id(data)
+        await placement.put(bid, data)
+        assert holders(placement, bid) == ["n2", "n3"]  # never the failing or the draining node
