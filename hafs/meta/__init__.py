@@ -1,1 +1,329 @@
-"""Metadata engines behind one interface (see DESIGN.md, "Metadata engines")."""
+"""What a metadata engine is: one interface, engines that implement whole operations.
+
+DESIGN.md, "Metadata engines".  An engine keeps everything a filesystem knows
+besides its blocks: inodes, directory entries, extents, block refcounts,
+xattrs, the configuration and the ring, degraded-block records, write locks
+(`LockService`) and mount sessions (`Sessions`).  Engines:
+
+- `sqlite` (meta/sqlite.py): the embedded default, one SQLite file (WAL);
+- `kv` (meta/kv.py): every operation written once over a small transactional
+  key-value interface (`KV`), with its key layout; `memkv` (in memory, for
+  tests) and `etcd` (the cluster engine) are thin adapters under it.
+
+Every method of `MetaStore` is one engine transaction with its checks inside
+it: a check and the change it guards cannot be separated by another client.
+A conflict with another client is retried inside the engine or becomes the
+POSIX answer (`FsError` with EEXIST, ENOENT, ENOTEMPTY, ...), never an I/O
+error.  `LockLost` refuses a commit whose fencing token is older than the
+inode's newest one (invariant 6).
+
+Blocking: the methods are plain calls.  An engine whose calls are cheap enough
+for the trio thread (SQLite: indexed point lookups, tens of microseconds) says
+so with `direct = True`; the others (network round trips) are called from
+worker threads.  Trio code never calls an engine itself: it goes through
+`AsyncMeta`, which does the one or the other, so the vfs is written once for
+every engine.  Synchronous tools (fsck, rebalance, status, node management)
+call the engine directly from their own threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+ROOT_INODE = 1
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+# ------------------------------------------------------------------- values
+
+
+@dataclass
+class Inode:
+    id: int
+    mode: int  # st_mode: type and permission bits
+    uid: int
+    gid: int
+    nlink: int  # 0: unlinked, kept while open on a mount
+    size: int  # bytes; past the last extent: a hole
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int  # device number of block/char special files
+    target: bytes | None  # symlink target; None for anything else
+
+
+@dataclass(frozen=True)
+class Extent:
+    """The block `block_id` supplies bytes [offset, offset+length) of a file from its own
+    bytes [0, length); length <= the block's size (a truncate may keep a prefix)."""
+
+    offset: int
+    length: int
+    block_id: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class Dentry:
+    cursor: int  # opaque readdir cursor (> 0): readdir(after=cursor) goes on after this entry
+    name: bytes
+    inode: int
+
+
+@dataclass(frozen=True)
+class FsConfig:
+    """The filesystem's configuration, read once (typed, instead of settings decoded
+    in every tool)."""
+
+    fs_uuid: str
+    replicas: int  # R
+    write_quorum: int  # W
+    node_token: str | None  # bearer token of the block nodes
+    created_ns: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The figures statfs and status need."""
+
+    inodes: int
+    logical_bytes: int  # bytes of files that extents cover
+    stored_bytes: int  # bytes of referenced blocks (each once: dedup)
+    blocks: int  # referenced blocks
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    id: str
+    size: int
+    refcount: int
+    zero_since_ns: int | None  # refcount 0 since then; None while referenced
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A mount (or a repairing fsck) of the filesystem that is alive."""
+
+    id: str
+    kind: str  # "mount" or "repair"
+    host: str
+    mountpoint: str
+    pid: int
+    version: str  # hafs version
+    since_ns: int
+    expires_ns: int
+
+
+# ---------------------------------------------------------------- interface
+
+
+class MetaStore(Protocol):
+    """One filesystem's metadata (see the module docstring)."""
+
+    direct: bool  # calls are cheap enough for the trio thread
+    locks: LockService
+    sessions: Sessions
+
+    def close(self) -> None: ...
+    def sync(self) -> None:
+        """Make every committed transaction durable (fsync, or a no-op where commits are)."""
+
+    # configuration and ring
+    def config(self) -> FsConfig: ...
+    def ring(self) -> dict:
+        """The ring description: {"version": N, "nodes": [{id, address, weight, zone, state}]}."""
+
+    def ring_changed_ns(self) -> int:
+        """When the ring last got a new version (0: at mkfs)."""
+
+    def replace_ring(self, ring: dict, expect_version: int) -> bool:
+        """Store `ring` if the stored one still has `expect_version` (else False)."""
+
+    # inodes and entries
+    def getattr(self, ino: int) -> Inode | None: ...
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
+        """The inode named `name` in `parent`; ENOENT/ENOTDIR for a bad parent."""
+
+    def parent_of(self, ino: int) -> int | None: ...
+    def readdir(self, parent: int, after: int, limit: int) -> list[tuple[Dentry, Inode]]:
+        """Up to `limit` entries after cursor `after` (0: from the start), with their inodes."""
+
+    def mknod(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> Inode:
+        """A new file, directory, symlink or special file: EEXIST, ENOENT (parent gone),
+        ENOTDIR.  A setgid parent gives its group (and setgid to a directory)."""
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode: ...
+    def unlink(self, parent: int, name: bytes) -> Inode:
+        """Remove a non-directory's name; returns the inode as left (nlink 0: no name)."""
+
+    def rmdir(self, parent: int, name: bytes) -> int:
+        """Remove an empty directory; returns its inode number."""
+
+    def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int) -> int | None:
+        """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE; returns the inode that lost its
+        name by being replaced (None: none)."""
+
+    def setattr(self, ino: int, **fields: int) -> Inode:
+        """Set mode, uid, gid, atime_ns, mtime_ns (ctime follows)."""
+
+    def delete_inode(self, ino: int) -> bool:
+        """Delete an inode without a name (its extents release their blocks); False if it
+        has a name again or is gone."""
+
+    def unlinked_inodes(self) -> list[int]:
+        """Inodes with no name left (kept while open on some mount)."""
+
+    def path_of(self, ino: int) -> str:
+        """One path of the inode, for messages ('<inode N>' when it has no name)."""
+
+    # xattrs
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None: ...
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None: ...
+    def list_xattrs(self, ino: int) -> list[bytes]: ...
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        """ENODATA when the inode has no such xattr."""
+
+    # content
+    def extents(self, ino: int, start: int, end: int) -> list[Extent]:
+        """Extents overlapping [start, end), in offset order."""
+
+    def allocated_bytes(self, ino: int) -> int:
+        """Bytes of the file that extents cover (holes are not counted)."""
+
+    def fence(self, ino: int, token: int) -> None:
+        """Record `token` as the inode's newest write token; LockLost if a newer one is."""
+
+    def commit(
+        self,
+        ino: int,
+        start: int,
+        end: int,
+        new: list[Extent],
+        sizes: dict[str, int],
+        size: int,
+        mtime_ns: int,
+        token: int | None,
+    ) -> None:
+        """Replace the file's content in [start, end) by `new` and set its size (data before
+        metadata: every new block is durable already).  Old extents lie wholly inside or
+        outside the range.  `sizes`: each new block's size.  With a token, LockLost unless
+        it is the inode's newest."""
+
+    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None) -> None: ...
+
+    # figures
+    def usage(self) -> Usage: ...
+
+    # blocks: garbage and degraded records
+    def garbage_blocks(self, before_ns: int, limit: int) -> list[str]:
+        """Blocks no extent has referenced since before `before_ns`."""
+
+    def forget_block(self, block_id: str) -> bool:
+        """Drop an unreferenced block's row (after its copies are deleted); False if it is
+        referenced again."""
+
+    def record_degraded(self, block_id: str, nodes: list[str]) -> None:
+        """A block whose copies went to `nodes`, not (all) where the ring says."""
+
+    def degraded_blocks(self, after: str, limit: int) -> list[tuple[str, list[str]]]: ...
+    def forget_degraded(self, block_id: str) -> None: ...
+    def clear_degraded(self, keep: set[str]) -> int: ...
+    def count_degraded(self) -> int: ...
+
+    # paged scans (fsck, rebalance): each page in key order after the cursor given
+    def scan_blocks(self, after: str, limit: int) -> list[BlockRow]: ...
+    def scan_extents(self, after: tuple[int, int], limit: int) -> list[tuple[int, Extent]]:
+        """(inode, extent) after (inode, offset)."""
+
+    def block_users(self, block_id: str, limit: int) -> list[int]:
+        """Inodes whose extents reference the block."""
+
+
+class Lease(Protocol):
+    name: str
+    token: int  # fencing token: greater than every earlier grant of the name
+
+
+class LockService(Protocol):
+    """Write locks granted as leases with fencing tokens (invariant 6)."""
+
+    async def acquire(self, name: str, wait_s: float) -> Any:
+        """A Lease; waits up to wait_s for another holder, then LockTimeout."""
+
+    async def keepalive(self, lease: Any) -> None:
+        """Renew; LockLost if it expired or was taken over."""
+
+    def valid(self, lease: Any) -> bool:
+        """Whether the lease is still ours by the clock (commits check the token too)."""
+
+    async def release(self, lease: Any) -> None: ...
+    def held(self) -> list[Any]:
+        """Every lock whose lease has not ended (LockInfo), for status."""
+
+
+class Sessions(Protocol):
+    """Which mounts of the filesystem are alive (and which fsck repairs it)."""
+
+    def register(self, kind: str, mountpoint: str, ttl_s: float) -> SessionInfo:
+        """Start a session.  A "repair" session is refused (UserError) while a mount is
+        alive, and a "mount" session while a repair is."""
+
+    def renew(self, session: SessionInfo) -> SessionInfo: ...
+    def end(self, session: SessionInfo) -> None: ...
+    def alive(self) -> list[SessionInfo]: ...
+    def reap(self) -> list[SessionInfo]:
+        """End the sessions whose lease ran out (their mounts died); returns them."""
+
+
+# ------------------------------------------------------------ trio access
+
+
+class AsyncMeta:
+    """The engine as trio code calls it: `await meta.lookup(...)`.
+
+    A direct engine is called on the trio thread (no await inside, so each call
+    is atomic with respect to every other task of the mount); the others in a
+    worker thread, at most `limiter` at once.
+    """
+
+    def __init__(self, engine: MetaStore, limiter: trio.CapacityLimiter | None = None) -> None:
+        self.engine = engine
+        self._limiter = limiter or trio.CapacityLimiter(8)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        fn = getattr(self.engine, name)
+        if self.engine.direct:
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                return fn(*args, **kwargs)
+        else:
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                return await trio.to_thread.run_sync(
+                    functools.partial(fn, *args, **kwargs), limiter=self._limiter
+                )
+
+        call.__name__ = name
+        setattr(self, name, call)  # made once per method
+        return call
