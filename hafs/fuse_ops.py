@@ -19,7 +19,7 @@ import pyfuse3
 
 from .errors import FsError, LockLost, StorageError
 from .fs.vfs import Vfs
-from .meta.sqlite import Inode
+from .meta import Inode
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +82,18 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._ref(self.vfs.lookup(parent_inode, name))
+        return self._ref(await self.vfs.lookup(parent_inode, name))
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
             try:
-                self.vfs.forget(ino, n)
+                await self.vfs.forget(ino, n)
             except Exception:  # forget must not raise
                 log.exception("forget of inode %d failed", ino)
 
     @_errors_to_fuse
     async def getattr(self, inode, ctx=None):
-        return _attrs(self.vfs.getattr(inode))
+        return _attrs(await self.vfs.getattr(inode))
 
     @_errors_to_fuse
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -111,35 +111,35 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def readlink(self, inode, ctx):
-        return self.vfs.readlink(inode)
+        return await self.vfs.readlink(inode)
 
     @_errors_to_fuse
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self._ref(self.vfs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+        return self._ref(await self.vfs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_errors_to_fuse
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._ref(self.vfs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self._ref(await self.vfs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errors_to_fuse
     async def symlink(self, parent_inode, name, target, ctx):
-        return self._ref(self.vfs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+        return self._ref(await self.vfs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errors_to_fuse
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._ref(self.vfs.link(inode, new_parent_inode, new_name))
+        return self._ref(await self.vfs.link(inode, new_parent_inode, new_name))
 
     @_errors_to_fuse
     async def unlink(self, parent_inode, name, ctx):
-        self.vfs.unlink(parent_inode, name)
+        await self.vfs.unlink(parent_inode, name)
 
     @_errors_to_fuse
     async def rmdir(self, parent_inode, name, ctx):
-        self.vfs.rmdir(parent_inode, name)
+        await self.vfs.rmdir(parent_inode, name)
 
     @_errors_to_fuse
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_errors_to_fuse
     async def open(self, inode, flags, ctx):
@@ -147,7 +147,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, inode = self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        fh, inode = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._ref(inode)
 
     @_errors_to_fuse
@@ -172,12 +172,12 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def opendir(self, inode, ctx):
-        return self.vfs.opendir(inode)
+        return await self.vfs.opendir(inode)
 
     @_errors_to_fuse
     async def readdir(self, fh, start_id, token):
         while True:
-            page = self.vfs.readdir(fh, start_id)
+            page = await self.vfs.readdir(fh, start_id)
             if not page:
                 return
             for dentry, inode in page:
@@ -197,29 +197,29 @@ class FuseOps(pyfuse3.Operations):
     @_errors_to_fuse
     async def statfs(self, ctx):
         out = pyfuse3.StatvfsData()
-        for k, v in self.vfs.statfs().items():
+        for k, v in (await self.vfs.statfs()).items():
             setattr(out, k, v)
         return out
 
     @_errors_to_fuse
     async def setxattr(self, inode, name, value, ctx):
-        self.vfs.setxattr(inode, name, value)
+        await self.vfs.setxattr(inode, name, value)
 
     @_errors_to_fuse
     async def getxattr(self, inode, name, ctx):
-        return self.vfs.getxattr(inode, name)
+        return await self.vfs.getxattr(inode, name)
 
     @_errors_to_fuse
     async def listxattr(self, inode, ctx):
-        return self.vfs.listxattr(inode)
+        return await self.vfs.listxattr(inode)
 
     @_errors_to_fuse
     async def removexattr(self, inode, name, ctx):
-        self.vfs.removexattr(inode, name)
+        await self.vfs.removexattr(inode, name)
 
     @_errors_to_fuse
     async def access(self, inode, mode, ctx):
-        self.vfs.getattr(inode)
+        await self.vfs.getattr(inode)
         return True  # permissions are checked by the kernel (default_permissions)
 
 

@@ -16,7 +16,6 @@ http:// address, the client of a `hafs node` server (RemoteStore).
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .meta.sqlite import MetaStore, now_ns
+from .meta import FsConfig, MetaStore, now_ns
+from .meta.sqlite import SqliteMeta
 from .store.dirstore import DirStore
 from .store.remote import NodeAuthError, NodeError, RemoteStore
 from .store.ring import NodeSpec, Ring
@@ -107,16 +107,8 @@ def create(
     for spec in specs:
         init_node(spec, fs_uuid, token)
     ring = Ring(specs, version=1)
-    settings = {
-        "fs_uuid": fs_uuid,
-        "replicas": str(replicas),
-        "write_quorum": str(quorum),
-        "ring": json.dumps(ring.to_json()),
-        "created_ns": str(now_ns()),
-    }
-    if token is not None:
-        settings["node_token"] = token
-    MetaStore.create(meta_path(home), settings, os.getuid(), os.getgid()).close()
+    config = FsConfig(fs_uuid, replicas, quorum, token, now_ns())
+    SqliteMeta.create(meta_path(home), config, ring.to_json(), os.getuid(), os.getgid()).close()
     if token is not None:  # the token is a secret: SQLite gives -wal and -shm the same mode
         os.chmod(meta_path(home), 0o600)
     return fs_uuid
@@ -175,33 +167,50 @@ def open_store(
 class Filesystem:
     home: Path
     meta: MetaStore
+    config: FsConfig
     ring: Ring
     stores: dict[str, DirStore | RemoteStore]
-    replicas: int
-    write_quorum: int
-    fs_uuid: str
-    token: str | None
+
+    @property
+    def replicas(self) -> int:
+        return self.config.replicas
+
+    @property
+    def write_quorum(self) -> int:
+        return self.config.write_quorum
+
+    @property
+    def fs_uuid(self) -> str:
+        return self.config.fs_uuid
+
+    @property
+    def token(self) -> str | None:
+        return self.config.node_token
 
 
-def open_fs(home: Path, node_timeout: float | None = None) -> Filesystem:
-    """Open the metadata and every node's store, checking the identity of directories."""
+def open_meta(home: Path, lock_ttl_s: float = 10.0) -> MetaStore:
+    """The metadata engine of the filesystem in `home` (UserError when there is none)."""
     home = home.absolute()
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    meta = MetaStore.open(meta_path(home))
+    return SqliteMeta.open(meta_path(home), lock_ttl_s)
+
+
+def open_fs(home: Path, node_timeout: float | None = None, lock_ttl_s: float = 10.0) -> Filesystem:
+    """Open the metadata and every node's store, checking the identity of directories."""
+    home = home.absolute()
+    meta = open_meta(home, lock_ttl_s)
     try:
-        fs_uuid = meta.setting("fs_uuid")
-        ring = Ring.from_json(meta.ring_json())
-        replicas = int(meta.setting("replicas"))
-        quorum = int(meta.setting_or("write_quorum", str(write_quorum(replicas))))
-        token = meta.setting_or("node_token", None)
+        config = meta.config()
+        ring = Ring.from_json(meta.ring())
         stores = {
-            spec.id: open_store(spec, fs_uuid, token, node_timeout) for spec in ring.nodes.values()
+            spec.id: open_store(spec, config.fs_uuid, config.node_token, node_timeout)
+            for spec in ring.nodes.values()
         }
     except BaseException:
         meta.close()
         raise
-    return Filesystem(home, meta, ring, stores, replicas, quorum, fs_uuid, token)
+    return Filesystem(home, meta, config, ring, stores)
 
 
 def check_remote_nodes(fs: Filesystem) -> dict[str, str]:

@@ -7,18 +7,20 @@ and the exit code.  The foreground daemon:
 
 1. checks the mountpoint (an empty directory not mounted; a dead hafs mount
    left by a killed daemon is detached with `fusermount3 -u -z` first);
-2. holds HOME/mount.lock shared (several mounts of one filesystem work
-   together through the write locks; `fsck --repair` takes it exclusively),
-   and opens the metadata and the backing directories;
-3. mounts, serves, and on SIGINT/SIGTERM or unmount flushes every open file,
-   syncs the metadata and unmounts.
+2. opens the metadata and the backing directories and registers a mount
+   session in the metadata (several mounts of one filesystem work together
+   through the write locks; a session is refused while `fsck --repair` runs,
+   and `fsck --repair` is refused while a session is alive);
+3. mounts, serves (renewing its session, and reaping the sessions of mounts
+   that died: their files unlinked while open are deleted), and on
+   SIGINT/SIGTERM or unmount flushes every open file, syncs the metadata,
+   ends its session and unmounts.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -152,30 +154,6 @@ def pid_file(home: Path, mountpoint: Path) -> Path:
     return home / "run" / f"{digest}.pid"
 
 
-def _lock_home(home: Path) -> tuple[int, bool]:
-    """Hold HOME/mount.lock shared while mounted (fsck --repair takes it exclusively).
-
-    Returns the descriptor and whether this is the only mount (the exclusive
-    lock could be had first): only then may the mount purge inodes that a
-    crashed mount left open.
-    """
-    fd = os.open(home / "mount.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        alone = True
-    except BlockingIOError:
-        alone = False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(
-            f"the filesystem in {home} is being repaired by 'hafs fsck --repair': mount it"
-            " once that has finished"
-        ) from None
-    return fd, alone
-
-
 def _limit_malloc_arenas() -> None:
     """Keep glibc from giving each worker thread its own heap arena.
 
@@ -208,9 +186,12 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
             home_mod.create(home)
             log.info("created the default filesystem in %s", home)
         check_mountpoint(mountpoint)
-        lock_fd, alone = _lock_home(home)
-        fs = home_mod.open_fs(home, opts.node_timeout_s)
+        fs = home_mod.open_fs(home, opts.node_timeout_s, opts.lock_ttl_s)
         try:
+            session = fs.meta.sessions.register("mount", str(mountpoint), opts.lock_ttl_s)
+            alone = not [
+                s for s in fs.meta.sessions.alive() if s.kind == "mount" and s.id != session.id
+            ]
             down = home_mod.check_remote_nodes(fs)
         except BaseException:
             fs.meta.close()
@@ -225,29 +206,32 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
     pidf.write_text(f"{os.getpid()} {mountpoint}\n")
     log.info("mounting %s (fs %s) at %s", home, fs.fs_uuid, mountpoint)
     try:
-        trio.run(_serve, fs, down, mountpoint, opts, fuse_opts, alone, report)
+        trio.run(_serve, fs, session, down, mountpoint, opts, fuse_opts, alone, report)
     finally:
-        fs.meta.close()
-        pidf.unlink(missing_ok=True)
-        os.close(lock_fd)
+        try:
+            fs.meta.sessions.end(fs.meta.sessions.current or session)
+        finally:
+            fs.meta.close()
+            pidf.unlink(missing_ok=True)
     log.info("unmounted %s", mountpoint)
     return 0
 
 
 async def _serve(
-    fs, down: dict[str, str], mountpoint: Path, opts: Options, fuse_opts: set[str], alone, report
+    fs, session, down: dict[str, str], mountpoint: Path, opts: Options, fuse_opts, alone, report
 ) -> None:
     placement = Placement(
         fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(opts.threads), fs.write_quorum
     )
     for node_id, why in down.items():
         placement.health.mark_down(node_id, why)
-    vfs = Vfs(fs.meta, placement, opts, holder=str(mountpoint))
+    vfs = Vfs(fs.meta, placement, opts)
     ops = FuseOps(vfs)
     options = set(pyfuse3.default_options) | {f"fsname=hafs:{fs.home}", "subtype=hafs"}
     options |= fuse_opts
     async with trio.open_nursery() as nursery:
         await nursery.start(vfs.run, alone)
+        nursery.start_soon(_session_loop, vfs, session, opts.lock_ttl_s)
         pyfuse3.init(ops, str(mountpoint), options)
         mounted = True
         try:
@@ -261,6 +245,25 @@ async def _serve(
         finally:
             pyfuse3.close(unmount=mounted)
             nursery.cancel_scope.cancel()
+
+
+async def _session_loop(vfs: Vfs, session, ttl_s: float) -> None:
+    """Renew this mount's session a few times per lease; reap the sessions of mounts that
+    died (the engine deletes the files they kept open after their unlink)."""
+    sessions = vfs.meta.sessions
+    while True:
+        await trio.sleep(ttl_s / 4)
+        try:
+            session = await sessions.renew(session)
+            for dead in await sessions.reap():
+                log.warning(
+                    "SESSION-ENDED of the mount at %s:%s (pid %d): it stopped renewing its lease",
+                    dead.host,
+                    dead.mountpoint,
+                    dead.pid,
+                )
+        except Exception as e:  # tried again next round; the mount stays up
+            log.error("renewing the mount session failed: %s", e)
 
 
 async def _on_signals() -> None:

@@ -52,7 +52,6 @@ mounted and no mount can start until it has finished.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sqlite3
@@ -68,14 +67,14 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import quote
 
-from ..errors import BlockCorrupt, BlockMissing, HafsError
+from ..errors import BlockCorrupt, BlockMissing, HafsError, UserError
 from ..home import is_remote, meta_path, open_store
 from ..meta.sqlite import (
     APPLICATION_ID,
     DEGRADED_SCHEMA,
     ROOT_INODE,
     SCHEMA_VERSION,
-    MetaStore,
+    SqliteMeta,
     now_ns,
 )
 from ..store.dirstore import BLOCK_ID_RE, DirStore, read_identity
@@ -91,6 +90,9 @@ PAGE = 1000  # rows per metadata query, ids per node listing
 IN_BATCH = 500  # ids per "IN (...)" query
 MAX_DETAILS = 1000  # detail lines kept per problem kind (counts are exact)
 MAX_PATHS = 100  # paths named per inode (hard links)
+# A repair's session: a dead fsck on this host is noticed at once by its pid; its lease
+# only matters across hosts, and fsck renews nothing while it works.
+REPAIR_SESSION_S = 24 * 3600.0
 S_IFMT, S_IFDIR = 0o170000, 0o040000
 
 # Problem kinds, in report order, with what they mean.
@@ -368,15 +370,18 @@ def run(
     report = Report(str(home), repair, deep, grace_s)
     progress = progress or Progress(enabled=False)
     t0 = time.monotonic()
-    lock_fd = meta = None
+    meta = session = None
     try:
         if not meta_path(home).exists():
             raise FsckError(f"no hafs filesystem in {home} (no meta.db): check --home")
-        if repair:
-            lock_fd = _lock_for_repair(home)
-        else:
-            report.mounted = is_mounted(home)
         meta = _open_meta(meta_path(home), writable=repair)
+        if repair:
+            try:  # refused while a mount is alive; no mount starts until it ends
+                session = meta.sessions.register("repair", "", REPAIR_SESSION_S)
+            except UserError as e:
+                raise FsckError(str(e)) from None
+        else:
+            report.mounted = any(s.kind == "mount" for s in meta.sessions.alive())
         checker = Checker(meta, report, progress, report.mounted, rate_mib, threads)
         checker.run()
     except FsckError as e:
@@ -386,67 +391,18 @@ def run(
     finally:
         progress.close()
         if meta is not None:
+            if session is not None:
+                meta.sessions.end(session)
             meta.close()
-        if lock_fd is not None:
-            os.close(lock_fd)
         report.seconds = time.monotonic() - t0
     return report
 
 
-def is_mounted(home: Path) -> bool:
-    """True if a mount daemon holds HOME/mount.lock, without touching the lock.
-
-    Looks the lock file up in /proc/locks (a false "mounted" only makes a check more
-    lenient); without /proc, whether a daemon named in a pid file is alive.
-    """
-    try:
-        st = os.stat(home / "mount.lock")
-    except FileNotFoundError:
-        return False
-    try:
-        locks = Path("/proc/locks").read_text()
-    except OSError:
-        locks = None
-    if locks is not None:
-        # "1: FLOCK  ADVISORY  READ 674 fe:00:2220048 0 EOF": MAJ:MIN in hex, then the inode.
-        # Some filesystems (btrfs) show another device than stat(): the inode decides then.
-        for line in locks.splitlines():
-            f = line.split()
-            if len(f) >= 6 and f[1] == "FLOCK" and f[5].rpartition(":")[2] == str(st.st_ino):
-                return True
-        return False
-    for pidfile in [home / "mount.pid", *home.glob("run/*.pid")]:
-        try:
-            pid = int(pidfile.read_text().split()[0])
-            os.kill(pid, 0)
-            return True
-        except (OSError, ValueError, IndexError):
-            continue
-    return False
-
-
-def _lock_for_repair(home: Path) -> int:
-    """Hold HOME/mount.lock exclusively: no mount runs now, none starts until we close it."""
-    try:
-        fd = os.open(home / "mount.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise FsckError(f"cannot open {home / 'mount.lock'}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FsckError(
-            f"the filesystem in {home} is mounted: unmount it ('hafs umount MOUNTPOINT') before"
-            " 'hafs fsck --repair'; a check without --repair may run while it is mounted"
-        ) from None
-    return fd
-
-
-def _open_meta(path: Path, writable: bool) -> MetaStore:
+def _open_meta(path: Path, writable: bool) -> SqliteMeta:
     """The metadata; read-only for a check (a mount may be running beside us)."""
     if writable:
         try:
-            return MetaStore.open(path)
+            return SqliteMeta.open(path)
         except HafsError as e:
             raise FsckError(str(e)) from None
     try:
@@ -471,7 +427,7 @@ def _open_meta(path: Path, writable: bool) -> MetaStore:
             f"metadata database {path} has schema version {version}, newer than this hafs"
             f" understands ({SCHEMA_VERSION}): upgrade hafs"
         )
-    return MetaStore(db, path)
+    return SqliteMeta(db, path)
 
 
 # ---------------------------------------------------------------- checker
@@ -495,7 +451,7 @@ class Checker:
 
     def __init__(
         self,
-        meta: MetaStore,
+        meta: SqliteMeta,
         report: Report,
         progress: Progress,
         live: bool = False,
@@ -627,19 +583,17 @@ class Checker:
     def _lost_and_found(self) -> int:
         """The inode of /lost+found, made as a root directory if missing."""
         if self._lost_found is None:
-            ino = self.meta.lookup(ROOT_INODE, b"lost+found")
-            if ino is not None:
-                inode = self.meta.get_inode(ino)
-                if inode is None or not stat.S_ISDIR(inode.mode):
+            inode = self.meta.lookup(ROOT_INODE, b"lost+found")
+            if inode is not None:
+                if not stat.S_ISDIR(inode.mode):
                     raise FsckError("/lost+found exists and is not a directory: rename it first")
             else:
-                root = self.meta.get_inode(ROOT_INODE)
-                with self.meta.txn():
-                    ino = self.meta.create_inode(S_IFDIR | 0o700, root.uid, root.gid, 2)
-                    self.meta.add_entry(ROOT_INODE, b"lost+found", ino)
-                    self.meta.add_nlink(ROOT_INODE, 1, now_ns())
+                root = self.meta.getattr(ROOT_INODE)
+                inode = self.meta.mknod(
+                    ROOT_INODE, b"lost+found", S_IFDIR | 0o700, root.uid, root.gid
+                )
                 self.report.notes.append("created /lost+found")
-            self._lost_found = ino
+            self._lost_found = inode.id
         return self._lost_found
 
     def _move_to_lost_found(self, ino: int, is_dir: bool) -> str:
@@ -650,11 +604,15 @@ class Checker:
             name += b"_"
         t = now_ns()
         with self.meta.txn():
-            self.meta.add_entry(lf, name, ino)
+            self.db.execute(
+                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (lf, name, ino)
+            )
             if is_dir:
-                self.meta.add_nlink(lf, 1, t)
+                self.db.execute(
+                    "UPDATE inodes SET nlink = nlink + 1, ctime_ns = ? WHERE id = ?", (t, lf)
+                )
             else:
-                self.meta.update_inode(ino, nlink=1, ctime_ns=t)
+                self.db.execute("UPDATE inodes SET nlink = 1, ctime_ns = ? WHERE id = ?", (t, ino))
         return f"/lost+found/{_show(name)}"
 
     def _release_block(self, bid: str) -> None:
@@ -669,12 +627,11 @@ class Checker:
 
     def _open_nodes(self) -> None:
         try:
-            fs_uuid = self.meta.setting("fs_uuid")
-            self.ring = Ring.from_json(self.meta.ring_json())
-            self.replicas = int(self.meta.setting("replicas"))
+            config = self.meta.config()
+            fs_uuid, token, self.replicas = config.fs_uuid, config.node_token, config.replicas
+            self.ring = Ring.from_json(self.meta.ring())
         except (HafsError, ValueError) as e:
             raise FsckError(f"the metadata's settings are unusable: {e}") from None
-        token = self.meta.setting_or("node_token", None)
         for spec in self.ring.nodes.values():
             try:
                 if is_remote(spec.address):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .. import home as home_mod
 from ..errors import UserError
-from ..meta.sqlite import MetaStore
+from ..meta import MetaStore
 from ..store.ring import NODE_STATES, NodeSpec, Ring
 from .status import node_table, render_nodes
 
@@ -151,9 +151,7 @@ def run(args: argparse.Namespace, home: Path) -> int:
 
 
 def _open(home: Path) -> MetaStore:
-    if not home_mod.meta_path(home).exists():
-        raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    return MetaStore.open(home_mod.meta_path(home))
+    return home_mod.open_meta(home)
 
 
 def _normalise(address: str) -> str:
@@ -201,7 +199,7 @@ def change_ring(
     makes us re-read and call `change` again.
     """
     for _ in range(CAS_RETRIES):
-        current = Ring.from_json(meta.ring_json())
+        current = Ring.from_json(meta.ring())
         specs = change(current)
         if specs is None:
             return current, False
@@ -217,10 +215,10 @@ def change_ring(
 def list_nodes(home: Path) -> dict:
     meta = _open(home)
     try:
-        ring = Ring.from_json(meta.ring_json())
-        replicas = int(meta.setting("replicas"))
-        fs_uuid = meta.setting("fs_uuid")
-        token = meta.setting_or("node_token", None)
+        ring = Ring.from_json(meta.ring())
+        replicas = meta.config().replicas
+        fs_uuid = meta.config().fs_uuid
+        token = meta.config().node_token
     finally:
         meta.close()
     return {
@@ -248,9 +246,9 @@ def add_node(
     address = _normalise(address)
     meta = _open(home)
     try:
-        fs_uuid = meta.setting("fs_uuid")
-        token = meta.setting_or("node_token", None)
-        ring = Ring.from_json(meta.ring_json())
+        fs_uuid = meta.config().fs_uuid
+        token = meta.config().node_token
+        ring = Ring.from_json(meta.ring())
         if node_id is None:
             node_id = next_node_id(ring)
         elif not NODE_ID_RE.fullmatch(node_id):
@@ -306,7 +304,7 @@ def remove_node(home: Path, node_id: str) -> tuple[Ring, bool]:
     """Drain node `node_id` (rebalance empties it, then drops it); (ring, whether changed)."""
     meta = _open(home)
     try:
-        replicas = int(meta.setting("replicas"))
+        replicas = meta.config().replicas
 
         def change(current: Ring) -> list[NodeSpec] | None:
             spec = _known(current, node_id)
@@ -339,7 +337,7 @@ def set_node(
         raise UserError("give --weight W, --zone Z or --state up|draining")
     meta = _open(home)
     try:
-        replicas = int(meta.setting("replicas"))
+        replicas = meta.config().replicas
         changes: dict = {}
         if weight is not None:
             changes["weight"] = weight

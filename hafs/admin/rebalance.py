@@ -47,11 +47,10 @@ version); after RING_SETTLE_S it is listed once more and anything a mount
 wrote there meanwhile (a fallback write while a named node failed) is moved
 too.  A draining node that cannot be listed (down) stays in the ring.
 
-Locks: HOME/rebalance.lock (exclusive) keeps two rebalances apart;
-HOME/mount.lock is held shared, as a mount holds it, so `hafs fsck --repair`
-(which takes it exclusively) never runs beside a rebalance (a mount started
-meanwhile therefore does not count itself alone and leaves purging unlinked
-inodes to fsck).  A dry run takes neither and changes nothing.
+Exclusion: a rebalance registers a "rebalance" session in the metadata, which
+keeps two rebalances apart and `hafs fsck --repair` from running beside one
+(see `hafs.meta.session_conflict`).  A dry run registers nothing and changes
+nothing.
 
 Left behind by a kill -9: at most the temp file of a copy cut short on its new
 node (tmp/, never read as a block), removed by `hafs fsck --repair`.
@@ -59,10 +58,8 @@ node (tmp/, never read as a block), removed by `hafs fsck --repair`.
 
 from __future__ import annotations
 
-import fcntl
 import heapq
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -71,8 +68,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BlockCorrupt, BlockMissing, HafsError, UserError
-from ..home import meta_path, open_store
-from ..meta.sqlite import MetaStore
+from ..home import meta_path, open_meta, open_store
+from ..meta import MetaStore
 from ..store.dirstore import DirStore
 from ..store.remote import RemoteStore
 from ..store.ring import RING_SETTLE_S, Ring
@@ -261,12 +258,11 @@ def run(
     t0 = time.monotonic()
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    locks: list[int] = []
-    meta = None
+    meta = session = None
     try:
-        if not dry_run:
-            locks = _take_locks(home)
-        meta = MetaStore.open(meta_path(home))
+        meta = open_meta(home)
+        if not dry_run:  # renewed by nothing: a dead rebalance on this host is seen by its pid
+            session = meta.sessions.register("rebalance", "", 24 * 3600.0)
         rebalancer = Rebalancer(meta, report, progress, bandwidth_mib, threads, settle_s)
         try:
             rebalancer.run()
@@ -286,38 +282,11 @@ def run(
     finally:
         progress.close()
         if meta is not None:
+            if session is not None:
+                meta.sessions.end(session)
             meta.close()
-        for fd in locks:
-            os.close(fd)
         report.seconds = time.monotonic() - t0
     return report
-
-
-def _take_locks(home: Path) -> list[int]:
-    fds = []
-    try:
-        fd = os.open(home / "rebalance.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fds.append(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"another 'hafs rebalance' is running on {home}: wait for it to finish"
-            ) from None
-        fd = os.open(home / "mount.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fds.append(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"the filesystem in {home} is being repaired by 'hafs fsck --repair': run"
-                " rebalance once that has finished"
-            ) from None
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return fds
 
 
 # ---------------------------------------------------------------- the work
@@ -379,9 +348,10 @@ class Rebalancer:
         self.threads = threads
         self.settle_s = settle_s
         self.dry_run = report.dry_run
-        self.fs_uuid = meta.setting("fs_uuid")
-        self.token = meta.setting_or("node_token", None)
-        self.replicas = int(meta.setting("replicas"))
+        config = meta.config()
+        self.fs_uuid = config.fs_uuid
+        self.token = config.node_token
+        self.replicas = config.replicas
         self.stores: dict[str, Store | None] = {}  # None: could not be opened
         self._addresses: dict[str, str] = {}
         self._strikes: Counter[str] = Counter()
@@ -397,7 +367,7 @@ class Rebalancer:
 
     def _ring(self) -> Ring:
         try:
-            return Ring.from_json(self.meta.ring_json())
+            return Ring.from_json(self.meta.ring())
         except ValueError as e:
             raise RingUnusable(
                 f"the ring in the metadata is unusable ({e}): run 'hafs fsck'"
@@ -427,7 +397,7 @@ class Rebalancer:
 
     def _settle(self, ring: Ring) -> None:
         """Wait until every mount uses this ring version (they reload it every second)."""
-        changed = int(self.meta.setting_or("ring_changed_ns", "0"))
+        changed = self.meta.ring_changed_ns()
         wait = changed / 1e9 + self.settle_s - time.time()
         if wait > 0:
             self.progress.start(f"waiting {wait:.0f} s for the mounts to use ring {ring.version}")

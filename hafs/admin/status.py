@@ -19,8 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import home as home_mod
-from ..errors import HafsError, UserError
-from ..meta.sqlite import MetaStore
+from ..errors import HafsError
 from ..store.ring import Ring
 
 NODE_TIMEOUT_S = 5.0  # a remote node that does not answer within this is shown down
@@ -94,37 +93,47 @@ def node_table(
 
 
 def gather(home: Path) -> dict:
-    if not home_mod.meta_path(home).exists():
-        raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    meta = MetaStore.open(home_mod.meta_path(home))
+    meta = home_mod.open_meta(home)
     try:
-        fs_uuid = meta.setting("fs_uuid")
-        ring = Ring.from_json(meta.ring_json())
-        replicas = int(meta.setting("replicas"))
-        node_token = meta.setting_or("node_token", None)
-        logical, stored, count = meta.usage()
-        files = meta.count_inodes()
+        config = meta.config()
+        fs_uuid, replicas, node_token = config.fs_uuid, config.replicas, config.node_token
+        ring = Ring.from_json(meta.ring())
+        usage = meta.usage()
+        logical, stored, count, files = (
+            usage.logical_bytes,
+            usage.stored_bytes,
+            usage.blocks,
+            usage.inodes,
+        )
         degraded = meta.count_degraded()
         now = time.time_ns()
         locks = [
             {
-                "name": name,
-                "path": meta.path_of(int(name.split(":")[1])),
-                "holder": holder,
-                "token": token,
-                "age_s": round((now - acquired) / 1e9, 1),
-                "expires_in_s": round((expires - now) / 1e9, 1),
+                "name": lock.name,
+                "path": meta.path_of(int(lock.name.split(":")[1])),
+                "holder": lock.holder,
+                "token": lock.token,
+                "age_s": round((now - lock.acquired_ns) / 1e9, 1),
+                "expires_in_s": round((lock.expires_ns - now) / 1e9, 1),
             }
-            for name, holder, token, acquired, expires in meta.db.execute(
-                "SELECT name, holder, token, acquired_ns, expires_ns FROM locks"
-                " WHERE holder IS NOT NULL AND expires_ns > ? ORDER BY name",
-                (now,),
-            )
+            for lock in meta.locks.held()
+        ]
+        sessions = [
+            {
+                "host": s.host,
+                "mountpoint": s.mountpoint,
+                "pid": s.pid,
+                "version": s.version,
+                "since_s": round((now - s.since_ns) / 1e9, 1),
+            }
+            for s in meta.sessions.alive()
+            if s.kind == "mount"
         ]
     finally:
         meta.close()
     return {
         "home": str(home),
+        "mounts": sessions,
         "fs_uuid": fs_uuid,
         "replicas": replicas,
         "ring_version": ring.version,
@@ -189,6 +198,12 @@ def render(r: dict) -> str:
             f"degraded blocks: {r['degraded_blocks']} (written while a node was failing;"
             " a mount repairs them in the background, as does 'hafs fsck --repair')",
         ]
+    lines += ["", f"mounted: {len(r['mounts'])}"]
+    for m in r["mounts"]:
+        lines.append(
+            f"  {m['host']}:{m['mountpoint']}  pid {m['pid']}  hafs {m['version']}"
+            f"  for {m['since_s']} s"
+        )
     lines += ["", f"write locks held: {len(r['locks'])}"]
     for lk in r["locks"]:
         lines.append(

@@ -21,8 +21,10 @@ says, not where the buffer happened to fill.
 Concurrency rules: every method runs on the trio thread.  Writes never await
 on the file's lock (only on the mount-wide write budget).  Flushes and
 truncates of one file hold `lock`, so the extents of the file cannot change
-while a flush works on them.  A read takes its snapshot of extents, inflight
-and dirty bytes without awaiting in between, then fetches immutable blocks.
+while a flush works on them.  A read takes its snapshot of inflight and dirty
+bytes, then the extents (an engine over the network awaits here: a region
+committed in between is found in both, with the same bytes), then fetches
+immutable blocks.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ import errno
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
 from ..errors import FsError, LockLost, LockTimeout
-from ..meta.locks import Lease, SqliteLockService
-from ..meta.sqlite import Extent, MetaStore
+from ..meta import AsyncMeta, Extent, Inode, LockService
+from ..meta.locks import Lease
 from ..store.chunker import MAX_SIZE, cut_points
 from ..store.dirstore import block_id as hash_block
 from ..store.placement import Placement
@@ -76,7 +79,7 @@ class WriteBudget:
 class Shared:
     """What every FileState of a mount uses (passed down, never a back-reference)."""
 
-    meta: MetaStore
+    meta: AsyncMeta
     placement: Placement
     cache: BlockCache
     budget: WriteBudget
@@ -85,9 +88,10 @@ class Shared:
     flush_bytes: int  # start a background flush when a file has this much dirty data
     readahead_blocks: int
     uncommitted: Counter  # block ids stored but not yet referenced: garbage collection skips them
-    locks: SqliteLockService  # write locks, shared with the other mounts of the filesystem
+    locks: LockService  # write locks, shared with the other mounts of the filesystem
     lock_wait_s: float  # how long a writer waits for another mount's lock
     open_files: dict  # inode -> FileState of every open file (owned by the vfs)
+    record_degraded: Callable[[], Awaitable[None]]  # writes placement's degraded reports
 
 
 def _cut_and_hash(buf: bytearray) -> list[tuple[int, int, str | None]]:
@@ -160,11 +164,12 @@ class FileState:
         """Whether this mount holds changes of the file that are not committed yet."""
         return bool(self.lease or self.dirty or self.pending)
 
-    def refresh(self) -> None:
-        """Catch up with the metadata (another mount may have changed the file)."""
+    async def refresh(self, inode: Inode | None = None) -> None:
+        """Catch up with the metadata (another mount may have changed the file); `inode`:
+        the caller's fresh copy."""
         if not self.has_changes():
-            inode = self.s.meta.get_inode(self.ino)
-            if inode is not None:
+            inode = inode or await self.s.meta.getattr(self.ino)
+            if inode is not None and not self.has_changes():
                 self.size = self.committed_size = inode.size
 
     async def take_lock(self) -> None:
@@ -172,7 +177,7 @@ class FileState:
         if self.lease is not None:
             if self.s.locks.valid(self.lease):
                 return
-            self.lose_lock("its lease expired")
+            await self.lose_lock("its lease expired")
             self._raise_error()
         async with self._taking:  # one task of this mount asks; the others share its lease
             if self.lease is not None:
@@ -182,38 +187,38 @@ class FileState:
             except LockTimeout as e:
                 log.warning(
                     "LOCK-WAIT-TIMEOUT %s: still held by %s after %.0f s",
-                    self.s.meta.path_of(self.ino),
+                    await self.s.meta.path_of(self.ino),
                     e.holder,
                     self.s.lock_wait_s,
                 )
                 raise FsError(errno.ENOLCK, str(e)) from None
             try:
-                with self.s.meta.txn():
-                    self.s.meta.fence(self.ino, lease.token)
+                await self.s.meta.fence(self.ino, lease.token)
+                await self.refresh()  # the last writer's size, before this mount changes anything
             except BaseException:
-                self.s.locks.release(lease)
+                with trio.CancelScope(shield=True):
+                    await self.s.locks.release(lease)
                 raise
-            self.refresh()  # the last writer's size, before this mount changes anything
             self.lease = lease
 
-    def _fenced_truncate(self, size: int) -> None:
+    async def _fenced_truncate(self, size: int) -> None:
         try:
-            self.s.meta.truncate(self.ino, size, self.mtime_ns, self._token())
+            await self.s.meta.truncate(self.ino, size, self.mtime_ns, self._token())
         except LockLost as e:
-            self.lose_lock(str(e))
+            await self.lose_lock(str(e))
             self._raise_error()
 
     def _token(self) -> int | None:
         return self.lease.token if self.lease is not None else None
 
-    def lose_lock(self, why: str) -> None:
+    async def lose_lock(self, why: str) -> None:
         """The lease is gone: drop the uncommitted changes; fsync and close report EIO."""
-        log.error(
-            "LOCK-LOST %s: %s; its uncommitted writes are dropped",
-            self.s.meta.path_of(self.ino),
-            why,
-        )
-        self.error = LockLost(f"write lock of {self.s.meta.path_of(self.ino)} lost: {why}")
+        self._drop_changes()
+        path = await self.s.meta.path_of(self.ino)
+        log.error("LOCK-LOST %s: %s; its uncommitted writes are dropped", path, why)
+        self.error = LockLost(f"write lock of {path} lost: {why}")
+
+    def _drop_changes(self) -> None:
         before = self.dirty.nbytes
         self.dirty.truncate_range(0)
         self.s.budget.release(before)
@@ -221,10 +226,10 @@ class FileState:
         self.mtime_ns = None
         self.size = self.committed_size
 
-    def release_lock(self) -> None:
+    async def release_lock(self) -> None:
         if self.lease is not None and not (self.dirty or self.pending):
-            self.s.locks.release(self.lease)
-            self.lease = None
+            lease, self.lease = self.lease, None
+            await self.s.locks.release(lease)
 
     def _raise_error(self) -> None:
         if self.error is not None:
@@ -263,23 +268,23 @@ class FileState:
             if final:
                 self._raise_error()
                 if self.mtime_ns is not None or self.committed_size != self.size:
-                    self._commit_mtime()
+                    await self._commit_mtime()
 
     async def _wait_pending(self, done) -> None:
         while not done():
             await self._pending_changed.wait()
 
-    def _commit_mtime(self) -> None:
+    async def _commit_mtime(self) -> None:
         """Commit a size and mtime that no flushed block carried (a truncate up, zeros)."""
         self.mtime_ns = self.mtime_ns or time.time_ns()
-        self._fenced_truncate(self.size)
+        await self._fenced_truncate(self.size)
         self.committed_size = self.size
         self.mtime_ns = None
 
-    def _widen(self, start: int, end: int) -> tuple[int, int, list[Extent]]:
+    async def _widen(self, start: int, end: int) -> tuple[int, int, list[Extent]]:
         """Widen [start, end) to the edges of the extents and dirty segments it cuts into."""
         while True:
-            exts = self.s.meta.extents(self.ino, start, end)
+            exts = await self.s.meta.extents(self.ino, start, end)
             new_start = min([start] + [e.offset for e in exts[:1]])
             new_end = max([end] + [e.end for e in exts[-1:]])
             for s, e in self.dirty.segments():
@@ -295,7 +300,7 @@ class FileState:
         False if nothing could be flushed yet (one growing block of a stream).
         Runs under `lock`.
         """
-        start, end, exts = self._widen(seg_start, seg_end)
+        start, end, exts = await self._widen(seg_start, seg_end)
         # a region still being stored must be committed before this one reads its extents
         await self._wait_pending(
             lambda: (
@@ -303,7 +308,7 @@ class FileState:
                 and not any(s < end and e > start for s, e in self.pending)
             )
         )
-        start, end, exts = self._widen(start, end)
+        start, end, exts = await self._widen(start, end)
         keep_tail = keep_tail and end == seg_end
         pieces = self.dirty.take(start, end)  # still charged to the budget until committed
         self.inflight.extend(pieces)
@@ -350,8 +355,9 @@ class FileState:
             async with trio.open_nursery() as nursery:
                 for bid, chunk in data.items():
                     nursery.start_soon(self.s.placement.put, bid, chunk)
+            await self.s.record_degraded()  # before the commit that references the blocks
             size = max(self.committed_size, end)
-            self.s.meta.replace_extents(
+            await self.s.meta.commit(
                 self.ino,
                 start,
                 end,
@@ -367,7 +373,7 @@ class FileState:
                 self.mtime_ns = None
         except LockLost as e:  # a newer writer committed meanwhile: these bytes must go
             failed = False
-            self.lose_lock(str(e))
+            await self.lose_lock(str(e))
         except Exception as e:
             log.error("storing bytes %d-%d of inode %d failed: %s", start, end, self.ino, e)
             self.error = self.error or e
@@ -408,21 +414,22 @@ class FileState:
             self.size = size
             self.mtime_ns = time.time_ns()
             if size < self.committed_size:
-                self._fenced_truncate(size)
+                await self._fenced_truncate(size)
                 self.committed_size = size
 
     # ------------------------------------------------------------------- read
 
     async def read(self, off: int, size: int) -> bytes:
-        self.refresh()
+        await self.refresh()
         end = min(off + size, self.size)
         if off >= end:
             return b""
-        exts = self.s.meta.extents(self.ino, off, end)
+        # buffered bytes first: a region committed meanwhile is in both, with the same bytes
         overlay = [
             (o, d) for o, d in self.inflight if o < end and o + len(d) > off
         ] + self.dirty.overlapping(off, end)
-        self._read_ahead(exts)
+        exts = await self.s.meta.extents(self.ino, off, end)
+        await self._read_ahead(exts)
         if len(exts) == 1 and not overlay and exts[0].offset <= off and exts[0].end >= end:
             e = exts[0]
             block = await self.s.cache.get(e.block_id)
@@ -437,13 +444,13 @@ class FileState:
             out[lo - off : hi - off] = d[lo - o : hi - o]
         return bytes(out)
 
-    def _read_ahead(self, exts: list[Extent]) -> None:
+    async def _read_ahead(self, exts: list[Extent]) -> None:
         """When a read reaches a new block, fetch the next few blocks in the background."""
         if not exts or self.s.readahead_blocks <= 0 or exts[-1].block_id == self._last_read_block:
             return
         self._last_read_block = exts[-1].block_id
         last = exts[-1]
-        ahead = self.s.meta.extents(
+        ahead = await self.s.meta.extents(
             self.ino, last.end, last.end + self.s.readahead_blocks * MAX_SIZE
         )
         for e in ahead[: self.s.readahead_blocks]:

@@ -5,10 +5,13 @@ for POSIX errors and storage errors (BlockMissing, QuorumLost, ...) for I/O
 failures; they never raise FUSE types.
 
 Concurrency rules (trio, one thread):
-- Every metadata change is one `meta.txn()` with no await inside, so a change
-  is atomic with respect to every other request of this mount.
-- Checks and the change they guard run without an await in between (e.g.
-  "target is an empty directory" and the rename that replaces it).
+- Every metadata change is one whole operation of the metadata engine
+  (hafs/meta: create, link, unlink, rename, commit, ...), whose checks run
+  inside its transaction: atomic with respect to this mount's other requests
+  and to every other mount, whatever the engine.  The vfs reaches the engine
+  only through `AsyncMeta` (`await self.meta.op(...)`).
+- Name syntax (length, "/", "." and "..") is checked here; everything that
+  depends on the metadata's state is checked by the engine.
 - Lookup counts (`lookups`) and open files (`files`) are kept here; an inode
   whose last name is gone is deleted only once the kernel forgot it and no
   handle has it open (then its blocks are released).
@@ -32,8 +35,7 @@ from dataclasses import dataclass, replace
 import trio
 
 from ..errors import BlockMissing, FsError, HafsError, LockLost
-from ..meta.locks import SqliteLockService, default_holder
-from ..meta.sqlite import Dentry, Inode, MetaStore, now_ns
+from ..meta import AsyncMeta, Dentry, Inode, MetaStore, now_ns
 from ..store.chunker import MiB
 from ..store.dirstore import DirStore, disk_id
 from ..store.placement import Placement
@@ -46,8 +48,6 @@ log = logging.getLogger(__name__)
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 64 * 1024
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 REPAIR_BATCH = 200  # degraded blocks looked at per repair round
 
 
@@ -84,17 +84,19 @@ class Vfs:
         meta: MetaStore,
         placement: Placement,
         opts: Options,
-        holder: str = "vfs",
         open_store: Callable[[NodeSpec], object] | None = None,
     ) -> None:
-        """open_store(spec): the block store of a node that joins the ring while mounted
+        """meta: the metadata engine (its lock service and sessions are the mount's).
+        open_store(spec): the block store of a node that joins the ring while mounted
         (default: `home.open_store` with the filesystem's uuid and node token)."""
-        self.meta = meta
+        self.engine = meta
+        self.meta = AsyncMeta(meta)
         self._open_store = open_store
         self._ring_refused: int | None = None  # a version that could not be used (logged)
-        self.locks = SqliteLockService(meta.db, default_holder(holder), opts.lock_ttl_s)
+        self.locks = meta.locks
         self.placement = placement
-        placement.on_degraded = meta.record_degraded  # for repair_degraded
+        self._degraded: list[tuple[str, list[str]]] = []  # recorded by the repair loop
+        placement.on_degraded = self._note_degraded
         self._repair_after = ""  # where the next repair round goes on in the degraded table
         self.opts = opts
         self.lookups: Counter[int] = Counter()
@@ -113,8 +115,8 @@ class Vfs:
         were open; only when no other mount of the filesystem is running.
         """
         if purge_unlinked:
-            for ino in self.meta.unlinked_inodes():
-                self.meta.delete_inode(ino)
+            for ino in await self.meta.unlinked_inodes():
+                await self.meta.delete_inode(ino)
         async with trio.open_nursery() as nursery:
             limiter = trio.CapacityLimiter(self.opts.threads)
             self.shared = Shared(
@@ -130,13 +132,15 @@ class Vfs:
                 open_files=self.files,
                 locks=self.locks,
                 lock_wait_s=self.opts.lock_wait_s,
+                record_degraded=self.record_degraded,
             )
-            nursery.start_soon(self._gc_loop)
-            nursery.start_soon(self._keepalive_loop)
+            nursery.start_soon(self._every, self.opts.gc_interval_s, self.collect_garbage)
+            nursery.start_soon(self._every, self.opts.lock_ttl_s / 4, self._keepalive)
             nursery.start_soon(self.placement.probe_loop, self.opts.probe_interval_s)
-            nursery.start_soon(self._ring_loop)
+            nursery.start_soon(self._every, RING_RELOAD_S, self.reload_ring)
+            nursery.start_soon(self._every, 1.0, self.record_degraded)
             if self.opts.repair_interval_s > 0:
-                nursery.start_soon(self._repair_loop)
+                nursery.start_soon(self._every, self.opts.repair_interval_s, self.repair_degraded)
             task_status.started()
 
     async def shutdown(self) -> None:
@@ -146,26 +150,35 @@ class Vfs:
                 await fs.flush()
             except Exception:
                 log.exception("flushing inode %d at unmount failed", fs.ino)
+        await self.record_degraded()
         await self.fsync_meta()
 
-    async def _keepalive_loop(self) -> None:
-        """Renew the write locks this mount holds, a few times per lease."""
+    @staticmethod
+    async def _every(interval_s: float, work: Callable) -> None:
+        """Run `work` every interval until cancelled.  A round that fails (a node or the
+        metadata answering with an error) is logged and tried again next round: background
+        work never ends the mount."""
         while True:
-            await trio.sleep(self.opts.lock_ttl_s / 4)
-            for fs in list(self.files.values()):
-                if fs.lease is not None:
-                    try:
-                        self.locks.keepalive(fs.lease)
-                    except LockLost as e:
-                        fs.lose_lock(str(e))
-
-    async def _ring_loop(self) -> None:
-        while True:
-            await trio.sleep(RING_RELOAD_S)
+            await trio.sleep(interval_s)
             try:
-                await self.reload_ring()
-            except Exception:  # a bug here must not take the mount down: keep the ring
-                log.exception("reloading the ring failed")
+                await work()
+            except Exception as e:
+                log.error(
+                    "background %s failed, trying again in %g s: %s",
+                    work.__name__.strip("_"),
+                    interval_s,
+                    e,
+                    exc_info=not isinstance(e, HafsError | OSError),
+                )
+
+    async def _keepalive(self) -> None:
+        """Renew the write locks this mount holds, a few times per lease."""
+        for fs in list(self.files.values()):
+            if fs.lease is not None:
+                try:
+                    await self.locks.keepalive(fs.lease)
+                except LockLost as e:
+                    await fs.lose_lock(str(e))
 
     async def reload_ring(self) -> bool:
         """Switch the placement to the ring version in the metadata if it is new (RING-VERSION).
@@ -179,17 +192,18 @@ class Vfs:
         current = placement.ring
         desc: dict = {}
         try:
-            desc = self.meta.ring_json()
+            desc = await self.meta.ring()
             if desc.get("version") == current.version:
                 return False
             ring = await trio.to_thread.run_sync(Ring.from_json, desc)
+            opener = await self._store_opener()
             stores = {}
             for spec in ring.nodes.values():
                 old = current.nodes.get(spec.id)
                 if old is not None and old.address == spec.address and spec.id in placement.stores:
                     stores[spec.id] = placement.stores[spec.id]
                 else:
-                    stores[spec.id] = await trio.to_thread.run_sync(self._store_opener(), spec)
+                    stores[spec.id] = await trio.to_thread.run_sync(opener, spec)
         except (HafsError, OSError, ValueError) as e:
             if self._ring_refused != desc.get("version"):
                 self._ring_refused = desc.get("version")
@@ -214,32 +228,41 @@ class Vfs:
         )
         return True
 
-    def _store_opener(self) -> Callable[[NodeSpec], object]:
+    async def _store_opener(self) -> Callable[[NodeSpec], object]:
         if self._open_store is None:
             from ..home import open_store  # the mount's default; tests may pass their own
 
-            fs_uuid = self.meta.setting("fs_uuid")
-            token = self.meta.setting_or("node_token", None)
+            config = await self.meta.config()
             timeout = self.opts.node_timeout_s
-            self._open_store = lambda spec: open_store(spec, fs_uuid, token, timeout)
+            self._open_store = lambda spec: open_store(
+                spec, config.fs_uuid, config.node_token, timeout
+            )
         return self._open_store
 
-    async def _repair_loop(self) -> None:
-        while True:
-            await trio.sleep(self.opts.repair_interval_s)
-            await self.repair_degraded()
+    def _note_degraded(self, block_id: str, nodes: list[str]) -> None:
+        """Placement's report of a block stored off its ring nodes (called on the trio
+        thread, inside a put): recorded in the metadata by the next `record_degraded`,
+        before the commit that references the block."""
+        self._degraded.append((block_id, nodes))
+
+    async def record_degraded(self) -> None:
+        while self._degraded:
+            block_id, nodes = self._degraded[0]
+            await self.meta.record_degraded(block_id, nodes)
+            self._degraded.pop(0)
 
     async def repair_degraded(self, batch: int = REPAIR_BATCH) -> int:
         """Put right the next `batch` recorded degraded blocks (in id order, wrapping
         around, so blocks waiting for a node that stays down hold up no others) whose
         nodes answer; returns how many."""
-        rows = self.meta.degraded_blocks(self._repair_after, batch)
+        await self.record_degraded()
+        rows = await self.meta.degraded_blocks(self._repair_after, batch)
         self._repair_after = rows[-1][0] if len(rows) == batch else ""
         done = failed = 0
         for block_id, holders in rows:
             repaired = await self.placement.repair(block_id, holders)
             if repaired:
-                self.meta.forget_degraded(block_id)
+                await self.meta.forget_degraded(block_id)
                 done += 1
             elif repaired is not None:  # None: waiting for a node, or a ring without it
                 failed += 1
@@ -248,24 +271,19 @@ class Vfs:
                 "REPAIR: %d degraded blocks put right, %d deferred; %d still recorded",
                 done,
                 failed,
-                self.meta.count_degraded(),
+                await self.meta.count_degraded(),
             )
         return done
-
-    async def _gc_loop(self) -> None:
-        while True:
-            await trio.sleep(self.opts.gc_interval_s)
-            await self.collect_garbage()
 
     async def collect_garbage(self) -> int:
         """Delete blocks unreferenced for longer than the grace period; returns how many."""
         cutoff = now_ns() - int(self.opts.gc_grace_s * 1e9)
         done = 0
-        for block_id in self.meta.garbage_blocks(cutoff, 1000):
+        for block_id in await self.meta.garbage_blocks(cutoff, 1000):
             if block_id in self.shared.uncommitted:
                 continue
             if await self.placement.delete(block_id, self.opts.gc_grace_s):
-                if self.meta.forget_block(block_id):
+                if await self.meta.forget_block(block_id):
                     done += 1
         if done:
             log.info("garbage collection deleted %d unreferenced blocks", done)
@@ -273,20 +291,18 @@ class Vfs:
 
     # ---------------------------------------------------------------- helpers
 
-    def _inode(self, ino: int) -> Inode:
-        inode = self.meta.get_inode(ino)
-        if inode is None:
-            raise FsError(errno.ENOENT)
-        fs = self.files.get(ino)
+    def _local(self, inode: Inode) -> Inode:
+        """The inode as this mount sees it: with the size and mtime of buffered writes."""
+        fs = self.files.get(inode.id)
         if fs is not None and fs.has_changes():
             inode = replace(inode, size=fs.size, mtime_ns=fs.mtime_ns or inode.mtime_ns)
         return inode
 
-    def _dir(self, ino: int) -> Inode:
-        inode = self._inode(ino)
-        if not stat.S_ISDIR(inode.mode):
-            raise FsError(errno.ENOTDIR)
-        return inode
+    async def _inode(self, ino: int) -> Inode:
+        inode = await self.meta.getattr(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        return self._local(inode)
 
     @staticmethod
     def _check_name(name: bytes) -> None:
@@ -295,38 +311,41 @@ class Vfs:
         if name in (b".", b"..") or b"/" in name or not name:
             raise FsError(errno.EINVAL)
 
-    def _touch_dir(self, ino: int, t: int) -> None:
-        self.meta.update_inode(ino, mtime_ns=t, ctime_ns=t)
-
-    def _maybe_free(self, ino: int) -> None:
+    async def _maybe_free(self, ino: int) -> None:
         """Delete an inode that has no name, no kernel reference and no open handle."""
         if self.lookups[ino] > 0 or ino in self.files:
             return
-        inode = self.meta.get_inode(ino)
-        if inode is not None and inode.nlink == 0:
-            self.meta.delete_inode(ino)
+        await self.meta.delete_inode(ino)  # only if it has no name (the engine checks)
 
     # ----------------------------------------------------------------- lookup
 
-    def lookup(self, parent: int, name: bytes) -> Inode:
-        self._dir(parent)
+    async def lookup(self, parent: int, name: bytes) -> Inode:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
         if name == b".":
-            return self._inode(parent)
+            return await self._dir(parent)
         if name == b"..":
-            return self._inode(self.meta.parent_of(parent) or parent)
-        ino = self.meta.lookup(parent, name)
-        if ino is None:
+            await self._dir(parent)
+            return await self._inode(await self.meta.parent_of(parent) or parent)
+        inode = await self.meta.lookup(parent, name)
+        if inode is None:
             raise FsError(errno.ENOENT)
-        return self._inode(ino)
+        return self._local(inode)
 
-    def getattr(self, ino: int) -> Inode:
-        return self._inode(ino)
+    async def _dir(self, ino: int) -> Inode:
+        inode = await self._inode(ino)
+        if not stat.S_ISDIR(inode.mode):
+            raise FsError(errno.ENOTDIR)
+        return inode
 
-    def forget(self, ino: int, n: int) -> None:
+    async def getattr(self, ino: int) -> Inode:
+        return await self._inode(ino)
+
+    async def forget(self, ino: int, n: int) -> None:
         self.lookups[ino] -= n
         if self.lookups[ino] <= 0:
             del self.lookups[ino]
-            self._maybe_free(ino)
+            await self._maybe_free(ino)
 
     # ---------------------------------------------------------------- setattr
 
@@ -341,47 +360,45 @@ class Vfs:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> Inode:
-        inode = self._inode(ino)
-        t = now_ns()
+        inode = await self._inode(ino)
         if size is not None:
             if stat.S_ISDIR(inode.mode):
                 raise FsError(errno.EISDIR)
             fs = self.files.get(ino)
             if fs is None:  # truncate(2) of a file not open here: lock it for the change
-                fs = self._file(inode)
+                fs = await self._file(inode)
                 try:
                     await fs.truncate(size)
                     await fs.flush()
                 finally:
-                    self._close_file(fs)
+                    await self._close_file(fs)
             else:
                 await fs.truncate(size)
                 if fs.writers == 0:
                     await fs.flush()
-                    fs.release_lock()
-        fields: dict[str, int] = {}
-        if mode is not None:
-            fields["mode"] = (inode.mode & ~0o7777) | (mode & 0o7777)
-        if uid is not None:
-            fields["uid"] = uid
-        if gid is not None:
-            fields["gid"] = gid
-        if atime_ns is not None:
-            fields["atime_ns"] = atime_ns
+                    await fs.release_lock()
+        fields = {
+            k: v
+            for k, v in (
+                ("mode", mode),
+                ("uid", uid),
+                ("gid", gid),
+                ("atime_ns", atime_ns),
+                ("mtime_ns", mtime_ns),
+            )
+            if v is not None
+        }
         if mtime_ns is not None:
-            fields["mtime_ns"] = mtime_ns
             fs = self.files.get(ino)
             if fs is not None and fs.mtime_ns is not None:
                 fs.mtime_ns = mtime_ns  # the explicit time wins over buffered writes
-        if fields or size is not None:
-            fields["ctime_ns"] = t
-            with self.meta.txn():
-                self.meta.update_inode(ino, **fields)
-        return self._inode(ino)
+        if fields:
+            return self._local(await self.meta.setattr(ino, **fields))
+        return await self._inode(ino)
 
     # ----------------------------------------------------------------- create
 
-    def _new_inode(
+    async def _new_inode(
         self,
         parent: int,
         name: bytes,
@@ -392,180 +409,83 @@ class Vfs:
         target: bytes | None = None,
     ) -> Inode:
         self._check_name(name)
-        pinode = self._dir(parent)
-        if pinode.nlink == 0:
-            raise FsError(errno.ENOENT)  # a removed directory takes no new entries
-        if self.meta.lookup(parent, name) is not None:
-            raise FsError(errno.EEXIST)
-        if pinode.mode & stat.S_ISGID:  # BSD group semantics of setgid directories
-            gid = pinode.gid
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
-        is_dir = stat.S_ISDIR(mode)
-        t = now_ns()
-        with self.meta.txn():
-            ino = self.meta.create_inode(mode, uid, gid, 2 if is_dir else 1, rdev, target)
-            self.meta.add_entry(parent, name, ino)
-            self._touch_dir(parent, t)
-            if is_dir:
-                self.meta.add_nlink(parent, 1, t)
-        return self._inode(ino)
+        return await self.meta.mknod(parent, name, mode, uid, gid, rdev, target)
 
-    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
-        return self._new_inode(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        return await self._new_inode(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
 
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
-        return self._new_inode(parent, name, mode, uid, gid, rdev=rdev)
+    async def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Inode:
+        return await self._new_inode(parent, name, mode, uid, gid, rdev=rdev)
 
-    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
-        return self._new_inode(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        return await self._new_inode(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
 
-    def create(
+    async def create(
         self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Inode]:
-        inode = self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
-        return self._open_handle(inode, flags), inode
+        inode = await self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        return await self._open_handle(inode, flags), inode
 
-    def readlink(self, ino: int) -> bytes:
-        inode = self._inode(ino)
+    async def readlink(self, ino: int) -> bytes:
+        inode = await self._inode(ino)
         if not stat.S_ISLNK(inode.mode):
             raise FsError(errno.EINVAL)
         return inode.target or b""
 
-    def link(self, ino: int, parent: int, name: bytes) -> Inode:
-        inode = self._inode(ino)
-        if stat.S_ISDIR(inode.mode):
-            raise FsError(errno.EPERM)
-        if inode.nlink == 0:
-            raise FsError(errno.ENOENT)
+    async def link(self, ino: int, parent: int, name: bytes) -> Inode:
         self._check_name(name)
-        self._dir(parent)
-        if self.meta.lookup(parent, name) is not None:
-            raise FsError(errno.EEXIST)
-        t = now_ns()
-        with self.meta.txn():
-            self.meta.add_entry(parent, name, ino)
-            self.meta.add_nlink(ino, 1, t)
-            self._touch_dir(parent, t)
-        return self._inode(ino)
+        return self._local(await self.meta.link(ino, parent, name))
 
     # ----------------------------------------------------------------- remove
 
-    def unlink(self, parent: int, name: bytes) -> None:
-        self._dir(parent)
-        ino = self.meta.lookup(parent, name)
-        if ino is None:
-            raise FsError(errno.ENOENT)
-        if stat.S_ISDIR(self._inode(ino).mode):
-            raise FsError(errno.EISDIR)
-        t = now_ns()
-        with self.meta.txn():
-            self.meta.remove_entry(parent, name)
-            self.meta.add_nlink(ino, -1, t)
-            self._touch_dir(parent, t)
-        self._maybe_free(ino)
+    async def unlink(self, parent: int, name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        inode = await self.meta.unlink(parent, name)
+        if inode.nlink == 0:
+            await self._maybe_free(inode.id)
 
-    def rmdir(self, parent: int, name: bytes) -> None:
-        self._dir(parent)
+    async def rmdir(self, parent: int, name: bytes) -> None:
         if name == b".":
             raise FsError(errno.EINVAL)
-        ino = self.meta.lookup(parent, name)
-        if ino is None:
-            raise FsError(errno.ENOENT)
-        self._dir(ino)
-        if self.meta.has_entries(ino):
-            raise FsError(errno.ENOTEMPTY)
-        t = now_ns()
-        with self.meta.txn():
-            self.meta.remove_entry(parent, name)
-            self.meta.update_inode(ino, nlink=0, ctime_ns=t)
-            self.meta.add_nlink(parent, -1, t)
-            self._touch_dir(parent, t)
-        self._maybe_free(ino)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        await self._maybe_free(await self.meta.rmdir(parent, name))
 
     # ----------------------------------------------------------------- rename
 
-    def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int) -> None:
-        self._dir(p_old)
-        self._dir(p_new)
+    async def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int) -> None:
+        if len(n_old) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
         self._check_name(n_new)
-        ino = self.meta.lookup(p_old, n_old)
-        if ino is None:
-            raise FsError(errno.ENOENT)
-        target = self.meta.lookup(p_new, n_new)
-        is_dir = stat.S_ISDIR(self._inode(ino).mode)
-        t = now_ns()
-        if flags & RENAME_EXCHANGE:
-            if target is None:
-                raise FsError(errno.ENOENT)
-            target_is_dir = stat.S_ISDIR(self._inode(target).mode)
-            with self.meta.txn():
-                self.meta.set_entry(p_old, n_old, target)
-                self.meta.set_entry(p_new, n_new, ino)
-                if p_old != p_new and is_dir != target_is_dir:
-                    moved_dir_to_new = 1 if is_dir else -1
-                    self.meta.add_nlink(p_new, moved_dir_to_new, t)
-                    self.meta.add_nlink(p_old, -moved_dir_to_new, t)
-                for i in {p_old, p_new}:
-                    self._touch_dir(i, t)
-                self.meta.update_inode(ino, ctime_ns=t)
-                self.meta.update_inode(target, ctime_ns=t)
-            return
-        if target is not None and flags & RENAME_NOREPLACE:
-            raise FsError(errno.EEXIST)
-        if target == ino:
-            return  # two names of one file: POSIX says do nothing
-        target_is_dir = False
-        if target is not None:
-            target_is_dir = stat.S_ISDIR(self._inode(target).mode)
-            if is_dir and not target_is_dir:
-                raise FsError(errno.ENOTDIR)
-            if target_is_dir and not is_dir:
-                raise FsError(errno.EISDIR)
-            if target_is_dir and self.meta.has_entries(target):
-                raise FsError(errno.ENOTEMPTY)
-        with self.meta.txn():
-            if target is not None:
-                self.meta.set_entry(p_new, n_new, ino)
-                if target_is_dir:
-                    self.meta.update_inode(target, nlink=0, ctime_ns=t)
-                    self.meta.add_nlink(p_new, -1, t)
-                else:
-                    self.meta.add_nlink(target, -1, t)
-            else:
-                self.meta.add_entry(p_new, n_new, ino)
-            self.meta.remove_entry(p_old, n_old)
-            if is_dir and p_old != p_new:
-                self.meta.add_nlink(p_old, -1, t)
-                self.meta.add_nlink(p_new, 1, t)
-            for i in {p_old, p_new}:
-                self._touch_dir(i, t)
-            self.meta.update_inode(ino, ctime_ns=t)
-        if target is not None:
-            self._maybe_free(target)
+        replaced = await self.meta.rename(p_old, n_old, p_new, n_new, flags)
+        if replaced is not None:
+            await self._maybe_free(replaced)
 
     # ------------------------------------------------------------------ files
 
-    def _file(self, inode: Inode) -> FileState:
+    async def _file(self, inode: Inode) -> FileState:
         """The open-file state of an inode (made on first use, shared by its handles)."""
         fs = self.files.get(inode.id)
         if fs is None:
             fs = self.files[inode.id] = FileState(inode.id, inode.size, self.shared)
         else:
-            fs.refresh()
+            await fs.refresh(inode)
         fs.handles += 1
         return fs
 
-    def _close_file(self, fs: FileState) -> None:
+    async def _close_file(self, fs: FileState) -> None:
         fs.handles -= 1
         if fs.handles == 0:
-            fs.release_lock()
+            await fs.release_lock()
             if self.files.get(fs.ino) is fs:
                 del self.files[fs.ino]
-                self._maybe_free(fs.ino)
+                await self._maybe_free(fs.ino)
 
-    def _open_handle(self, inode: Inode, flags: int) -> int:
-        fs = self._file(inode)
+    async def _open_handle(self, inode: Inode, flags: int) -> int:
+        fs = await self._file(inode)
         writer = flags & os.O_ACCMODE != os.O_RDONLY
         fs.writers += writer
         fh = self._next_fh
@@ -574,10 +494,12 @@ class Vfs:
         return fh
 
     async def open(self, ino: int, flags: int) -> int:
-        inode = self._inode(ino)
+        inode = await self.meta.getattr(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT)
         if stat.S_ISDIR(inode.mode):
             raise FsError(errno.EISDIR)
-        fh = self._open_handle(inode, flags)
+        fh = await self._open_handle(inode, flags)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             try:
                 await self.handles[fh].file.truncate(0)
@@ -600,7 +522,7 @@ class Vfs:
             log.error(
                 "BLOCK-UNREADABLE %s of %s (inode %d, bytes %d..%d): %s",
                 e.block_id,
-                self.meta.path_of(file.ino),
+                await self.meta.path_of(file.ino),
                 file.ino,
                 off,
                 off + size,
@@ -617,14 +539,16 @@ class Vfs:
 
     async def flush(self, fh: int) -> None:
         await self._handle(fh).file.flush()
+        await self.record_degraded()
 
     async def fsync(self, fh: int) -> None:
         await self._handle(fh).file.flush()
+        await self.record_degraded()
         await self.fsync_meta()
 
     async def fsync_meta(self) -> None:
         """Make every committed metadata change durable."""
-        await trio.to_thread.run_sync(self.meta.sync)
+        await trio.to_thread.run_sync(self.engine.sync)
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -635,14 +559,14 @@ class Vfs:
         try:
             if fs.writers == 0:  # the last writer: commit, then let other mounts write
                 await fs.flush()
-                fs.release_lock()
+                await fs.release_lock()
         finally:
-            self._close_file(fs)
+            await self._close_file(fs)
 
     # ------------------------------------------------------------ directories
 
-    def opendir(self, ino: int) -> int:
-        self._dir(ino)
+    async def opendir(self, ino: int) -> int:
+        await self._dir(ino)
         fh = self._next_fh
         self._next_fh += 1
         self.dir_handles[fh] = ino
@@ -651,32 +575,23 @@ class Vfs:
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
 
-    def readdir(self, fh: int, after: int, limit: int = 256) -> list[tuple[Dentry, Inode]]:
+    async def readdir(self, fh: int, after: int, limit: int = 256) -> list[tuple[Dentry, Inode]]:
         """A page of (entry, inode) after cursor `after` (0: from the start)."""
         ino = self.dir_handles.get(fh)
         if ino is None:
             raise FsError(errno.EBADF)
-        out = []
-        for d in self.meta.readdir(ino, after, limit):
-            inode = self.meta.get_inode(d.inode)
-            if inode is not None:
-                fs = self.files.get(d.inode)
-                if fs is not None:
-                    inode = replace(inode, size=fs.size)
-                out.append((d, inode))
-        return out
+        page = await self.meta.readdir(ino, after, limit)
+        return [(d, self._local(inode)) for d, inode in page]
 
     # ----------------------------------------------------------------- xattrs
 
-    def getxattr(self, ino: int, name: bytes) -> bytes:
-        self._inode(ino)
-        value = self.meta.get_xattr(ino, name)
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        value = await self.meta.get_xattr(ino, name)
         if value is None:
             raise FsError(errno.ENODATA)
         return value
 
-    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self._inode(ino)
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         if not name or len(name) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
@@ -685,24 +600,17 @@ class Vfs:
             # No POSIX ACLs: stored as a plain xattr an ACL would not change the mode, and
             # `cp -a` sets the mode this way; refused, tools fall back to chmod.
             raise FsError(errno.EOPNOTSUPP)
-        with self.meta.txn():
-            self.meta.set_xattr(ino, name, value)
-            self.meta.update_inode(ino, ctime_ns=now_ns())
+        await self.meta.set_xattr(ino, name, value)
 
-    def listxattr(self, ino: int) -> list[bytes]:
-        self._inode(ino)
-        return self.meta.list_xattrs(ino)
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return await self.meta.list_xattrs(ino)
 
-    def removexattr(self, ino: int, name: bytes) -> None:
-        self._inode(ino)
-        with self.meta.txn():
-            if not self.meta.remove_xattr(ino, name):
-                raise FsError(errno.ENODATA)
-            self.meta.update_inode(ino, ctime_ns=now_ns())
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self.meta.remove_xattr(ino, name)
 
     # ----------------------------------------------------------------- statfs
 
-    def statfs(self) -> dict[str, int]:
+    async def statfs(self) -> dict[str, int]:
         """Capacity and free space as a user can fill them: raw space / R, each disk once.
 
         Backing directories are asked directly; remote nodes by the figures the
@@ -727,7 +635,7 @@ class Vfs:
         total = sum(t for t, _ in space) // r
         free = sum(f for _, f in space) // r
         bsize = 4096
-        files = self.meta.count_inodes()
+        files = await self.meta.count_inodes()
         return {
             "f_bsize": bsize,
             "f_frsize": bsize,

@@ -117,13 +117,38 @@ class SessionInfo:
     """A mount (or a repairing fsck) of the filesystem that is alive."""
 
     id: str
-    kind: str  # "mount" or "repair"
+    kind: str  # "mount", "rebalance" or "repair"
     host: str
     mountpoint: str
     pid: int
     version: str  # hafs version
     since_ns: int
     expires_ns: int
+
+
+def session_conflict(kind: str, alive: list[SessionInfo]) -> str | None:
+    """Why a new session of `kind` may not start beside the `alive` ones (None: it may).
+
+    A repair ("hafs fsck --repair") runs alone; a mount or a rebalance never runs beside
+    a repair; two rebalances never run at once.  Every engine's `register` asks this
+    inside the transaction that adds the session.
+    """
+    for s in alive:
+        where = f"{s.host}:{s.mountpoint}" if s.mountpoint else s.host
+        if s.kind == "repair":
+            return (
+                f"the filesystem is being repaired by 'hafs fsck --repair' ({s.host}, pid"
+                f" {s.pid}): wait until that has finished"
+            )
+        if kind == "repair":
+            return (
+                f"the filesystem is in use ({s.kind} on {where}, pid {s.pid}): unmount every"
+                " mount and let rebalances finish before 'hafs fsck --repair'; a check without"
+                " --repair may run while it is mounted"
+            )
+        if kind == "rebalance" and s.kind == "rebalance":
+            return f"another 'hafs rebalance' is running ({s.host}, pid {s.pid}): wait for it"
+    return None
 
 
 # ---------------------------------------------------------------- interface
@@ -223,17 +248,18 @@ class MetaStore(Protocol):
         sizes: dict[str, int],
         size: int,
         mtime_ns: int,
-        token: int | None,
+        token: int | None = None,
     ) -> None:
         """Replace the file's content in [start, end) by `new` and set its size (data before
         metadata: every new block is durable already).  Old extents lie wholly inside or
         outside the range.  `sizes`: each new block's size.  With a token, LockLost unless
         it is the inode's newest."""
 
-    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None) -> None: ...
+    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> None: ...
 
     # figures
     def usage(self) -> Usage: ...
+    def count_inodes(self) -> int: ...
 
     # blocks: garbage and degraded records
     def garbage_blocks(self, before_ns: int, limit: int) -> list[str]:
@@ -252,6 +278,10 @@ class MetaStore(Protocol):
     def count_degraded(self) -> int: ...
 
     # paged scans (fsck, rebalance): each page in key order after the cursor given
+    def scan_inodes(self, after: int, limit: int) -> list[Inode]: ...
+    def scan_entries(self, after: tuple[int, bytes], limit: int) -> list[tuple[int, bytes, int]]:
+        """(parent, name, inode) after (parent, name), in that order."""
+
     def scan_blocks(self, after: str, limit: int) -> list[BlockRow]: ...
     def scan_extents(self, after: tuple[int, int], limit: int) -> list[tuple[int, Extent]]:
         """(inode, extent) after (inode, offset)."""
@@ -286,8 +316,7 @@ class Sessions(Protocol):
     """Which mounts of the filesystem are alive (and which fsck repairs it)."""
 
     def register(self, kind: str, mountpoint: str, ttl_s: float) -> SessionInfo:
-        """Start a session.  A "repair" session is refused (UserError) while a mount is
-        alive, and a "mount" session while a repair is."""
+        """Start a session; UserError when `session_conflict` forbids it."""
 
     def renew(self, session: SessionInfo) -> SessionInfo: ...
     def end(self, session: SessionInfo) -> None: ...
@@ -299,21 +328,24 @@ class Sessions(Protocol):
 # ------------------------------------------------------------ trio access
 
 
-class AsyncMeta:
-    """The engine as trio code calls it: `await meta.lookup(...)`.
+class AsyncCalls:
+    """An engine object (the MetaStore, its Sessions) as trio code calls it:
+    `await meta.lookup(...)`.
 
     A direct engine is called on the trio thread (no await inside, so each call
-    is atomic with respect to every other task of the mount); the others in a
-    worker thread, at most `limiter` at once.
+    is atomic with respect to every other task of the mount, and an SQLite
+    connection is never used from two threads); the others in a worker thread,
+    at most `limiter` at once.
     """
 
-    def __init__(self, engine: MetaStore, limiter: trio.CapacityLimiter | None = None) -> None:
-        self.engine = engine
-        self._limiter = limiter or trio.CapacityLimiter(8)
+    def __init__(self, obj: Any, direct: bool, limiter: trio.CapacityLimiter) -> None:
+        self._obj = obj
+        self._direct = direct
+        self._limiter = limiter
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        fn = getattr(self.engine, name)
-        if self.engine.direct:
+        fn = getattr(self._obj, name)
+        if self._direct:
 
             async def call(*args: Any, **kwargs: Any) -> Any:
                 return fn(*args, **kwargs)
@@ -327,3 +359,13 @@ class AsyncMeta:
         call.__name__ = name
         setattr(self, name, call)  # made once per method
         return call
+
+
+class AsyncMeta(AsyncCalls):
+    """The MetaStore for trio code; `.sessions` likewise; `.engine` the engine itself."""
+
+    def __init__(self, engine: MetaStore, limiter: trio.CapacityLimiter | None = None) -> None:
+        limiter = limiter or trio.CapacityLimiter(8)
+        super().__init__(engine, engine.direct, limiter)
+        self.engine = engine
+        self.sessions = AsyncCalls(engine.sessions, engine.direct, limiter)

@@ -1,39 +1,67 @@
-"""MetaStore: the filesystem's metadata in SQLite (WAL).
+"""The `sqlite` metadata engine: one SQLite file (WAL), the embedded default.
 
-The schema below is the documentation of what hafs records.  Invariants it
-keeps (DESIGN.md):
+The schema below is the documentation of what this engine records.  Invariants
+it keeps (DESIGN.md):
 
 - Inode numbers are never reused (AUTOINCREMENT), so a handle the kernel still
   holds can never point at a new file.
 - An extent is written only after its block is durable on the replicas
-  (the caller stores first, then calls `replace_extents`): data before metadata.
+  (the caller stores first, then calls `commit`): data before metadata.
 - `blocks.refcount` equals the number of extents pointing at the block, and is
   changed in the same transaction as the extents.
 
-Concurrency: one MetaStore is used from the trio thread only.  Every public
-method is one transaction and contains no await, so no other task can observe
-or interleave with a half-done change.  Queries are indexed point or range
-lookups (tens of microseconds), cheap enough for the trio loop; the WAL is
-fsync'd explicitly by `sync()` (called from fsync()) in a worker thread.
+Every operation of the interface (hafs/meta/__init__.py) is one transaction:
+`BEGIN IMMEDIATE` takes SQLite's write lock before the checks, so the checks
+and the change they guard are atomic with respect to every other mount of the
+filesystem (every process on this host), and a race gives the POSIX answer.
+Read-only operations are single statements (each its own snapshot).
+
+Concurrency: one SqliteMeta is used from one thread at a time (the mount's
+trio thread; `direct = True`: the queries are indexed point or range lookups,
+tens of microseconds).  The WAL is fsync'd explicitly by `sync()` (called from
+fsync(), in a worker thread).  Other processes (other mounts, fsck) have their
+own connections; `busy_timeout` makes them wait for each other's short
+transactions.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import secrets
+import socket
 import sqlite3
+import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LockLost, UserError
+from .. import __version__
+from ..errors import FsError, LockLost, UserError
+from . import (
+    ROOT_INODE,
+    BlockRow,
+    Dentry,
+    Extent,
+    FsConfig,
+    Inode,
+    SessionInfo,
+    Usage,
+    now_ns,
+    session_conflict,
+)
+from .locks import Lease, LockInfo, default_holder, wait_for
 
-SCHEMA_VERSION = 3
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 4
 DEGRADED_SCHEMA = 3  # the first schema with the table of degraded blocks
 APPLICATION_ID = 0x68616673  # "hafs": marks a SQLite file as a hafs metadata database
-ROOT_INODE = 1
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
 
 SCHEMA = """
 -- Key/value settings of the filesystem.  Keys: fs_uuid, replicas (R),
@@ -118,6 +146,27 @@ CREATE TABLE degraded (
     nodes    TEXT NOT NULL,     -- space-separated ids of the nodes its copies went to
     since_ns INTEGER NOT NULL   -- first recorded
 ) WITHOUT ROWID;
+
+-- Mount sessions (the Sessions interface): which mounts of the filesystem are
+-- alive, and which fsck repairs it.  A session ends by `end` or when its lease
+-- runs out (expires_ns, wall clock) without renewal: its mount died.
+CREATE TABLE sessions (
+    id         TEXT PRIMARY KEY,   -- "host:pid:random"
+    kind       TEXT NOT NULL,      -- "mount", "rebalance" or "repair"
+    host       TEXT NOT NULL,
+    mountpoint TEXT NOT NULL,      -- '' for a repair
+    pid        INTEGER NOT NULL,
+    version    TEXT NOT NULL,      -- hafs version of the session's process
+    since_ns   INTEGER NOT NULL,
+    expires_ns INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Inodes whose last name went while a session had them open: deleted by that
+-- session at its last close, or by whoever reaps the session when it died.
+CREATE TABLE orphans (
+    inode   INTEGER PRIMARY KEY,
+    session TEXT NOT NULL
+);
 """
 
 # Each entry upgrades a database of that version to the next one.
@@ -134,64 +183,54 @@ MIGRATIONS = {
         id TEXT PRIMARY KEY, nodes TEXT NOT NULL, since_ns INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    3: """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, host TEXT NOT NULL, mountpoint TEXT NOT NULL,
+        pid INTEGER NOT NULL, version TEXT NOT NULL, since_ns INTEGER NOT NULL,
+        expires_ns INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE orphans (inode INTEGER PRIMARY KEY, session TEXT NOT NULL);
+    """,
 }
 
 _INODE_COLS = "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, target"
+_INODE_COLS_I = ", ".join(f"i.{c.strip()}" for c in _INODE_COLS.split(","))
 
 
-@dataclass
-class Inode:
-    id: int
-    mode: int
-    uid: int
-    gid: int
-    nlink: int
-    size: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    rdev: int
-    target: bytes | None
+def _is_dir(inode: Inode) -> bool:
+    return stat.S_ISDIR(inode.mode)
 
 
-@dataclass(frozen=True)
-class Extent:
-    offset: int
-    length: int
-    block_id: str
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
-
-
-@dataclass(frozen=True)
-class Dentry:
-    cursor: int
-    name: bytes
-    inode: int
-
-
-def now_ns() -> int:
-    return time.time_ns()
-
-
-class MetaStore:
+class SqliteMeta:
     """The metadata database of one filesystem (see the module docstring)."""
 
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+    direct = True
+
+    def __init__(self, db: sqlite3.Connection, path: Path, lock_ttl_s: float = 10.0) -> None:
         self.db = db
         self.path = path
+        self.locks = SqliteLockService(db, default_holder(), lock_ttl_s)
+        self.sessions = SqliteSessions(self)
+        self._config: FsConfig | None = None
 
     # ---------------------------------------------------------------- opening
 
     @classmethod
     def create(
-        cls, path: Path, settings: dict[str, str], root_uid: int, root_gid: int
-    ) -> MetaStore:
+        cls, path: Path, config: FsConfig, ring: dict, root_uid: int, root_gid: int
+    ) -> SqliteMeta:
         """Create a new database at `path` (which must not exist) with a root directory."""
         if path.exists():
             raise UserError(f"{path} already exists: this home already holds a filesystem")
+        settings = {
+            "fs_uuid": config.fs_uuid,
+            "replicas": str(config.replicas),
+            "write_quorum": str(config.write_quorum),
+            "ring": json.dumps(ring),
+            "created_ns": str(config.created_ns),
+        }
+        if config.node_token is not None:
+            settings["node_token"] = config.node_token
         db = _connect(path)
         try:
             db.executescript(SCHEMA)
@@ -212,8 +251,9 @@ class MetaStore:
         return cls(db, path)
 
     @classmethod
-    def open(cls, path: Path) -> MetaStore:
-        """Open an existing database, refusing (without modifying it) anything but ours."""
+    def open(cls, path: Path, lock_ttl_s: float = 10.0) -> SqliteMeta:
+        """Open an existing database, refusing (without modifying it) anything but ours;
+        an older schema is upgraded in place."""
         if not path.exists():
             raise UserError(f"metadata database {path} is missing: run 'hafs mkfs' to create one")
         try:
@@ -240,7 +280,7 @@ class MetaStore:
             step, nxt = MIGRATIONS[version], version + 1
             db.executescript(f"BEGIN IMMEDIATE; {step}; PRAGMA user_version = {nxt}; COMMIT;")
             version += 1
-        return cls(db, path)
+        return cls(db, path, lock_ttl_s)
 
     def close(self) -> None:
         self.db.close()
@@ -259,32 +299,46 @@ class MetaStore:
 
     @contextmanager
     def txn(self) -> Iterator[sqlite3.Connection]:
+        """One transaction around several statements (this engine's own checks: fsck's)."""
         with transaction(self.db):
             yield self.db
 
-    # --------------------------------------------------------------- settings
+    # ---------------------------------------------------- configuration, ring
 
-    def setting(self, key: str) -> str:
-        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            raise UserError(f"metadata database {self.path} lacks setting {key!r}: run 'hafs fsck'")
-        return row[0]
-
-    def setting_or(self, key: str, default: str | None) -> str | None:
+    def _setting(self, key: str, default: str | None = None) -> str | None:
         row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
         return default if row is None else row[0]
 
-    def ring_json(self) -> dict:
-        return json.loads(self.setting("ring"))
+    def config(self) -> FsConfig:
+        if self._config is None:
+            values = dict(self.db.execute("SELECT key, value FROM settings"))
+            try:
+                replicas = int(values["replicas"])
+                self._config = FsConfig(
+                    fs_uuid=values["fs_uuid"],
+                    replicas=replicas,
+                    write_quorum=int(values.get("write_quorum", replicas // 2 + 1)),
+                    node_token=values.get("node_token"),
+                    created_ns=int(values.get("created_ns", 0)),
+                )
+            except (KeyError, ValueError) as e:
+                raise UserError(
+                    f"metadata database {self.path} lacks a valid setting {e}: run 'hafs fsck'"
+                ) from None
+        return self._config
+
+    def ring(self) -> dict:
+        text = self._setting("ring")
+        if text is None:
+            raise UserError(f"metadata database {self.path} lacks the ring: run 'hafs fsck'")
+        return json.loads(text)
+
+    def ring_changed_ns(self) -> int:
+        return int(self._setting("ring_changed_ns", "0"))
 
     def replace_ring(self, ring: dict, expect_version: int) -> bool:
-        """Store a new ring description if the stored one still has `expect_version`.
-
-        One transaction: the ring and ring_changed_ns change together, and a
-        concurrent change (another `hafs node` or rebalance) makes this return False.
-        """
         with self.txn():
-            if self.ring_json().get("version") != expect_version:
+            if self.ring().get("version") != expect_version:
                 return False
             self.db.execute("UPDATE settings SET value = ? WHERE key = 'ring'", (json.dumps(ring),))
             self.db.execute(
@@ -294,66 +348,38 @@ class MetaStore:
 
     # ----------------------------------------------------------------- inodes
 
-    def get_inode(self, ino: int) -> Inode | None:
+    def getattr(self, ino: int) -> Inode | None:
         row = self.db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id = ?", (ino,)).fetchone()
         return Inode(*row) if row else None
 
-    def create_inode(
-        self, mode: int, uid: int, gid: int, nlink: int, rdev: int = 0, target: bytes | None = None
-    ) -> int:
-        """Insert an inode (no transaction of its own: call inside txn())."""
-        t = now_ns()
-        cur = self.db.execute(
-            "INSERT INTO inodes (mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev,"
-            " target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (mode, uid, gid, nlink, len(target) if target else 0, t, t, t, rdev, target),
-        )
-        return cur.lastrowid
+    def _need(self, ino: int) -> Inode:
+        inode = self.getattr(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        return inode
 
-    def update_inode(self, ino: int, **fields: int) -> None:
-        """Set inode columns (no transaction of its own)."""
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        self.db.execute(f"UPDATE inodes SET {cols} WHERE id = ?", (*fields.values(), ino))
+    def _need_dir(self, ino: int) -> Inode:
+        inode = self._need(ino)
+        if not _is_dir(inode):
+            raise FsError(errno.ENOTDIR)
+        return inode
 
-    def add_nlink(self, ino: int, delta: int, ctime_ns: int) -> None:
-        self.db.execute(
-            "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE id = ?", (delta, ctime_ns, ino)
-        )
-
-    def unlinked_inodes(self) -> list[int]:
-        return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink = 0")]
-
-    def delete_inode(self, ino: int) -> None:
-        """Remove an inode with no entries left: its extents (releasing blocks), xattrs, row."""
-        with self.txn():
-            self._drop_extents(ino, 0, None)
-            self.db.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
-            self.db.execute("DELETE FROM inodes WHERE id = ?", (ino,))
-
-    def count_inodes(self) -> int:
-        return self.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
-
-    # --------------------------------------------------------------- dentries
-
-    def lookup(self, parent: int, name: bytes) -> int | None:
+    def _entry(self, parent: int, name: bytes) -> int | None:
         row = self.db.execute(
             "SELECT inode FROM dentries WHERE parent = ? AND name = ?", (parent, name)
         ).fetchone()
         return row[0] if row else None
 
-    def add_entry(self, parent: int, name: bytes, ino: int) -> None:
-        self.db.execute(
-            "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
-        )
-
-    def remove_entry(self, parent: int, name: bytes) -> None:
-        self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
-
-    def set_entry(self, parent: int, name: bytes, ino: int) -> None:
-        """Point an existing entry at another inode (rename over an existing name)."""
-        self.db.execute(
-            "UPDATE dentries SET inode = ? WHERE parent = ? AND name = ?", (ino, parent, name)
-        )
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
+        row = self.db.execute(
+            f"SELECT {_INODE_COLS_I} FROM dentries d JOIN inodes i ON i.id = d.inode"
+            " WHERE d.parent = ? AND d.name = ?",
+            (parent, name),
+        ).fetchone()
+        if row is not None:
+            return Inode(*row)
+        self._need_dir(parent)
+        return None
 
     def parent_of(self, ino: int) -> int | None:
         row = self.db.execute(
@@ -361,23 +387,280 @@ class MetaStore:
         ).fetchone()
         return row[0] if row else None
 
-    def has_entries(self, parent: int) -> bool:
-        return (
-            self.db.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (parent,)).fetchone()
-            is not None
-        )
-
-    def readdir(self, parent: int, after: int, limit: int) -> list[Dentry]:
+    def readdir(self, parent: int, after: int, limit: int) -> list[tuple[Dentry, Inode]]:
         rows = self.db.execute(
-            "SELECT id, name, inode FROM dentries WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
+            f"SELECT d.id, d.name, {_INODE_COLS_I} FROM dentries d JOIN inodes i"
+            " ON i.id = d.inode WHERE d.parent = ? AND d.id > ? ORDER BY d.id LIMIT ?",
             (parent, after, limit),
         )
-        return [Dentry(*r) for r in rows]
+        return [(Dentry(r[0], r[1], r[2]), Inode(*r[2:])) for r in rows]
 
-    # ---------------------------------------------------------------- extents
+    def _touch(self, ino: int, t: int, nlink_delta: int = 0) -> None:
+        self.db.execute(
+            "UPDATE inodes SET mtime_ns = ?, ctime_ns = ?, nlink = nlink + ? WHERE id = ?",
+            (t, t, nlink_delta, ino),
+        )
+
+    def _add_nlink(self, ino: int, delta: int, t: int) -> None:
+        self.db.execute(
+            "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE id = ?", (delta, t, ino)
+        )
+
+    def _orphan(self, ino: int) -> None:
+        """The inode lost its last name: this session keeps it until it lets go of it."""
+        session = self.sessions.current
+        if session is not None:
+            self.db.execute("INSERT OR REPLACE INTO orphans VALUES (?, ?)", (ino, session.id))
+
+    def mknod(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> Inode:
+        with self.txn():
+            pinode = self._need_dir(parent)
+            if pinode.nlink == 0:
+                raise FsError(errno.ENOENT)  # a removed directory takes no new entries
+            if self._entry(parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            if pinode.mode & stat.S_ISGID:  # BSD group semantics of setgid directories
+                gid = pinode.gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            is_dir = stat.S_ISDIR(mode)
+            t = now_ns()
+            ino = self.db.execute(
+                "INSERT INTO inodes (mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns,"
+                " rdev, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mode, uid, gid, 2 if is_dir else 1, len(target or b""), t, t, t, rdev, target),
+            ).lastrowid
+            self.db.execute(
+                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
+            )
+            self._touch(parent, t, 1 if is_dir else 0)
+            return self._need(ino)
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        with self.txn():
+            inode = self._need(ino)
+            if _is_dir(inode):
+                raise FsError(errno.EPERM)
+            if inode.nlink == 0:
+                raise FsError(errno.ENOENT)
+            pinode = self._need_dir(parent)
+            if pinode.nlink == 0:
+                raise FsError(errno.ENOENT)
+            if self._entry(parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            t = now_ns()
+            self.db.execute(
+                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
+            )
+            self._add_nlink(ino, 1, t)
+            self._touch(parent, t)
+            return self._need(ino)
+
+    def unlink(self, parent: int, name: bytes) -> Inode:
+        with self.txn():
+            self._need_dir(parent)
+            ino = self._entry(parent, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            if _is_dir(self._need(ino)):
+                raise FsError(errno.EISDIR)
+            t = now_ns()
+            self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+            self._add_nlink(ino, -1, t)
+            self._touch(parent, t)
+            inode = self._need(ino)
+            if inode.nlink == 0:
+                self._orphan(ino)
+            return inode
+
+    def _has_entries(self, ino: int) -> bool:
+        row = self.db.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (ino,))
+        return row.fetchone() is not None
+
+    def rmdir(self, parent: int, name: bytes) -> int:
+        with self.txn():
+            self._need_dir(parent)
+            ino = self._entry(parent, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            self._need_dir(ino)
+            if self._has_entries(ino):
+                raise FsError(errno.ENOTEMPTY)
+            t = now_ns()
+            self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+            self.db.execute("UPDATE inodes SET nlink = 0, ctime_ns = ? WHERE id = ?", (t, ino))
+            self._touch(parent, t, -1)
+            self._orphan(ino)
+            return ino
+
+    def _set_entry(self, parent: int, name: bytes, ino: int) -> None:
+        self.db.execute(
+            "UPDATE dentries SET inode = ? WHERE parent = ? AND name = ?", (ino, parent, name)
+        )
+
+    def _is_ancestor(self, ino: int, of: int) -> bool:
+        """Whether directory `ino` is `of` or one of its ancestors."""
+        for _ in range(4096):
+            if of == ino:
+                return True
+            if of == ROOT_INODE:
+                return False
+            parent = self.parent_of(of)
+            if parent is None:
+                return False
+            of = parent
+        return False
+
+    def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int) -> int | None:
+        with self.txn():
+            self._need_dir(p_old)
+            new_parent = self._need_dir(p_new)
+            ino = self._entry(p_old, n_old)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            target = self._entry(p_new, n_new)
+            is_dir = _is_dir(self._need(ino))
+            if is_dir and p_old != p_new and self._is_ancestor(ino, p_new):
+                raise FsError(errno.EINVAL)  # a directory cannot move into itself
+            t = now_ns()
+            if flags & RENAME_EXCHANGE:
+                if target is None:
+                    raise FsError(errno.ENOENT)
+                target_is_dir = _is_dir(self._need(target))
+                if target_is_dir and p_old != p_new and self._is_ancestor(target, p_old):
+                    raise FsError(errno.EINVAL)
+                self._set_entry(p_old, n_old, target)
+                self._set_entry(p_new, n_new, ino)
+                if p_old != p_new and is_dir != target_is_dir:
+                    moved_dir_to_new = 1 if is_dir else -1
+                    self._add_nlink(p_new, moved_dir_to_new, t)
+                    self._add_nlink(p_old, -moved_dir_to_new, t)
+                for i in {p_old, p_new}:
+                    self._touch(i, t)
+                self.db.execute(
+                    "UPDATE inodes SET ctime_ns = ? WHERE id IN (?, ?)", (t, ino, target)
+                )
+                return None
+            if target is not None and flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if target == ino:
+                return None  # two names of one file: POSIX says do nothing
+            if new_parent.nlink == 0:
+                raise FsError(errno.ENOENT)
+            target_is_dir = False
+            if target is not None:
+                target_is_dir = _is_dir(self._need(target))
+                if is_dir and not target_is_dir:
+                    raise FsError(errno.ENOTDIR)
+                if target_is_dir and not is_dir:
+                    raise FsError(errno.EISDIR)
+                if target_is_dir and self._has_entries(target):
+                    raise FsError(errno.ENOTEMPTY)
+                self._set_entry(p_new, n_new, ino)
+                if target_is_dir:
+                    self.db.execute(
+                        "UPDATE inodes SET nlink = 0, ctime_ns = ? WHERE id = ?", (t, target)
+                    )
+                    self._add_nlink(p_new, -1, t)
+                else:
+                    self._add_nlink(target, -1, t)
+            else:
+                self.db.execute(
+                    "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
+                    (p_new, n_new, ino),
+                )
+            self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (p_old, n_old))
+            if is_dir and p_old != p_new:
+                self._add_nlink(p_old, -1, t)
+                self._add_nlink(p_new, 1, t)
+            for i in {p_old, p_new}:
+                self._touch(i, t)
+            self.db.execute("UPDATE inodes SET ctime_ns = ? WHERE id = ?", (t, ino))
+            if target is not None and self._need(target).nlink == 0:
+                self._orphan(target)
+            return target
+
+    _SETTABLE = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns"})
+
+    def setattr(self, ino: int, **fields: int) -> Inode:
+        if not fields.keys() <= self._SETTABLE:
+            raise ValueError(f"setattr cannot set {sorted(fields.keys() - self._SETTABLE)}")
+        with self.txn():
+            inode = self._need(ino)
+            if "mode" in fields:
+                fields["mode"] = (inode.mode & ~0o7777) | (fields["mode"] & 0o7777)
+            fields["ctime_ns"] = now_ns()
+            cols = ", ".join(f"{k} = ?" for k in fields)
+            self.db.execute(f"UPDATE inodes SET {cols} WHERE id = ?", (*fields.values(), ino))
+            return self._need(ino)
+
+    def delete_inode(self, ino: int) -> bool:
+        with self.txn():
+            inode = self.getattr(ino)
+            if inode is None or inode.nlink > 0:
+                return False
+            self._drop_extents(ino, 0, None)
+            self.db.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
+            self.db.execute("DELETE FROM orphans WHERE inode = ?", (ino,))
+            self.db.execute("DELETE FROM inodes WHERE id = ?", (ino,))
+            return True
+
+    def unlinked_inodes(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink = 0")]
+
+    def path_of(self, ino: int) -> str:
+        parts = []
+        while ino != ROOT_INODE and len(parts) < 256:
+            row = self.db.execute(
+                "SELECT parent, name FROM dentries WHERE inode = ? LIMIT 1", (ino,)
+            ).fetchone()
+            if row is None:
+                return f"<inode {ino}>" + ("/" + "/".join(reversed(parts)) if parts else "")
+            ino = row[0]
+            parts.append(row[1].decode(errors="replace"))
+        return "/" + "/".join(reversed(parts))
+
+    # ----------------------------------------------------------------- xattrs
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.db.execute(
+            "SELECT value FROM xattrs WHERE inode = ? AND name = ?", (ino, name)
+        ).fetchone()
+        if row is None:
+            self._need(ino)
+            return None
+        return row[0]
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        with self.txn():
+            self._need(ino)
+            self.db.execute("INSERT OR REPLACE INTO xattrs VALUES (?, ?, ?)", (ino, name, value))
+            self.db.execute("UPDATE inodes SET ctime_ns = ? WHERE id = ?", (now_ns(), ino))
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        self._need(ino)
+        return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode = ?", (ino,))]
+
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        with self.txn():
+            self._need(ino)
+            cur = self.db.execute("DELETE FROM xattrs WHERE inode = ? AND name = ?", (ino, name))
+            if cur.rowcount != 1:
+                raise FsError(errno.ENODATA)
+            self.db.execute("UPDATE inodes SET ctime_ns = ? WHERE id = ?", (now_ns(), ino))
+
+    # ---------------------------------------------------------------- content
 
     def extents(self, ino: int, start: int, end: int) -> list[Extent]:
-        """Extents overlapping [start, end), in offset order."""
         first = self.db.execute(
             "SELECT offset, length, block_id FROM extents WHERE inode = ? AND offset <= ?"
             " ORDER BY offset DESC LIMIT 1",
@@ -394,7 +677,29 @@ class MetaStore:
         )
         return out
 
-    def replace_extents(
+    def allocated_bytes(self, ino: int) -> int:
+        row = self.db.execute(
+            "SELECT coalesce(sum(length), 0) FROM extents WHERE inode = ?", (ino,)
+        ).fetchone()
+        return row[0]
+
+    def fence(self, ino: int, token: int) -> None:
+        with self.txn():
+            self._fence(ino, token)
+
+    def _fence(self, ino: int, token: int) -> None:
+        cur = self.db.execute(
+            "UPDATE inodes SET fence_token = ? WHERE id = ? AND fence_token <= ?",
+            (token, ino, token),
+        )
+        if cur.rowcount != 1:
+            row = self.db.execute("SELECT fence_token FROM inodes WHERE id = ?", (ino,)).fetchone()
+            raise LockLost(
+                f"inode {ino}: write token {token} refused, "
+                + (f"a newer writer holds token {row[0]}" if row else "the file was deleted")
+            )
+
+    def commit(
         self,
         ino: int,
         start: int,
@@ -405,17 +710,9 @@ class MetaStore:
         mtime_ns: int,
         token: int | None = None,
     ) -> None:
-        """Replace the file's content in [start, end) by `new`, and set its size.
-
-        Every old extent must lie wholly inside [start, end) or outside it (the
-        caller widens the range to extent edges).  `sizes` gives the stored size
-        of each new block.  One transaction: extents and refcounts change together.
-        With a write-lock `token`, the change is refused (LockLost) unless the
-        token is at least the newest one recorded for the inode.
-        """
         with self.txn():
             if token is not None:
-                self.fence(ino, token)
+                self._fence(ino, token)
             self._drop_extents(ino, start, end)
             for e in new:
                 self._ref_block(e.block_id, sizes[e.block_id])
@@ -429,10 +726,9 @@ class MetaStore:
             )
 
     def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> None:
-        """Set the size; extents past it are dropped and one straddling it is shortened."""
         with self.txn():
             if token is not None:
-                self.fence(ino, token)
+                self._fence(ino, token)
             self._drop_extents(ino, size, None)
             row = self.db.execute(
                 "SELECT offset, length FROM extents WHERE inode = ? AND offset < ?"
@@ -448,32 +744,6 @@ class MetaStore:
                 "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
                 (size, mtime_ns, mtime_ns, ino),
             )
-
-    def fence(self, ino: int, token: int) -> None:
-        """Record `token` as the inode's newest; LockLost if a newer one is recorded."""
-        cur = self.db.execute(
-            "UPDATE inodes SET fence_token = ? WHERE id = ? AND fence_token <= ?",
-            (token, ino, token),
-        )
-        if cur.rowcount != 1:
-            row = self.db.execute("SELECT fence_token FROM inodes WHERE id = ?", (ino,)).fetchone()
-            raise LockLost(
-                f"inode {ino}: write token {token} refused, "
-                + (f"a newer writer holds token {row[0]}" if row else "the file was deleted")
-            )
-
-    def path_of(self, ino: int) -> str:
-        """One path of the inode (for messages), or '<inode N>' when it has no name."""
-        parts = []
-        while ino != ROOT_INODE and len(parts) < 256:
-            row = self.db.execute(
-                "SELECT parent, name FROM dentries WHERE inode = ? LIMIT 1", (ino,)
-            ).fetchone()
-            if row is None:
-                return f"<inode {ino}>" + ("/" + "/".join(reversed(parts)) if parts else "")
-            ino = row[0]
-            parts.append(row[1].decode(errors="replace"))
-        return "/" + "/".join(reversed(parts))
 
     def _drop_extents(self, ino: int, start: int, end: int | None) -> None:
         """Delete extents starting in [start, end) and release their blocks (inside a txn)."""
@@ -497,10 +767,22 @@ class MetaStore:
             (block_id, size),
         )
 
+    # ---------------------------------------------------------------- figures
+
+    def usage(self) -> Usage:
+        inodes = self.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
+        logical = self.db.execute("SELECT coalesce(sum(length), 0) FROM extents").fetchone()[0]
+        stored, count = self.db.execute(
+            "SELECT coalesce(sum(size), 0), count(*) FROM blocks WHERE refcount > 0"
+        ).fetchone()
+        return Usage(inodes, logical, stored, count)
+
+    def count_inodes(self) -> int:
+        return self.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
+
     # ----------------------------------------------------------------- blocks
 
     def garbage_blocks(self, before_ns: int, limit: int) -> list[str]:
-        """Blocks no extent has referenced since before `before_ns`."""
         rows = self.db.execute(
             "SELECT id FROM blocks WHERE refcount = 0 AND zero_since_ns < ? LIMIT ?",
             (before_ns, limit),
@@ -508,7 +790,6 @@ class MetaStore:
         return [r[0] for r in rows]
 
     def forget_block(self, block_id: str) -> bool:
-        """Drop the row of an unreferenced block; False if it is referenced again."""
         with self.txn():
             cur = self.db.execute("DELETE FROM blocks WHERE id = ? AND refcount = 0", (block_id,))
             if cur.rowcount == 1:
@@ -516,7 +797,6 @@ class MetaStore:
             return cur.rowcount == 1
 
     def record_degraded(self, block_id: str, nodes: list[str]) -> None:
-        """Note a block whose copies went to `nodes`, not (all) where the ring says."""
         with self.txn():
             row = self.db.execute("SELECT nodes FROM degraded WHERE id = ?", (block_id,)).fetchone()
             known = row[0].split() if row else []
@@ -527,19 +807,16 @@ class MetaStore:
             )
 
     def degraded_blocks(self, after: str, limit: int) -> list[tuple[str, list[str]]]:
-        """Up to `limit` recorded degraded blocks with ids after `after`: (id, nodes)."""
         rows = self.db.execute(
             "SELECT id, nodes FROM degraded WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
         )
         return [(bid, nodes.split()) for bid, nodes in rows]
 
     def forget_degraded(self, block_id: str) -> None:
-        """The block is where the ring says again."""
         with self.txn():
             self.db.execute("DELETE FROM degraded WHERE id = ?", (block_id,))
 
     def clear_degraded(self, keep: set[str]) -> int:
-        """Forget every recorded degraded block but those in `keep` (after a full repair)."""
         with self.txn():
             ids = [r[0] for r in self.db.execute("SELECT id FROM degraded")]
             gone = [(bid,) for bid in ids if bid not in keep]
@@ -549,31 +826,268 @@ class MetaStore:
     def count_degraded(self) -> int:
         return self.db.execute("SELECT count(*) FROM degraded").fetchone()[0]
 
-    def usage(self) -> tuple[int, int, int]:
-        """(logical bytes in files, stored bytes of referenced blocks, referenced block count)."""
-        logical = self.db.execute("SELECT coalesce(sum(length), 0) FROM extents").fetchone()[0]
-        stored, count = self.db.execute(
-            "SELECT coalesce(sum(size), 0), count(*) FROM blocks WHERE refcount > 0"
-        ).fetchone()
-        return logical, stored, count
+    # ------------------------------------------------------------------ scans
 
-    # ----------------------------------------------------------------- xattrs
+    def scan_inodes(self, after: int, limit: int) -> list[Inode]:
+        rows = self.db.execute(
+            f"SELECT {_INODE_COLS} FROM inodes WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        return [Inode(*r) for r in rows]
 
-    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
-        row = self.db.execute(
-            "SELECT value FROM xattrs WHERE inode = ? AND name = ?", (ino, name)
-        ).fetchone()
-        return row[0] if row else None
+    def scan_entries(self, after: tuple[int, bytes], limit: int) -> list[tuple[int, bytes, int]]:
+        rows = self.db.execute(
+            "SELECT parent, name, inode FROM dentries WHERE (parent, name) > (?, ?)"
+            " ORDER BY parent, name LIMIT ?",
+            (*after, limit),
+        )
+        return [tuple(r) for r in rows]
 
-    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.db.execute("INSERT OR REPLACE INTO xattrs VALUES (?, ?, ?)", (ino, name, value))
+    def scan_blocks(self, after: str, limit: int) -> list[BlockRow]:
+        rows = self.db.execute(
+            "SELECT id, size, refcount, zero_since_ns FROM blocks WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
+        )
+        return [BlockRow(*r) for r in rows]
 
-    def remove_xattr(self, ino: int, name: bytes) -> bool:
-        cur = self.db.execute("DELETE FROM xattrs WHERE inode = ? AND name = ?", (ino, name))
-        return cur.rowcount == 1
+    def scan_extents(self, after: tuple[int, int], limit: int) -> list[tuple[int, Extent]]:
+        rows = self.db.execute(
+            "SELECT inode, offset, length, block_id FROM extents WHERE (inode, offset) > (?, ?)"
+            " ORDER BY inode, offset LIMIT ?",
+            (*after, limit),
+        )
+        return [(r[0], Extent(*r[1:])) for r in rows]
 
-    def list_xattrs(self, ino: int) -> list[bytes]:
-        return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode = ?", (ino,))]
+    def block_users(self, block_id: str, limit: int) -> list[int]:
+        rows = self.db.execute(
+            "SELECT DISTINCT inode FROM extents WHERE block_id = ? LIMIT ?", (block_id, limit)
+        )
+        return [r[0] for r in rows]
+
+
+class SqliteLockService:
+    """Write locks in the `locks` table, shared by every mount of the home on this host.
+
+    Times are wall-clock nanoseconds (one clock for every process on the host);
+    tests inject a clock that follows trio's.  Methods run on the trio thread;
+    each database access is one short transaction with no await inside.
+    """
+
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        holder: str,
+        ttl_s: float = 10.0,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.db = db
+        self.holder = holder
+        self.ttl_ns = int(ttl_s * 1e9)
+        self.clock = clock
+
+    def _try(self, name: str) -> tuple[Lease | None, str | None]:
+        """One attempt: (lease, None) on success, (None, current holder) otherwise."""
+        now = self.clock()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute(
+                "SELECT holder, token, expires_ns FROM locks WHERE name = ?", (name,)
+            ).fetchone()
+            if row and row[0] is not None and row[0] != self.holder and row[2] > now:
+                self.db.execute("ROLLBACK")
+                return None, row[0]
+            token = (row[1] if row else 0) + 1
+            expires = now + self.ttl_ns
+            self.db.execute(
+                "INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?, ?)",
+                (name, self.holder, token, now, expires),
+            )
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        if row and row[0] is not None and row[0] != self.holder:
+            log.warning("LOCK-TAKEOVER %s: the lease of %s had expired", name, row[0])
+        log.debug("LOCK-ACQUIRE %s token %d", name, token)
+        return Lease(name, self.holder, token, expires), None
+
+    async def acquire(self, name: str, wait_s: float) -> Lease:
+        """Take the lock, waiting up to wait_s seconds for its holder; LockTimeout after."""
+        return await wait_for(name, wait_s, lambda: self._try(name))
+
+    async def keepalive(self, lease: Lease) -> None:
+        """Renew the lease; LockLost if it expired or someone else holds the lock now."""
+        now = self.clock()
+        if now >= lease.expires_ns:
+            raise LockLost(
+                f"lease of {lease.name} expired {(now - lease.expires_ns) / 1e9:.1f} s ago"
+            )
+        expires = now + self.ttl_ns
+        with transaction(self.db):
+            cur = self.db.execute(
+                "UPDATE locks SET expires_ns = ? WHERE name = ? AND holder = ? AND token = ?",
+                (expires, lease.name, lease.holder, lease.token),
+            )
+        if cur.rowcount != 1:
+            raise LockLost(f"lock {lease.name} was taken over")
+        lease.expires_ns = expires
+
+    def valid(self, lease: Lease) -> bool:
+        """Whether the lease is still ours by the clock (commits check the token too)."""
+        return self.clock() < lease.expires_ns
+
+    async def release(self, lease: Lease) -> None:
+        with transaction(self.db):
+            self.db.execute(
+                "UPDATE locks SET holder = NULL, expires_ns = NULL, acquired_ns = NULL"
+                " WHERE name = ? AND holder = ? AND token = ?",
+                (lease.name, lease.holder, lease.token),
+            )
+        log.debug("LOCK-RELEASE %s token %d", lease.name, lease.token)
+
+    def held(self) -> list[LockInfo]:
+        """Every lock whose lease has not expired."""
+        rows = self.db.execute(
+            "SELECT name, holder, token, acquired_ns, expires_ns FROM locks"
+            " WHERE holder IS NOT NULL AND expires_ns > ? ORDER BY name",
+            (self.clock(),),
+        )
+        return [LockInfo(*r) for r in rows]
+
+
+class SqliteSessions:
+    """Mount sessions in the `sessions` table (see the Sessions protocol).
+
+    A session is alive while its lease (expires_ns, wall clock of this host)
+    has not run out; a session of this host whose process is gone is dead at
+    once (a killed mount is noticed without waiting for its lease).
+    """
+
+    def __init__(self, meta: SqliteMeta) -> None:
+        self.meta = meta
+        self.db = meta.db
+        self.current: SessionInfo | None = None  # the session of this engine's client
+
+    def register(self, kind: str, mountpoint: str, ttl_s: float) -> SessionInfo:
+        host, pid, t = socket.gethostname(), os.getpid(), now_ns()
+        info = SessionInfo(
+            id=f"{host}:{pid}:{secrets.token_hex(4)}",
+            kind=kind,
+            host=host,
+            mountpoint=mountpoint,
+            pid=pid,
+            version=__version__,
+            since_ns=t,
+            expires_ns=t + int(ttl_s * 1e9),
+        )
+        with transaction(self.db):
+            self._reap()
+            why = session_conflict(kind, self._alive())
+            if why is not None:
+                raise UserError(why)
+            self.db.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    info.id,
+                    kind,
+                    host,
+                    mountpoint,
+                    pid,
+                    info.version,
+                    info.since_ns,
+                    info.expires_ns,
+                ),
+            )
+        self.current = info
+        self._ttl_ns = int(ttl_s * 1e9)
+        return info
+
+    def renew(self, session: SessionInfo) -> SessionInfo:
+        expires = now_ns() + self._ttl_ns
+        with transaction(self.db):
+            cur = self.db.execute(
+                "UPDATE sessions SET expires_ns = ? WHERE id = ?", (expires, session.id)
+            )
+            if cur.rowcount != 1:  # reaped while this process was paused: take it up again
+                self.db.execute(
+                    "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        session.id,
+                        session.kind,
+                        session.host,
+                        session.mountpoint,
+                        session.pid,
+                        session.version,
+                        session.since_ns,
+                        expires,
+                    ),
+                )
+        renewed = SessionInfo(**{**session.__dict__, "expires_ns": expires})
+        if self.current is not None and self.current.id == session.id:
+            self.current = renewed
+        return renewed
+
+    def end(self, session: SessionInfo) -> None:
+        with transaction(self.db):
+            self.db.execute("DELETE FROM sessions WHERE id = ?", (session.id,))
+        if self.current is not None and self.current.id == session.id:
+            self.current = None
+
+    def _rows(self) -> list[SessionInfo]:
+        if self.db.execute("PRAGMA user_version").fetchone()[0] < 4:
+            return []  # a database no mount of this version has opened (fsck reads it as is)
+        return [
+            SessionInfo(*r)
+            for r in self.db.execute(
+                "SELECT id, kind, host, mountpoint, pid, version, since_ns, expires_ns"
+                " FROM sessions ORDER BY since_ns"
+            )
+        ]
+
+    def _dead(self, s: SessionInfo, t: int) -> bool:
+        if s.expires_ns <= t:
+            return True
+        if s.host == socket.gethostname() and s.pid != os.getpid():
+            return not _pid_alive(s.pid)
+        return False
+
+    def _alive(self) -> list[SessionInfo]:
+        t = now_ns()
+        return [s for s in self._rows() if not self._dead(s, t)]
+
+    def alive(self) -> list[SessionInfo]:
+        return self._alive()
+
+    def _reap(self) -> list[SessionInfo]:
+        t = now_ns()
+        dead = [s for s in self._rows() if self._dead(s, t)]
+        for s in dead:
+            self.db.execute("DELETE FROM sessions WHERE id = ?", (s.id,))
+            orphans = [
+                r[0]
+                for r in self.db.execute("SELECT inode FROM orphans WHERE session = ?", (s.id,))
+            ]
+            for ino in orphans:
+                self.meta.delete_inode(ino)
+            self.db.execute("DELETE FROM orphans WHERE session = ?", (s.id,))
+        return dead
+
+    def reap(self) -> list[SessionInfo]:
+        with transaction(self.db):
+            return self._reap()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
 
 
 def _connect(path: Path, check_only: bool = False) -> sqlite3.Connection:

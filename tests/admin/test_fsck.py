@@ -23,7 +23,7 @@ from hafs import home
 from hafs.admin import fsck
 from hafs.errors import FsError, StorageError
 from hafs.fs.vfs import Vfs
-from hafs.meta.sqlite import ROOT_INODE
+from hafs.meta import ROOT_INODE
 from hafs.store.dirstore import DirStore, block_id
 from hafs.store.ring import Ring
 
@@ -33,15 +33,15 @@ KB = 1024
 # ------------------------------------------------------------------ helpers
 
 
-def _dir_of(v: Vfs, path: str) -> tuple[int, bytes]:
+async def _dir_of(v: Vfs, path: str) -> tuple[int, bytes]:
     """(parent inode, name) of `path`, making the parent directories."""
     *dirs, name = path.strip("/").split("/")
     parent = ROOT_INODE
     for d in dirs:
         try:
-            parent = v.lookup(parent, d.encode()).id
+            parent = (await v.lookup(parent, d.encode())).id
         except FsError:
-            parent = v.mkdir(parent, d.encode(), 0o755, 0, 0).id
+            parent = (await v.mkdir(parent, d.encode(), 0o755, 0, 0)).id
     return parent, name.encode()
 
 
@@ -53,14 +53,14 @@ def build(tmp_path: Path, files: dict[str, bytes], links: dict[str, str] | None 
     async def work(v: Vfs) -> None:
         inos = {}
         for path, data in files.items():
-            parent, name = _dir_of(v, path)
-            fh, inode = v.create(parent, name, 0o644, os.O_WRONLY, 0, 0)
+            parent, name = await _dir_of(v, path)
+            fh, inode = await v.create(parent, name, 0o644, os.O_WRONLY, 0, 0)
             await v.write(fh, 0, data)
             await v.release(fh)
             inos[path] = inode.id
         for new, old in (links or {}).items():
-            parent, name = _dir_of(v, new)
-            v.link(inos[old], parent, name)
+            parent, name = await _dir_of(v, new)
+            await v.link(inos[old], parent, name)
 
     trio.run(vfs_session, h, work)
     return h
@@ -72,7 +72,7 @@ def read_back(h: Path, ino: int) -> bytes | StorageError:
     async def work(v: Vfs) -> bytes | StorageError:
         fh = await v.open(ino, os.O_RDONLY)
         try:
-            return await v.read(fh, 0, v.getattr(ino).size + 1)
+            return await v.read(fh, 0, (await v.getattr(ino)).size + 1)
         except StorageError as e:
             return e
         finally:
@@ -438,12 +438,15 @@ def test_damaged_database(tmp_path):
 
 def test_repair_is_refused_while_mounted_and_check_works(tmp_path):
     m = make_mount(tmp_path)
-    lock = fsck._lock_for_repair(m.home)  # what 'fsck --repair' holds: no mount may start
+    meta = home.open_meta(m.home)  # a repair's session (as 'fsck --repair' holds): no mount
+    session = meta.sessions.register("repair", "", 60)
     try:
         p = hafs("mount", "--home", m.home, m.mnt, check=False)
-        assert p.returncode != 0 and not os.path.ismount(m.mnt), p
+        assert p.returncode == 2 and not os.path.ismount(m.mnt), p
+        assert "being repaired" in p.stderr
     finally:
-        os.close(lock)
+        meta.sessions.end(session)
+        meta.close()
         if os.path.ismount(m.mnt):
             m.stop()
     m.start()
@@ -456,7 +459,7 @@ def test_repair_is_refused_while_mounted_and_check_works(tmp_path):
             os.unlink(m.mnt / "open-unlinked")
             p = hafs("fsck", "--home", m.home, "--repair", check=False)
             assert p.returncode == 8, p
-            assert "is mounted" in p.stderr and "unmount it" in p.stderr
+            assert "in use (mount on" in p.stderr and "unmount every mount" in p.stderr
             assert len(p.stderr.strip().splitlines()) == 1
             p = hafs("fsck", "--home", m.home, "--json", "--deep", check=False)
             r = json.loads(p.stdout)

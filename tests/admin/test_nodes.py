@@ -19,7 +19,7 @@ from hafs.admin import nodes as nodeadmin
 from hafs.admin import rebalance
 from hafs.cli import build_parser
 from hafs.errors import UserError
-from hafs.meta.sqlite import ROOT_INODE, MetaStore
+from hafs.meta import ROOT_INODE
 from hafs.store.dirstore import block_id
 from hafs.store.ring import NodeSpec
 
@@ -31,9 +31,13 @@ def h(tmp_path):
 
 
 def settings(h) -> dict:
-    meta = MetaStore.open(home.meta_path(h))
+    meta = home.open_meta(h)
     try:
-        return dict(meta.db.execute("SELECT key, value FROM settings"))
+        return {
+            "ring": meta.ring(),
+            "ring_changed_ns": meta.ring_changed_ns(),
+            "fs_uuid": meta.config().fs_uuid,
+        }
     finally:
         meta.close()
 
@@ -94,7 +98,7 @@ def test_list_add_remove_set_through_the_cli(h, tmp_path):
     assert "nothing to change" in p.stdout and ring_of(h).version == 5
     hafs("node", "set", "--home", h, "n2", "--zone", "")
     assert ring_of(h).nodes["n2"].zone is None
-    assert int(settings(h)["ring_changed_ns"]) > 0
+    assert settings(h)["ring_changed_ns"] > 0
 
 
 @pytest.mark.parametrize(
@@ -137,7 +141,7 @@ def test_remove_below_r_is_refused(h):
 
 
 def test_a_concurrent_ring_change_is_retried_not_lost(h, tmp_path):
-    meta = MetaStore.open(home.meta_path(h))
+    meta = home.open_meta(h)
     try:
         calls = []
 
@@ -170,7 +174,7 @@ def test_rebalance_onto_a_remote_node_and_list_it(tmp_path):
     fs_uuid = settings(h)["fs_uuid"]
     node = start_node(tmp_path / "remote", "--init", "n4", "--fs-uuid", fs_uuid, init=None)
     try:
-        meta = MetaStore.open(home.meta_path(h))
+        meta = home.open_meta(h)
         try:  # what 'hafs node add' does once the node is claimed
             nodeadmin.change_ring(meta, lambda r: [*r.nodes.values(), NodeSpec("n4", node.url)])
         finally:
@@ -250,10 +254,10 @@ def test_a_running_vfs_switches_to_each_new_ring_version(tmp_path):
         assert placement.stores["n1"] is n1_store  # unchanged nodes keep their store
         files = contents(60, seed=22)
         for name, data in files.items():
-            fh, _ = v.create(ROOT_INODE, name.encode(), 0o644, os.O_WRONLY, 0, 0)
+            fh, _ = await v.create(ROOT_INODE, name.encode(), 0o644, os.O_WRONLY, 0, 0)
             await v.write(fh, 0, data)
             await v.release(fh)
-        where = holders(placement.ring, v.meta.setting("fs_uuid"))
+        where = holders(placement.ring, v.engine.config().fs_uuid)
         for data in files.values():
             bid = block_id(data)
             assert where[bid] == set(placement.ring.replicas(bid, 2))

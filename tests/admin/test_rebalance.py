@@ -23,7 +23,7 @@ from hafs import home
 from hafs.admin import fsck, rebalance
 from hafs.admin import nodes as nodeadmin
 from hafs.fs.vfs import Vfs
-from hafs.meta.sqlite import ROOT_INODE, MetaStore
+from hafs.meta import ROOT_INODE
 from hafs.store.dirstore import DirStore, block_id
 from hafs.store.ring import Ring
 
@@ -49,7 +49,7 @@ def build(tmp_path: Path, files: dict[str, bytes], **kw) -> Path:
 
         async def one(name: str, data: bytes) -> None:
             async with limit:
-                fh, _ = v.create(ROOT_INODE, name.encode(), 0o644, os.O_WRONLY, 0, 0)
+                fh, _ = await v.create(ROOT_INODE, name.encode(), 0o644, os.O_WRONLY, 0, 0)
                 await v.write(fh, 0, data)
                 await v.release(fh)
 
@@ -64,7 +64,7 @@ def build(tmp_path: Path, files: dict[str, bytes], **kw) -> Path:
 def read_back(h: Path, files: dict[str, bytes]) -> None:
     async def work(v: Vfs) -> None:
         for name, data in files.items():
-            ino = v.lookup(ROOT_INODE, name.encode()).id
+            ino = (await v.lookup(ROOT_INODE, name.encode())).id
             fh = await v.open(ino, os.O_RDONLY)
             got = await v.read(fh, 0, len(data) + 1)
             await v.release(fh)
@@ -74,9 +74,9 @@ def read_back(h: Path, files: dict[str, bytes]) -> None:
 
 
 def ring_of(h: Path) -> Ring:
-    meta = MetaStore.open(home.meta_path(h))
+    meta = home.open_meta(h)
     try:
-        return Ring.from_json(meta.ring_json())
+        return Ring.from_json(meta.ring())
     finally:
         meta.close()
 
@@ -96,9 +96,9 @@ def holders(ring: Ring, fs_uuid: str, extra: dict[str, Path] | None = None) -> d
 
 
 def fs_uuid_of(h: Path) -> str:
-    meta = MetaStore.open(home.meta_path(h))
+    meta = home.open_meta(h)
     try:
-        return meta.setting("fs_uuid")
+        return meta.config().fs_uuid
     finally:
         meta.close()
 
@@ -305,15 +305,14 @@ def test_cli_refuses_a_second_rebalance_and_a_missing_home(tmp_path):
     p = hafs("rebalance", "--home", tmp_path / "nothing", check=False)
     assert p.returncode == 2 and "no hafs filesystem" in p.stderr
     h = build(tmp_path, contents(5, seed=7))
-    import fcntl
-
-    fd = os.open(h / "rebalance.lock", os.O_RDWR | os.O_CREAT)
+    meta = home.open_meta(h)  # the session a running rebalance holds
+    session = meta.sessions.register("rebalance", "", 60)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         p = hafs("rebalance", "--home", h, check=False)
         assert p.returncode == 2 and "another 'hafs rebalance' is running" in p.stderr
     finally:
-        os.close(fd)
+        meta.sessions.end(session)
+        meta.close()
 
 
 # ---------------------------------------------------------------- mounted

@@ -9,54 +9,20 @@ from __future__ import annotations
 import errno
 import os
 import random
-import stat
 from pathlib import Path
 
 import pytest
 import trio
 from conftest import vfs_session
+from metacheck import assert_consistent
 
 from hafs import home
 from hafs.errors import FsError
 from hafs.fs.vfs import Options, Vfs
-from hafs.meta.sqlite import ROOT_INODE
+from hafs.meta import ROOT_INODE
 from hafs.store.chunker import MiB
 from hafs.store.dirstore import block_id
 from hafs.store.placement import Placement
-
-
-def assert_consistent(meta) -> None:
-    db = meta.db
-    bad_refs = db.execute(
-        "SELECT b.id, b.refcount, count(e.block_id) FROM blocks b LEFT JOIN extents e"
-        " ON e.block_id = b.id GROUP BY b.id HAVING b.refcount != count(e.block_id)"
-    ).fetchall()
-    assert not bad_refs, f"refcounts disagree with extents: {bad_refs}"
-    missing = db.execute(
-        "SELECT e.block_id FROM extents e LEFT JOIN blocks b ON b.id = e.block_id"
-        " WHERE b.id IS NULL"
-    ).fetchall()
-    assert not missing
-    for ino, mode, nlink in db.execute("SELECT id, mode, nlink FROM inodes").fetchall():
-        names = db.execute("SELECT count(*) FROM dentries WHERE inode = ?", (ino,)).fetchone()[0]
-        if stat.S_ISDIR(mode):
-            subdirs = db.execute(
-                "SELECT count(*) FROM dentries d JOIN inodes i ON i.id = d.inode"
-                " WHERE d.parent = ? AND (i.mode & 61440) = 16384",
-                (ino,),
-            ).fetchone()[0]
-            expect = 2 + subdirs if (names or ino == ROOT_INODE) else 0
-            assert nlink == expect, f"directory {ino}: nlink {nlink}, expected {expect}"
-        else:
-            assert nlink == names, f"inode {ino}: nlink {nlink}, {names} names"
-    prev = {}
-    for ino, off, length, size in db.execute(
-        "SELECT e.inode, e.offset, e.length, i.size FROM extents e JOIN inodes i ON i.id = e.inode"
-        " ORDER BY e.inode, e.offset"
-    ):
-        assert off + length <= size, f"inode {ino}: extent past the end"
-        assert prev.get(ino, 0) <= off, f"inode {ino}: overlapping extents"
-        prev[ino] = off + length
 
 
 @pytest.fixture
@@ -75,7 +41,7 @@ async def vfs(tmp_path):
 
 
 async def write_file(v: Vfs, name: bytes, data: bytes, parent=ROOT_INODE, chunk=128 * 1024) -> int:
-    fh, inode = v.create(parent, name, 0o644, os.O_WRONLY, 0, 0)
+    fh, inode = await v.create(parent, name, 0o644, os.O_WRONLY, 0, 0)
     for off in range(0, len(data), chunk):
         await v.write(fh, off, data[off : off + chunk])
     await v.flush(fh)
@@ -86,7 +52,7 @@ async def write_file(v: Vfs, name: bytes, data: bytes, parent=ROOT_INODE, chunk=
 async def read_file(v: Vfs, ino: int) -> bytes:
     fh = await v.open(ino, os.O_RDONLY)
     try:
-        return await v.read(fh, 0, v.getattr(ino).size + 10)
+        return await v.read(fh, 0, (await v.getattr(ino)).size + 10)
     finally:
         await v.release(fh)
 
@@ -94,7 +60,7 @@ async def read_file(v: Vfs, ino: int) -> bytes:
 async def test_write_read_large_file(vfs):
     data = random.Random(1).randbytes(20 * MiB + 7)
     ino = await write_file(vfs, b"big", data)
-    assert vfs.getattr(ino).size == len(data)
+    assert (await vfs.getattr(ino)).size == len(data)
     vfs.shared.cache.clear()
     assert await read_file(vfs, ino) == data
 
@@ -103,14 +69,14 @@ async def test_random_write_rechunks_only_the_neighbourhood(vfs):
     data = bytearray(random.Random(2).randbytes(24 * MiB))
     ino = await write_file(vfs, b"f", bytes(data))
     before = {
-        r[0] for r in vfs.meta.db.execute("SELECT block_id FROM extents WHERE inode=?", (ino,))
+        r[0] for r in vfs.engine.db.execute("SELECT block_id FROM extents WHERE inode=?", (ino,))
     }
     fh = await vfs.open(ino, os.O_RDWR)
     await vfs.write(fh, 12 * MiB, b"patch" * 100)
     await vfs.release(fh)
     data[12 * MiB : 12 * MiB + 500] = b"patch" * 100
     after = {
-        r[0] for r in vfs.meta.db.execute("SELECT block_id FROM extents WHERE inode=?", (ino,))
+        r[0] for r in vfs.engine.db.execute("SELECT block_id FROM extents WHERE inode=?", (ino,))
     }
     assert len(after - before) <= 3, "only the edited block's neighbourhood is rewritten"
     assert len(before - after) <= 2
@@ -122,26 +88,26 @@ async def test_dedup_refcounts_and_unlink(vfs):
     data = random.Random(3).randbytes(6 * MiB)
     a = await write_file(vfs, b"a", data)
     await write_file(vfs, b"b", data)
-    refs = vfs.meta.db.execute("SELECT DISTINCT refcount FROM blocks").fetchall()
+    refs = vfs.engine.db.execute("SELECT DISTINCT refcount FROM blocks").fetchall()
     assert refs == [(2,)]
-    vfs.unlink(ROOT_INODE, b"a")
-    assert vfs.meta.get_inode(a) is None  # no kernel reference, no open handle
-    assert vfs.meta.db.execute("SELECT DISTINCT refcount FROM blocks").fetchall() == [(1,)]
-    vfs.unlink(ROOT_INODE, b"b")
-    assert vfs.meta.db.execute("SELECT DISTINCT refcount FROM blocks").fetchall() == [(0,)]
+    await vfs.unlink(ROOT_INODE, b"a")
+    assert vfs.engine.getattr(a) is None  # no kernel reference, no open handle
+    assert vfs.engine.db.execute("SELECT DISTINCT refcount FROM blocks").fetchall() == [(1,)]
+    await vfs.unlink(ROOT_INODE, b"b")
+    assert vfs.engine.db.execute("SELECT DISTINCT refcount FROM blocks").fetchall() == [(0,)]
     assert await vfs.collect_garbage() > 0
-    assert vfs.meta.db.execute("SELECT count(*) FROM blocks").fetchone()[0] == 0
+    assert vfs.engine.db.execute("SELECT count(*) FROM blocks").fetchone()[0] == 0
     assert all(not any(s.iter_ids()) for s in vfs.placement.stores.values())
 
 
 async def test_zero_blocks_are_holes(vfs):
     ino = await write_file(vfs, b"z", bytes(10 * MiB))
-    assert vfs.meta.db.execute("SELECT count(*) FROM extents").fetchone()[0] == 0
+    assert vfs.engine.db.execute("SELECT count(*) FROM extents").fetchone()[0] == 0
     assert await read_file(vfs, ino) == bytes(10 * MiB)
 
 
 async def test_interleaved_writers_share_state(vfs):
-    fh1, inode = vfs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, 0, 0)
+    fh1, inode = await vfs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, 0, 0)
     fh2 = await vfs.open(inode.id, os.O_RDWR)
     await vfs.write(fh1, 0, b"a" * 100)
     await vfs.write(fh2, 50, b"b" * 100)
@@ -153,38 +119,38 @@ async def test_interleaved_writers_share_state(vfs):
 
 
 async def test_posix_errors(vfs):
-    d = vfs.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
+    d = await vfs.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
     await write_file(vfs, b"x", b"1", parent=d.id)
     with pytest.raises(FsError) as e:
-        vfs.rmdir(ROOT_INODE, b"d")
+        await vfs.rmdir(ROOT_INODE, b"d")
     assert e.value.errno == errno.ENOTEMPTY
     with pytest.raises(FsError) as e:
-        vfs.lookup(ROOT_INODE, b"nope")
+        await vfs.lookup(ROOT_INODE, b"nope")
     assert e.value.errno == errno.ENOENT
     with pytest.raises(FsError) as e:
-        vfs.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
+        await vfs.mkdir(ROOT_INODE, b"d", 0o755, 0, 0)
     assert e.value.errno == errno.EEXIST
     with pytest.raises(FsError) as e:
-        vfs.unlink(ROOT_INODE, b"d")
+        await vfs.unlink(ROOT_INODE, b"d")
     assert e.value.errno == errno.EISDIR
     with pytest.raises(FsError) as e:
-        vfs.mkdir(ROOT_INODE, b"n" * 256, 0o755, 0, 0)
+        await vfs.mkdir(ROOT_INODE, b"n" * 256, 0o755, 0, 0)
     assert e.value.errno == errno.ENAMETOOLONG
-    vfs.rename(d.id, b"x", ROOT_INODE, b"y", 0)
-    vfs.rmdir(ROOT_INODE, b"d")
-    assert [de.name for de, _ in vfs.readdir(vfs.opendir(ROOT_INODE), 0)] == [b"y"]
+    await vfs.rename(d.id, b"x", ROOT_INODE, b"y", 0)
+    await vfs.rmdir(ROOT_INODE, b"d")
+    assert [de.name for de, _ in await vfs.readdir(await vfs.opendir(ROOT_INODE), 0)] == [b"y"]
 
 
 async def test_readdir_cursor_survives_changes(vfs):
     for i in range(50):
-        vfs.mkdir(ROOT_INODE, b"d%02d" % i, 0o755, 0, 0)
-    fh = vfs.opendir(ROOT_INODE)
-    page = vfs.readdir(fh, 0, limit=10)
+        await vfs.mkdir(ROOT_INODE, b"d%02d" % i, 0o755, 0, 0)
+    fh = await vfs.opendir(ROOT_INODE)
+    page = await vfs.readdir(fh, 0, limit=10)
     cursor = page[-1][0].cursor
-    vfs.rmdir(ROOT_INODE, b"d05")  # already listed
-    vfs.rmdir(ROOT_INODE, b"d20")  # not yet listed
-    vfs.mkdir(ROOT_INODE, b"new", 0o755, 0, 0)
-    rest = [de.name for de, _ in vfs.readdir(fh, cursor, limit=1000)]
+    await vfs.rmdir(ROOT_INODE, b"d05")  # already listed
+    await vfs.rmdir(ROOT_INODE, b"d20")  # not yet listed
+    await vfs.mkdir(ROOT_INODE, b"new", 0o755, 0, 0)
+    rest = [de.name for de, _ in await vfs.readdir(fh, cursor, limit=1000)]
     assert rest[0] == b"d10" and b"d20" not in rest and rest[-1] == b"new"
     assert len(rest) == 40
 
@@ -201,7 +167,7 @@ async def test_full_write_buffer_flushes_idle_files(tmp_path):
         data = random.Random(9).randbytes(512 * 1024)
         with trio.fail_after(20):
             for i in range(6):
-                fh, inode = v.create(ROOT_INODE, b"f%d" % i, 0o644, os.O_WRONLY, 0, 0)
+                fh, inode = await v.create(ROOT_INODE, b"f%d" % i, 0o644, os.O_WRONLY, 0, 0)
                 await v.write(fh, 0, data)
                 handles.append((fh, inode.id))
             assert v.shared.budget.used <= 2 * 1024 * 1024
@@ -215,7 +181,7 @@ async def test_full_write_buffer_flushes_idle_files(tmp_path):
 
 
 async def test_concurrent_first_writes_share_one_lease(vfs):
-    fh, inode = vfs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, 0, 0)
+    fh, inode = await vfs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, 0, 0)
     fh2 = await vfs.open(inode.id, os.O_RDWR)
     async with trio.open_nursery() as n:
         n.start_soon(vfs.write, fh, 0, b"a" * 10)
@@ -223,7 +189,7 @@ async def test_concurrent_first_writes_share_one_lease(vfs):
     fs = vfs.files[inode.id]
     held = vfs.locks.held()
     assert len(held) == 1 and held[0].token == fs.lease.token
-    vfs.locks.keepalive(fs.lease)  # still ours: nobody released it under us
+    await vfs.locks.keepalive(fs.lease)  # still ours: nobody released it under us
     await vfs.release(fh)
     assert vfs.locks.held()  # the second writer still has the file open
     await vfs.release(fh2)
@@ -259,7 +225,8 @@ async def repair_rounds(vfs) -> int:
     blocks = [os.urandom(1000) for _ in range(40)]
     for data in blocks:
         await p.put(block_id(data), data)
-    recorded = dict(vfs.meta.degraded_blocks("", 100))
+    await vfs.record_degraded()
+    recorded = dict(vfs.engine.degraded_blocks("", 100))
     assert set(recorded) == {block_id(d) for d in blocks if "n1" in p.ring.replicas(block_id(d), 2)}
     disk_back(p, n1)
     n2 = disk_gone(p, "n2")  # blocks with a copy on n2 (or due there) must wait
@@ -267,7 +234,7 @@ async def repair_rounds(vfs) -> int:
     assert waiting and waiting != set(recorded)
     for _ in range(2 * len(recorded)):  # one block per round: the rounds must rotate
         await vfs.repair_degraded(batch=1)
-    assert {bid for bid, _ in vfs.meta.degraded_blocks("", 100)} == waiting
+    assert {bid for bid, _ in vfs.engine.degraded_blocks("", 100)} == waiting
     disk_back(p, n2)
     for bid in recorded:
         named = p.ring.replicas(bid, 2)
@@ -278,7 +245,7 @@ async def repair_rounds(vfs) -> int:
             assert holders == sorted({*named, "n2"})
     for _ in range(2 * len(recorded)):
         await vfs.repair_degraded(batch=1)
-    assert vfs.meta.count_degraded() == 0
+    assert vfs.engine.count_degraded() == 0
     for bid in recorded:
         holders = sorted(n for n, s in p.stores.items() if s.has(bid))
         assert holders == sorted(p.ring.replicas(bid, 2))

@@ -5,13 +5,14 @@ import pytest
 import trio
 
 from hafs.errors import LockLost, LockTimeout
-from hafs.meta.locks import SqliteLockService
-from hafs.meta.sqlite import MetaStore
+from hafs.meta import ROOT_INODE, FsConfig
+from hafs.meta.sqlite import SqliteLockService, SqliteMeta
 
 
 @pytest.fixture
 def meta(tmp_path):
-    m = MetaStore.create(tmp_path / "meta.db", {"fs_uuid": "u"}, 0, 0)
+    config = FsConfig("u", 2, 2, None, 0)
+    m = SqliteMeta.create(tmp_path / "meta.db", config, {"version": 1, "nodes": []}, 0, 0)
     yield m
     m.close()
 
@@ -27,7 +28,7 @@ async def test_tokens_only_grow(meta, autojump_clock):
     for svc in (a, b, a, b):
         lease = await svc.acquire("inode:5", wait_s=1)
         tokens.append(lease.token)
-        svc.release(lease)
+        await svc.release(lease)
     assert tokens == sorted(tokens) and len(set(tokens)) == 4
 
 
@@ -37,7 +38,7 @@ async def test_second_holder_waits_then_times_out(meta, autojump_clock):
     with pytest.raises(LockTimeout) as e:
         await b.acquire("x", wait_s=3)
     assert e.value.holder == "a"
-    a.release(lease)
+    await a.release(lease)
     assert (await b.acquire("x", wait_s=0)).token == lease.token + 1
 
 
@@ -53,18 +54,17 @@ async def test_waiter_gets_the_lock_when_released(meta, autojump_clock):
         n.start_soon(waiter)
         await trio.sleep(5)
         assert not got
-        a.release(lease)
+        await a.release(lease)
     assert got[0].token == lease.token + 1
 
 
 async def test_expired_lease_is_taken_over_and_fenced(meta, autojump_clock):
     a, b = services(meta, "a", "b", ttl=10)
-    with meta.txn():
-        ino = meta.create_inode(0o100644, 0, 0, 1)
+    ino = meta.mknod(ROOT_INODE, b"f", 0o100644, 0, 0).id
     old = await a.acquire("inode", wait_s=1)
     meta.fence(ino, old.token)
     await trio.sleep(5)
-    a.keepalive(old)  # renewed: valid until t=15
+    await a.keepalive(old)  # renewed: valid until t=15
     await trio.sleep(9)
     assert a.valid(old)
     await trio.sleep(2)  # t=16: expired
@@ -73,7 +73,7 @@ async def test_expired_lease_is_taken_over_and_fenced(meta, autojump_clock):
     assert new.token > old.token
     meta.fence(ino, new.token)
     with pytest.raises(LockLost):
-        a.keepalive(old)
+        await a.keepalive(old)
     with pytest.raises(LockLost):
         meta.truncate(ino, 0, 1, token=old.token)  # the old writer's commit is refused
     meta.truncate(ino, 0, 1, token=new.token)
@@ -87,4 +87,4 @@ async def test_keepalive_after_takeover_is_lost(meta, autojump_clock):
     await b.acquire("x", wait_s=0)
     old.expires_ns = int(trio.current_time() * 1e9) + 10**9  # as if a's clock lagged
     with pytest.raises(LockLost):
-        a.keepalive(old)
+        await a.keepalive(old)

@@ -1,18 +1,22 @@
-"""MetaStore: schema, identity checks, extents and refcounts in one transaction."""
+"""The sqlite engine's own matters: schema, upgrades, identity checks, rollback.
+
+What every engine must do is in test_engines.py."""
 
 import sqlite3
 
 import pytest
 
 from hafs.errors import UserError
-from hafs.meta.sqlite import ROOT_INODE, SCHEMA_VERSION, Extent, MetaStore
+from hafs.meta import ROOT_INODE, Extent, FsConfig
+from hafs.meta.sqlite import SCHEMA_VERSION, SqliteMeta
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
+CONFIG = FsConfig("u", 2, 2, None, 0)
 
 
 @pytest.fixture
 def meta(tmp_path):
-    m = MetaStore.create(tmp_path / "meta.db", {"fs_uuid": "u", "replicas": "2"}, 0, 0)
+    m = SqliteMeta.create(tmp_path / "meta.db", CONFIG, {"version": 1, "nodes": []}, 0, 0)
     yield m
     m.close()
 
@@ -21,45 +25,47 @@ def refcounts(meta):
     return dict(meta.db.execute("SELECT id, refcount FROM blocks"))
 
 
+_names = iter(range(10**6))
+
+
 def new_file(meta) -> int:
-    with meta.txn():
-        ino = meta.create_inode(0o100644, 0, 0, 1)
-        meta.add_entry(ROOT_INODE, b"f%d" % ino, ino)
-    return ino
+    return meta.mknod(ROOT_INODE, b"f%d" % next(_names), 0o100644, 0, 0).id
 
 
 def test_root_and_settings(meta):
-    root = meta.get_inode(ROOT_INODE)
+    root = meta.getattr(ROOT_INODE)
     assert root.nlink == 2 and root.mode == 0o40755
-    assert meta.setting("fs_uuid") == "u"
-    with pytest.raises(UserError, match="lacks setting"):
-        meta.setting("nope")
+    assert meta.config() == CONFIG
+    meta.db.execute("DELETE FROM settings WHERE key = 'replicas'")
+    meta._config = None
+    with pytest.raises(UserError, match="lacks a valid setting"):
+        meta.config()
 
 
 def test_inode_numbers_are_never_reused(meta):
     first = new_file(meta)
-    meta.delete_inode(first)
+    meta.unlink(ROOT_INODE, b"f%d" % (next(_names) - 1))
+    assert meta.delete_inode(first)
     assert new_file(meta) > first
 
 
 def test_extents_and_refcounts_move_together(meta):
     ino = new_file(meta)
-    meta.replace_extents(
-        ino, 0, 300, [Extent(0, 100, A), Extent(100, 200, B)], {A: 100, B: 200}, 300, 1
-    )
+    meta.commit(ino, 0, 300, [Extent(0, 100, A), Extent(100, 200, B)], {A: 100, B: 200}, 300, 1)
     other = new_file(meta)
-    meta.replace_extents(other, 0, 100, [Extent(0, 100, A)], {A: 100}, 100, 1)
+    meta.commit(other, 0, 100, [Extent(0, 100, A)], {A: 100}, 100, 1)
     assert refcounts(meta) == {A: 2, B: 1}
     # rewrite the second extent of the first file
-    meta.replace_extents(ino, 100, 300, [Extent(100, 150, C)], {C: 150}, 250, 2)
+    meta.commit(ino, 100, 300, [Extent(100, 150, C)], {C: 150}, 250, 2)
     assert refcounts(meta) == {A: 2, B: 0, C: 1}
     assert meta.extents(ino, 0, 1000) == [Extent(0, 100, A), Extent(100, 150, C)]
     assert meta.extents(ino, 150, 160) == [Extent(100, 150, C)]
     assert meta.garbage_blocks(before_ns=2**62, limit=10) == [B]
     # truncate keeps a prefix of a block and drops the extents past the end
-    meta.truncate(ino, 50, 3)
+    meta.truncate(ino, 50, 3, None)
     assert meta.extents(ino, 0, 1000) == [Extent(0, 50, A)]
     assert refcounts(meta) == {A: 2, B: 0, C: 0}
+    meta.db.execute("UPDATE inodes SET nlink = 0 WHERE id = ?", (other,))
     meta.delete_inode(other)
     assert refcounts(meta)[A] == 1
     assert meta.forget_block(B) and not meta.forget_block(A)
@@ -69,9 +75,7 @@ def test_failed_transaction_changes_nothing(meta):
     ino = new_file(meta)
     with pytest.raises(KeyError):
         # the size of block B is missing: the whole replace is rolled back
-        meta.replace_extents(
-            ino, 0, 200, [Extent(0, 100, A), Extent(100, 100, B)], {A: 100}, 200, 1
-        )
+        meta.commit(ino, 0, 200, [Extent(0, 100, A), Extent(100, 100, B)], {A: 100}, 200, 1)
     assert refcounts(meta) == {} and meta.extents(ino, 0, 1000) == []
 
 
@@ -79,16 +83,16 @@ def test_refuses_foreign_newer_and_damaged_databases(tmp_path, meta):
     other = tmp_path / "other.db"
     sqlite3.connect(other).execute("CREATE TABLE x (y)").connection.commit()
     with pytest.raises(UserError, match="not a hafs metadata database"):
-        MetaStore.open(other)
+        SqliteMeta.open(other)
     meta.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(UserError, match="newer"):
-        MetaStore.open(meta.path)
+        SqliteMeta.open(meta.path)
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"not sqlite at all" * 100)
     with pytest.raises(UserError, match="damaged"):
-        MetaStore.open(bad)
+        SqliteMeta.open(bad)
     with pytest.raises(UserError, match="missing"):
-        MetaStore.open(tmp_path / "none.db")
+        SqliteMeta.open(tmp_path / "none.db")
 
 
 def test_degraded_blocks_are_recorded_merged_and_forgotten(meta):
@@ -101,18 +105,20 @@ def test_degraded_blocks_are_recorded_merged_and_forgotten(meta):
     assert meta.count_degraded() == 1
     assert meta.clear_degraded(keep={A}) == 0 and meta.clear_degraded(keep=set()) == 1
     ino = new_file(meta)  # a collected garbage block takes its record with it
-    meta.replace_extents(ino, 0, 10, [Extent(0, 10, C)], {C: 10}, 10, 1)
+    meta.commit(ino, 0, 10, [Extent(0, 10, C)], {C: 10}, 10, 1)
     meta.record_degraded(C, ["n1"])
-    meta.truncate(ino, 0, 1)
+    meta.truncate(ino, 0, 1, None)
     assert meta.forget_block(C) and meta.count_degraded() == 0
 
 
 def test_a_version_2_database_is_upgraded(tmp_path, meta):
-    meta.db.executescript("DROP TABLE degraded; PRAGMA user_version = 2;")
+    meta.db.executescript(
+        "DROP TABLE degraded; DROP TABLE sessions; DROP TABLE orphans; PRAGMA user_version = 2;"
+    )
     meta.close()
-    upgraded = MetaStore.open(meta.path)
+    upgraded = SqliteMeta.open(meta.path)
     try:
-        assert upgraded.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert upgraded.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         upgraded.record_degraded(A, ["n1"])
         assert upgraded.count_degraded() == 1
     finally:

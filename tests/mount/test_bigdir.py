@@ -2,7 +2,7 @@
 
 import os
 
-from hafs.meta.sqlite import MetaStore
+from hafs.meta.sqlite import SqliteMeta
 
 N = 100_000
 
@@ -20,7 +20,7 @@ def test_readdir_100k_entries_streams(mount, work):
                 os.close(os.open(work / "late", os.O_WRONLY | os.O_CREAT, 0o644))
     assert seen in (N, N + 1) and len(names) == seen
     assert {f"entry-{i:06d}" for i in range(0, N, 997)} <= names
-    meta = MetaStore.open(mount.home / "meta.db")
+    meta = SqliteMeta.open(mount.home / "meta.db")
     try:
         assert meta.db.execute("SELECT count(*) FROM dentries").fetchone()[0] >= N
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import Mount, hafs, make_mount
 
-from hafs.meta.sqlite import MetaStore
+from hafs.meta.sqlite import SqliteMeta
 from hafs.store.chunker import MiB
 from hafs.store.ring import Ring
 
@@ -52,9 +52,9 @@ def test_remount_keeps_everything(fresh, tmp_path):
 
 
 def ring_of(m: Mount) -> Ring:
-    meta = MetaStore.open(m.home / "meta.db")
+    meta = SqliteMeta.open(m.home / "meta.db")
     try:
-        return Ring.from_json(meta.ring_json())
+        return Ring.from_json(meta.ring())
     finally:
         meta.close()
 
@@ -62,9 +62,9 @@ def ring_of(m: Mount) -> Ring:
 def test_every_block_on_exactly_r_nodes_where_the_ring_says(fresh):
     for i in range(10):
         (fresh.mnt / f"f{i}").write_bytes(os.urandom(random.Random(i).randrange(1, 3 * MiB)))
-    meta = MetaStore.open(fresh.home / "meta.db")
+    meta = SqliteMeta.open(fresh.home / "meta.db")
     try:
-        ring = Ring.from_json(meta.ring_json())
+        ring = Ring.from_json(meta.ring())
         referenced = {r[0] for r in meta.db.execute("SELECT block_id FROM extents")}
     finally:
         meta.close()
