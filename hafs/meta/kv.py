@@ -740,11 +740,15 @@ class KvMeta:
             target = self._entry(t, p_new, n_new)
             rec = self._need(t, ino)
             is_dir = _is_dir(rec)
+            if is_dir and p_old != p_new:
+                self._not_inside(t, ino, p_new)
             ts = now_ns()
             if flags & RENAME_EXCHANGE:
                 if target is None:
                     raise FsError(errno.ENOENT)
                 trec = self._need(t, target)
+                if _is_dir(trec) and p_old != p_new:
+                    self._not_inside(t, target, p_old)
                 self._set_entry(t, p_old, n_old, target, ino)
                 self._set_entry(t, p_new, n_new, ino, target)
                 if p_old != p_new and is_dir != _is_dir(trec):
@@ -788,6 +792,21 @@ class KvMeta:
             return target
 
         return self._run(op)
+
+    @staticmethod
+    def _not_inside(t: Txn, ino: int, parent: int) -> None:
+        """EINVAL if `parent` is directory `ino` or below it (a move would make a loop that
+        the kernel of one mount cannot see when another mount moved things meanwhile).
+        Each ancestor's inode is read: moving it writes it, so a concurrent move conflicts."""
+        cur = parent
+        while cur != ROOT_INODE:
+            if cur == ino:
+                raise FsError(errno.EINVAL)
+            t.inode(cur)
+            rows = t.scan(k_names(cur), prefix_end(k_names(cur)), 1)
+            if not rows:
+                return  # a removed directory
+            cur = int.from_bytes(rows[0][0][9:17], "big")
 
     def setattr(self, ino: int, **fields: int) -> Inode:
         unknown = set(fields) - {"mode", "uid", "gid", "atime_ns", "mtime_ns"}
