@@ -54,6 +54,10 @@ that every writer of the range writes (key checks alone do not see an insert):
 - a block's users (U) and garbage entry (Z): the block's B key (refcount);
 - the sessions (S): Msessions.
 
+Checks beyond the vfs's (so that two mounts cannot build what one kernel would
+refuse): link and rename into a removed directory (nlink 0) give ENOENT, as
+create does; moving a directory into itself or below it gives EINVAL.
+
 Inode numbers are never reused: each client takes 64 numbers at a time from
 Mnext_ino in its own small transaction.  Single-key reads (getattr) are not
 transactions; lookup reads the entry, then the inode.

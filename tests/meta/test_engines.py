@@ -726,3 +726,46 @@ def test_kv_readdir_never_splits_a_hash_collision(monkeypatch):
     for limit in (1, 2, 3, 5):
         listed = listing(m, ROOT_INODE, limit)
         assert sorted(listed) == names, limit
+
+
+class InterleavingKV(MemKV):
+    """A MemKV that runs `before_commit` (once) just before the next commit: another
+    client's whole operation lands between a transaction's reads and its commit."""
+
+    before_commit: Callable[[], object] | None = None
+
+    def commit(self, *args, **kwargs):
+        hook, self.before_commit = self.before_commit, None
+        if hook is not None:
+            hook()
+        return super().commit(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "mine, theirs, answer",
+    [
+        (lambda m, d, f: m.rmdir(ROOT_INODE, b"d"), lambda m, d, f: mkfile(m, d, b"n"),
+         errno.ENOTEMPTY),
+        (lambda m, d, f: mkfile(m, d, b"n"), lambda m, d, f: m.rmdir(ROOT_INODE, b"d"),
+         errno.ENOENT),
+        (lambda m, d, f: mkdir(m, d, b"n"), lambda m, d, f: mkfile(m, d, b"n"), errno.EEXIST),
+        (lambda m, d, f: m.link(f, d, b"n"), lambda m, d, f: m.unlink(ROOT_INODE, b"f"),
+         errno.ENOENT),
+        (lambda m, d, f: m.rename(ROOT_INODE, b"f", d, b"n", 0),
+         lambda m, d, f: m.unlink(ROOT_INODE, b"f"), errno.ENOENT),
+        (lambda m, d, f: m.rename(ROOT_INODE, b"f", d, b"n", RENAME_NOREPLACE),
+         lambda m, d, f: mkfile(m, d, b"n"), errno.EEXIST),
+        (lambda m, d, f: m.unlink(ROOT_INODE, b"f"),
+         lambda m, d, f: m.rename(ROOT_INODE, b"f", d, b"n", 0), errno.ENOENT),
+    ],
+)  # fmt: skip
+def test_kv_conflict_becomes_the_posix_answer(mine, theirs, answer):
+    kv = InterleavingKV()
+    a = KvMeta.create(kv, CONFIG, RING, 0, 0)
+    b = KvMeta.open(kv)
+    d = mkdir(a, ROOT_INODE, b"d").id
+    f = mkfile(a, ROOT_INODE, b"f").id
+    kv.before_commit = lambda: theirs(b, d, f)
+    err(answer, mine, a, d, f)
+    assert kv.before_commit is None  # the other client's operation did run in between
+    check_consistent(a)
