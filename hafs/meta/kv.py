@@ -1,0 +1,1095 @@
+"""The `kv` engine: every MetaStore operation written once over a small transactional KV.
+
+`KV` is an ordered key-value store with global revisions, leases and one kind
+of transaction (compare mod_revisions, then put and delete), shaped so that
+etcd v3 fits it one-to-one; `memkv` (meta/memkv.py) and `etcd` are adapters.
+
+Key layout (LAYOUT_VERSION 1).  Integers are 8-byte big-endian, so key order
+is numeric order; `+` is concatenation; names and block ids are raw bytes.
+
+    Mversion                  layout version (ASCII int); absent: no hafs filesystem here
+    Mconfig                   FsConfig as JSON
+    Mring                     the ring description as JSON ({"version": N, "nodes": [...]})
+    Mring_changed             when the ring last got a new version (ASCII ns; absent: 0)
+    Mnext_ino                 the lowest inode number never handed out (clients take 64 at once)
+    Msessions                 guard of the session keys (see kvlocks.py)
+    I + ino                   inode: mode, uid, gid, nlink, size, atime/mtime/ctime ns, rdev,
+                              fence token (newest write token; older ones are refused), target
+    D + parent + hash + name  directory entry -> ino.  hash: 63-bit BLAKE2b of the name, > 0,
+                              the readdir cursor (an off_t, like ext4's htree hash)
+    P + ino + parent + name   reverse entry (parent_of, path_of; one per hard link)
+    N + ino                   the inode has nlink 0 (unlinked_inodes)
+    X + ino + name            xattr value
+    E + ino + end             extent covering [end - length, end) -> length + block id.  Keyed by
+                              its end, so the extents overlapping [a, b) are one forward scan from
+                              end > a (extents never overlap, so end order is offset order)
+    B + block                 block: size, refcount, zero_since_ns (-1: referenced)
+    U + block + 0x00 + ino + offset   the extent at (ino, offset) uses the block (block_users)
+    Z + zero_since + block    the block's refcount is 0 since then (garbage_blocks)
+    G + block                 degraded: since_ns + space-separated node ids
+    L + lock name             a held write lock -> holder; bound to the holder's lease; its
+                              mod_revision is the fencing token (kvlocks.py)
+    l + lock name             last grant not released (holder), to log LOCK-TAKEOVER
+    S + id / s + id           a live session (bound to its lease) / its record (kvlocks.py)
+
+Readdir cursors: an entry's cursor is its name hash, so it survives creates and
+deletes.  Two names of one directory with the same hash (about 2^-63 per pair)
+share a cursor: a page never ends between them (readdir extends or shortens the
+page), but a kernel that stops inside such a pair would, resuming, skip the rest.
+
+Transactions (`KvMeta._transact`): an operation runs against a `Txn` that
+records the mod_revision of every key it reads (0 for an absent key) and
+buffers its writes (later reads in the txn see them); it then commits with
+those checks, and a failed check re-runs the whole operation (jittered backoff,
+up to MAX_TRIES).  A HafsError answer (EEXIST, ENOENT, LockLost, ...) is given
+only after an empty commit with the same checks succeeded, so every answer is
+one a serial execution could give.  Range reads are protected by a guard key
+that every writer of the range writes (key checks alone do not see an insert):
+
+- the entries of a directory (D, P under it): the directory's inode.  Every
+  operation that adds or removes an entry writes the parent's inode (its
+  mtime/ctime change anyway); rmdir and rename over a directory read the
+  directory's inode, and creates read their parent's;
+- a file's extents (E) and xattrs (X): the file's inode (size/mtime, ctime);
+- a block's users (U) and garbage entry (Z): the block's B key (refcount);
+- the sessions (S): Msessions.
+
+Checks beyond the vfs's (so that two mounts cannot build what one kernel would
+refuse): link and rename into a removed directory (nlink 0) give ENOENT, as
+create does; moving a directory into itself or below it gives EINVAL.
+
+Inode numbers are never reused: each client takes 64 numbers at a time from
+Mnext_ino in its own small transaction.  Single-key reads (getattr) are not
+transactions; lookup reads the entry, then the inode.
+
+Concurrency: KvMeta is called from worker threads (`direct = False`); its own
+state (the inode-number batch, leases) is guarded by a threading.Lock.
+Figures (usage) and unlinked_inodes scan their keys: O(filesystem) each call.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import random
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, TypeVar
+
+from ..errors import FsError, HafsError, LockLost, UserError
+from . import ROOT_INODE, BlockRow, Dentry, Extent, FsConfig, Inode, Usage, now_ns
+from .kvlocks import KvLocks, KvSessions, lock_key
+
+LAYOUT_VERSION = 1
+MAX_TRIES = 100
+INO_BATCH = 64
+PAGE = 512  # keys per scan request
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 64 * 1024
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+T = TypeVar("T")
+
+
+class LeaseNotFound(Exception):
+    """A commit named a lease that has ended."""
+
+
+class TxnConflict(HafsError):
+    """An operation kept conflicting with other clients for MAX_TRIES attempts."""
+
+
+class KV(Protocol):
+    """An ordered, transactional key-value store with global revisions (etcd v3's shape).
+
+    Every successful commit that writes gets a new revision, greater than all
+    before it; a key's mod_revision is the revision of its last put.  Revision 0
+    means "absent" in checks.
+    """
+
+    name: str  # for messages: "etcd://h1:2379/prod", "memkv"
+
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        """(value, mod_revision), or None if absent."""
+
+    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
+        """Up to `limit` (key, value, mod_revision) with start <= key < end, in key order."""
+
+    def commit(
+        self,
+        checks: dict[bytes, int],
+        puts: dict[bytes, bytes],
+        deletes: Collection[bytes],
+        lease: int | None = None,
+        leased: Collection[bytes] | None = None,
+    ) -> int | None:
+        """Atomically: if every checked key has that mod_revision, apply the deletes and
+        the puts (those in `leased`, or all when it is None, bound to `lease`) and return
+        the revision (the current one if nothing was written); else None.  LeaseNotFound
+        if `lease` has ended."""
+
+    def lease_grant(self, ttl_s: float) -> int: ...
+    def lease_keepalive(self, lease: int) -> bool:
+        """Renew for another ttl; False if the lease has ended (its keys are gone)."""
+
+    def lease_revoke(self, lease: int) -> None: ...
+    def lease_ttl(self, lease: int) -> float | None:
+        """Seconds the lease has left, None if it has ended."""
+
+    def close(self) -> None: ...
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key that starts with `prefix`."""
+    p = prefix.rstrip(b"\xff")
+    return p[:-1] + bytes([p[-1] + 1])
+
+
+def u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def name_hash(name: bytes) -> int:
+    """The readdir cursor of a name: 63 bits, > 0."""
+    h = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big") >> 1
+    return h or 1
+
+
+# ---------------------------------------------------------------- the keys
+
+K_VERSION = b"Mversion"
+K_CONFIG = b"Mconfig"
+K_RING = b"Mring"
+K_RING_CHANGED = b"Mring_changed"
+K_NEXT_INO = b"Mnext_ino"
+
+
+def k_inode(ino: int) -> bytes:
+    return b"I" + u64(ino)
+
+
+def k_dir(parent: int) -> bytes:
+    return b"D" + u64(parent)
+
+
+def k_entry(parent: int, name: bytes) -> bytes:
+    return b"D" + u64(parent) + u64(name_hash(name)) + name
+
+
+def k_names(ino: int) -> bytes:
+    return b"P" + u64(ino)
+
+
+def k_name(ino: int, parent: int, name: bytes) -> bytes:
+    return b"P" + u64(ino) + u64(parent) + name
+
+
+def k_unlinked(ino: int) -> bytes:
+    return b"N" + u64(ino)
+
+
+def k_xattr(ino: int, name: bytes) -> bytes:
+    return b"X" + u64(ino) + name
+
+
+def k_extents(ino: int) -> bytes:
+    return b"E" + u64(ino)
+
+
+def k_extent(ino: int, end: int) -> bytes:
+    return b"E" + u64(ino) + u64(end)
+
+
+def k_block(block_id: str) -> bytes:
+    return b"B" + block_id.encode()
+
+
+def k_users(block_id: str) -> bytes:
+    return b"U" + block_id.encode() + b"\x00"
+
+
+def k_user(block_id: str, ino: int, offset: int) -> bytes:
+    return k_users(block_id) + u64(ino) + u64(offset)
+
+
+def k_garbage(since_ns: int, block_id: str) -> bytes:
+    return b"Z" + u64(since_ns) + block_id.encode()
+
+
+def k_degraded(block_id: str) -> bytes:
+    return b"G" + block_id.encode()
+
+
+# -------------------------------------------------------------- the values
+
+_INODE = struct.Struct(">IIIQQqqqQQB")  # ... rdev, fence, has_target; then the target
+_BLOCK = struct.Struct(">Qqq")  # size, refcount, zero_since_ns (-1: referenced)
+
+
+@dataclass
+class _Rec:
+    inode: Inode
+    fence: int
+
+
+def _enc_inode(r: _Rec) -> bytes:
+    i = r.inode
+    head = _INODE.pack(
+        *(i.mode, i.uid, i.gid, i.nlink, i.size, i.atime_ns, i.mtime_ns, i.ctime_ns, i.rdev),
+        *(r.fence, i.target is not None),
+    )
+    return head + (i.target or b"")
+
+
+def _dec_inode(ino: int, v: bytes) -> _Rec:
+    mode, uid, gid, nlink, size, at, mt, ct, rdev, fence, has = _INODE.unpack_from(v)
+    target = v[_INODE.size :] if has else None
+    return _Rec(Inode(ino, mode, uid, gid, nlink, size, at, mt, ct, rdev, target), fence)
+
+
+@dataclass
+class _Block:
+    size: int
+    refcount: int
+    zero_since_ns: int | None
+
+
+def _enc_block(b: _Block) -> bytes:
+    zs = -1 if b.zero_since_ns is None else b.zero_since_ns
+    return _BLOCK.pack(b.size, b.refcount, zs)
+
+
+def _dec_block(v: bytes) -> _Block:
+    size, refcount, zs = _BLOCK.unpack(v)
+    return _Block(size, refcount, None if zs < 0 else zs)
+
+
+def _enc_extent(e: Extent) -> bytes:
+    return u64(e.length) + e.block_id.encode()
+
+
+def _dec_extent(key: bytes, v: bytes) -> Extent:
+    end = int.from_bytes(key[9:17], "big")
+    length = int.from_bytes(v[:8], "big")
+    return Extent(end - length, length, v[8:].decode())
+
+
+# ------------------------------------------------------------ transactions
+
+
+class Txn:
+    """One attempt of an operation: reads recorded with their revisions, writes buffered."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        self.checks: dict[bytes, int] = {}
+        self._read: dict[bytes, bytes | None] = {}
+        self.puts: dict[bytes, bytes] = {}
+        self.deletes: set[bytes] = set()
+        self.leased: set[bytes] = set()
+        self._inodes: dict[int, _Rec | None] = {}
+        self._blocks: dict[str, _Block | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.puts:
+            return self.puts[key]
+        if key in self.deletes:
+            return None
+        if key not in self._read:
+            row = self.kv.get(key)
+            self._read[key] = None if row is None else row[0]
+            self.checks[key] = 0 if row is None else row[1]
+        return self._read[key]
+
+    def revision(self, key: bytes) -> int:
+        """The mod_revision `get` saw (0: absent)."""
+        self.get(key)
+        return self.checks.get(key, 0)
+
+    def put(self, key: bytes, value: bytes, leased: bool = False) -> None:
+        self.deletes.discard(key)
+        self.puts[key] = value
+        if leased:
+            self.leased.add(key)
+
+    def delete(self, key: bytes) -> None:
+        self.puts.pop(key, None)
+        self.deletes.add(key)
+
+    def scan(self, start: bytes, end: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
+        """(key, value) in [start, end) as this txn sees them.  The keys are not checked
+        one by one: a range is protected by its guard key (module docstring)."""
+        out: list[tuple[bytes, bytes]] = []
+        cursor = start
+        page = PAGE if limit is None else min(PAGE, limit + len(self.deletes))
+        while limit is None or len(out) < limit:
+            rows = self.kv.scan(cursor, end, page)
+            out.extend((k, v) for k, v, _ in rows if k not in self.deletes and k not in self.puts)
+            if len(rows) < page:
+                break
+            cursor = rows[-1][0] + b"\x00"
+        out.extend((k, v) for k, v in self.puts.items() if start <= k < end)
+        out.sort()
+        return out if limit is None else out[:limit]
+
+    # typed access, cached so that one inode or block is one object in the txn
+
+    def inode(self, ino: int) -> _Rec | None:
+        if ino not in self._inodes:
+            v = self.get(k_inode(ino))
+            self._inodes[ino] = None if v is None else _dec_inode(ino, v)
+        return self._inodes[ino]
+
+    def save(self, rec: _Rec) -> None:
+        self._inodes[rec.inode.id] = rec
+        self.put(k_inode(rec.inode.id), _enc_inode(rec))
+
+    def block(self, block_id: str) -> _Block | None:
+        if block_id not in self._blocks:
+            v = self.get(k_block(block_id))
+            self._blocks[block_id] = None if v is None else _dec_block(v)
+        return self._blocks[block_id]
+
+    def save_block(self, block_id: str, b: _Block) -> None:
+        self._blocks[block_id] = b
+        self.put(k_block(block_id), _enc_block(b))
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if name in (b".", b"..") or b"/" in name or not name:
+        raise FsError(errno.EINVAL)
+
+
+def _is_dir(rec: _Rec) -> bool:
+    return stat.S_ISDIR(rec.inode.mode)
+
+
+class KvMeta:
+    """The MetaStore over a KV (see the module docstring)."""
+
+    direct = False
+
+    def __init__(
+        self,
+        kv: KV,
+        *,
+        holder: str | None = None,
+        lock_ttl_s: float = 10.0,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.kv = kv
+        self.clock = clock
+        self._mutex = threading.Lock()
+        self._inos: Iterator[int] = iter(())
+        self._config: FsConfig | None = None
+        self.locks = KvLocks(self, holder, lock_ttl_s)
+        self.sessions = KvSessions(self)
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def create(
+        cls, kv: KV, config: FsConfig, ring: dict, root_uid: int, root_gid: int, **opts: Any
+    ) -> KvMeta:
+        """Make a new filesystem in an empty KV (UserError if it holds anything)."""
+        if kv.scan(b"", b"\xff", 1):
+            raise UserError(
+                f"{kv.name} is not empty: a new filesystem needs an empty metadata store"
+                " (choose another name)"
+            )
+        t = now_ns()
+        root = Inode(ROOT_INODE, 0o40755, root_uid, root_gid, 2, 0, t, t, t, 0, None)
+        puts = {
+            K_VERSION: str(LAYOUT_VERSION).encode(),
+            K_CONFIG: json.dumps(asdict(config)).encode(),
+            K_RING: json.dumps(ring).encode(),
+            K_NEXT_INO: u64(ROOT_INODE + 1),
+            k_inode(ROOT_INODE): _enc_inode(_Rec(root, 0)),
+        }
+        if kv.commit({K_VERSION: 0}, puts, ()) is None:
+            raise UserError(f"{kv.name}: another mkfs created a filesystem here meanwhile")
+        return cls(kv, **opts)
+
+    @classmethod
+    def open(cls, kv: KV, **opts: Any) -> KvMeta:
+        """Open the filesystem in `kv`, refusing one that is not hafs or is newer."""
+        row = kv.get(K_VERSION)
+        if row is None:
+            if kv.scan(b"", b"\xff", 1):
+                raise UserError(f"{kv.name} holds something that is not a hafs filesystem")
+            raise UserError(f"{kv.name} holds no hafs filesystem: run 'hafs mkfs' to create one")
+        version = int(row[0])
+        if version > LAYOUT_VERSION:
+            raise UserError(
+                f"{kv.name} has metadata layout version {version}, newer than this hafs"
+                f" understands ({LAYOUT_VERSION}): upgrade hafs"
+            )
+        return cls(kv, **opts)
+
+    def close(self) -> None:
+        self.locks.close()
+        self.kv.close()
+
+    def sync(self) -> None:
+        """A no-op: a KV acknowledges a commit once it is durable."""
+
+    # ------------------------------------------------------------ transactions
+
+    def _transact(self, fn: Callable[[Txn], T], lease: int | None = None) -> tuple[T, int]:
+        """Run fn in a Txn until its commit succeeds: (fn's result, the revision)."""
+        delay = 0.0005
+        for _ in range(MAX_TRIES):
+            t = Txn(self.kv)
+            try:
+                result = fn(t)
+            except HafsError:
+                if self.kv.commit(t.checks, {}, ()) is not None:
+                    raise  # the answer holds: its reads were current
+            else:
+                rev = self.kv.commit(
+                    t.checks, t.puts, t.deletes, lease, t.leased if lease is not None else None
+                )
+                if rev is not None:
+                    return result, rev
+            time.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 0.05)
+        raise TxnConflict(f"{self.kv.name}: a metadata transaction conflicted {MAX_TRIES} times")
+
+    def _run(self, fn: Callable[[Txn], T]) -> T:
+        return self._transact(fn)[0]
+
+    def _scan(self, start: bytes, end: bytes, limit: int | None = None) -> Iterator[tuple]:
+        """(key, value, revision) in [start, end), paged; not a transaction."""
+        n = 0
+        while limit is None or n < limit:
+            page = PAGE if limit is None else min(PAGE, limit - n)
+            rows = self.kv.scan(start, end, page)
+            yield from rows
+            n += len(rows)
+            if len(rows) < page:
+                return
+            start = rows[-1][0] + b"\x00"
+
+    def _new_ino(self) -> int:
+        with self._mutex:
+            ino = next(self._inos, None)
+            if ino is None:
+
+                def take(t: Txn) -> int:
+                    first = int.from_bytes(t.get(K_NEXT_INO), "big")
+                    t.put(K_NEXT_INO, u64(first + INO_BATCH))
+                    return first
+
+                first = self._run(take)
+                self._inos = iter(range(first + 1, first + INO_BATCH))
+                ino = first
+            return ino
+
+    # --------------------------------------------------- configuration, ring
+
+    def config(self) -> FsConfig:
+        if self._config is None:
+            self._config = FsConfig(**json.loads(self.kv.get(K_CONFIG)[0]))
+        return self._config
+
+    def ring(self) -> dict:
+        return json.loads(self.kv.get(K_RING)[0])
+
+    def ring_changed_ns(self) -> int:
+        row = self.kv.get(K_RING_CHANGED)
+        return 0 if row is None else int(row[0])
+
+    def replace_ring(self, ring: dict, expect_version: int) -> bool:
+        def op(t: Txn) -> bool:
+            if json.loads(t.get(K_RING)).get("version") != expect_version:
+                return False
+            t.put(K_RING, json.dumps(ring).encode())
+            t.put(K_RING_CHANGED, str(now_ns()).encode())
+            return True
+
+        return self._run(op)
+
+    # ------------------------------------------------------ inodes, entries
+
+    def getattr(self, ino: int) -> Inode | None:
+        row = self.kv.get(k_inode(ino))
+        return None if row is None else _dec_inode(ino, row[0]).inode
+
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
+        if name in (b".", b".."):
+            self._need_dir(parent)
+            return self.getattr(parent if name == b"." else self.parent_of(parent) or parent)
+        row = self.kv.get(k_entry(parent, name))
+        if row is None:
+            self._need_dir(parent)
+            return None
+        return self.getattr(int.from_bytes(row[0], "big"))
+
+    def _need_dir(self, ino: int) -> None:
+        inode = self.getattr(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        if not stat.S_ISDIR(inode.mode):
+            raise FsError(errno.ENOTDIR)
+
+    def parent_of(self, ino: int) -> int | None:
+        rows = self.kv.scan(k_names(ino), prefix_end(k_names(ino)), 1)
+        return int.from_bytes(rows[0][0][9:17], "big") if rows else None
+
+    def path_of(self, ino: int) -> str:
+        parts: list[str] = []
+        while ino != ROOT_INODE and len(parts) < 256:
+            rows = self.kv.scan(k_names(ino), prefix_end(k_names(ino)), 1)
+            if not rows:
+                return f"<inode {ino}>" + ("/" + "/".join(reversed(parts)) if parts else "")
+            key = rows[0][0]
+            ino = int.from_bytes(key[9:17], "big")
+            parts.append(key[17:].decode(errors="replace"))
+        return "/" + "/".join(reversed(parts))
+
+    def readdir(self, parent: int, after: int, limit: int) -> list[tuple[Dentry, Inode]]:
+        start = k_dir(parent) + (u64(after + 1) if after > 0 else b"")
+        end = prefix_end(k_dir(parent))
+        rows = self.kv.scan(start, end, limit + 1)
+        if len(rows) > limit:  # never end a page between two names of one hash
+            last = rows[limit - 1][0][9:17]
+            if rows[limit][0][9:17] == last:
+                kept = [r for r in rows[:limit] if r[0][9:17] != last]
+                if kept:
+                    rows = kept
+                else:
+                    group_end = k_dir(parent) + u64(int.from_bytes(last, "big") + 1)
+                    rows = self.kv.scan(start, group_end, 1 << 20)
+            else:
+                rows = rows[:limit]
+        out = []
+        for key, value, _ in rows:
+            d = Dentry(int.from_bytes(key[9:17], "big"), key[17:], int.from_bytes(value, "big"))
+            inode = self.getattr(d.inode)
+            if inode is not None:
+                out.append((d, inode))
+        return out
+
+    def _dir(self, t: Txn, ino: int) -> _Rec:
+        rec = t.inode(ino)
+        if rec is None:
+            raise FsError(errno.ENOENT)
+        if not _is_dir(rec):
+            raise FsError(errno.ENOTDIR)
+        return rec
+
+    def _live_dir(self, t: Txn, ino: int) -> _Rec:
+        """A directory that may take new entries (a removed one has nlink 0: ENOENT)."""
+        rec = self._dir(t, ino)
+        if rec.inode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        return rec
+
+    @staticmethod
+    def _entry(t: Txn, parent: int, name: bytes) -> int | None:
+        v = t.get(k_entry(parent, name))
+        return None if v is None else int.from_bytes(v, "big")
+
+    @staticmethod
+    def _set_entry(t: Txn, parent: int, name: bytes, ino: int, old: int | None) -> None:
+        if old is not None:
+            t.delete(k_name(old, parent, name))
+        t.put(k_entry(parent, name), u64(ino))
+        t.put(k_name(ino, parent, name), b"")
+
+    @staticmethod
+    def _del_entry(t: Txn, parent: int, name: bytes, ino: int) -> None:
+        t.delete(k_entry(parent, name))
+        t.delete(k_name(ino, parent, name))
+
+    @staticmethod
+    def _has_entries(t: Txn, ino: int) -> bool:
+        return bool(t.scan(k_dir(ino), prefix_end(k_dir(ino)), 1))
+
+    @staticmethod
+    def _add_nlink(t: Txn, rec: _Rec, delta: int, ts: int) -> None:
+        rec.inode.nlink += delta
+        rec.inode.ctime_ns = ts
+        if rec.inode.nlink == 0:
+            t.put(k_unlinked(rec.inode.id), b"")
+        t.save(rec)
+
+    @staticmethod
+    def _orphan(t: Txn, rec: _Rec, ts: int) -> None:
+        """A removed directory: nlink 0 (its "." and its name are gone)."""
+        rec.inode.nlink = 0
+        rec.inode.ctime_ns = ts
+        t.put(k_unlinked(rec.inode.id), b"")
+        t.save(rec)
+
+    @staticmethod
+    def _touch(t: Txn, rec: _Rec, ts: int) -> None:
+        rec.inode.mtime_ns = rec.inode.ctime_ns = ts
+        t.save(rec)
+
+    def _need(self, t: Txn, ino: int) -> _Rec:
+        rec = t.inode(ino)
+        if rec is None:
+            raise FsError(errno.ENOENT)
+        return rec
+
+    def mknod(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> Inode:
+        _check_name(name)
+
+        def op(t: Txn) -> Inode:
+            p = self._live_dir(t, parent)
+            if self._entry(t, parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            m, g = mode, gid
+            if p.inode.mode & stat.S_ISGID:  # BSD group semantics of setgid directories
+                g = p.inode.gid
+                if stat.S_ISDIR(m):
+                    m |= stat.S_ISGID
+            is_dir = stat.S_ISDIR(m)
+            ts = now_ns()
+            ino = self._new_ino()
+            size = len(target) if target else 0
+            inode = Inode(ino, m, uid, g, 2 if is_dir else 1, size, ts, ts, ts, rdev, target)
+            t.save(_Rec(inode, 0))
+            self._set_entry(t, parent, name, ino, None)
+            self._touch(t, p, ts)
+            if is_dir:
+                self._add_nlink(t, p, 1, ts)
+            return inode
+
+        return self._run(op)
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        def op(t: Txn) -> Inode:
+            rec = self._need(t, ino)
+            if _is_dir(rec):
+                raise FsError(errno.EPERM)
+            if rec.inode.nlink == 0:
+                raise FsError(errno.ENOENT)
+            _check_name(name)
+            p = self._live_dir(t, parent)
+            if self._entry(t, parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            ts = now_ns()
+            self._set_entry(t, parent, name, ino, None)
+            self._add_nlink(t, rec, 1, ts)
+            self._touch(t, p, ts)
+            return rec.inode
+
+        return self._run(op)
+
+    def unlink(self, parent: int, name: bytes) -> Inode:
+        def op(t: Txn) -> Inode:
+            p = self._dir(t, parent)
+            ino = self._entry(t, parent, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            rec = self._need(t, ino)
+            if _is_dir(rec):
+                raise FsError(errno.EISDIR)
+            ts = now_ns()
+            self._del_entry(t, parent, name, ino)
+            self._add_nlink(t, rec, -1, ts)
+            self._touch(t, p, ts)
+            return rec.inode
+
+        return self._run(op)
+
+    def rmdir(self, parent: int, name: bytes) -> int:
+        def op(t: Txn) -> int:
+            p = self._dir(t, parent)
+            if name == b".":
+                raise FsError(errno.EINVAL)
+            ino = self._entry(t, parent, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            rec = self._dir(t, ino)
+            if self._has_entries(t, ino):
+                raise FsError(errno.ENOTEMPTY)
+            ts = now_ns()
+            self._del_entry(t, parent, name, ino)
+            self._orphan(t, rec, ts)
+            self._add_nlink(t, p, -1, ts)
+            self._touch(t, p, ts)
+            return ino
+
+        return self._run(op)
+
+    def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int) -> int | None:
+        def op(t: Txn) -> int | None:
+            po = self._dir(t, p_old)
+            pn = self._live_dir(t, p_new)
+            _check_name(n_new)
+            ino = self._entry(t, p_old, n_old)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            target = self._entry(t, p_new, n_new)
+            rec = self._need(t, ino)
+            is_dir = _is_dir(rec)
+            if is_dir and p_old != p_new:
+                self._not_inside(t, ino, p_new)
+            ts = now_ns()
+            if flags & RENAME_EXCHANGE:
+                if target is None:
+                    raise FsError(errno.ENOENT)
+                trec = self._need(t, target)
+                if _is_dir(trec) and p_old != p_new:
+                    self._not_inside(t, target, p_old)
+                self._set_entry(t, p_old, n_old, target, ino)
+                self._set_entry(t, p_new, n_new, ino, target)
+                if p_old != p_new and is_dir != _is_dir(trec):
+                    moved = 1 if is_dir else -1
+                    self._add_nlink(t, pn, moved, ts)
+                    self._add_nlink(t, po, -moved, ts)
+                for r in (po, pn):
+                    self._touch(t, r, ts)
+                for r in (rec, trec):
+                    r.inode.ctime_ns = ts
+                    t.save(r)
+                return None
+            if target is not None and flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if target == ino:
+                return None  # two names of one file: POSIX says do nothing
+            if target is not None:
+                trec = self._need(t, target)
+                if is_dir and not _is_dir(trec):
+                    raise FsError(errno.ENOTDIR)
+                if _is_dir(trec) and not is_dir:
+                    raise FsError(errno.EISDIR)
+                if _is_dir(trec) and self._has_entries(t, target):
+                    raise FsError(errno.ENOTEMPTY)
+                self._set_entry(t, p_new, n_new, ino, target)
+                if _is_dir(trec):
+                    self._orphan(t, trec, ts)
+                    self._add_nlink(t, pn, -1, ts)
+                else:
+                    self._add_nlink(t, trec, -1, ts)
+            else:
+                self._set_entry(t, p_new, n_new, ino, None)
+            self._del_entry(t, p_old, n_old, ino)
+            if is_dir and p_old != p_new:
+                self._add_nlink(t, po, -1, ts)
+                self._add_nlink(t, pn, 1, ts)
+            for r in (po, pn):
+                self._touch(t, r, ts)
+            rec.inode.ctime_ns = ts
+            t.save(rec)
+            return target
+
+        return self._run(op)
+
+    @staticmethod
+    def _not_inside(t: Txn, ino: int, parent: int) -> None:
+        """EINVAL if `parent` is directory `ino` or below it (a move would make a loop that
+        the kernel of one mount cannot see when another mount moved things meanwhile).
+        Each ancestor's inode is read: moving it writes it, so a concurrent move conflicts."""
+        cur = parent
+        while cur != ROOT_INODE:
+            if cur == ino:
+                raise FsError(errno.EINVAL)
+            t.inode(cur)
+            rows = t.scan(k_names(cur), prefix_end(k_names(cur)), 1)
+            if not rows:
+                return  # a removed directory
+            cur = int.from_bytes(rows[0][0][9:17], "big")
+
+    def setattr(self, ino: int, **fields: int) -> Inode:
+        unknown = set(fields) - {"mode", "uid", "gid", "atime_ns", "mtime_ns"}
+        if unknown:
+            raise TypeError(f"setattr: cannot set {', '.join(sorted(unknown))}")
+
+        def op(t: Txn) -> Inode:
+            rec = self._need(t, ino)
+            if not fields:
+                return rec.inode
+            for k, v in fields.items():
+                if k == "mode":
+                    v = (rec.inode.mode & ~0o7777) | (v & 0o7777)
+                setattr(rec.inode, k, v)
+            rec.inode.ctime_ns = now_ns()
+            t.save(rec)
+            return rec.inode
+
+        return self._run(op)
+
+    def delete_inode(self, ino: int) -> bool:
+        def op(t: Txn) -> bool:
+            rec = t.inode(ino)
+            if rec is None or rec.inode.nlink > 0:
+                return False
+            self._drop_extents(t, ino, 0, None)
+            for key, _ in t.scan(k_xattr(ino, b""), prefix_end(k_xattr(ino, b""))):
+                t.delete(key)
+            t.delete(k_inode(ino))
+            t.delete(k_unlinked(ino))
+            return True
+
+        return self._run(op)
+
+    def unlinked_inodes(self) -> list[int]:
+        return [int.from_bytes(k[1:9], "big") for k, _, _ in self._scan(b"N", b"O")]
+
+    # ----------------------------------------------------------------- xattrs
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.kv.get(k_xattr(ino, name))
+        return None if row is None else row[0]
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if not name or len(name) > XATTR_NAME_MAX:
+            raise FsError(errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        if name.startswith(b"system.posix_acl_"):
+            raise FsError(errno.EOPNOTSUPP)  # no POSIX ACLs (see the vfs)
+
+        def op(t: Txn) -> None:
+            rec = self._need(t, ino)
+            t.put(k_xattr(ino, name), value)
+            rec.inode.ctime_ns = now_ns()
+            t.save(rec)
+
+        self._run(op)
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        start = k_xattr(ino, b"")
+        return [k[9:] for k, _, _ in self._scan(start, prefix_end(start))]
+
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        def op(t: Txn) -> None:
+            rec = self._need(t, ino)
+            if t.get(k_xattr(ino, name)) is None:
+                raise FsError(errno.ENODATA)
+            t.delete(k_xattr(ino, name))
+            rec.inode.ctime_ns = now_ns()
+            t.save(rec)
+
+        self._run(op)
+
+    # ---------------------------------------------------------------- content
+
+    def extents(self, ino: int, start: int, end: int) -> list[Extent]:
+        out = []
+        for key, value, _ in self._scan(k_extent(ino, start + 1), prefix_end(k_extents(ino))):
+            e = _dec_extent(key, value)
+            if e.offset >= end:
+                break
+            out.append(e)
+        return out
+
+    def allocated_bytes(self, ino: int) -> int:
+        rows = self._scan(k_extents(ino), prefix_end(k_extents(ino)))
+        return sum(int.from_bytes(v[:8], "big") for _, v, _ in rows)
+
+    def _fence(self, t: Txn, rec: _Rec | None, ino: int, token: int) -> None:
+        """The check of every fenced change: the lock is still this grant, and no newer
+        token is recorded; records the token."""
+        if t.revision(lock_key(f"inode:{ino}")) != token:
+            raise LockLost(f"inode {ino}: write token {token} refused, its lock has ended")
+        if rec is None:
+            raise LockLost(f"inode {ino}: write token {token} refused, the file was deleted")
+        if rec.fence > token:
+            raise LockLost(
+                f"inode {ino}: write token {token} refused, a newer writer holds token {rec.fence}"
+            )
+        if rec.fence != token:
+            rec.fence = token
+            t.save(rec)
+
+    def fence(self, ino: int, token: int) -> None:
+        self._run(lambda t: self._fence(t, t.inode(ino), ino, token))
+
+    def commit(
+        self,
+        ino: int,
+        start: int,
+        end: int,
+        new: list[Extent],
+        sizes: dict[str, int],
+        size: int,
+        mtime_ns: int,
+        token: int | None,
+    ) -> None:
+        def op(t: Txn) -> None:
+            rec = t.inode(ino)
+            if token is not None:
+                self._fence(t, rec, ino, token)
+            if rec is None:
+                raise FsError(errno.ENOENT)
+            self._drop_extents(t, ino, start, end)
+            for e in new:
+                self._ref_block(t, e.block_id, sizes[e.block_id])
+                t.put(k_extent(ino, e.end), _enc_extent(e))
+                t.put(k_user(e.block_id, ino, e.offset), b"")
+            rec.inode.size = size
+            rec.inode.mtime_ns = mtime_ns
+            rec.inode.ctime_ns = max(mtime_ns, now_ns())
+            t.save(rec)
+
+        self._run(op)
+
+    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None) -> None:
+        def op(t: Txn) -> None:
+            rec = t.inode(ino)
+            if token is not None:
+                self._fence(t, rec, ino, token)
+            if rec is None:
+                raise FsError(errno.ENOENT)
+            self._drop_extents(t, ino, size, None)
+            for key, value in t.scan(k_extent(ino, size + 1), prefix_end(k_extents(ino)), 1):
+                e = _dec_extent(key, value)  # ends past the size, starts before it
+                t.delete(key)
+                t.put(
+                    k_extent(ino, size), _enc_extent(Extent(e.offset, size - e.offset, e.block_id))
+                )
+            rec.inode.size = size
+            rec.inode.mtime_ns = rec.inode.ctime_ns = mtime_ns
+            t.save(rec)
+
+        self._run(op)
+
+    def _drop_extents(self, t: Txn, ino: int, start: int, end: int | None) -> None:
+        """Delete the extents starting in [start, end) and release their blocks."""
+        ts = now_ns()
+        for key, value in t.scan(k_extent(ino, start + 1), prefix_end(k_extents(ino))):
+            e = _dec_extent(key, value)
+            if end is not None and e.offset >= end:
+                break
+            if e.offset < start:
+                continue
+            t.delete(key)
+            t.delete(k_user(e.block_id, ino, e.offset))
+            b = t.block(e.block_id)
+            if b is None:
+                continue  # a block row already gone (fsck reports it)
+            b.refcount -= 1
+            if b.zero_since_ns is not None:
+                t.delete(k_garbage(b.zero_since_ns, e.block_id))
+            b.zero_since_ns = ts if b.refcount == 0 else None
+            if b.zero_since_ns is not None:
+                t.put(k_garbage(ts, e.block_id), b"")
+            t.save_block(e.block_id, b)
+
+    @staticmethod
+    def _ref_block(t: Txn, block_id: str, size: int) -> None:
+        b = t.block(block_id)
+        if b is None:
+            b = _Block(size, 0, None)
+        if b.zero_since_ns is not None:
+            t.delete(k_garbage(b.zero_since_ns, block_id))
+        b.refcount += 1
+        b.zero_since_ns = None
+        t.save_block(block_id, b)
+
+    # ---------------------------------------------------------------- figures
+
+    def usage(self) -> Usage:
+        inodes = sum(1 for _ in self._scan(b"I", b"J"))
+        logical = sum(int.from_bytes(v[:8], "big") for _, v, _ in self._scan(b"E", b"F"))
+        stored = blocks = 0
+        for _, v, _ in self._scan(b"B", b"C"):
+            b = _dec_block(v)
+            if b.refcount > 0:
+                stored += b.size
+                blocks += 1
+        return Usage(inodes, logical, stored, blocks)
+
+    # ------------------------------------------------- garbage and degraded
+
+    def garbage_blocks(self, before_ns: int, limit: int) -> list[str]:
+        return [k[9:].decode() for k, _, _ in self._scan(b"Z", b"Z" + u64(before_ns), limit)]
+
+    def forget_block(self, block_id: str) -> bool:
+        def op(t: Txn) -> bool:
+            b = t.block(block_id)
+            if b is None or b.refcount != 0:
+                return False
+            t.delete(k_block(block_id))
+            if b.zero_since_ns is not None:
+                t.delete(k_garbage(b.zero_since_ns, block_id))
+            t.delete(k_degraded(block_id))
+            return True
+
+        return self._run(op)
+
+    def record_degraded(self, block_id: str, nodes: list[str]) -> None:
+        def op(t: Txn) -> None:
+            v = t.get(k_degraded(block_id))
+            since, known = (now_ns(), []) if v is None else _dec_degraded(v)
+            value = u64(since) + " ".join(sorted({*known, *nodes})).encode()
+            t.put(k_degraded(block_id), value)
+
+        self._run(op)
+
+    def degraded_blocks(self, after: str, limit: int) -> list[tuple[str, list[str]]]:
+        start = k_degraded(after) + b"\x00"
+        rows = self._scan(start, b"H", limit)
+        return [(k[1:].decode(), _dec_degraded(v)[1]) for k, v, _ in rows]
+
+    def forget_degraded(self, block_id: str) -> None:
+        self.kv.commit({}, {}, {k_degraded(block_id)})
+
+    def clear_degraded(self, keep: set[str]) -> int:
+        gone = [k for k, _, _ in self._scan(b"G", b"H") if k[1:].decode() not in keep]
+        for i in range(0, len(gone), 64):
+            self.kv.commit({}, {}, gone[i : i + 64])
+        return len(gone)
+
+    def count_degraded(self) -> int:
+        return sum(1 for _ in self._scan(b"G", b"H"))
+
+    # ------------------------------------------------------------------ scans
+
+    def scan_blocks(self, after: str, limit: int) -> list[BlockRow]:
+        out = []
+        for k, v, _ in self._scan(k_block(after) + b"\x00", b"C", limit):
+            b = _dec_block(v)
+            out.append(BlockRow(k[1:].decode(), b.size, b.refcount, b.zero_since_ns))
+        return out
+
+    def scan_extents(self, after: tuple[int, int], limit: int) -> list[tuple[int, Extent]]:
+        ino, off = after
+        out: list[tuple[int, Extent]] = []
+        for k, v, _ in self._scan(k_extent(max(ino, 0), max(off + 1, 0)), b"F"):
+            i = int.from_bytes(k[1:9], "big")
+            e = _dec_extent(k, v)
+            if (i, e.offset) <= after:
+                continue
+            out.append((i, e))
+            if len(out) == limit:
+                break
+        return out
+
+    def block_users(self, block_id: str, limit: int) -> list[int]:
+        out: list[int] = []
+        start = k_users(block_id)
+        for k, _, _ in self._scan(start, prefix_end(start)):
+            i = int.from_bytes(k[len(start) : len(start) + 8], "big")
+            if not out or out[-1] != i:
+                out.append(i)
+                if len(out) == limit:
+                    break
+        return out
+
+
+def _dec_degraded(v: bytes) -> tuple[int, list[str]]:
+    return int.from_bytes(v[:8], "big"), v[8:].decode().split()

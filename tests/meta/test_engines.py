@@ -1,0 +1,771 @@
+"""One suite for every metadata engine: MetaStore, LockService and Sessions.
+
+The `engine` fixture makes a filesystem on each engine; `engine.client(holder)`
+opens a second client of the same filesystem (another connection, or another
+KvMeta over the same KV), as a second mount would.  Lease ends are driven by
+one injected clock (`engine.clock.advance`); lock waits run on real time.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import stat
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+import hafs.meta.sqlite as sqlite_mod
+from hafs.errors import FsError, LockLost, LockTimeout, UserError
+from hafs.meta import ROOT_INODE, Extent, FsConfig
+from hafs.meta.kv import K_VERSION, KvMeta
+from hafs.meta.memkv import MemKV
+
+UID, GID = 1000, 1000
+CONFIG = FsConfig("fs-uuid", 2, 1, "tok", 123)
+RING = {
+    "version": 1,
+    "nodes": [{"id": "n1", "address": "/x", "weight": 1, "zone": "", "state": "up"}],
+}
+TTL = 5.0
+REG = stat.S_IFREG | 0o644
+DIR = stat.S_IFDIR | 0o755
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+class FakeClock:
+    """Wall-clock nanoseconds that move only when told (thread-safe enough: one int)."""
+
+    def __init__(self) -> None:
+        self.ns = time.time_ns()
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def advance(self, s: float) -> None:
+        self.ns += int(s * 1e9)
+
+
+@dataclass
+class Engine:
+    name: str
+    meta: object
+    clock: FakeClock
+    open_client: Callable[[str], object]
+    clients: list = field(default_factory=list)
+
+    def client(self, holder: str):
+        c = self.open_client(holder)
+        self.clients.append(c)
+        return c
+
+
+@pytest.fixture(params=["sqlite", "memkv"])
+def engine(request, tmp_path):
+    clock = FakeClock()
+    opts = {"lock_ttl_s": TTL, "clock": clock}
+    if request.param == "sqlite":
+        sqlite_meta = getattr(sqlite_mod, "SqliteMeta", None)
+        if sqlite_meta is None:
+            pytest.skip("hafs.meta.sqlite has no SqliteMeta (the engine interface) yet")
+        path = tmp_path / "meta.db"
+        meta = sqlite_meta.create(path, CONFIG, RING, UID, GID, holder="a", **opts)
+        open_client = lambda holder: sqlite_meta.open(path, holder=holder, **opts)  # noqa: E731
+    else:
+        kv = MemKV(clock=clock)
+        meta = KvMeta.create(kv, CONFIG, RING, UID, GID, holder="a", **opts)
+        open_client = lambda holder: KvMeta.open(kv, holder=holder, **opts)  # noqa: E731
+    eng = Engine(request.param, meta, clock, open_client, [meta])
+    yield eng
+    for c in eng.clients:
+        c.close()
+
+
+def err(code: int, fn: Callable, *args, **kwargs) -> None:
+    with pytest.raises(FsError) as e:
+        fn(*args, **kwargs)
+    assert e.value.errno == code, f"{errno.errorcode[e.value.errno]}, not {errno.errorcode[code]}"
+
+
+def mkfile(m, parent: int, name: bytes):
+    return m.mknod(parent, name, REG, UID, GID)
+
+
+def mkdir(m, parent: int, name: bytes):
+    return m.mknod(parent, name, DIR, UID, GID)
+
+
+def nlink(m, ino: int) -> int:
+    return m.getattr(ino).nlink
+
+
+# ------------------------------------------------------------ configuration
+
+
+def test_config_and_ring_compare_and_set(engine):
+    m = engine.meta
+    assert m.config() == CONFIG
+    assert m.ring() == RING and m.ring_changed_ns() == 0
+    new = {**RING, "version": 2}
+    assert m.replace_ring(new, expect_version=1)
+    assert m.ring() == new and m.ring_changed_ns() > 0
+    assert not m.replace_ring({**RING, "version": 3}, expect_version=1)
+    assert m.ring() == new
+
+
+def test_root_and_new_inodes(engine):
+    m = engine.meta
+    root = m.getattr(ROOT_INODE)
+    assert stat.S_ISDIR(root.mode) and root.nlink == 2 and (root.uid, root.gid) == (UID, GID)
+    f = mkfile(m, ROOT_INODE, b"f")
+    d = mkdir(m, ROOT_INODE, b"d")
+    s = m.mknod(ROOT_INODE, b"s", stat.S_IFLNK | 0o777, UID, GID, target=b"f/../x")
+    c = m.mknod(ROOT_INODE, b"c", stat.S_IFCHR | 0o600, UID, GID, rdev=0x0501)
+    assert (f.nlink, d.nlink, s.nlink) == (1, 2, 1)
+    assert s.target == b"f/../x" and s.size == 6 and f.target is None
+    assert c.rdev == 0x0501 and stat.S_ISCHR(c.mode)
+    assert len({f.id, d.id, s.id, c.id, ROOT_INODE}) == 5
+    assert m.getattr(f.id) == f and m.lookup(ROOT_INODE, b"s") == s
+    assert nlink(m, ROOT_INODE) == 3  # the new directory's ".."
+    assert m.getattr(ROOT_INODE).mtime_ns >= c.ctime_ns
+    assert m.usage().inodes == 5
+
+
+def test_mknod_errors(engine):
+    m = engine.meta
+    f = mkfile(m, ROOT_INODE, b"f")
+    d = mkdir(m, ROOT_INODE, b"d")
+    err(errno.EEXIST, mkfile, m, ROOT_INODE, b"f")
+    err(errno.EEXIST, mkdir, m, ROOT_INODE, b"d")
+    err(errno.ENOTDIR, mkfile, m, f.id, b"x")
+    err(errno.ENOENT, mkfile, m, 999_999, b"x")
+    err(errno.ENAMETOOLONG, mkfile, m, ROOT_INODE, b"n" * 256)
+    err(errno.EINVAL, mkfile, m, ROOT_INODE, b"a/b")
+    m.rmdir(ROOT_INODE, b"d")
+    err(errno.ENOENT, mkfile, m, d.id, b"x")  # a removed directory takes no new entries
+    assert mkfile(m, ROOT_INODE, b"n" * 255).nlink == 1
+
+
+def test_setgid_directory_gives_its_group(engine):
+    m = engine.meta
+    g = m.mknod(ROOT_INODE, b"g", DIR | stat.S_ISGID, UID, 4242)
+    f = m.mknod(g.id, b"f", REG, UID, GID)
+    sub = m.mknod(g.id, b"sub", DIR, UID, GID)
+    plain = m.mknod(ROOT_INODE, b"p", DIR, UID, GID)
+    assert f.gid == 4242 and not f.mode & stat.S_ISGID
+    assert sub.gid == 4242 and sub.mode & stat.S_ISGID
+    assert plain.gid == GID and not plain.mode & stat.S_ISGID
+
+
+def test_lookup_parent_and_path(engine):
+    m = engine.meta
+    d = mkdir(m, ROOT_INODE, b"d")
+    f = mkfile(m, d.id, b"f")
+    assert m.lookup(d.id, b"f").id == f.id
+    assert m.lookup(d.id, b"nope") is None
+    err(errno.ENOENT, m.lookup, 999_999, b"f")
+    err(errno.ENOTDIR, m.lookup, f.id, b"x")
+    assert m.parent_of(f.id) == d.id and m.parent_of(d.id) == ROOT_INODE
+    assert m.path_of(f.id) == "/d/f" and m.path_of(ROOT_INODE) == "/"
+    m.unlink(d.id, b"f")
+    assert m.path_of(f.id) == f"<inode {f.id}>"
+
+
+# ------------------------------------------------------- link and unlink
+
+
+def test_link_and_unlink(engine):
+    m = engine.meta
+    d = mkdir(m, ROOT_INODE, b"d")
+    f = mkfile(m, ROOT_INODE, b"f")
+    before = m.getattr(d.id).mtime_ns
+    assert m.link(f.id, d.id, b"g").nlink == 2
+    assert m.lookup(d.id, b"g").id == f.id and nlink(m, f.id) == 2
+    assert m.getattr(d.id).mtime_ns >= before and nlink(m, d.id) == 2
+    err(errno.EEXIST, m.link, f.id, d.id, b"g")
+    err(errno.EPERM, m.link, d.id, ROOT_INODE, b"d2")
+    err(errno.ENOTDIR, m.link, f.id, f.id, b"x")
+    err(errno.ENOENT, m.link, 999_999, ROOT_INODE, b"x")
+
+    left = m.unlink(ROOT_INODE, b"f")
+    assert left.id == f.id and left.nlink == 1 and f.id not in m.unlinked_inodes()
+    assert m.path_of(f.id) == "/d/g"
+    left = m.unlink(d.id, b"g")
+    assert left.nlink == 0 and f.id in m.unlinked_inodes()
+    err(errno.ENOENT, m.link, f.id, ROOT_INODE, b"again")  # no name left: no new one
+    err(errno.ENOENT, m.unlink, ROOT_INODE, b"f")
+    err(errno.EISDIR, m.unlink, ROOT_INODE, b"d")
+    err(errno.ENOTDIR, m.unlink, f.id, b"x")
+    assert m.getattr(f.id) is not None  # kept until deleted (open on a mount)
+    assert m.delete_inode(f.id)
+    assert m.getattr(f.id) is None and f.id not in m.unlinked_inodes()
+    assert not m.delete_inode(f.id)
+    assert not m.delete_inode(d.id)  # has a name
+
+
+def test_rmdir(engine):
+    m = engine.meta
+    d = mkdir(m, ROOT_INODE, b"d")
+    sub = mkdir(m, d.id, b"sub")
+    mkfile(m, ROOT_INODE, b"f")
+    assert nlink(m, d.id) == 3 and nlink(m, ROOT_INODE) == 3
+    err(errno.ENOTEMPTY, m.rmdir, ROOT_INODE, b"d")
+    err(errno.ENOTDIR, m.rmdir, ROOT_INODE, b"f")
+    err(errno.ENOENT, m.rmdir, ROOT_INODE, b"nope")
+    err(errno.EINVAL, m.rmdir, ROOT_INODE, b".")
+    assert m.rmdir(d.id, b"sub") == sub.id
+    assert nlink(m, sub.id) == 0 and nlink(m, d.id) == 2 and sub.id in m.unlinked_inodes()
+    assert m.rmdir(ROOT_INODE, b"d") == d.id
+    assert nlink(m, ROOT_INODE) == 2 and m.lookup(ROOT_INODE, b"d") is None
+    assert m.readdir(d.id, 0, 10) == []
+
+
+# ------------------------------------------------------------------ rename
+
+
+def test_rename_file_within_and_across(engine):
+    m = engine.meta
+    a, b = mkdir(m, ROOT_INODE, b"a"), mkdir(m, ROOT_INODE, b"b")
+    f = mkfile(m, a.id, b"f")
+    assert m.rename(a.id, b"f", a.id, b"g", 0) is None
+    assert m.lookup(a.id, b"f") is None and m.lookup(a.id, b"g").id == f.id
+    assert m.rename(a.id, b"g", b.id, b"h", 0) is None
+    assert m.path_of(f.id) == "/b/h" and (nlink(m, a.id), nlink(m, b.id)) == (2, 2)
+    err(errno.ENOENT, m.rename, a.id, b"g", b.id, b"x", 0)
+    err(errno.ENOTDIR, m.rename, b.id, b"h", f.id, b"x", 0)
+
+
+def test_rename_over_a_file_returns_it(engine):
+    m = engine.meta
+    f, g = mkfile(m, ROOT_INODE, b"f"), mkfile(m, ROOT_INODE, b"g")
+    err(errno.EEXIST, m.rename, ROOT_INODE, b"f", ROOT_INODE, b"g", RENAME_NOREPLACE)
+    assert m.rename(ROOT_INODE, b"f", ROOT_INODE, b"g", 0) == g.id
+    assert nlink(m, g.id) == 0 and g.id in m.unlinked_inodes()
+    assert m.lookup(ROOT_INODE, b"g").id == f.id and m.lookup(ROOT_INODE, b"f") is None
+    m.link(f.id, ROOT_INODE, b"h")  # two names of one file: nothing happens
+    assert m.rename(ROOT_INODE, b"g", ROOT_INODE, b"h", 0) is None
+    assert m.lookup(ROOT_INODE, b"g").id == f.id and nlink(m, f.id) == 2
+
+
+def test_rename_directories(engine):
+    m = engine.meta
+    a, b = mkdir(m, ROOT_INODE, b"a"), mkdir(m, ROOT_INODE, b"b")
+    d = mkdir(m, a.id, b"d")
+    mkfile(m, ROOT_INODE, b"f")
+    err(errno.ENOTDIR, m.rename, a.id, b"d", ROOT_INODE, b"f", 0)
+    err(errno.EISDIR, m.rename, ROOT_INODE, b"f", a.id, b"d", 0)
+    err(errno.EINVAL, m.rename, ROOT_INODE, b"a", d.id, b"x", 0)  # into itself
+    assert m.rename(a.id, b"d", b.id, b"d", 0) is None
+    assert (nlink(m, a.id), nlink(m, b.id), nlink(m, ROOT_INODE)) == (2, 3, 4)
+    assert m.parent_of(d.id) == b.id
+    # over an empty directory: it loses its name, its parent a link
+    empty = mkdir(m, a.id, b"empty")
+    assert m.rename(b.id, b"d", a.id, b"empty", 0) == empty.id
+    assert nlink(m, empty.id) == 0 and empty.id in m.unlinked_inodes()
+    assert (nlink(m, a.id), nlink(m, b.id)) == (3, 2)
+    # over a non-empty one: ENOTEMPTY, nothing changes
+    full = mkdir(m, b.id, b"full")
+    mkfile(m, full.id, b"x")
+    err(errno.ENOTEMPTY, m.rename, a.id, b"empty", b.id, b"full", 0)
+    assert m.lookup(a.id, b"empty").id == d.id and nlink(m, full.id) == 2
+
+
+def test_rename_exchange_file_with_dir_across_parents(engine):
+    m = engine.meta
+    a, b = mkdir(m, ROOT_INODE, b"a"), mkdir(m, ROOT_INODE, b"b")
+    f = mkfile(m, a.id, b"f")
+    d = mkdir(m, b.id, b"d")
+    mkfile(m, d.id, b"inside")  # exchange does not care about emptiness
+    err(errno.ENOENT, m.rename, a.id, b"f", b.id, b"none", RENAME_EXCHANGE)
+    assert m.rename(a.id, b"f", b.id, b"d", RENAME_EXCHANGE) is None
+    assert m.lookup(a.id, b"f").id == d.id and m.lookup(b.id, b"d").id == f.id
+    assert (nlink(m, a.id), nlink(m, b.id)) == (3, 2)  # the directory moved from b to a
+    assert (nlink(m, f.id), nlink(m, d.id)) == (1, 2)
+    assert m.path_of(d.id) == "/a/f" and m.path_of(f.id) == "/b/d"
+    # two files in one directory: swapped names, nothing else
+    g = mkfile(m, a.id, b"g")
+    m.rename(a.id, b"g", a.id, b"f", RENAME_EXCHANGE)
+    assert m.lookup(a.id, b"f").id == g.id and nlink(m, a.id) == 3
+
+
+# ------------------------------------------------------ setattr and xattrs
+
+
+def test_setattr(engine):
+    m = engine.meta
+    f = mkfile(m, ROOT_INODE, b"f")
+    engine.clock.advance(1)
+    n = m.setattr(f.id, mode=0o4711, uid=7, gid=8, atime_ns=11, mtime_ns=22)
+    assert n.mode == stat.S_IFREG | 0o4711 and (n.uid, n.gid) == (7, 8)
+    assert (n.atime_ns, n.mtime_ns) == (11, 22) and n.ctime_ns >= f.ctime_ns
+    assert m.getattr(f.id) == n
+    err(errno.ENOENT, m.setattr, 999_999, mode=0o600)
+
+
+def test_xattrs(engine):
+    m = engine.meta
+    f = mkfile(m, ROOT_INODE, b"f")
+    assert m.get_xattr(f.id, b"user.a") is None and m.list_xattrs(f.id) == []
+    m.set_xattr(f.id, b"user.a", b"1")
+    m.set_xattr(f.id, b"user.b", b"")
+    m.set_xattr(f.id, b"user.a", b"2")
+    assert m.get_xattr(f.id, b"user.a") == b"2" and m.get_xattr(f.id, b"user.b") == b""
+    assert sorted(m.list_xattrs(f.id)) == [b"user.a", b"user.b"]
+    m.remove_xattr(f.id, b"user.a")
+    err(errno.ENODATA, m.remove_xattr, f.id, b"user.a")
+    assert m.list_xattrs(f.id) == [b"user.b"]
+    m.unlink(ROOT_INODE, b"f")
+    assert m.delete_inode(f.id) and m.list_xattrs(f.id) == []
+
+
+# ----------------------------------------------------------------- readdir
+
+
+def listing(m, parent: int, limit: int, between: Callable[[int], None] = lambda i: None):
+    names, after, page = [], 0, 0
+    while True:
+        rows = m.readdir(parent, after, limit)
+        if not rows:
+            return names
+        assert all(d.cursor > 0 for d, _ in rows)
+        names += [d.name for d, _ in rows]
+        for d, inode in rows:
+            assert inode.id == d.inode
+        after = rows[-1][0].cursor
+        between(page)
+        page += 1
+
+
+def test_readdir_pages_survive_creates_and_deletes(engine):
+    m = engine.meta
+    d = mkdir(m, ROOT_INODE, b"d")
+    stay = [f"s{i:03}".encode() for i in range(60)]
+    going = [f"g{i:03}".encode() for i in range(30)]
+    for n in stay + going:
+        mkfile(m, d.id, n)
+    sub = mkdir(m, d.id, b"sub")
+    stay.append(b"sub")
+    assert sorted(listing(m, d.id, 1000)) == sorted(stay + going)
+
+    def churn(page: int) -> None:  # between pages: delete some, create others
+        for n in going[page * 3 : page * 3 + 3]:
+            m.unlink(d.id, n)
+        for i in range(3):
+            mkfile(m, d.id, f"new{page}-{i}".encode())
+
+    names = listing(m, d.id, 7, churn)
+    assert len(names) == len(set(names))  # nothing twice
+    assert set(stay) <= set(names)  # everything present throughout, once
+    assert m.readdir(d.id, 0, 100)[0][0].cursor > 0
+    assert [x[1].id for x in m.readdir(d.id, 0, 1000) if x[0].name == b"sub"] == [sub.id]
+
+
+# ----------------------------------------------------------------- content
+
+
+def refcounts(m) -> dict[str, tuple[int, int | None]]:
+    return {b.id: (b.refcount, b.zero_since_ns) for b in m.scan_blocks("", 1000)}
+
+
+def test_commit_extents_refcounts_and_garbage(engine):
+    m = engine.meta
+    f, g = mkfile(m, ROOT_INODE, b"f"), mkfile(m, ROOT_INODE, b"g")
+    e1, e2, e3 = Extent(0, 100, "b1"), Extent(100, 50, "b2"), Extent(150, 100, "b1")
+    m.commit(f.id, 0, 250, [e1, e2, e3], {"b1": 100, "b2": 50}, 400, 77, None)
+    n = m.getattr(f.id)
+    assert n.size == 400 and n.mtime_ns == 77 and n.ctime_ns >= 77
+    assert m.extents(f.id, 0, 1000) == [e1, e2, e3]
+    assert m.extents(f.id, 120, 160) == [e2, e3] and m.extents(f.id, 99, 100) == [e1]
+    assert m.extents(f.id, 250, 400) == [] and m.allocated_bytes(f.id) == 250
+    assert refcounts(m) == {"b1": (2, None), "b2": (1, None)}
+    m.commit(g.id, 0, 100, [Extent(0, 100, "b1")], {"b1": 100}, 100, 1, None)  # dedup
+    assert refcounts(m)["b1"] == (3, None)
+    u = m.usage()
+    assert (u.logical_bytes, u.stored_bytes, u.blocks) == (350, 150, 2)
+    assert sorted(m.block_users("b1", 10)) == [f.id, g.id] and m.block_users("b2", 10) == [f.id]
+
+    before = time.time_ns()
+    m.commit(f.id, 100, 150, [Extent(100, 50, "b3")], {"b3": 50}, 400, 78, None)
+    rc = refcounts(m)
+    assert rc["b2"][0] == 0 and rc["b2"][1] >= before and rc["b3"] == (1, None)
+    assert m.garbage_blocks(time.time_ns() + 1, 10) == ["b2"]
+    assert m.garbage_blocks(rc["b2"][1], 10) == []  # not yet past the grace
+    assert not m.forget_block("b1")  # referenced
+    m.commit(g.id, 0, 100, [Extent(0, 100, "b2")], {"b2": 50}, 100, 2, None)  # b2 used again
+    assert refcounts(m)["b2"] == (1, None) and m.garbage_blocks(time.time_ns() + 1, 10) == []
+    assert refcounts(m)["b1"] == (2, None)
+    m.unlink(ROOT_INODE, b"g")
+    assert m.delete_inode(g.id)
+    assert refcounts(m)["b2"][0] == 0 and m.block_users("b2", 10) == []
+    assert m.forget_block("b2") and "b2" not in refcounts(m)
+    assert not m.forget_block("b2")
+    assert m.garbage_blocks(time.time_ns() + 1, 10) == []
+
+
+def test_truncate(engine):
+    m = engine.meta
+    f = mkfile(m, ROOT_INODE, b"f")
+    ext = [Extent(0, 100, "b1"), Extent(100, 100, "b2"), Extent(200, 100, "b3")]
+    m.commit(f.id, 0, 300, ext, {"b1": 100, "b2": 100, "b3": 100}, 300, 5, None)
+    m.truncate(f.id, 150, 9, None)
+    assert m.extents(f.id, 0, 1000) == [Extent(0, 100, "b1"), Extent(100, 50, "b2")]
+    n = m.getattr(f.id)
+    assert n.size == 150 and n.mtime_ns == 9
+    assert refcounts(m)["b3"][0] == 0 and refcounts(m)["b2"] == (1, None)
+    assert m.extents(f.id, 149, 150) == [Extent(100, 50, "b2")]
+    m.truncate(f.id, 1000, 10, None)  # growing: a hole
+    assert m.getattr(f.id).size == 1000 and m.allocated_bytes(f.id) == 150
+    m.truncate(f.id, 0, 11, None)
+    assert m.extents(f.id, 0, 2000) == [] and m.usage().blocks == 0
+
+
+async def test_fence_tokens(engine):
+    a, b = engine.meta, engine.client("b")
+    f = mkfile(a, ROOT_INODE, b"f")
+    name = f"inode:{f.id}"
+    la = await a.locks.acquire(name, wait_s=1)
+    a.fence(f.id, la.token)
+    a.commit(f.id, 0, 10, [Extent(0, 10, "b1")], {"b1": 10}, 10, 1, la.token)
+    await a.locks.release(la)
+    lb = await b.locks.acquire(name, wait_s=1)
+    assert lb.token > la.token
+    b.fence(f.id, lb.token)
+    with pytest.raises(LockLost):
+        a.commit(f.id, 0, 10, [Extent(0, 10, "b2")], {"b2": 10}, 10, 2, la.token)
+    with pytest.raises(LockLost):
+        a.truncate(f.id, 0, 3, la.token)
+    with pytest.raises(LockLost):
+        a.fence(f.id, la.token)
+    assert a.extents(f.id, 0, 100) == [Extent(0, 10, "b1")] and a.getattr(f.id).size == 10
+    b.truncate(f.id, 5, 4, lb.token)
+    assert b.getattr(f.id).size == 5
+    await b.locks.release(lb)
+
+
+# ------------------------------------------------- degraded and scans
+
+
+def test_degraded_records(engine):
+    m = engine.meta
+    m.record_degraded("bb", ["n2"])
+    m.record_degraded("aa", ["n1"])
+    m.record_degraded("bb", ["n1", "n2"])
+    m.record_degraded("cc", ["n3"])
+    assert m.count_degraded() == 3
+    assert m.degraded_blocks("", 2) == [("aa", ["n1"]), ("bb", ["n1", "n2"])]
+    assert m.degraded_blocks("bb", 10) == [("cc", ["n3"])]
+    m.forget_degraded("aa")
+    assert m.clear_degraded(keep={"cc"}) == 1
+    assert m.degraded_blocks("", 10) == [("cc", ["n3"])]
+    # a garbage block forgotten takes its record along
+    f = mkfile(m, ROOT_INODE, b"f")
+    m.commit(f.id, 0, 1, [Extent(0, 1, "cc")], {"cc": 1}, 1, 1, None)
+    m.truncate(f.id, 0, 2, None)
+    assert m.forget_block("cc") and m.count_degraded() == 0
+
+
+def test_scans_page_in_key_order(engine):
+    m = engine.meta
+    files = [mkfile(m, ROOT_INODE, f"f{i}".encode()) for i in range(5)]
+    for i, f in enumerate(files):
+        new = [Extent(j * 10, 10, f"blk{i}-{j}") for j in range(3)]
+        m.commit(f.id, 0, 30, new, {e.block_id: 10 for e in new}, 30, 1, None)
+    rows, after = [], ""
+    while page := m.scan_blocks(after, 4):
+        rows += page
+        after = page[-1].id
+    assert [r.id for r in rows] == sorted(f"blk{i}-{j}" for i in range(5) for j in range(3))
+    assert all(r.refcount == 1 and r.size == 10 and r.zero_since_ns is None for r in rows)
+    ext, cursor = [], (0, 0)
+    while page := m.scan_extents(cursor, 4):
+        ext += page
+        cursor = (page[-1][0], page[-1][1].offset)
+    assert [(i, e.offset) for i, e in ext] == [(f.id, o) for f in files for o in (0, 10, 20)]
+
+
+# ------------------------------------------------------------------- locks
+
+
+async def test_lock_wait_timeout_and_release(engine):
+    a, b = engine.meta, engine.client("b")
+    la = await a.locks.acquire("inode:7", wait_s=1)
+    assert a.locks.valid(la)
+    with pytest.raises(LockTimeout) as e:
+        await b.locks.acquire("inode:7", wait_s=0.3)
+    assert e.value.holder == la.holder
+    assert [(h.name, h.token) for h in b.locks.held()] == [("inode:7", la.token)]
+
+    async def release_soon() -> None:
+        await trio.sleep(0.2)
+        await a.locks.release(la)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(release_soon)
+        lb = await b.locks.acquire("inode:7", wait_s=5)
+    assert lb.token > la.token and lb.holder != la.holder
+    await b.locks.keepalive(lb)
+    await b.locks.release(lb)
+    assert b.locks.held() == []
+
+
+async def test_lock_expiry_and_takeover(engine):
+    a, b = engine.meta, engine.client("b")
+    la = await a.locks.acquire("inode:9", wait_s=1)
+    engine.clock.advance(TTL / 2)
+    await a.locks.keepalive(la)  # renewed: good for another ttl
+    engine.clock.advance(TTL * 0.75)
+    assert a.locks.valid(la)
+    engine.clock.advance(TTL)  # not renewed: ended
+    assert not a.locks.valid(la)
+    with pytest.raises(LockLost):
+        await a.locks.keepalive(la)
+    assert b.locks.held() == []
+    lb = await b.locks.acquire("inode:9", wait_s=1)
+    assert lb.token > la.token
+    await a.locks.release(la)  # a stale release leaves the new holder alone
+    assert [h.holder for h in b.locks.held()] == [lb.holder]
+    la2 = None
+    with pytest.raises(LockTimeout):
+        la2 = await a.locks.acquire("inode:9", wait_s=0.1)
+    assert la2 is None
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def test_sessions(engine):
+    a, b = engine.meta, engine.client("b")
+    s1 = a.sessions.register("mount", "/mnt/one", ttl_s=TTL)
+    s2 = b.sessions.register("mount", "/mnt/two", ttl_s=TTL)
+    alive = {s.id: s for s in b.sessions.alive()}
+    assert set(alive) == {s1.id, s2.id}
+    assert alive[s1.id].mountpoint == "/mnt/one" and alive[s1.id].kind == "mount"
+    assert alive[s1.id].pid > 0 and alive[s1.id].host and alive[s1.id].expires_ns > s1.since_ns
+    with pytest.raises(UserError, match="mounted"):
+        b.sessions.register("repair", "", ttl_s=TTL)
+    a.sessions.end(s1)
+    engine.clock.advance(TTL / 2)
+    s2 = b.sessions.renew(s2)
+    engine.clock.advance(TTL * 0.75)
+    assert [s.id for s in a.sessions.alive()] == [s2.id]
+    assert a.sessions.reap() == []
+    engine.clock.advance(TTL)  # s2's mount died: its lease ran out
+    assert a.sessions.alive() == []
+    assert [s.id for s in a.sessions.reap()] == [s2.id]
+    assert a.sessions.reap() == [] and b.sessions.reap() == []
+    r = a.sessions.register("repair", "", ttl_s=TTL)
+    with pytest.raises(UserError):
+        b.sessions.register("mount", "/mnt/two", ttl_s=TTL)
+    a.sessions.end(r)
+    b.sessions.register("mount", "/mnt/two", ttl_s=TTL)
+
+
+# -------------------------------------------------------------------- race
+
+RACE_ERRNOS = {errno.EEXIST, errno.ENOENT, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
+RACE_ERRNOS |= {errno.EPERM, errno.EINVAL}
+NAMES = [b"x", b"y"]
+
+
+def race_step(m, rng: random.Random) -> None:
+    a, b = rng.choice(NAMES), rng.choice(NAMES)
+    d = m.lookup(ROOT_INODE, b"d")
+    sub = d.id if d is not None and stat.S_ISDIR(d.mode) else ROOT_INODE
+    where = rng.choice([ROOT_INODE, sub])
+    k = rng.randrange(12)
+    if k == 0:
+        mkfile(m, ROOT_INODE, a)
+    elif k == 1:
+        mkdir(m, ROOT_INODE, b"d")
+    elif k == 2:
+        mkfile(m, sub, a)
+    elif k == 3:
+        f = m.lookup(ROOT_INODE, a)
+        if f is not None:
+            m.link(f.id, where, b)
+    elif k == 4:
+        m.unlink(where, a)
+    elif k == 5:
+        m.rename(ROOT_INODE, a, where, b, rng.choice([0, RENAME_NOREPLACE]))
+    elif k == 6:
+        m.rmdir(ROOT_INODE, b"d")
+    elif k == 7:
+        m.rename(sub, a, ROOT_INODE, b, 0)
+    elif k == 8:
+        for ino in m.unlinked_inodes():
+            m.delete_inode(ino)
+    elif k == 9:
+        m.rename(ROOT_INODE, a, ROOT_INODE, b"d", RENAME_EXCHANGE)
+    elif k == 10:
+        f = m.lookup(where, a)
+        if f is not None and stat.S_ISREG(f.mode):
+            blk = rng.choice(["r1", "r2", "r3"])
+            m.commit(f.id, 0, 1 << 40, [Extent(0, 10, blk)], {blk: 10}, 10, 1, None)
+    else:
+        m.rmdir(where, a)
+
+
+def check_consistent(m) -> None:
+    """Every entry's inode exists, nlink matches the entries, no entry under a removed
+    directory, every directory reachable once, refcounts equal the extents."""
+    names: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    dirs, todo = [], [ROOT_INODE]
+    while todo:
+        parent = todo.pop()
+        dirs.append(parent)
+        for dent, inode in m.readdir(parent, 0, 10_000):
+            assert m.getattr(dent.inode) is not None
+            names[dent.inode] += 1
+            if stat.S_ISDIR(inode.mode):
+                subdirs[parent] += 1
+                todo.append(inode.id)
+    assert len(dirs) == len(set(dirs))
+    for ino in dirs:
+        assert nlink(m, ino) == 2 + subdirs[ino], ino
+    for ino, n in names.items():
+        if not stat.S_ISDIR(m.getattr(ino).mode):
+            assert nlink(m, ino) == n, ino
+    for ino in m.unlinked_inodes():
+        inode = m.getattr(ino)
+        assert inode.nlink == 0 and names[ino] == 0
+        if stat.S_ISDIR(inode.mode):
+            assert m.readdir(ino, 0, 10) == []  # nothing was created in a removed directory
+    uses: Counter[str] = Counter(e.block_id for _, e in m.scan_extents((0, 0), 100_000))
+    for b in m.scan_blocks("", 100_000):
+        assert b.refcount == uses[b.id], b
+        assert (b.zero_since_ns is None) == (b.refcount > 0), b
+
+
+def test_two_clients_race_on_the_same_names(engine):
+    clients = [engine.meta, engine.client("b")]
+    errors: Counter[str] = Counter()
+    failures: list[BaseException] = []
+
+    def run(m, seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(3000):
+            try:
+                race_step(m, rng)
+            except FsError as e:
+                if e.errno not in RACE_ERRNOS:
+                    failures.append(e)
+                errors[errno.errorcode[e.errno]] += 1
+            except BaseException as e:  # noqa: BLE001 - any other answer fails the test
+                failures.append(e)
+                return
+
+    threads = [threading.Thread(target=run, args=(m, i)) for i, m in enumerate(clients)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads inside transactions, not between them
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+    assert errors["EEXIST"] > 0 and errors["ENOENT"] > 0  # the race was run
+    check_consistent(clients[1])
+    for ino in clients[0].unlinked_inodes():
+        clients[0].delete_inode(ino)
+    check_consistent(clients[0])
+
+
+# --------------------------------------------------- the kv engine's own
+
+
+def test_kv_create_and_open_refuse_what_is_not_theirs():
+    kv = MemKV()
+    with pytest.raises(UserError, match="holds no hafs filesystem"):
+        KvMeta.open(kv)
+    KvMeta.create(kv, CONFIG, RING, 0, 0)
+    with pytest.raises(UserError, match="not empty"):
+        KvMeta.create(kv, CONFIG, RING, 0, 0)
+    assert KvMeta.open(kv).config() == CONFIG
+    kv.commit({}, {K_VERSION: b"99"}, ())
+    with pytest.raises(UserError, match="newer than this hafs"):
+        KvMeta.open(kv)
+    other = MemKV()
+    other.commit({}, {b"something/else": b"1"}, ())
+    with pytest.raises(UserError, match="not a hafs filesystem"):
+        KvMeta.open(other)
+
+
+def test_kv_inode_numbers_are_never_reused_across_clients():
+    kv = MemKV()
+    a = KvMeta.create(kv, CONFIG, RING, 0, 0)
+    b = KvMeta.open(kv)
+    seen = set()
+    for i in range(100):
+        m = a if i % 3 else b
+        ino = mkfile(m, ROOT_INODE, f"f{i}".encode()).id
+        assert ino not in seen
+        seen.add(ino)
+        m.unlink(ROOT_INODE, f"f{i}".encode())
+        assert m.delete_inode(ino)
+    c = KvMeta.open(kv)  # a new client starts past every batch handed out
+    assert mkfile(c, ROOT_INODE, b"new").id > max(seen)
+
+
+def test_kv_readdir_never_splits_a_hash_collision(monkeypatch):
+    import hafs.meta.kv as kvmod
+
+    monkeypatch.setattr(kvmod, "name_hash", lambda name: 1 + name[0] // 2)  # pairs collide
+    m = KvMeta.create(MemKV(), CONFIG, RING, 0, 0)
+    names = [bytes([c]) for c in range(ord("a"), ord("a") + 12)]
+    for n in names:
+        mkfile(m, ROOT_INODE, n)
+    for limit in (1, 2, 3, 5):
+        listed = listing(m, ROOT_INODE, limit)
+        assert sorted(listed) == names, limit
+
+
+class InterleavingKV(MemKV):
+    """A MemKV that runs `before_commit` (once) just before the next commit: another
+    client's whole operation lands between a transaction's reads and its commit."""
+
+    before_commit: Callable[[], object] | None = None
+
+    def commit(self, *args, **kwargs):
+        hook, self.before_commit = self.before_commit, None
+        if hook is not None:
+            hook()
+        return super().commit(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "mine, theirs, answer",
+    [
+        (lambda m, d, f: m.rmdir(ROOT_INODE, b"d"), lambda m, d, f: mkfile(m, d, b"n"),
+         errno.ENOTEMPTY),
+        (lambda m, d, f: mkfile(m, d, b"n"), lambda m, d, f: m.rmdir(ROOT_INODE, b"d"),
+         errno.ENOENT),
+        (lambda m, d, f: mkdir(m, d, b"n"), lambda m, d, f: mkfile(m, d, b"n"), errno.EEXIST),
+        (lambda m, d, f: m.link(f, d, b"n"), lambda m, d, f: m.unlink(ROOT_INODE, b"f"),
+         errno.ENOENT),
+        (lambda m, d, f: m.rename(ROOT_INODE, b"f", d, b"n", 0),
+         lambda m, d, f: m.unlink(ROOT_INODE, b"f"), errno.ENOENT),
+        (lambda m, d, f: m.rename(ROOT_INODE, b"f", d, b"n", RENAME_NOREPLACE),
+         lambda m, d, f: mkfile(m, d, b"n"), errno.EEXIST),
+        (lambda m, d, f: m.unlink(ROOT_INODE, b"f"),
+         lambda m, d, f: m.rename(ROOT_INODE, b"f", d, b"n", 0), errno.ENOENT),
+    ],
+)  # fmt: skip
+def test_kv_conflict_becomes_the_posix_answer(mine, theirs, answer):
+    kv = InterleavingKV()
+    a = KvMeta.create(kv, CONFIG, RING, 0, 0)
+    b = KvMeta.open(kv)
+    d = mkdir(a, ROOT_INODE, b"d").id
+    f = mkfile(a, ROOT_INODE, b"f").id
+    kv.before_commit = lambda: theirs(b, d, f)
+    err(answer, mine, a, d, f)
+    assert kv.before_commit is None  # the other client's operation did run in between
+    check_consistent(a)
