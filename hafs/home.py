@@ -193,7 +193,7 @@ def open_meta(home: Path, lock_ttl_s: float = 10.0) -> MetaStore:
     home = home.absolute()
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    return SqliteMeta.open(meta_path(home), lock_ttl_s)
+    return SqliteMeta.open(meta_path(home), lock_ttl_s=lock_ttl_s)
 
 
 def open_fs(home: Path, node_timeout: float | None = None, lock_ttl_s: float = 10.0) -> Filesystem:

@@ -209,7 +209,7 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
         trio.run(_serve, fs, session, down, mountpoint, opts, fuse_opts, alone, report)
     finally:
         try:
-            fs.meta.sessions.end(fs.meta.sessions.current or session)
+            fs.meta.sessions.end(session)
         finally:
             fs.meta.close()
             pidf.unlink(missing_ok=True)

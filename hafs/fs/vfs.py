@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 import trio
 
 from ..errors import BlockMissing, FsError, HafsError, LockLost
-from ..meta import AsyncMeta, Dentry, Inode, MetaStore, now_ns
+from ..meta import NAME_MAX, AsyncMeta, Dentry, Inode, MetaStore, now_ns
 from ..store.chunker import MiB
 from ..store.dirstore import DirStore, disk_id
 from ..store.placement import Placement
@@ -45,9 +45,6 @@ from .files import FileState, Shared, WriteBudget
 
 log = logging.getLogger(__name__)
 
-NAME_MAX = 255
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 64 * 1024
 REPAIR_BATCH = 200  # degraded blocks looked at per repair round
 
 
@@ -304,13 +301,6 @@ class Vfs:
             raise FsError(errno.ENOENT)
         return self._local(inode)
 
-    @staticmethod
-    def _check_name(name: bytes) -> None:
-        if len(name) > NAME_MAX:
-            raise FsError(errno.ENAMETOOLONG)
-        if name in (b".", b"..") or b"/" in name or not name:
-            raise FsError(errno.EINVAL)
-
     async def _maybe_free(self, ino: int) -> None:
         """Delete an inode that has no name, no kernel reference and no open handle."""
         if self.lookups[ino] > 0 or ino in self.files:
@@ -322,11 +312,6 @@ class Vfs:
     async def lookup(self, parent: int, name: bytes) -> Inode:
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        if name == b".":
-            return await self._dir(parent)
-        if name == b"..":
-            await self._dir(parent)
-            return await self._inode(await self.meta.parent_of(parent) or parent)
         inode = await self.meta.lookup(parent, name)
         if inode is None:
             raise FsError(errno.ENOENT)
@@ -408,7 +393,6 @@ class Vfs:
         rdev: int = 0,
         target: bytes | None = None,
     ) -> Inode:
-        self._check_name(name)
         return await self.meta.mknod(parent, name, mode, uid, gid, rdev, target)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
@@ -435,7 +419,6 @@ class Vfs:
         return inode.target or b""
 
     async def link(self, ino: int, parent: int, name: bytes) -> Inode:
-        self._check_name(name)
         return self._local(await self.meta.link(ino, parent, name))
 
     # ----------------------------------------------------------------- remove
@@ -448,8 +431,6 @@ class Vfs:
             await self._maybe_free(inode.id)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        if name == b".":
-            raise FsError(errno.EINVAL)
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         await self._maybe_free(await self.meta.rmdir(parent, name))
@@ -459,7 +440,6 @@ class Vfs:
     async def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int) -> None:
         if len(n_old) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        self._check_name(n_new)
         replaced = await self.meta.rename(p_old, n_old, p_new, n_new, flags)
         if replaced is not None:
             await self._maybe_free(replaced)
@@ -592,14 +572,6 @@ class Vfs:
         return value
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        if not name or len(name) > XATTR_NAME_MAX:
-            raise FsError(errno.ERANGE)
-        if len(value) > XATTR_SIZE_MAX:
-            raise FsError(errno.E2BIG)
-        if name.startswith(b"system.posix_acl_"):
-            # No POSIX ACLs: stored as a plain xattr an ACL would not change the mode, and
-            # `cp -a` sets the mode this way; refused, tools fall back to chmod.
-            raise FsError(errno.EOPNOTSUPP)
         await self.meta.set_xattr(ino, name, value)
 
     async def listxattr(self, ino: int) -> list[bytes]:

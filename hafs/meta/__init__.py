@@ -28,6 +28,7 @@ call the engine directly from their own threads.
 
 from __future__ import annotations
 
+import errno
 import functools
 import time
 from collections.abc import Callable
@@ -36,11 +37,38 @@ from typing import Any, Protocol
 
 import trio
 
+from ..errors import FsError
+
 ROOT_INODE = 1
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 64 * 1024
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
 
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def check_name(name: bytes) -> None:
+    """A name a new entry may have (every engine checks it inside its operations)."""
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if name in (b".", b"..") or b"/" in name or not name:
+        raise FsError(errno.EINVAL)
+
+
+def check_xattr(name: bytes, value: bytes) -> None:
+    """An xattr a file may have.  POSIX ACLs are refused: stored as a plain xattr an ACL
+    would not change the mode, and `cp -a` sets the mode that way; tools fall back to
+    chmod."""
+    if not name or len(name) > XATTR_NAME_MAX:
+        raise FsError(errno.ERANGE)
+    if len(value) > XATTR_SIZE_MAX:
+        raise FsError(errno.E2BIG)
+    if name.startswith(b"system.posix_acl_"):
+        raise FsError(errno.EOPNOTSUPP)
 
 
 # ------------------------------------------------------------------- values

@@ -41,10 +41,12 @@ Transactions (`KvMeta._transact`): an operation runs against a `Txn` that
 records the mod_revision of every key it reads (0 for an absent key) and
 buffers its writes (later reads in the txn see them); it then commits with
 those checks, and a failed check re-runs the whole operation (jittered backoff,
-up to MAX_TRIES).  A HafsError answer (EEXIST, ENOENT, LockLost, ...) is given
-only after an empty commit with the same checks succeeded, so every answer is
-one a serial execution could give.  Range reads are protected by a guard key
-that every writer of the range writes (key checks alone do not see an insert):
+up to MAX_TRIES).  An exception (an answer: EEXIST, ENOENT, LockLost, ...; or
+an error met on reads from different moments, such as an nlink going below 0)
+leaves the operation only after an empty commit with the same checks
+succeeded, so every answer is one a serial execution could give.  Range reads
+are protected by a guard key that every writer of the range writes (key checks
+alone do not see an insert):
 
 - the entries of a directory (D, P under it): the directory's inode.  Every
   operation that adds or removes an entry writes the parent's inode (its
@@ -82,18 +84,26 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
 from ..errors import FsError, HafsError, LockLost, UserError
-from . import ROOT_INODE, BlockRow, Dentry, Extent, FsConfig, Inode, Usage, now_ns
+from . import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    ROOT_INODE,
+    BlockRow,
+    Dentry,
+    Extent,
+    FsConfig,
+    Inode,
+    Usage,
+    check_name,
+    check_xattr,
+    now_ns,
+)
 from .kvlocks import KvLocks, KvSessions, lock_key
 
 LAYOUT_VERSION = 1
 MAX_TRIES = 100
 INO_BATCH = 64
 PAGE = 512  # keys per scan request
-NAME_MAX = 255
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 64 * 1024
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 
 T = TypeVar("T")
 
@@ -362,13 +372,6 @@ class Txn:
         self.put(k_block(block_id), _enc_block(b))
 
 
-def _check_name(name: bytes) -> None:
-    if len(name) > NAME_MAX:
-        raise FsError(errno.ENAMETOOLONG)
-    if name in (b".", b"..") or b"/" in name or not name:
-        raise FsError(errno.EINVAL)
-
-
 def _is_dir(rec: _Rec) -> bool:
     return stat.S_ISDIR(rec.inode.mode)
 
@@ -451,7 +454,7 @@ class KvMeta:
             t = Txn(self.kv)
             try:
                 result = fn(t)
-            except HafsError:
+            except Exception:  # an answer, or a bug met on an inconsistent view: check first
                 if self.kv.commit(t.checks, {}, ()) is not None:
                     raise  # the answer holds: its reads were current
             else:
@@ -652,7 +655,7 @@ class KvMeta:
         rdev: int = 0,
         target: bytes | None = None,
     ) -> Inode:
-        _check_name(name)
+        check_name(name)
 
         def op(t: Txn) -> Inode:
             p = self._live_dir(t, parent)
@@ -684,7 +687,7 @@ class KvMeta:
                 raise FsError(errno.EPERM)
             if rec.inode.nlink == 0:
                 raise FsError(errno.ENOENT)
-            _check_name(name)
+            check_name(name)
             p = self._live_dir(t, parent)
             if self._entry(t, parent, name) is not None:
                 raise FsError(errno.EEXIST)
@@ -737,7 +740,7 @@ class KvMeta:
         def op(t: Txn) -> int | None:
             po = self._dir(t, p_old)
             pn = self._live_dir(t, p_new)
-            _check_name(n_new)
+            check_name(n_new)
             ino = self._entry(t, p_old, n_old)
             if ino is None:
                 raise FsError(errno.ENOENT)
@@ -855,12 +858,7 @@ class KvMeta:
         return None if row is None else row[0]
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        if not name or len(name) > XATTR_NAME_MAX:
-            raise FsError(errno.ERANGE)
-        if len(value) > XATTR_SIZE_MAX:
-            raise FsError(errno.E2BIG)
-        if name.startswith(b"system.posix_acl_"):
-            raise FsError(errno.EOPNOTSUPP)  # no POSIX ACLs (see the vfs)
+        check_xattr(name, value)
 
         def op(t: Txn) -> None:
             rec = self._need(t, ino)
@@ -927,7 +925,7 @@ class KvMeta:
         sizes: dict[str, int],
         size: int,
         mtime_ns: int,
-        token: int | None,
+        token: int | None = None,
     ) -> None:
         def op(t: Txn) -> None:
             rec = t.inode(ino)
@@ -947,7 +945,7 @@ class KvMeta:
 
         self._run(op)
 
-    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None) -> None:
+    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> None:
         def op(t: Txn) -> None:
             rec = t.inode(ino)
             if token is not None:
@@ -1003,7 +1001,7 @@ class KvMeta:
     # ---------------------------------------------------------------- figures
 
     def usage(self) -> Usage:
-        inodes = sum(1 for _ in self._scan(b"I", b"J"))
+        inodes = self.count_inodes()
         logical = sum(int.from_bytes(v[:8], "big") for _, v, _ in self._scan(b"E", b"F"))
         stored = blocks = 0
         for _, v, _ in self._scan(b"B", b"C"):
@@ -1012,6 +1010,9 @@ class KvMeta:
                 stored += b.size
                 blocks += 1
         return Usage(inodes, logical, stored, blocks)
+
+    def count_inodes(self) -> int:
+        return sum(1 for _ in self._scan(b"I", b"J"))
 
     # ------------------------------------------------- garbage and degraded
 
@@ -1058,6 +1059,19 @@ class KvMeta:
         return sum(1 for _ in self._scan(b"G", b"H"))
 
     # ------------------------------------------------------------------ scans
+
+    def scan_inodes(self, after: int, limit: int) -> list[Inode]:
+        rows = self._scan(k_inode(after) + b"\x00", b"J", limit)
+        return [_dec_inode(int.from_bytes(k[1:9], "big"), v).inode for k, v, _ in rows]
+
+    def scan_entries(self, after: tuple[int, bytes], limit: int) -> list[tuple[int, bytes, int]]:
+        """In (parent, name hash, name) order: a page goes on after the entry `after` names
+        (parent 0: from the start)."""
+        start = k_dir(0) if after[0] == 0 else k_entry(*after) + b"\x00"
+        return [
+            (int.from_bytes(k[1:9], "big"), k[17:], int.from_bytes(v[:8], "big"))
+            for k, v, _ in self._scan(start, b"E", limit)
+        ]
 
     def scan_blocks(self, after: str, limit: int) -> list[BlockRow]:
         out = []

@@ -41,7 +41,7 @@ import trio
 
 from .. import __version__
 from ..errors import LockLost, LockTimeout, UserError
-from . import SessionInfo
+from . import SessionInfo, session_conflict
 from .locks import Lease, LockInfo, default_holder
 
 if TYPE_CHECKING:
@@ -198,8 +198,8 @@ class KvSessions:
     def register(self, kind: str, mountpoint: str, ttl_s: float) -> SessionInfo:
         from .kv import prefix_end
 
-        if kind not in ("mount", "repair"):
-            raise ValueError(f"session kind {kind!r}: 'mount' or 'repair'")
+        if kind not in ("mount", "rebalance", "repair"):
+            raise ValueError(f"session kind {kind!r}: 'mount', 'rebalance' or 'repair'")
         now = self.meta.clock()
         ttl_ns = int(ttl_s * 1e9)
         info = SessionInfo(
@@ -217,10 +217,10 @@ class KvSessions:
 
         def op(t: Txn) -> None:
             t.get(SESSION_GUARD)
-            for _, v in t.scan(b"S", prefix_end(b"S")):
-                other = json.loads(v)
-                if kind == "repair" or other["kind"] == "repair":
-                    raise UserError(_exclusion(kind, other))
+            alive = [_info(json.loads(v)) for _, v in t.scan(b"S", prefix_end(b"S"))]
+            why = session_conflict(kind, alive)
+            if why is not None:
+                raise UserError(why)
             t.put(_live_key(info.id), value, leased=True)
             t.put(SESSION_GUARD, info.id.encode(), leased=True)
 
@@ -276,8 +276,6 @@ class KvSessions:
         return out
 
 
-def _exclusion(kind: str, other: dict) -> str:
-    where = f"{other['host']}:{other['mountpoint']} (pid {other['pid']})"
-    if other["kind"] == "mount":
-        return f"the filesystem is mounted on {where}: unmount it before repairing"
-    return f"hafs fsck --repair is running on {where}: wait for it to end before a {kind}"
+def _info(d: dict) -> SessionInfo:
+    """A session from its stored JSON (which also names its lease)."""
+    return SessionInfo(**{k: v for k, v in d.items() if k != "lease"})

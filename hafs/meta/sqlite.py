@@ -38,10 +38,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..errors import FsError, LockLost, UserError
 from . import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
     ROOT_INODE,
     BlockRow,
     Dentry,
@@ -50,6 +53,8 @@ from . import (
     Inode,
     SessionInfo,
     Usage,
+    check_name,
+    check_xattr,
     now_ns,
     session_conflict,
 )
@@ -60,8 +65,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 4
 DEGRADED_SCHEMA = 3  # the first schema with the table of degraded blocks
 APPLICATION_ID = 0x68616673  # "hafs": marks a SQLite file as a hafs metadata database
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 
 SCHEMA = """
 -- Key/value settings of the filesystem.  Keys: fs_uuid, replicas (R),
@@ -206,10 +209,21 @@ class SqliteMeta:
 
     direct = True
 
-    def __init__(self, db: sqlite3.Connection, path: Path, lock_ttl_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        path: Path,
+        *,
+        holder: str | None = None,
+        lock_ttl_s: float = 10.0,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        """holder: this client's name in the locks (default host:pid); clock: wall-clock
+        nanoseconds that end leases (tests inject one)."""
         self.db = db
         self.path = path
-        self.locks = SqliteLockService(db, default_holder(), lock_ttl_s)
+        self.clock = clock
+        self.locks = SqliteLockService(db, holder or default_holder(), lock_ttl_s, clock)
         self.sessions = SqliteSessions(self)
         self._config: FsConfig | None = None
 
@@ -217,7 +231,7 @@ class SqliteMeta:
 
     @classmethod
     def create(
-        cls, path: Path, config: FsConfig, ring: dict, root_uid: int, root_gid: int
+        cls, path: Path, config: FsConfig, ring: dict, root_uid: int, root_gid: int, **opts: Any
     ) -> SqliteMeta:
         """Create a new database at `path` (which must not exist) with a root directory."""
         if path.exists():
@@ -248,10 +262,10 @@ class SqliteMeta:
             db.close()
             path.unlink(missing_ok=True)
             raise
-        return cls(db, path)
+        return cls(db, path, **opts)
 
     @classmethod
-    def open(cls, path: Path, lock_ttl_s: float = 10.0) -> SqliteMeta:
+    def open(cls, path: Path, **opts: Any) -> SqliteMeta:
         """Open an existing database, refusing (without modifying it) anything but ours;
         an older schema is upgraded in place."""
         if not path.exists():
@@ -280,7 +294,7 @@ class SqliteMeta:
             step, nxt = MIGRATIONS[version], version + 1
             db.executescript(f"BEGIN IMMEDIATE; {step}; PRAGMA user_version = {nxt}; COMMIT;")
             version += 1
-        return cls(db, path, lock_ttl_s)
+        return cls(db, path, **opts)
 
     def close(self) -> None:
         self.db.close()
@@ -371,6 +385,9 @@ class SqliteMeta:
         return row[0] if row else None
 
     def lookup(self, parent: int, name: bytes) -> Inode | None:
+        if name in (b".", b".."):
+            self._need_dir(parent)
+            return self.getattr(parent if name == b"." else self.parent_of(parent) or parent)
         row = self.db.execute(
             f"SELECT {_INODE_COLS_I} FROM dentries d JOIN inodes i ON i.id = d.inode"
             " WHERE d.parent = ? AND d.name = ?",
@@ -422,6 +439,7 @@ class SqliteMeta:
         rdev: int = 0,
         target: bytes | None = None,
     ) -> Inode:
+        check_name(name)
         with self.txn():
             pinode = self._need_dir(parent)
             if pinode.nlink == 0:
@@ -446,6 +464,7 @@ class SqliteMeta:
             return self._need(ino)
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        check_name(name)
         with self.txn():
             inode = self._need(ino)
             if _is_dir(inode):
@@ -489,6 +508,8 @@ class SqliteMeta:
     def rmdir(self, parent: int, name: bytes) -> int:
         with self.txn():
             self._need_dir(parent)
+            if name == b".":
+                raise FsError(errno.EINVAL)
             ino = self._entry(parent, name)
             if ino is None:
                 raise FsError(errno.ENOENT)
@@ -521,6 +542,7 @@ class SqliteMeta:
         return False
 
     def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int) -> int | None:
+        check_name(n_new)
         with self.txn():
             self._need_dir(p_old)
             new_parent = self._need_dir(p_new)
@@ -593,7 +615,7 @@ class SqliteMeta:
 
     def setattr(self, ino: int, **fields: int) -> Inode:
         if not fields.keys() <= self._SETTABLE:
-            raise ValueError(f"setattr cannot set {sorted(fields.keys() - self._SETTABLE)}")
+            raise TypeError(f"setattr cannot set {sorted(fields.keys() - self._SETTABLE)}")
         with self.txn():
             inode = self._need(ino)
             if "mode" in fields:
@@ -635,19 +657,16 @@ class SqliteMeta:
         row = self.db.execute(
             "SELECT value FROM xattrs WHERE inode = ? AND name = ?", (ino, name)
         ).fetchone()
-        if row is None:
-            self._need(ino)
-            return None
-        return row[0]
+        return None if row is None else row[0]
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        check_xattr(name, value)
         with self.txn():
             self._need(ino)
             self.db.execute("INSERT OR REPLACE INTO xattrs VALUES (?, ?, ?)", (ino, name, value))
             self.db.execute("UPDATE inodes SET ctime_ns = ? WHERE id = ?", (now_ns(), ino))
 
     def list_xattrs(self, ino: int) -> list[bytes]:
-        self._need(ino)
         return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode = ?", (ino,))]
 
     def remove_xattr(self, ino: int, name: bytes) -> None:
@@ -711,6 +730,7 @@ class SqliteMeta:
         token: int | None = None,
     ) -> None:
         with self.txn():
+            self._need(ino)
             if token is not None:
                 self._fence(ino, token)
             self._drop_extents(ino, start, end)
@@ -727,6 +747,7 @@ class SqliteMeta:
 
     def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> None:
         with self.txn():
+            self._need(ino)
             if token is not None:
                 self._fence(ino, token)
             self._drop_extents(ino, size, None)
@@ -968,7 +989,7 @@ class SqliteSessions:
         self.current: SessionInfo | None = None  # the session of this engine's client
 
     def register(self, kind: str, mountpoint: str, ttl_s: float) -> SessionInfo:
-        host, pid, t = socket.gethostname(), os.getpid(), now_ns()
+        host, pid, t = socket.gethostname(), os.getpid(), self.meta.clock()
         info = SessionInfo(
             id=f"{host}:{pid}:{secrets.token_hex(4)}",
             kind=kind,
@@ -1002,7 +1023,7 @@ class SqliteSessions:
         return info
 
     def renew(self, session: SessionInfo) -> SessionInfo:
-        expires = now_ns() + self._ttl_ns
+        expires = self.meta.clock() + self._ttl_ns
         with transaction(self.db):
             cur = self.db.execute(
                 "UPDATE sessions SET expires_ns = ? WHERE id = ?", (expires, session.id)
@@ -1051,14 +1072,14 @@ class SqliteSessions:
         return False
 
     def _alive(self) -> list[SessionInfo]:
-        t = now_ns()
+        t = self.meta.clock()
         return [s for s in self._rows() if not self._dead(s, t)]
 
     def alive(self) -> list[SessionInfo]:
         return self._alive()
 
     def _reap(self) -> list[SessionInfo]:
-        t = now_ns()
+        t = self.meta.clock()
         dead = [s for s in self._rows() if self._dead(s, t)]
         for s in dead:
             self.db.execute("DELETE FROM sessions WHERE id = ?", (s.id,))
