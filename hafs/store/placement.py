@@ -24,7 +24,9 @@
   down node is garbage for fsck.
 
 Bounds: every `get` and `put` ends within `timeout` (the mount's node_timeout_s)
-in total, retries and stand-ins included; calls still running then are
+plus DEADLINE_MARGIN_S in total, retries and stand-ins included (the margin lets
+the store's own timeout of a hung node end first, so the node is down for the
+next call); calls still running then are
 abandoned (their threads end at the store's own timeout).  A node known to be
 down is asked only as a last resort, after the healthy nodes, and then for at
 most LAST_RESORT_S.  The hedge delay of a node is HEDGE_FACTOR times a high
@@ -39,8 +41,9 @@ the read or the write still lacks its quorum.
 
 Node health (`NodeHealth`, the one place it is kept): a node that refuses
 connections, or answers as another node, is down at once; a timeout or another
-failure is a strike, and STRIKES in a row make it down; any answer (a success,
-a missing block, a full disk) clears the strikes.  `probe_loop` pings the down
+failure is a strike, and STRIKES in a row make it down, as does a timeout of a
+call during which no other call to the node succeeded (it hangs); any answer (a
+success, a missing block, a full disk) clears the strikes.  `probe_loop` pings the down
 nodes every few seconds in its own threads and brings back those that answer
 (NODE-UP).
 
@@ -79,6 +82,7 @@ log = logging.getLogger(__name__)
 STRIKES = 3  # failures in a row (timeouts, errors) that mark a node down
 PROBE_INTERVAL_S = 2.0  # how often down nodes are pinged and free space refreshed
 RETRY_BACKOFF_S = 0.25  # mean wait before the one retry of a node that failed temporarily
+DEADLINE_MARGIN_S = 0.5  # a get or put ends within timeout + this
 LAST_RESORT_S = 1.0  # how long a node known to be down is waited for, when it is asked at all
 # bounds of the delay before a slow node gets a stand-in asked beside it (the upper one also
 # while a node's latency is not known yet); a write's stand-in costs an extra copy: a higher floor
@@ -99,6 +103,7 @@ class NodeHealth:
         self._lock = threading.Lock()
         self._strikes: dict[str, int] = {}
         self._down: dict[str, str] = {}  # node id -> why
+        self._last_ok: dict[str, float] = {}  # node id -> when a call to it last succeeded
         self._latency: dict[tuple[str, str], tuple[float, float]] = {}  # (node, kind) -> s, dev
 
     def is_down(self, node_id: str) -> bool:
@@ -111,12 +116,18 @@ class NodeHealth:
 
     def success(self, node_id: str) -> None:
         with self._lock:
+            self._last_ok[node_id] = time.monotonic()
             self._strikes.pop(node_id, None)
             why = self._down.pop(node_id, None)
         if why is not None:
             log.warning("NODE-UP %s (was down: %s)", node_id, why)
 
-    def failure(self, node_id: str, exc: BaseException) -> None:
+    def failure(self, node_id: str, exc: BaseException, since: float | None = None) -> None:
+        """Count a failed call to the node; `since`: when the call began (time.monotonic).
+
+        A timeout of a call during which nothing else of the node succeeded either
+        (a hung node, not a busy one) marks it down at once.
+        """
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             self.success(node_id)  # a full disk: the node answers, it is not failing
             return
@@ -126,6 +137,8 @@ class NodeHealth:
         if isinstance(exc, NodeRefused) and exc.status not in (401, 409, None):
             immediate = False  # a disk error or a refused body: the node itself answers
         with self._lock:
+            if isinstance(exc, NodeTimeout) and since is not None:
+                immediate = self._last_ok.get(node_id, -math.inf) < since
             strikes = self._strikes.get(node_id, 0) + 1
             self._strikes[node_id] = strikes
             mark = (immediate or strikes >= self.strikes_to_down) and node_id not in self._down
@@ -262,7 +275,7 @@ class Placement:
                 health.success(node_id)
                 raise
             except OSError as e:
-                health.failure(node_id, e)
+                health.failure(node_id, e, since=started)
                 raise
             health.success(node_id)
             if kind:
@@ -358,7 +371,7 @@ class Placement:
             async def attempt(nodes: list[str]) -> None:
                 await self._race(nodes, self.replicas - len(stored), "put", store_on)
 
-            with trio.move_on_after(self.timeout) as deadline:
+            with trio.move_on_after(self.timeout + DEADLINE_MARGIN_S) as deadline:
                 await attempt(healthy)
                 if len(stored) < self.write_quorum:
                     await attempt(draining)
@@ -463,7 +476,7 @@ class Placement:
                     retry.append(node_id)
             return False
 
-        with trio.move_on_after(self.timeout) as deadline:
+        with trio.move_on_after(self.timeout + DEADLINE_MARGIN_S) as deadline:
             if await self._race([n for n in order if n not in down], 1, "get", read_from):
                 return found[0]
             if down:
