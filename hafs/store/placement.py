@@ -31,8 +31,10 @@ abandoned (their threads end at the store's own timeout).  A node known to be
 down is asked only as a last resort, after the healthy nodes, and then for at
 most LAST_RESORT_S.  The hedge delay of a node is HEDGE_FACTOR times a high
 estimate of its latency (EWMA of the mean plus 4 mean deviations, as TCP's
-retransmission timer), clamped to HEDGE_MIN_S (20 ms for reads, 200 ms for writes)
-..HEDGE_MAX_S (1 s).
+retransmission timer), clamped to HEDGE_MIN_S (20 ms for reads, 200 ms for
+writes)..HEDGE_MAX_S (1 s); it is the floor while a call to the node is late
+and the node has not answered since, so a hung node costs one call that delay
+and the next ones almost nothing, until it is marked down.
 
 Retries: a node that failed a get or put in a way that may be gone a moment
 later (`is_temporary`: a refused or reset connection, a 5xx answer; never a
@@ -104,6 +106,9 @@ class NodeHealth:
         self._strikes: dict[str, int] = {}
         self._down: dict[str, str] = {}  # node id -> why
         self._last_ok: dict[str, float] = {}  # node id -> when a call to it last succeeded
+        self._late: set[str] = (
+            set()
+        )  # nodes with a call past its hedge delay since their last answer
         self._latency: dict[tuple[str, str], tuple[float, float]] = {}  # (node, kind) -> s, dev
 
     def is_down(self, node_id: str) -> bool:
@@ -117,6 +122,7 @@ class NodeHealth:
     def success(self, node_id: str) -> None:
         with self._lock:
             self._last_ok[node_id] = time.monotonic()
+            self._late.discard(node_id)
             self._strikes.pop(node_id, None)
             why = self._down.pop(node_id, None)
         if why is not None:
@@ -158,9 +164,16 @@ class NodeHealth:
             mean += EWMA_WEIGHT * (seconds - mean)
             self._latency[node_id, kind] = (mean, dev)
 
+    def late(self, node_id: str) -> None:
+        """A call to the node is past its hedge delay: until it answers, hedge at once."""
+        with self._lock:
+            self._late.add(node_id)
+
     def hedge_delay(self, node_id: str, kind: str) -> float:
         """How long a call of `kind` to the node may go unanswered before another node is asked."""
         with self._lock:
+            if node_id in self._late:
+                return HEDGE_MIN_S[kind]
             estimate = self._latency.get((node_id, kind))
         if estimate is None:
             return HEDGE_MAX_S
@@ -329,6 +342,10 @@ class Placement:
                         min((t for t in late_at.values() if t > now), default=math.inf)
                     ):
                         await changed.wait()
+                    now = trio.current_time()
+                    for node_id, t in late_at.items():
+                        if t <= now:
+                            self.health.late(node_id)
                 nursery.cancel_scope.cancel()
         return succeeded
 
