@@ -2,13 +2,22 @@
 
 Lower layers raise these; `fuse_ops` maps them to errno once, at the boundary
 (STYLE: convert errors once). `FsError` carries a POSIX errno chosen by the vfs
-(ENOENT, ENOTEMPTY, ...); the storage errors all become EIO for the caller and
-are logged with the block and node they concern.
+(ENOENT, ENOTEMPTY, ...); `NoSpace` becomes ENOSPC; the other storage errors
+become EIO for the caller and are logged with the block and node they concern.
+
+`one_error()` goes around a nursery inside an operation: the ExceptionGroup a
+nursery raises becomes the one error that matters, so the adapter sees one hafs
+error with one errno.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
 
 
 class HafsError(Exception):
@@ -55,6 +64,10 @@ class QuorumLost(StorageError):
     """Fewer than W replicas of a block could be written."""
 
 
+class NoSpace(StorageError):
+    """A block could not be stored because the nodes it could go to are full (ENOSPC)."""
+
+
 class NodeIdentityError(UserError):
     """A backing directory belongs to another filesystem or node, or has no identity."""
 
@@ -70,3 +83,41 @@ class LockTimeout(HafsError):
 
 class LockLost(HafsError):
     """A write lease expired or was taken over: its holder must not commit."""
+
+
+def _rank(exc: BaseException) -> int:
+    """Which error of a group the caller gets: no space beats other hafs errors beats bugs."""
+    if isinstance(exc, NoSpace) or (isinstance(exc, FsError) and exc.errno == _errno.ENOSPC):
+        return 2
+    return 1 if isinstance(exc, HafsError) else 0
+
+
+@contextmanager
+def one_error() -> Iterator[None]:
+    """Around a nursery: raise the one error of its ExceptionGroup that matters.
+
+    The leaf of highest rank (NoSpace, then any other hafs error, then anything
+    else; the first of them) is raised in place of the group; other leaves that
+    are not hafs errors (bugs) are logged with their traceback so they are not
+    lost.  A group holding a cancellation or another BaseException is left as
+    it is, for trio and the caller to handle.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if not all(isinstance(e, Exception) for e in leaves):
+            raise
+        chosen = max(leaves, key=_rank)
+        for e in leaves:
+            if e is not chosen and not isinstance(e, HafsError):
+                log.error("also failed: %r", e, exc_info=e)
+        raise chosen from None
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e

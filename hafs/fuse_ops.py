@@ -1,8 +1,8 @@
 """The pyfuse3 adapter: inode numbers and attributes in, FUSEErrors out.
 
 The filesystem model lives in `vfs`; this class only translates.  Errors are
-converted once, here: `FsError` becomes its errno, storage errors become EIO
-(logged with the block they concern), and any other exception is logged with
+converted once, here: `FsError` becomes its errno, `NoSpace` ENOSPC, other
+storage errors EIO (logged with the block they concern), and any other exception is logged with
 its traceback and becomes EIO, so the mount stays up (DESIGN.md invariant 8).
 
 Lookup counts: +1 for lookup, create, mknod, mkdir, symlink, link and each
@@ -17,7 +17,7 @@ import logging
 
 import pyfuse3
 
-from .errors import FsError, LockLost, StorageError
+from .errors import FsError, LockLost, NoSpace, StorageError
 from .fs.vfs import Vfs
 from .meta import Inode
 
@@ -37,6 +37,9 @@ def _errors_to_fuse(fn):
             raise
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
+        except NoSpace as e:
+            log.warning("no space in %s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except (StorageError, LockLost) as e:
             log.error("I/O error in %s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -221,7 +221,12 @@ async def _serve(
     fs, session, down: dict[str, str], mountpoint: Path, opts: Options, fuse_opts, alone, report
 ) -> None:
     placement = Placement(
-        fs.ring, fs.stores, fs.replicas, trio.CapacityLimiter(opts.threads), fs.write_quorum
+        fs.ring,
+        fs.stores,
+        fs.replicas,
+        trio.CapacityLimiter(opts.threads),
+        fs.write_quorum,
+        timeout=opts.node_timeout_s,
     )
     for node_id, why in down.items():
         placement.health.mark_down(node_id, why)

@@ -2,7 +2,12 @@
 
 Concurrency: used from the trio thread only.  `get` awaits the fetch of a
 missing block; concurrent callers for the same id wait for that one fetch
-instead of starting their own.  Eviction is least-recently-used by bytes.
+instead of starting their own, and share its error if it fails (so a caller
+waits at most for one fetch, whose time placement bounds); one that was
+cancelled is started again by the next waiter.  A failed fetch is remembered
+for FAILED_TTL_S: the kernel retries a failed read at once, and that retry
+gets the same error at once instead of waiting out the bound a second time.
+Eviction is least-recently-used by bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +17,16 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+FAILED_TTL_S = 1.0  # how long the error of a failed fetch is given to callers without a new try
+
+
+class _Fetch:
+    """One fetch in progress: its waiters wake on `done` and share its `error`."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: Exception | None = None
+
 
 class BlockCache:
     def __init__(self, limit_bytes: int, fetch: Callable[[str], Awaitable[bytes]]) -> None:
@@ -19,7 +34,8 @@ class BlockCache:
         self._fetch = fetch
         self._blocks: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
-        self._pending: dict[str, trio.Event] = {}
+        self._pending: dict[str, _Fetch] = {}
+        self._failed: dict[str, tuple[float, Exception]] = {}  # block id -> (until, error)
 
     def peek(self, block_id: str) -> bytes | None:
         data = self._blocks.get(block_id)
@@ -35,18 +51,31 @@ class BlockCache:
             data = self.peek(block_id)
             if data is not None:
                 return data
-            event = self._pending.get(block_id)
-            if event is None:
+            until, error = self._failed.get(block_id, (0.0, None))
+            if error is not None:
+                if trio.current_time() < until:
+                    raise error
+                del self._failed[block_id]
+            fetch = self._pending.get(block_id)
+            if fetch is None:
                 break
-            await event.wait()  # then loop: a failed fetch is retried by each waiter
-        event = self._pending[block_id] = trio.Event()
+            await fetch.done.wait()
+            if fetch.error is not None:
+                raise fetch.error
+        fetch = self._pending[block_id] = _Fetch()
         try:
             data = await self._fetch(block_id)
             self.put(block_id, data)
             return data
+        except Exception as e:
+            fetch.error = e
+            now = trio.current_time()
+            self._failed = {b: f for b, f in self._failed.items() if f[0] > now}
+            self._failed[block_id] = (now + FAILED_TTL_S, e)
+            raise
         finally:
             del self._pending[block_id]
-            event.set()
+            fetch.done.set()
 
     def put(self, block_id: str, data: bytes) -> None:
         if len(data) > self.limit:

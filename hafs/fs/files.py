@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import FsError, LockLost, LockTimeout
+from ..errors import FsError, LockLost, LockTimeout, one_error
 from ..meta import AsyncMeta, Extent, Inode, LockService
 from ..meta.locks import Lease
 from ..store.chunker import MAX_SIZE, cut_points
@@ -250,7 +250,7 @@ class FileState:
             if final:
                 self._raise_error()
             try:
-                while self.dirty:
+                while self.dirty and self.error is None:  # a failed region ends the flush
                     partial = not final and not force
                     if partial and self.dirty.nbytes < self.s.flush_bytes // 2:
                         break
@@ -352,9 +352,10 @@ class FileState:
         self.s.uncommitted.update(data.keys())
         failed = True
         try:
-            async with trio.open_nursery() as nursery:
-                for bid, chunk in data.items():
-                    nursery.start_soon(self.s.placement.put, bid, chunk)
+            with one_error():
+                async with trio.open_nursery() as nursery:
+                    for bid, chunk in data.items():
+                        nursery.start_soon(self.s.placement.put, bid, chunk)
             await self.s.record_degraded()  # before the commit that references the blocks
             size = max(self.committed_size, end)
             await self.s.meta.commit(
@@ -434,6 +435,9 @@ class FileState:
             e = exts[0]
             block = await self.s.cache.get(e.block_id)
             return block[off - e.offset : end - e.offset]
+        for e in exts[1:]:  # fetched at once, not one after the other
+            if e.block_id not in self.s.cache:
+                self.s.nursery.start_soon(self._prefetch, e.block_id)
         out = bytearray(end - off)
         for e in exts:
             block = await self.s.cache.get(e.block_id)

@@ -38,7 +38,7 @@ from ..errors import BlockMissing, FsError, HafsError, LockLost
 from ..meta import NAME_MAX, AsyncMeta, Dentry, Inode, MetaStore, now_ns
 from ..store.chunker import MiB
 from ..store.dirstore import DirStore, disk_id
-from ..store.placement import Placement
+from ..store.placement import Placement, writable_bytes
 from ..store.ring import RING_RELOAD_S, NodeSpec, Ring
 from .cache import BlockCache
 from .files import FileState, Shared, WriteBudget
@@ -588,24 +588,25 @@ class Vfs:
         Backing directories are asked directly; remote nodes by the figures the
         probe loop keeps (a node not heard from yet counts 0).  A disk holding
         several nodes (backing directories or nodes on this machine) counts once.
+        Free space is what blocks of R copies on distinct nodes can still take
+        (`writable_bytes`: 0 once fewer than R nodes have room for a block).
         """
-        seen: dict[str, tuple[int, int]] = {}
-        for store in self.placement.stores.values():
+        nodes: dict[str, tuple[str, int, int]] = {}  # node id -> disk, total, free
+        for node_id, store in self.placement.stores.items():
             if isinstance(store, DirStore):
                 try:
                     st = os.statvfs(store.path)
-                    seen[disk_id(store.path)] = (
+                    nodes[node_id] = (
+                        disk_id(store.path),
                         st.f_blocks * st.f_frsize,
                         st.f_bavail * st.f_frsize,
                     )
                 except OSError:
                     continue  # a lost disk adds no space
-        for disk, total, free in self.placement.usage.values():
-            seen[disk] = (total, free)
-        space = seen.values()
+        nodes.update(self.placement.usage)
         r = self.placement.replicas
-        total = sum(t for t, _ in space) // r
-        free = sum(f for _, f in space) // r
+        total = sum({disk: t for disk, t, _ in nodes.values()}.values()) // r
+        free = writable_bytes({n: (disk, f) for n, (disk, _, f) in nodes.items()}, r)
         bsize = 4096
         files = await self.meta.count_inodes()
         return {

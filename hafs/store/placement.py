@@ -3,36 +3,57 @@
 - `put` writes a block to the R nodes the ring names, in parallel worker
   threads.  A node that is down (or fails the write) is replaced by the next
   healthy node clockwise on the ring, so R copies are still made while any R
-  nodes work.  The put succeeds once every attempt has ended with at least W
-  durable copies (W = the write quorum, a majority of R by default); fewer than
-  R copies is logged BLOCK-DEGRADED and handed to `on_degraded` (the mount
-  records it; `repair` puts it right once its nodes answer), fewer than W is
-  `QuorumLost`.  A down node is tried only when the healthy ones
-  cannot make W copies.
-- `get` tries the ring's replicas in order, then every other node (a block
+  nodes work; a node that has not answered within its hedge delay (below) gets
+  a stand-in started beside it.  The put succeeds once at least W durable
+  copies are made (W = the write quorum) and the attempts have ended or R
+  copies exist; fewer than R copies is logged BLOCK-DEGRADED and handed to
+  `on_degraded` (the mount records it; `repair` puts it right once its nodes
+  answer), fewer than W is `QuorumLost`, or `NoSpace` when the nodes that
+  refused for lack of space would have made up the quorum.  Draining nodes,
+  then down nodes, are tried only when the healthy ones cannot make W copies.
+- `get` asks the ring's replicas in order, then every other node (a block
   written while its preferred node was failing lives elsewhere), healthy nodes
-  first and down ones last, and returns only bytes whose hash matched (the store
-  verifies).  Corrupt replicas are logged (BLOCK-CORRUPT) and skipped.
+  first, and returns the first bytes whose hash matched (the store verifies).
+  A node that fails or lacks the block hands over to the next at once; one that
+  has not answered within its hedge delay gets the next one asked beside it
+  (hedged reads), so a hung node costs a read that delay, not a timeout.
+  Corrupt replicas are logged (BLOCK-CORRUPT) and skipped.
 - `delete` removes an unreferenced block from every reachable node, only if no
   copy was written or re-stored within the grace period (a writer that just
   stored a block with this content is about to reference it).  A copy left on a
   down node is garbage for fsck.
+
+Bounds: every `get` and `put` ends within `timeout` (the mount's node_timeout_s)
+plus DEADLINE_MARGIN_S in total, retries and stand-ins included (the margin lets
+the store's own timeout of a hung node end first, so the node is down for the
+next call); calls still running then are
+abandoned (their threads end at the store's own timeout).  A node known to be
+down is asked only as a last resort, after the healthy nodes, and then for at
+most LAST_RESORT_S.  The hedge delay of a node is HEDGE_FACTOR times a high
+estimate of its latency (EWMA of the mean plus 4 mean deviations, as TCP's
+retransmission timer), clamped to HEDGE_MIN_S (20 ms for reads, 200 ms for
+writes)..HEDGE_MAX_S (1 s); it is the floor while a call to the node is late
+and the node has not answered since, so a hung node costs one call that delay
+and the next ones almost nothing, until it is marked down.
 
 Retries: a node that failed a get or put in a way that may be gone a moment
 later (`is_temporary`: a refused or reset connection, a 5xx answer; never a
 timeout) is tried once more after a jittered backoff, if no other node served
 the read or the write still lacks its quorum.
 
-Node health (`NodeHealth`): a node that refuses connections, or answers as
-another node, is down at once; a timeout or another failure is a strike, and
-STRIKES in a row make it down; any success clears the strikes.  `probe_loop`
-pings the down nodes every few seconds in its own threads and brings back those
-that answer (NODE-UP), so a hung node costs at most one request timeout per
-call that was already waiting on it, and no call once it is marked down.
+Node health (`NodeHealth`, the one place it is kept): a node that refuses
+connections, or answers as another node, is down at once; a timeout or another
+failure is a strike, and STRIKES in a row make it down, as does a timeout of a
+call during which no other call to the node succeeded (it hangs); any answer (a
+success, a missing block, a full disk) clears the strikes.  `probe_loop` pings the down
+nodes every few seconds in its own threads and brings back those that answer
+(NODE-UP).
 
-Concurrency rules: store calls are blocking and run in worker threads bounded
-by one CapacityLimiter (probes have their own, so a full pool of calls stuck
-on a hung node cannot delay the probe that marks it down).  `put` and `delete`
+Concurrency rules: store calls are blocking and run in worker threads, each
+node with its own CapacityLimiter of `limiter.total_tokens` threads, so calls
+stuck on a hung node never take threads from the others (probes have their
+own).  A thread records its call's outcome and latency in `NodeHealth` itself
+(under its lock), also when nobody waits for it any more.  `put` and `delete`
 of the same block id are serialized by a keyed trio lock, so a garbage
 collection in this mount can never delete a block that a writer of this mount
 has just (re)stored.  `set_ring` swaps the ring and stores; a call already
@@ -41,17 +62,21 @@ running goes on with the ring and stores it started with.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import random
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 
 import trio
 
-from ..errors import BlockCorrupt, BlockMissing, QuorumLost
+from ..errors import BlockCorrupt, BlockMissing, NoSpace, QuorumLost, one_error
+from .chunker import MAX_SIZE
 from .dirstore import DirStore
-from .remote import NodeRefused, NodeTimeout, NodeUnavailable, RemoteStore
+from .remote import DEFAULT_TIMEOUT_S, NodeRefused, NodeTimeout, NodeUnavailable, RemoteStore
 from .ring import Ring
 
 log = logging.getLogger(__name__)
@@ -59,42 +84,101 @@ log = logging.getLogger(__name__)
 STRIKES = 3  # failures in a row (timeouts, errors) that mark a node down
 PROBE_INTERVAL_S = 2.0  # how often down nodes are pinged and free space refreshed
 RETRY_BACKOFF_S = 0.25  # mean wait before the one retry of a node that failed temporarily
+DEADLINE_MARGIN_S = 0.5  # a get or put ends within timeout + this
+LAST_RESORT_S = 1.0  # how long a node known to be down is waited for, when it is asked at all
+# bounds of the delay before a slow node gets a stand-in asked beside it (the upper one also
+# while a node's latency is not known yet); a write's stand-in costs an extra copy: a higher floor
+HEDGE_MIN_S = {"get": 0.02, "put": 0.2}
+HEDGE_MAX_S = 1.0
+HEDGE_FACTOR = 2.0  # hedge delay = this times the high latency estimate
+EWMA_WEIGHT = 0.1  # weight of the newest latency sample
 
 
 class NodeHealth:
-    """Up or down, per node, from the outcomes of the calls made to it."""
+    """Up or down, per node, from the outcomes of the calls made to it; their latency.
+
+    Thread-safe: worker threads report the outcome of their calls as they end.
+    """
 
     def __init__(self, strikes: int = STRIKES) -> None:
         self.strikes_to_down = strikes
+        self._lock = threading.Lock()
         self._strikes: dict[str, int] = {}
         self._down: dict[str, str] = {}  # node id -> why
+        self._last_ok: dict[str, float] = {}  # node id -> when a call to it last succeeded
+        self._late: set[str] = (
+            set()
+        )  # nodes with a call past its hedge delay since their last answer
+        self._latency: dict[tuple[str, str], tuple[float, float]] = {}  # (node, kind) -> s, dev
 
     def is_down(self, node_id: str) -> bool:
-        return node_id in self._down
+        with self._lock:
+            return node_id in self._down
 
     def down(self) -> dict[str, str]:
-        return dict(self._down)
+        with self._lock:
+            return dict(self._down)
 
     def success(self, node_id: str) -> None:
-        self._strikes.pop(node_id, None)
-        why = self._down.pop(node_id, None)
+        with self._lock:
+            self._last_ok[node_id] = time.monotonic()
+            self._late.discard(node_id)
+            self._strikes.pop(node_id, None)
+            why = self._down.pop(node_id, None)
         if why is not None:
             log.warning("NODE-UP %s (was down: %s)", node_id, why)
 
-    def failure(self, node_id: str, exc: BaseException) -> None:
+    def failure(self, node_id: str, exc: BaseException, since: float | None = None) -> None:
+        """Count a failed call to the node; `since`: when the call began (time.monotonic).
+
+        A timeout of a call during which nothing else of the node succeeded either
+        (a hung node, not a busy one) marks it down at once.
+        """
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.success(node_id)  # a full disk: the node answers, it is not failing
+            return
         immediate = isinstance(exc, NodeUnavailable | NodeRefused) and not isinstance(
             exc, NodeTimeout
         )
         if isinstance(exc, NodeRefused) and exc.status not in (401, 409, None):
             immediate = False  # a disk error or a refused body: the node itself answers
-        strikes = self._strikes.get(node_id, 0) + 1
-        self._strikes[node_id] = strikes
-        if (immediate or strikes >= self.strikes_to_down) and node_id not in self._down:
+        with self._lock:
+            if isinstance(exc, NodeTimeout) and since is not None:
+                immediate = self._last_ok.get(node_id, -math.inf) < since
+            strikes = self._strikes.get(node_id, 0) + 1
+            self._strikes[node_id] = strikes
+            mark = (immediate or strikes >= self.strikes_to_down) and node_id not in self._down
+        if mark:
             self.mark_down(node_id, str(exc))
 
     def mark_down(self, node_id: str, why: str) -> None:
-        self._down[node_id] = why
+        with self._lock:
+            self._down[node_id] = why
         log.warning("NODE-DOWN %s: %s", node_id, why)
+
+    def observe(self, node_id: str, kind: str, seconds: float) -> None:
+        """Count the latency of a successful call of `kind` ("get", "put") to the node."""
+        with self._lock:
+            mean, dev = self._latency.get((node_id, kind), (seconds, seconds / 2))
+            dev += EWMA_WEIGHT * (abs(seconds - mean) - dev)
+            mean += EWMA_WEIGHT * (seconds - mean)
+            self._latency[node_id, kind] = (mean, dev)
+
+    def late(self, node_id: str) -> None:
+        """A call to the node is past its hedge delay: until it answers, hedge at once."""
+        with self._lock:
+            self._late.add(node_id)
+
+    def hedge_delay(self, node_id: str, kind: str) -> float:
+        """How long a call of `kind` to the node may go unanswered before another node is asked."""
+        with self._lock:
+            if node_id in self._late:
+                return HEDGE_MIN_S[kind]
+            estimate = self._latency.get((node_id, kind))
+        if estimate is None:
+            return HEDGE_MAX_S
+        mean, dev = estimate
+        return min(HEDGE_MAX_S, max(HEDGE_MIN_S[kind], HEDGE_FACTOR * (mean + 4 * dev)))
 
 
 def is_temporary(exc: BaseException) -> bool:
@@ -111,6 +195,22 @@ def is_temporary(exc: BaseException) -> bool:
 async def backoff() -> None:
     """Wait before a retry: RETRY_BACKOFF_S, jittered so that callers do not retry in step."""
     await trio.sleep(RETRY_BACKOFF_S * random.uniform(0.5, 1.5))
+
+
+def writable_bytes(free: dict[str, tuple[str, int]], replicas: int) -> int:
+    """How many bytes of blocks can still be stored, each on `replicas` distinct nodes.
+
+    free: node id -> (disk id, free bytes).  A node without room for one more
+    block of the largest size (MAX_SIZE) counts as full; a disk shared by several
+    nodes counts once.  With k of the nodes with most room capped, the others
+    must hold the remaining replicas - k copies of every block: the least of
+    those bounds is what fits (0 once fewer than `replicas` nodes have room).
+    """
+    room = {node: (disk, max(0, f - MAX_SIZE)) for node, (disk, f) in free.items()}
+    by_node = sorted((r for _, r in room.values()), reverse=True)
+    spread = min((sum(by_node[k:]) // (replicas - k) for k in range(replicas)), default=0)
+    by_disk = {disk: r for disk, r in room.values()}
+    return min(spread, sum(by_disk.values()) // replicas)
 
 
 class KeyedLock:
@@ -148,12 +248,17 @@ class Placement:
         write_quorum: int | None = None,
         health: NodeHealth | None = None,
         on_degraded: Callable[[str, list[str]], None] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
+        """limiter: its size is the number of worker threads per node; timeout: the bound of
+        each get and put in seconds (the mount's node_timeout_s)."""
         self.ring = ring
         self.stores = stores
         self.replicas = replicas
         self.write_quorum = write_quorum or replicas
         self.limiter = limiter
+        self._limiters: dict[str, trio.CapacityLimiter] = {}  # node id -> its threads
+        self.timeout = timeout
         self.health = health or NodeHealth()
         self._block_locks = KeyedLock()
         self._probe_limiter = trio.CapacityLimiter(8)
@@ -167,18 +272,82 @@ class Placement:
         """Use a new version of the ring (and the stores of its nodes) from now on."""
         self.ring, self.stores = ring, stores
 
-    async def _call(self, node_id: str, fn: Callable, *args):
-        """fn(*args) in a worker thread; a node failure (OSError) is counted against the node."""
-        try:
-            result = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
-        except (BlockMissing, BlockCorrupt):
-            self.health.success(node_id)
-            raise
-        except OSError as e:
-            self.health.failure(node_id, e)
-            raise
-        self.health.success(node_id)
-        return result
+    async def _call(self, node_id: str, fn: Callable, *args, kind: str = ""):
+        """fn(*args) in a worker thread of the node; a node failure (OSError) counts against it.
+
+        The thread records the outcome (and, for a `kind`, the latency) itself, so a
+        call abandoned on cancellation (a deadline, a hedge that won) still counts.
+        """
+        health = self.health
+
+        def run():
+            started = time.monotonic()
+            try:
+                result = fn(*args)
+            except (BlockMissing, BlockCorrupt):
+                health.success(node_id)
+                raise
+            except OSError as e:
+                health.failure(node_id, e, since=started)
+                raise
+            health.success(node_id)
+            if kind:
+                health.observe(node_id, kind, time.monotonic() - started)
+            return result
+
+        limiter = self._limiters.get(node_id)
+        if limiter is None:
+            limiter = self._limiters[node_id] = trio.CapacityLimiter(self.limiter.total_tokens)
+        return await trio.to_thread.run_sync(run, limiter=limiter, abandon_on_cancel=True)
+
+    async def _race(
+        self, nodes: list[str], want: int, kind: str, attempt: Callable[[str], Awaitable[bool]]
+    ) -> int:
+        """Run `attempt(node)` over `nodes` in order until `want` of them succeeded (True).
+
+        `want` attempts run at once; one that fails hands over to the next node at
+        once, one still running after the node's hedge delay gets the next node
+        started beside it.  Returns the number of successes (the attempts still
+        running then are cancelled).
+        """
+        succeeded = 0
+        queue = iter(nodes)
+        late_at: dict[str, float] = {}  # running attempts: node -> when it is late
+        changed = trio.Event()
+
+        async def run(node_id: str) -> None:
+            nonlocal succeeded
+            try:
+                ok = await attempt(node_id)  # (not `succeeded += await ...`: read after the await)
+                succeeded += ok
+            finally:
+                del late_at[node_id]
+                changed.set()
+
+        with one_error():
+            async with trio.open_nursery() as nursery:
+                while succeeded < want:
+                    now = trio.current_time()
+                    on_time = sum(t > now for t in late_at.values())
+                    for _ in range(want - succeeded - on_time):
+                        node_id = next(queue, None)
+                        if node_id is None:
+                            break
+                        late_at[node_id] = now + self.health.hedge_delay(node_id, kind)
+                        nursery.start_soon(run, node_id)
+                    if not late_at:
+                        break
+                    changed = trio.Event()
+                    with trio.move_on_at(
+                        min((t for t in late_at.values() if t > now), default=math.inf)
+                    ):
+                        await changed.wait()
+                    now = trio.current_time()
+                    for node_id, t in late_at.items():
+                        if t <= now:
+                            self.health.late(node_id)
+                nursery.cancel_scope.cancel()
+        return succeeded
 
     def _candidates(self, block_id: str) -> Iterator[str]:
         """Preferred replicas first, then every other node clockwise; down nodes last."""
@@ -193,48 +362,50 @@ class Placement:
             stores = self.stores  # this call's view, whatever set_ring does meanwhile
             order = list(self._candidates(block_id))
             ring = self.ring
+            down = [n for n in order if self.health.is_down(n)]
             # draining nodes are being emptied: like down ones, only a last resort
-            healthy = [
-                n for n in order if not self.health.is_down(n) and ring.nodes[n].state == "up"
-            ]
+            draining = [n for n in order if n not in down and ring.nodes[n].state != "up"]
+            healthy = [n for n in order if n not in down and n not in draining]
             stored: list[str] = []
             errors: list[str] = []
+            full: list[str] = []  # nodes that refused for lack of space
             retry: list[str] = []  # nodes that failed in a way worth one more try
-            queue: Iterator[str] = iter(())
 
-            async def store_on(node_id: str | None) -> None:
-                while node_id is not None:
-                    try:
-                        await self._call(node_id, stores[node_id].put, block_id, data)
-                    except OSError as e:
-                        log.error("BLOCK-WRITE-FAILED %s on node %s: %s", block_id, node_id, e)
-                        errors.append(f"{node_id}: {e}")
-                        if is_temporary(e):
-                            retry.append(node_id)
-                        node_id = next(queue, None)
-                    else:
-                        stored.append(node_id)
-                        return
+            async def store_on(node_id: str) -> bool:
+                try:
+                    await self._call(node_id, stores[node_id].put, block_id, data, kind="put")
+                except OSError as e:
+                    log.error("BLOCK-WRITE-FAILED %s on node %s: %s", block_id, node_id, e)
+                    errors.append(f"{node_id}: {e}")
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        full.append(node_id)
+                    elif is_temporary(e):
+                        retry.append(node_id)
+                    return False
+                stored.append(node_id)
+                return True
 
             async def attempt(nodes: list[str]) -> None:
-                nonlocal queue
-                queue = iter(nodes)
-                async with trio.open_nursery() as nursery:
-                    for _ in range(self.replicas - len(stored)):
-                        nursery.start_soon(store_on, next(queue, None))
+                await self._race(nodes, self.replicas - len(stored), "put", store_on)
 
-            await attempt(healthy)
-            if len(stored) < self.write_quorum:  # last resort: draining nodes, those believed down
-                await attempt([n for n in order if n not in healthy])
-            if len(stored) < self.write_quorum and retry:
-                await backoff()
-                again, retry[:] = list(dict.fromkeys(retry)), []
-                await attempt(again)
+            with trio.move_on_after(self.timeout + DEADLINE_MARGIN_S) as deadline:
+                await attempt(healthy)
+                if len(stored) < self.write_quorum:
+                    await attempt(draining)
+                if len(stored) < self.write_quorum and down:
+                    with trio.move_on_after(LAST_RESORT_S):
+                        await attempt(down)
+                if len(stored) < self.write_quorum and retry:
+                    await backoff()
+                    await attempt(list(dict.fromkeys(retry)))
             if len(stored) < self.write_quorum:
-                raise QuorumLost(
-                    f"block {block_id}: {len(stored)} of {self.replicas} copies stored, at least"
-                    f" {self.write_quorum} needed ({'; '.join(errors) or 'not enough nodes'})"
-                )
+                if deadline.cancelled_caught:
+                    errors.append(f"no quorum within {self.timeout:g} s")
+                why = f"({'; '.join(errors) or 'not enough nodes'})"
+                copies = f"block {block_id}: {len(stored)} of {self.replicas} copies stored"
+                if full and len(stored) + len(full) >= self.write_quorum:
+                    raise NoSpace(f"{copies}, the other nodes are full {why}")
+                raise QuorumLost(f"{copies}, at least {self.write_quorum} needed {why}")
             named = self.ring.replicas(block_id, self.replicas)
             if set(stored) != set(named):
                 self._degraded(block_id, stored, named)
@@ -284,9 +455,10 @@ class Placement:
                 lacking = [n for n in named if not await self._call(n, stores[n].has, block_id)]
                 if lacking:
                     data = await self.get(block_id)
-                    async with trio.open_nursery() as nursery:
-                        for node_id in lacking:
-                            nursery.start_soon(copy_to, node_id, data)
+                    with one_error():
+                        async with trio.open_nursery() as nursery:
+                            for node_id in lacking:
+                                nursery.start_soon(copy_to, node_id, data)
                 if not failed:
                     for node_id in stand_ins:
                         if not self.health.is_down(node_id):
@@ -301,25 +473,39 @@ class Placement:
     async def get(self, block_id: str) -> bytes:
         problems: list[str] = []
         stores = self.stores  # this call's view, whatever set_ring does meanwhile
-        nodes = list(self._candidates(block_id))
-        for attempt in range(2):
-            retry = []  # nodes that failed in a way worth one more try
-            for node_id in nodes:
-                try:
-                    return await self._call(node_id, stores[node_id].get, block_id)
-                except BlockMissing:
-                    continue
-                except BlockCorrupt:
-                    problems.append(f"corrupt on {node_id}")
-                except OSError as e:
-                    log.error("BLOCK-READ-FAILED %s on node %s: %s", block_id, node_id, e)
-                    problems.append(f"{node_id}: {e}")
-                    if is_temporary(e):
-                        retry.append(node_id)
-            if not retry or attempt:
-                break
-            await backoff()
-            nodes = retry
+        order = list(self._candidates(block_id))
+        down = [n for n in order if self.health.is_down(n)]
+        found: list[bytes] = []
+        retry: list[str] = []  # nodes that failed in a way worth one more try
+
+        async def read_from(node_id: str) -> bool:
+            try:
+                found.append(await self._call(node_id, stores[node_id].get, block_id, kind="get"))
+                return True
+            except BlockMissing:
+                pass
+            except BlockCorrupt:
+                problems.append(f"corrupt on {node_id}")
+            except OSError as e:
+                log.error("BLOCK-READ-FAILED %s on node %s: %s", block_id, node_id, e)
+                problems.append(f"{node_id}: {e}")
+                if is_temporary(e):
+                    retry.append(node_id)
+            return False
+
+        with trio.move_on_after(self.timeout + DEADLINE_MARGIN_S) as deadline:
+            if await self._race([n for n in order if n not in down], 1, "get", read_from):
+                return found[0]
+            if down:
+                with trio.move_on_after(LAST_RESORT_S):
+                    if await self._race(down, 1, "get", read_from):
+                        return found[0]
+            if retry:
+                await backoff()
+                if await self._race(list(dict.fromkeys(retry)), 1, "get", read_from):
+                    return found[0]
+        if deadline.cancelled_caught:
+            problems.append(f"no answer within {self.timeout:g} s")
         raise BlockMissing(block_id, "; ".join(problems) or "on no node")
 
     async def delete(self, block_id: str, grace_s: float) -> bool:

@@ -1,13 +1,23 @@
 """Placement: R copies on the ring's nodes, the next node when one fails, verified reads."""
 
+import errno
 import os
+import threading
 
 import pytest
 import trio
 
-from hafs.errors import BlockMissing, QuorumLost
+from hafs.errors import BlockMissing, NoSpace, QuorumLost
+from hafs.store.chunker import MAX_SIZE
 from hafs.store.dirstore import DirStore, block_id
-from hafs.store.placement import Placement, is_temporary
+from hafs.store.placement import (
+    DEADLINE_MARGIN_S,
+    HEDGE_MAX_S,
+    LAST_RESORT_S,
+    Placement,
+    is_temporary,
+    writable_bytes,
+)
 from hafs.store.remote import NodeRefused, NodeTimeout, NodeUnavailable
 from hafs.store.ring import NodeSpec, Ring
 
@@ -257,3 +267,134 @@ async def test_a_write_around_a_failing_node_avoids_draining_nodes(tmp_path):
         bid = block_id(data)
         await placement.put(bid, data)
         assert holders(placement, bid) == ["n2", "n3"]  # never the failing or the draining node
+
+
+class StuckStore(DirStore):
+    """A hung node (SIGSTOP): every call blocks until the test lets it go."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.release = threading.Event()
+        self.calls = 0
+
+    def _hang(self):
+        self.calls += 1
+        self.release.wait(30)
+        raise NodeTimeout("http://test", self.node_id, "no answer (injected)", 110)
+
+    def get(self, block_id):
+        self._hang()
+
+    def put(self, block_id, data):
+        self._hang()
+
+
+def stuck(placement, tmp_path, node_id):
+    store = placement.stores[node_id] = StuckStore.open(tmp_path / node_id, node_id, "fs")
+    return store
+
+
+async def test_a_hung_replica_costs_a_read_its_hedge_delay_not_a_timeout(tmp_path):
+    placement, ring = make(tmp_path, n=3)
+    placement.timeout = 20
+    data = os.urandom(1000)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    first, _ = ring.replicas(bid, 2)
+    hung = stuck(placement, tmp_path, first)
+    try:
+        with trio.fail_after(HEDGE_MAX_S + 2):  # far below the timeout of 20 s
+            assert await placement.get(bid) == data
+        assert hung.calls == 1
+    finally:
+        hung.release.set()
+
+
+async def test_writes_around_a_hung_node_end_within_the_bound(tmp_path):
+    placement, ring = make(tmp_path, n=3)
+    placement.timeout = 20
+    hung = stuck(placement, tmp_path, "n1")
+    try:
+        for _ in range(10):  # each costs at most a hedge delay, far below the timeout
+            data = os.urandom(1000)
+            with trio.fail_after(HEDGE_MAX_S + 2):
+                await placement.put(block_id(data), data)
+            assert "n1" not in holders(placement, block_id(data))
+    finally:
+        hung.release.set()
+
+
+async def test_with_every_copy_hung_a_call_fails_within_the_timeout(tmp_path):
+    placement, ring = make(tmp_path, n=3)
+    placement.timeout = 2
+    data = os.urandom(1000)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    hung = [stuck(placement, tmp_path, n) for n in ring.replicas(bid, 2)]
+    try:
+        for call in (placement.get(bid), placement.put(block_id(b"y"), b"y")):
+            started = trio.current_time()
+            with pytest.raises((BlockMissing, QuorumLost), match="within 2 s"):
+                await call
+            assert trio.current_time() - started < placement.timeout + DEADLINE_MARGIN_S + 0.5
+    finally:
+        for store in hung:
+            store.release.set()
+
+
+async def test_a_node_known_down_is_asked_only_as_a_short_last_resort(tmp_path):
+    placement, ring = make(tmp_path, n=3)
+    placement.timeout = 20
+    data = os.urandom(1000)
+    bid = block_id(data)
+    await placement.put(bid, data)
+    first, second = ring.replicas(bid, 2)
+    hung = stuck(placement, tmp_path, first)
+    placement.health.mark_down(first, "test")
+    try:
+        assert await placement.get(bid) == data  # from the other copy: the down node not asked
+        assert hung.calls == 0
+        placement.stores[second].delete(bid)
+        started = trio.current_time()
+        with pytest.raises(BlockMissing):
+            await placement.get(bid)  # now the down node is asked, but only briefly
+        assert hung.calls == 1
+        assert trio.current_time() - started < LAST_RESORT_S + 0.5
+    finally:
+        hung.release.set()
+
+
+class FullStore(DirStore):
+    def put(self, block_id, data):
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
+async def test_a_write_that_no_node_has_room_for_is_no_space(tmp_path):
+    placement, _ = make(tmp_path, n=3)
+    for n in ("n1", "n2"):
+        placement.stores[n] = FullStore.open(tmp_path / n, n, "fs")
+    with pytest.raises(NoSpace):
+        await placement.put(block_id(b"x"), b"x")
+    assert not placement.health.down(), "a full node answers: it is not down"
+    placement.health.mark_down("n3", "test")  # a node down as well: not for lack of space
+    placement.stores["n3"] = StuckStore.open(tmp_path / "n3", "n3", "fs")
+    placement.stores["n3"].release.set()
+    with pytest.raises(NoSpace):
+        await placement.put(block_id(b"z"), b"z")  # n1 and n2 alone would have made W
+    placement.health.mark_down("n2", "test")
+    placement.stores["n2"] = StuckStore.open(tmp_path / "n2", "n2", "fs")
+    placement.stores["n2"].release.set()
+    with pytest.raises(QuorumLost) as err:
+        await placement.put(block_id(b"w"), b"w")
+    assert not isinstance(err.value, NoSpace)  # n1 alone could not have made W: EIO
+
+
+def test_writable_bytes_needs_r_nodes_with_room():
+    big = 100 * MAX_SIZE
+    assert writable_bytes({"a": ("d1", big), "b": ("d2", big)}, 2) == big - MAX_SIZE
+    assert writable_bytes({"a": ("d1", big), "b": ("d2", 0), "c": ("d3", MAX_SIZE)}, 2) == 0
+    assert writable_bytes({"a": ("d1", big)}, 2) == 0  # fewer than R nodes
+    three_on_one_disk = {n: ("d1", big) for n in "abc"}
+    assert writable_bytes(three_on_one_disk, 2) == (big - MAX_SIZE) // 2
+    uneven = {"a": ("d1", 10 * MAX_SIZE), "b": ("d2", 2 * MAX_SIZE), "c": ("d3", 2 * MAX_SIZE)}
+    assert writable_bytes(uneven, 2) == 2 * MAX_SIZE  # every block needs b or c
