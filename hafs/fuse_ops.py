@@ -47,7 +47,8 @@ def _errors_to_fuse(fn):
     return wrapper
 
 
-def _attrs(inode: Inode) -> pyfuse3.EntryAttributes:
+def _attrs(inode: Inode, allocated: int) -> pyfuse3.EntryAttributes:
+    """The kernel's attributes of `inode`, which holds `allocated` bytes (st_blocks)."""
     a = pyfuse3.EntryAttributes()
     a.st_ino = inode.id
     a.generation = 0
@@ -60,7 +61,7 @@ def _attrs(inode: Inode) -> pyfuse3.EntryAttributes:
     a.st_rdev = inode.rdev
     a.st_size = inode.size
     a.st_blksize = 128 * 1024
-    a.st_blocks = (inode.size + 511) // 512
+    a.st_blocks = (allocated + 511) // 512
     a.st_atime_ns = inode.atime_ns
     a.st_mtime_ns = inode.mtime_ns
     a.st_ctime_ns = inode.ctime_ns
@@ -76,9 +77,12 @@ class FuseOps(pyfuse3.Operations):
         super().__init__()
         self.vfs = vfs
 
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        return _attrs(inode, self.vfs.allocated_bytes(inode))
+
     def _ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
         self.vfs.lookups[inode.id] += 1
-        return _attrs(inode)
+        return self._attrs(inode)
 
     @_errors_to_fuse
     async def lookup(self, parent_inode, name, ctx=None):
@@ -93,11 +97,11 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def getattr(self, inode, ctx=None):
-        return _attrs(self.vfs.getattr(inode))
+        return self._attrs(self.vfs.getattr(inode))
 
     @_errors_to_fuse
     async def setattr(self, inode, attr, fields, fh, ctx):
-        return _attrs(
+        return self._attrs(
             await self.vfs.setattr(
                 inode,
                 mode=attr.st_mode if fields.update_mode else None,
@@ -181,7 +185,7 @@ class FuseOps(pyfuse3.Operations):
             if not page:
                 return
             for dentry, inode in page:
-                if not pyfuse3.readdir_reply(token, dentry.name, _attrs(inode), dentry.cursor):
+                if not pyfuse3.readdir_reply(token, dentry.name, self._attrs(inode), dentry.cursor):
                     return
                 self.vfs.lookups[inode.id] += 1
                 start_id = dentry.cursor

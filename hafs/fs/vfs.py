@@ -310,6 +310,8 @@ class Vfs:
 
     def lookup(self, parent: int, name: bytes) -> Inode:
         self._dir(parent)
+        if len(name) > NAME_MAX:  # as for every other call: no such name can exist
+            raise FsError(errno.ENAMETOOLONG)
         if name == b".":
             return self._inode(parent)
         if name == b"..":
@@ -321,6 +323,19 @@ class Vfs:
 
     def getattr(self, ino: int) -> Inode:
         return self._inode(ino)
+
+    def allocated_bytes(self, inode: Inode) -> int:
+        """The bytes `inode` really holds (its st_blocks): what its extents cover, plus
+        what an open handle buffers, at most its size; a hole holds nothing. A block the
+        file shares with others (dedup) counts once for each file. Not a regular file:
+        its size."""
+        if not stat.S_ISREG(inode.mode):
+            return inode.size
+        held = self.meta.allocated_bytes(inode.id)
+        fs = self.files.get(inode.id)
+        if fs is not None:
+            held += fs.dirty.nbytes
+        return min(held, inode.size)
 
     def forget(self, ino: int, n: int) -> None:
         self.lookups[ino] -= n

@@ -394,6 +394,14 @@ class MetaStore:
         )
         return out
 
+    def allocated_bytes(self, ino: int) -> int:
+        """The bytes the extents of `ino` cover (holes hold none; a shared block counts
+        in each file that uses it). One scan of the inode's extents (its primary key)."""
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(length), 0) FROM extents WHERE inode = ?", (ino,)
+        ).fetchone()
+        return row[0]
+
     def replace_extents(
         self,
         ino: int,
