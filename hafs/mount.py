@@ -58,9 +58,16 @@ def parse_options(text: str | None) -> tuple[Options, set[str]]:
     opts = Options()
     fuse: set[str] = set()
     for item in filter(None, (text or "").split(",")):
-        name, _, value = item.partition("=")
-        if name in FUSE_PASSTHROUGH and not value:
-            fuse.add(name)
+        name, sep, value = item.partition("=")
+        if name in FUSE_PASSTHROUGH:
+            flag = value.lower()
+            if not sep or flag in ("1", "true", "yes", "on"):
+                fuse.add(name)
+            elif flag not in ("0", "false", "no", "off"):
+                raise UserError(
+                    f"mount option {name} is a flag, not {value!r}: give '{name}' alone"
+                    f" (or {name}=1; {name}=0 leaves it off)"
+                )
             continue
         if name not in Options.__dataclass_fields__:
             known = ", ".join(sorted([*Options.__dataclass_fields__, *FUSE_PASSTHROUGH]))

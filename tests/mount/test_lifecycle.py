@@ -14,6 +14,7 @@ import pytest
 from conftest import Mount, hafs, make_mount
 
 from hafs.meta.sqlite import MetaStore
+from hafs.mount import parse_options
 from hafs.store.chunker import MiB
 from hafs.store.ring import Ring
 
@@ -218,6 +219,7 @@ def test_bad_mountpoints(tmp_path):
     _fails("mount", "--home", m.home, tmp_path / "full", expect="not empty")
     _fails("mount", "--home", m.home, tmp_path / "nope", expect="does not exist")
     _fails("mount", "--home", m.home, "-o", "bogus=1", m.mnt, expect="unknown mount option")
+    _fails("mount", "--home", m.home, "-o", "allow_other=maybe", m.mnt, expect="is a flag")
     _fails("mount", "--home", tmp_path / "nohome", m.mnt, expect="hafs mkfs")
     assert os.listdir(tmp_path / "full") == ["x"] and not os.path.ismount(tmp_path / "full")
     assert not (tmp_path / "nope").exists() and not (tmp_path / "nohome").exists()
@@ -229,6 +231,17 @@ def test_bad_mountpoints(tmp_path):
         assert os.path.ismount(m.mnt) and m.daemon_pid() == pid  # the first mount serves on
     finally:
         m.stop()
+
+
+def test_flag_options_take_1_and_0():
+    for text, flags in [
+        ("allow_other", {"allow_other"}),
+        ("allow_other=1", {"allow_other"}),
+        ("allow_other=true,allow_root=0", {"allow_other"}),
+        ("threads=4,allow_root=off", set()),
+    ]:
+        assert parse_options(text)[1] == flags, text
+    assert parse_options("threads=4,allow_other=1")[0].threads == 4
 
 
 def test_foreign_and_missing_backing_directories(tmp_path):
