@@ -50,7 +50,8 @@ def _errors_to_fuse(fn):
     return wrapper
 
 
-def _attrs(inode: Inode) -> pyfuse3.EntryAttributes:
+def _attrs(inode: Inode, allocated: int) -> pyfuse3.EntryAttributes:
+    """The kernel's attributes of `inode`, which holds `allocated` bytes (st_blocks)."""
     a = pyfuse3.EntryAttributes()
     a.st_ino = inode.id
     a.generation = 0
@@ -63,7 +64,7 @@ def _attrs(inode: Inode) -> pyfuse3.EntryAttributes:
     a.st_rdev = inode.rdev
     a.st_size = inode.size
     a.st_blksize = 128 * 1024
-    a.st_blocks = (inode.size + 511) // 512
+    a.st_blocks = (allocated + 511) // 512
     a.st_atime_ns = inode.atime_ns
     a.st_mtime_ns = inode.mtime_ns
     a.st_ctime_ns = inode.ctime_ns
@@ -79,13 +80,16 @@ class FuseOps(pyfuse3.Operations):
         super().__init__()
         self.vfs = vfs
 
-    def _ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
+    async def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        return _attrs(inode, await self.vfs.allocated_bytes(inode))
+
+    async def _ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
         self.vfs.lookups[inode.id] += 1
-        return _attrs(inode)
+        return await self._attrs(inode)
 
     @_errors_to_fuse
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._ref(await self.vfs.lookup(parent_inode, name))
+        return await self._ref(await self.vfs.lookup(parent_inode, name))
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
@@ -96,11 +100,11 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def getattr(self, inode, ctx=None):
-        return _attrs(await self.vfs.getattr(inode))
+        return await self._attrs(await self.vfs.getattr(inode))
 
     @_errors_to_fuse
     async def setattr(self, inode, attr, fields, fh, ctx):
-        return _attrs(
+        return await self._attrs(
             await self.vfs.setattr(
                 inode,
                 mode=attr.st_mode if fields.update_mode else None,
@@ -118,19 +122,21 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self._ref(await self.vfs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+        return await self._ref(
+            await self.vfs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
+        )
 
     @_errors_to_fuse
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._ref(await self.vfs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return await self._ref(await self.vfs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errors_to_fuse
     async def symlink(self, parent_inode, name, target, ctx):
-        return self._ref(await self.vfs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+        return await self._ref(await self.vfs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errors_to_fuse
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._ref(await self.vfs.link(inode, new_parent_inode, new_name))
+        return await self._ref(await self.vfs.link(inode, new_parent_inode, new_name))
 
     @_errors_to_fuse
     async def unlink(self, parent_inode, name, ctx):
@@ -151,7 +157,7 @@ class FuseOps(pyfuse3.Operations):
     @_errors_to_fuse
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, inode = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._ref(inode)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), await self._ref(inode)
 
     @_errors_to_fuse
     async def read(self, fh, off, size):
@@ -184,7 +190,9 @@ class FuseOps(pyfuse3.Operations):
             if not page:
                 return
             for dentry, inode in page:
-                if not pyfuse3.readdir_reply(token, dentry.name, _attrs(inode), dentry.cursor):
+                if not pyfuse3.readdir_reply(
+                    token, dentry.name, await self._attrs(inode), dentry.cursor
+                ):
                     return
                 self.vfs.lookups[inode.id] += 1
                 start_id = dentry.cursor

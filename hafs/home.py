@@ -5,7 +5,6 @@ Layout of HOME:
     meta.db        SQLite metadata (WAL): the ring, R, W and the nodes' token live in it
     nodes/n1 ...   the default backing directories (mkfs without --node)
     hafs.log       the mount daemon's log
-    mount.lock     held (flock, shared) by every mount daemon; fsck --repair takes it exclusively
     run/*.pid      pid and mountpoint of each mount daemon
 
 `create` is `hafs mkfs`; `open_fs` checks everything a mount needs and

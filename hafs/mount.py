@@ -5,8 +5,9 @@ new session and waits until it reports, through that pipe, either "ok"
 (mounted) or one line of error; so every refusal reaches the user's terminal
 and the exit code.  The foreground daemon:
 
-1. checks the mountpoint (an empty directory not mounted; a dead hafs mount
-   left by a killed daemon is detached with `fusermount3 -u -z` first);
+1. checks the mountpoint (an empty directory not mounted; a hafs mount whose
+   daemon, named by HOME/run/*.pid, is gone is detached with `fusermount3 -u -z`
+   first, found in /proc/self/mounts without a stat of the dead mount);
 2. opens the metadata and the backing directories and registers a mount
    session in the metadata (several mounts of one filesystem work together
    through the write locks; a session is refused while `fsck --repair` runs,
@@ -24,6 +25,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -58,9 +60,16 @@ def parse_options(text: str | None) -> tuple[Options, set[str]]:
     opts = Options()
     fuse: set[str] = set()
     for item in filter(None, (text or "").split(",")):
-        name, _, value = item.partition("=")
-        if name in FUSE_PASSTHROUGH and not value:
-            fuse.add(name)
+        name, sep, value = item.partition("=")
+        if name in FUSE_PASSTHROUGH:
+            flag = value.lower()
+            if not sep or flag in ("1", "true", "yes", "on"):
+                fuse.add(name)
+            elif flag not in ("0", "false", "no", "off"):
+                raise UserError(
+                    f"mount option {name} is a flag, not {value!r}: give '{name}' alone"
+                    f" (or {name}=1; {name}=0 leaves it off)"
+                )
             continue
         if name not in Options.__dataclass_fields__:
             known = ", ".join(sorted([*Options.__dataclass_fields__, *FUSE_PASSTHROUGH]))
@@ -78,14 +87,56 @@ def parse_options(text: str | None) -> tuple[Options, set[str]]:
 
 
 def mounted_fs(path: Path) -> tuple[str, str] | None:
-    """(fsname, fstype) of the filesystem mounted exactly at `path`, if any."""
-    target = os.path.realpath(path)
+    """(fsname, fstype) of the filesystem mounted exactly at `path`, if any.
+
+    Only the parent is resolved: nothing asks the mount itself (a dead one
+    answers ENOTCONN, or stale attributes from the kernel's cache).
+    """
+    path = Path(os.path.abspath(path))
+    target = os.path.join(os.path.realpath(path.parent), path.name)
+    found = None
     with open("/proc/self/mounts") as f:
         for line in f:
             dev, mnt, fstype = line.split()[:3]
-            if mnt.replace("\\040", " ") == target:
-                return dev, fstype
-    return None
+            if _unescape(mnt) == target:
+                found = _unescape(dev), fstype  # the last one is on top
+    return found
+
+
+def _unescape(field: str) -> str:
+    """A /proc/self/mounts field with its octal escapes (space, tab, newline, \\) undone."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def hafs_daemon(home: Path, mountpoint: Path) -> int | None:
+    """The pid of the live daemon serving `home` at `mountpoint` (its pid file), else None."""
+    try:
+        pid = int(pid_file(home, mountpoint).read_text().split()[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return None
+    is_hafs = b"mount" in argv and any(b"hafs" in arg for arg in argv)
+    return pid if is_hafs and _alive(pid) else None
+
+
+def _detach_dead_mount(path: Path, fsname: str) -> None:
+    """Lazily unmount a hafs mount whose daemon is gone; UserError if that fails."""
+    log.warning("detaching the dead mount of %s left at %s (its daemon is gone)", fsname, path)
+    errors = []
+    for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            errors.append(f"{cmd[0]}: {e}")
+            continue
+        if p.returncode == 0 and mounted_fs(path) != (fsname, "fuse.hafs"):
+            return
+        errors.append(f"{cmd[0]}: {p.stderr.strip() or f'exit {p.returncode}'}")
+    raise UserError(
+        f"{path} holds a dead hafs mount that cannot be detached ({'; '.join(errors)}):"
+        f" run 'fusermount3 -u -z {path}' as its owner"
+    )
 
 
 def set_readahead(mountpoint: Path, kb: int) -> None:
@@ -113,25 +164,36 @@ def set_readahead(mountpoint: Path, kb: int) -> None:
 
 
 def check_mountpoint(path: Path) -> None:
-    """Refuse anything but an empty, unmounted directory; detach a dead hafs mount."""
+    """Refuse anything but an empty, unmounted directory; detach a dead hafs mount.
+
+    A hafs mount at `path` is dead when the daemon its home's pid file names is
+    gone (kill -9): it is detached at once, without asking the mount (whose
+    root the kernel may still answer from its attribute cache).
+    """
+    info = mounted_fs(path)
+    if info is not None:
+        fsname, fstype = info
+        home = Path(fsname[len("hafs:") :]) if fstype == "fuse.hafs" else None
+        pid = hafs_daemon(home, path) if home is not None else None
+        if home is None:
+            raise UserError(
+                f"{path} is already a mountpoint ({fsname}, {fstype}): unmount it first, or"
+                " choose another directory"
+            )
+        if pid is not None:
+            raise UserError(
+                f"{path} is already mounted: the filesystem in {home} is served there by"
+                f" daemon {pid}; unmount it first ('hafs umount {path}')"
+            )
+        _detach_dead_mount(path, fsname)
     try:
         st = os.stat(path)
     except OSError as e:
-        if e.errno == errno.ENOTCONN:  # a daemon died and left its mount behind
-            log.warning("detaching the dead mount left at %s", path)
-            subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
-            st = os.stat(path)
-        elif e.errno == errno.ENOENT:
+        if e.errno == errno.ENOENT:
             raise UserError(f"mountpoint {path} does not exist: create it with 'mkdir -p {path}'")
-        else:
-            raise UserError(f"mountpoint {path} cannot be used: {e.strerror}")
+        raise UserError(f"mountpoint {path} cannot be used: {e.strerror}")
     if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"mountpoint {path} is not a directory")
-    if mounted_fs(path):
-        raise UserError(
-            f"{path} is already a mountpoint ({mounted_fs(path)[0]}): unmount it first"
-            f" ('hafs umount {path}' or 'fusermount3 -u {path}')"
-        )
     if any(os.scandir(path)):
         raise UserError(f"mountpoint {path} is not empty: use an empty directory")
 

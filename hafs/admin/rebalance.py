@@ -212,13 +212,15 @@ class Report:
         if not self.dry_run:
             busy = self.seconds - self.waited_s
             rate = self.bytes_copied / mib / busy if busy > 0 else 0.0
+            waited = (
+                f"; waited {self.waited_s:.1f} s for the mounts to use the new ring"
+                if self.waited_s
+                else ""
+            )
             out.append(
                 f"copied {self.copied:,} ({self.bytes_copied / mib:,.1f} MiB, {rate:,.1f} MiB/s),"
                 f" deleted {self.deleted:,} misplaced copies in {busy:.1f} s"
-                f" ({self.passes} pass{'es' if self.passes != 1 else ''}"
-                + (f"; waited {self.waited_s:.1f} s for the mounts to use the new ring)")
-                if self.waited_s
-                else ")"
+                f" ({self.passes} pass{'es' if self.passes != 1 else ''}{waited})"
             )
         for node in self.removed_nodes:
             out.append(f"node {node} was empty and left the ring")

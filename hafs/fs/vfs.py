@@ -326,6 +326,19 @@ class Vfs:
     async def getattr(self, ino: int) -> Inode:
         return await self._inode(ino)
 
+    async def allocated_bytes(self, inode: Inode) -> int:
+        """The bytes `inode` really holds (its st_blocks): what its extents cover, plus
+        what an open handle buffers, at most its size; a hole holds nothing. A block the
+        file shares with others (dedup) counts once for each file. Not a regular file:
+        its size."""
+        if not stat.S_ISREG(inode.mode):
+            return inode.size
+        held = await self.meta.allocated_bytes(inode.id)
+        fs = self.files.get(inode.id)
+        if fs is not None:
+            held += fs.dirty.nbytes
+        return min(held, inode.size)
+
     async def forget(self, ino: int, n: int) -> None:
         self.lookups[ino] -= n
         if self.lookups[ino] <= 0:

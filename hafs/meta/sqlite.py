@@ -697,6 +697,7 @@ class SqliteMeta:
         return out
 
     def allocated_bytes(self, ino: int) -> int:
+        """One scan of the inode's extents (its primary key)."""
         row = self.db.execute(
             "SELECT coalesce(sum(length), 0) FROM extents WHERE inode = ?", (ino,)
         ).fetchone()

@@ -81,7 +81,25 @@ is a small loop: keep-alive, timeouts, a connection cap, graceful shutdown.
 
 HTTP behaviour: keep-alive and pipelining (one request at a time per
 connection); a connection idle for KEEP_ALIVE_S, or silent for READ_TIMEOUT_S
-inside a request, or not reading our answer for WRITE_TIMEOUT_S is closed. An
+inside a request body, or not reading our answer for WRITE_TIMEOUT_S is closed.
+A request head must arrive whole within HEAD_TIMEOUT_S: counted from its first
+byte on an authenticated connection, from the connection's start (or the end
+of the previous answer) on one that is not, so a client trickling bytes holds
+a connection for HEAD_TIMEOUT_S at most.
+
+Connection limits (slow-client starvation): a connection is *unauthenticated*
+until it has sent a request with the right token (any complete request head
+when the node has no token). At most ``max_unauthenticated`` connections are
+unauthenticated at once, ``max_unauthenticated_per_peer`` of them from one peer
+address, and at most ``max_connections`` are open. A connection over one of
+these bounds does not wait: the oldest unauthenticated connection (of that
+peer, for the per-peer bound) is closed to make room, and at the total bound
+the oldest idle authenticated (keep-alive) one if no unauthenticated one is
+left. Only when every open connection is authenticated and inside a request
+do new ones wait in the listen backlog. Sheds are counted in
+hafs_node_connections_shed_total{reason}. A client whose keep-alive
+connection is shed sees it closed, as after KEEP_ALIVE_S (RemoteStore retries
+on a fresh one). An
 answer sent before the body was read (401, 400, 409, 413, 503) is followed by reading
 and discarding that body when it announced at most MAX_SIZE bytes (so the
 connection stays usable); otherwise it says ``Connection: close`` and the node
@@ -89,8 +107,10 @@ closes after discarding at most LINGER_BYTES for at most LINGER_S, so that the
 client reads the answer instead of a reset.
 
 Concurrency: everything except DirStore calls runs on the trio thread: one task
-per connection (at most MAX_CONNECTIONS; more wait in the listen backlog), each
-serving its requests one after another. Every DirStore call (and hashing) runs
+per connection (bounded as above), each serving its requests one after another;
+the connection registry of HttpServer (and each connection's authenticated and
+idle flags) is only changed on the trio thread, with no await between a check
+and the change it decides. Every DirStore call (and hashing) runs
 in a worker thread bounded by one CapacityLimiter (``--threads``); DirStore
 allows any number of concurrent callers. Request bodies are held in memory by at
 most 2 x threads requests at once. Metrics and the usage cache are only touched
@@ -106,6 +126,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import email.utils
 import errno
 import hmac
@@ -115,7 +136,9 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -139,7 +162,10 @@ DEFAULT_THREADS = 16
 LIST_LIMIT_DEFAULT = 1000
 LIST_LIMIT_MAX = 10000
 USAGE_TTL_S = 1.0  # /status and /metrics reuse a block count this young
-MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS = 1024  # open connections (--max-connections)
+MAX_UNAUTHENTICATED = 256  # of those, not yet authenticated (--max-unauthenticated)
+MAX_UNAUTHENTICATED_PER_PEER = 64  # ... from one peer address (--max-unauthenticated-per-peer)
+HEAD_TIMEOUT_S = 10.0  # a whole request head (see _Connection._next_event)
 MAX_HEAD = 16 * 1024  # request line + headers
 RECV_SIZE = 256 * 1024
 KEEP_ALIVE_S = 60.0  # an idle connection is closed after this (RemoteStore closes its own at 20)
@@ -156,6 +182,7 @@ _PREFIX_RE = re.compile(r"[0-9a-f]{0,64}")
 _NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TOKEN_RE = re.compile(rb"[\x21-\x7e]+")  # what an HTTP header can carry verbatim
 _METHODS = ("GET", "HEAD", "PUT", "DELETE", "POST")  # metric labels; anything else is "other"
+_SHED_REASONS = ("peer", "unauthenticated", "full")
 _JSON = b"application/json"
 _OCTETS = b"application/octet-stream"
 UNCLAIMED = (
@@ -185,6 +212,7 @@ class Metrics:
         self.stored = 0
         self.rejected: Counter[str] = Counter()
         self.corrupt = 0
+        self.shed: Counter[str] = Counter()  # connections closed to make room, by reason
         self.started = time.time()
 
     def render(self, usage: StoreUsage, node_id: str, fs_uuid: str) -> bytes:
@@ -235,6 +263,13 @@ class Metrics:
             "counter",
             "Blocks that failed their hash on GET and were moved aside.",
             [("", self.corrupt)],
+        )
+        metric(
+            "hafs_node_connections_shed_total",
+            "counter",
+            "Connections closed to make room: unauthenticated over the per-peer, the"
+            " unauthenticated or the total bound, or idle at the total bound.",
+            [(f'{{reason="{r}"}}', self.shed[r]) for r in _SHED_REASONS],
         )
         metric("hafs_node_blocks", "gauge", "Blocks stored.", [("", usage.block_count)])
         metric(
@@ -315,19 +350,29 @@ class _Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             host, port = stream.socket.getpeername()[:2]
-            self.peer = f"{host}:{port}"
+            self.host, self.peer = host, f"{host}:{port}"
         except OSError:
-            self.peer = "?"
+            self.host = self.peer = "?"
+        self.authenticated = False  # has sent an authorised request (module docstring)
+        self.idle = False  # authenticated and waiting for the first byte of a request
+        self.scope = trio.CancelScope()  # cancelled when the server sheds this connection
+        self._head_deadline = trio.current_time() + HEAD_TIMEOUT_S  # for the request head
         self._drain = False  # after the answer: read and discard the rest of the body
         self._pending = None  # an event taken from h11 that _next_event returns first
 
     async def run(self) -> None:
+        with self.scope:
+            await self._serve_requests()
+
+    async def _serve_requests(self) -> None:
         try:
             while True:
                 event = await self._next_event(idle=True)
                 if not isinstance(event, h11.Request):
                     return  # closed by the client, idle too long, or shutting down
                 req = Request(self, event)
+                if not self.authenticated and self.server.authorised(req):
+                    self.server.authenticate(self)
                 # An empty body ends right away: take its EndOfMessage now (no I/O), so the
                 # answer need not close the connection. Anything else waits for read_body.
                 first = self.h11.next_event()
@@ -360,14 +405,19 @@ class _Connection:
         if self.server.stopping:
             return False
         self.h11.start_next_cycle()
+        # The next head is due HEAD_TIMEOUT_S from now (from its first byte, once authenticated).
+        self._head_deadline = trio.current_time() + HEAD_TIMEOUT_S
         return True
 
     async def _next_event(self, idle: bool = False):
         """The next h11 event, reading as needed; None if the connection should just close.
 
-        While waiting for the first byte of a new request (`idle`), the wait ends
-        after KEEP_ALIVE_S or when the server stops; inside a request, a client
-        silent for READ_TIMEOUT_S is gone.
+        While an authenticated connection waits for the first byte of a new
+        request (`idle`), the wait ends after KEEP_ALIVE_S or when the server
+        stops; the head must then be whole by `_head_deadline` (HEAD_TIMEOUT_S
+        after its first byte, or after the start of the cycle while the
+        connection is unauthenticated); inside a body, a client silent for
+        READ_TIMEOUT_S is gone.
         """
         if self._pending is not None:
             event, self._pending = self._pending, None
@@ -376,22 +426,33 @@ class _Connection:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            waiting = idle and self.h11.their_state is h11.IDLE and not self.h11.trailing_data[0]
+            in_head = self.h11.their_state is h11.IDLE
+            waiting = idle and in_head and not self.h11.trailing_data[0]
             if waiting and self.server.stopping:
                 return None
-            with trio.move_on_after(KEEP_ALIVE_S if waiting else READ_TIMEOUT_S) as scope:
+            now = trio.current_time()
+            if waiting and self.authenticated:
+                deadline = now + KEEP_ALIVE_S
+            elif in_head:
+                deadline = self._head_deadline
+            else:
+                deadline = now + READ_TIMEOUT_S
+            with trio.CancelScope(deadline=deadline) as scope:
                 if waiting:
                     self.server.idle_scopes.add(scope)
+                    self.server.set_idle(self, self.authenticated)
                 try:
                     # A head arrives in small reads, so h11 sees one over MAX_HEAD (431).
-                    body = self.h11.their_state is h11.SEND_BODY
-                    data = await self.stream.receive_some(RECV_SIZE if body else MAX_HEAD)
+                    data = await self.stream.receive_some(MAX_HEAD if in_head else RECV_SIZE)
                 finally:
                     self.server.idle_scopes.discard(scope)
+                    self.server.set_idle(self, False)
             if scope.cancelled_caught:
                 if waiting:
                     return None
                 raise _Gone
+            if waiting and self.authenticated and data:  # the first byte of a head
+                self._head_deadline = trio.current_time() + HEAD_TIMEOUT_S
             self.h11.receive_data(data)  # b"" is the end of the stream
 
     async def read_body(self, limit: int) -> bytearray | None:
@@ -489,15 +550,42 @@ class _Connection:
 _STATUSES = {s.value for s in http.HTTPStatus}
 
 
-class HttpServer:
-    """Accepts connections and runs `handler` for each request (see the module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The connection bounds of a node (module docstring, "Connection limits")."""
 
-    def __init__(self, handler: Callable[[Request], Awaitable[None]], metrics: Metrics) -> None:
+    max_connections: int = MAX_CONNECTIONS
+    max_unauthenticated: int = MAX_UNAUTHENTICATED
+    max_unauthenticated_per_peer: int = MAX_UNAUTHENTICATED_PER_PEER
+
+
+class HttpServer:
+    """Accepts connections and runs `handler` for each request (see the module docstring).
+
+    `authorised(request)` says whether a request authenticates its connection.
+    The registry (`_open`, `_unauthenticated`, `_per_peer`) is in connection order,
+    oldest first; it is changed on the trio thread only, without awaits.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[Request], Awaitable[None]],
+        metrics: Metrics,
+        *,
+        authorised: Callable[[Request], bool] = lambda req: True,
+        limits: Limits = Limits(),  # noqa: B008 (frozen)
+    ) -> None:
         self.handler = handler
         self.metrics = metrics
+        self.authorised = authorised
+        self.limits = limits
         self.stopping = False
         self.idle_scopes: set[trio.CancelScope] = set()  # connections waiting for a request
-        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+        self._open: dict[_Connection, None] = {}
+        self._unauthenticated: dict[_Connection, None] = {}
+        self._idle: dict[_Connection, None] = {}  # authenticated, between requests
+        self._per_peer: Counter[str] = Counter()  # unauthenticated connections by peer host
+        self._room = trio.Event()  # set when a connection closes or becomes idle
 
     async def serve(
         self,
@@ -520,27 +608,80 @@ class HttpServer:
 
     async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
-            await self._slots.acquire()  # over MAX_CONNECTIONS, clients wait in the backlog
+            # Full, and every connection authenticated and busy: wait in the backlog.
+            while len(self._open) >= self.limits.max_connections and not (
+                self._unauthenticated or self._idle
+            ):
+                self._room = trio.Event()
+                await self._room.wait()
             try:
                 stream = await listener.accept()
             except OSError as e:  # EMFILE, ENFILE, ENOBUFS: wait for descriptors to free up
-                self._slots.release()
                 log.error("cannot accept a connection: %s", e)
                 await trio.sleep(0.1)
                 continue
-            except BaseException:
-                self._slots.release()
-                raise
-            nursery.start_soon(self._connection, stream)
+            conn = _Connection(self, stream)
+            self._add(conn)
+            nursery.start_soon(self._connection, conn)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, conn: _Connection) -> None:
         try:
-            await _Connection(self, stream).run()
+            await conn.run()
         except Exception:
             log.exception("unexpected error on a connection; closing it")
         finally:
-            self._slots.release()
-            await trio.aclose_forcefully(stream)
+            self._remove(conn)
+            await trio.aclose_forcefully(conn.stream)
+
+    # ------------------------------------------------ the connection registry
+
+    def _add(self, conn: _Connection) -> None:
+        """Register a new (unauthenticated) connection, shedding others over the bounds."""
+        self._open[conn] = None
+        self._unauthenticated[conn] = None
+        self._per_peer[conn.host] += 1
+        if self._per_peer[conn.host] > self.limits.max_unauthenticated_per_peer:
+            self._shed(next(c for c in self._unauthenticated if c.host == conn.host), "peer")
+        if len(self._unauthenticated) > self.limits.max_unauthenticated:
+            self._shed(next(iter(self._unauthenticated)), "unauthenticated")
+        if len(self._open) > self.limits.max_connections:
+            others = (c for c in self._unauthenticated if c is not conn)
+            oldest = next(others, None) or next(iter(self._idle), None)
+            if oldest is not None:
+                self._shed(oldest, "full")
+
+    def authenticate(self, conn: _Connection) -> None:
+        """`conn` sent an authorised request: it no longer counts as unauthenticated."""
+        conn.authenticated = True
+        self._drop_unauthenticated(conn)
+
+    def _drop_unauthenticated(self, conn: _Connection) -> None:
+        if self._unauthenticated.pop(conn, False) is None:
+            self._per_peer[conn.host] -= 1
+            if not self._per_peer[conn.host]:
+                del self._per_peer[conn.host]
+
+    def set_idle(self, conn: _Connection, idle: bool) -> None:
+        """Mark `conn` as waiting between requests (sheddable at the total bound) or not."""
+        conn.idle = idle
+        if idle and conn in self._open:
+            self._idle[conn] = None
+            self._room.set()
+        else:
+            self._idle.pop(conn, None)
+
+    def _remove(self, conn: _Connection) -> None:
+        if self._open.pop(conn, False) is None:
+            self._drop_unauthenticated(conn)
+            self._idle.pop(conn, None)
+            self._room.set()
+
+    def _shed(self, conn: _Connection, reason: str) -> None:
+        """Close `conn` to make room (its task ends at its next checkpoint)."""
+        log.debug("CONNECTION-SHED %s (%s)", conn.peer, reason)
+        self.metrics.shed[reason] += 1
+        self._remove(conn)
+        conn.scope.cancel()
 
 
 # ----------------------------------------------------------------------- app
@@ -654,7 +795,7 @@ class NodeApp:
             await self._error(req, 500, "internal error (see the node's log)")
 
     async def _route(self, req: Request) -> None:
-        if self.token is not None and not self._authorised(req):
+        if not self.authorised(req):
             await req.respond(
                 401,
                 json.dumps({"error": "missing or wrong bearer token"}).encode(),
@@ -701,7 +842,10 @@ class NodeApp:
         else:
             await handler(req)
 
-    def _authorised(self, req: Request) -> bool:
+    def authorised(self, req: Request) -> bool:
+        """True if `req` carries the node's token (any request when it has none)."""
+        if self.token is None:
+            return True
         value = req.header(b"authorization")
         if value is None:
             return False
@@ -1000,11 +1144,69 @@ def read_token(file: str | Path) -> bytes:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """HOST:PORT or [IPV6]:PORT -> (host, port); UserError if malformed."""
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]/]+):(\d{1,5})", value)
-    if m is None or not 0 <= int(m.group(2) or m.group(4)) <= 65535:
+    """HOST:PORT or [IPV6]:PORT -> (host, port); UserError if malformed.
+
+    Port 0 asks the system for any free port.
+    """
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^\s:\[\]/]+):(\d+)", value)
+    if m is None:
         raise UserError(f"--listen {value!r}: expected HOST:PORT, e.g. 0.0.0.0:7470 or [::]:7470")
-    return (m.group(1) or m.group(3)), int(m.group(2) or m.group(4))
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise UserError(f"--listen {value!r}: port {port} is out of range 1-65535")
+    return (m.group(1) or m.group(3)), port
+
+
+def bind_listen(listen: str) -> list[socket.socket]:
+    """Listening sockets for `listen` (every address HOST resolves to); UserError if not.
+
+    Called before anything is created on disk, so a port in use changes nothing.
+    """
+    host, port = parse_listen(listen)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"cannot listen on {listen}: {e.strerror}") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in dict.fromkeys(
+            (i[0], i[1], i[2], "", i[4]) for i in infos
+        ):
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(256)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        raise UserError(
+            f"cannot listen on {listen}: {e.strerror or e}: choose another --listen port, or stop"
+            " what is using it"
+        ) from None
+    return socks
+
+
+def fit_descriptors(limits: Limits, threads: int) -> Limits:
+    """`limits`, with the descriptor limit raised to fit them (or them lowered, with a warning)."""
+    need = limits.max_connections + threads + 64  # listeners, logs, the store's own files
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fitted = max(1, soft - threads - 64)
+        log.warning(
+            "the descriptor limit (ulimit -n %d) allows %d connections, not %d: serving at most %d",
+            soft,
+            fitted,
+            limits.max_connections,
+            fitted,
+        )
+        return dataclasses.replace(limits, max_connections=fitted)
+    return limits
 
 
 def _is_loopback(host: str) -> bool:
@@ -1021,21 +1223,18 @@ def _url(sockname: tuple) -> str:
 
 async def serve(
     app: NodeApp,
-    listen: str,
+    socks: list[socket.socket],
+    limits: Limits = Limits(),  # noqa: B008 (frozen)
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> str:
-    """Serve `app` on `listen` until SIGINT or SIGTERM; return the signal's name.
+    """Serve `app` on the listening `socks` (bind_listen) until SIGINT or SIGTERM.
 
-    `task_status.started` gets the bound URLs (port 0 picks a free port).
+    Returns the signal's name; `task_status.started` gets the bound URLs.
     """
-    host, port = parse_listen(listen)
     stopped_by = ""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        try:
-            listeners = await trio.open_tcp_listeners(port, host=host, backlog=256)
-        except OSError as e:
-            raise UserError(f"cannot listen on {listen}: {e.strerror or e}") from None
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
 
         async def stop() -> None:
             nonlocal stopped_by
@@ -1054,7 +1253,8 @@ async def serve(
             "" if app.store else f": waiting for 'hafs mkfs --node {urls[0]}' to claim it",
         )
         task_status.started(urls)
-        await HttpServer(app, app.metrics).serve(listeners, stop)
+        server = HttpServer(app, app.metrics, authorised=app.authorised, limits=limits)
+        await server.serve(listeners, stop)
     log.info("NODE-STOPPED %s", app.describe())
     return stopped_by
 
@@ -1098,6 +1298,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_THREADS,
         help="worker threads for disk I/O (default: %(default)s)",
     )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections at most; at the bound, the oldest unauthenticated or idle one"
+        " is closed to make room (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=MAX_UNAUTHENTICATED,
+        metavar="N",
+        help="connections that have not yet sent a request with the token, at most; more"
+        " close the oldest of them (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-unauthenticated-per-peer",
+        type=int,
+        default=MAX_UNAUTHENTICATED_PER_PEER,
+        metavar="N",
+        help="the same bound for one client address (default: %(default)s)",
+    )
     parser.add_argument("--debug", action="store_true", help="log debug messages")
 
 
@@ -1111,11 +1334,24 @@ def run(args: argparse.Namespace) -> int:
     if args.data is None:
         raise UserError("hafs node needs --data DIR: the backing directory to serve")
     host, _ = parse_listen(args.listen)
-    if args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    bounds = ("threads", "max_connections", "max_unauthenticated", "max_unauthenticated_per_peer")
+    for name in bounds:
+        if getattr(args, name) < 1:
+            option = "--" + name.replace("_", "-")
+            raise UserError(f"{option} must be at least 1, got {getattr(args, name)}")
+    limits = fit_descriptors(
+        Limits(args.max_connections, args.max_unauthenticated, args.max_unauthenticated_per_peer),
+        args.threads,
+    )
     token = read_token(args.token_file) if args.token_file is not None else None
     path = Path(args.data).expanduser().absolute()
-    store = open_node_store(path, args.init, args.fs_uuid)
+    socks = bind_listen(args.listen)  # before anything is created: a port in use changes nothing
+    try:
+        store = open_node_store(path, args.init, args.fs_uuid)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
     if token is None and not _is_loopback(host):
         log.warning(
             "serving %s on %s without --token-file: anyone who can reach it can read and"
@@ -1128,7 +1364,7 @@ def run(args: argparse.Namespace) -> int:
         store.cleanup_tmp()
     app = NodeApp(path, store, token=token, threads=args.threads)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a peer's reset is an error, not our death
-    trio.run(serve, app, args.listen)
+    trio.run(serve, app, socks, limits)
     return 0
 
 

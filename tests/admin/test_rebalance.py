@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -282,8 +283,14 @@ def test_rebalance_waits_for_the_mounts_after_a_ring_change(tmp_path):
     nodeadmin.add_node(h, str(tmp_path / "n4"))
     report = rebalance.run(h, settle_s=1.0)
     assert 0.5 < report.waited_s <= 1.0 and report.exit_code == 0
+    assert re.search(
+        r"^copied .* \(\d+ pass(es)?; waited \d\.\d s for the mounts", report.render(), re.M
+    )
     report = rebalance.run(h, settle_s=1.0)  # the change is old by now
     assert report.waited_s == 0
+    summary = [line for line in report.render().splitlines() if line.startswith("copied ")]
+    assert len(summary) == 1 and summary[0].endswith(" s (1 pass)"), report.render()
+    assert ")" not in report.render().splitlines(), report.render()
 
 
 def test_cli_dry_run_and_json(tmp_path):

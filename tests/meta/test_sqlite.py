@@ -123,3 +123,14 @@ def test_a_version_2_database_is_upgraded(tmp_path, meta):
         assert upgraded.count_degraded() == 1
     finally:
         upgraded.close()
+
+
+def test_allocated_bytes_counts_extents_not_holes(meta):
+    ino = new_file(meta)
+    assert meta.allocated_bytes(ino) == 0
+    meta.commit(ino, 0, 2**50 + 10, [Extent(2**50, 10, A)], {A: 10}, 2**50 + 10, 1)
+    assert meta.allocated_bytes(ino) == 10  # a 1 PiB hole holds nothing
+    meta.commit(ino, 0, 100, [Extent(0, 100, B)], {B: 100}, 2**50 + 10, 2)
+    other = new_file(meta)
+    meta.commit(other, 0, 100, [Extent(0, 100, B)], {B: 100}, 100, 1)
+    assert (meta.allocated_bytes(ino), meta.allocated_bytes(other)) == (110, 100)  # B in each

@@ -14,6 +14,7 @@ import pytest
 from conftest import Mount, hafs, make_mount
 
 from hafs.meta.sqlite import SqliteMeta
+from hafs.mount import parse_options
 from hafs.store.chunker import MiB
 from hafs.store.ring import Ring
 
@@ -122,6 +123,55 @@ def test_kill_9_and_remount(fresh):
     assert (fresh.mnt / "synced").read_bytes()[:MiB] == done[:MiB]
 
 
+def _kill_9(pid: int) -> None:
+    """SIGKILL the daemon and wait until it is gone (nothing asks the mount meanwhile)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1][0] == "Z":
+                    return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"daemon {pid} still runs 10 s after SIGKILL")
+
+
+def test_remount_at_once_after_kill_9_every_time(fresh):
+    """The kernel may answer a stat of the dead mount's root from its cache; `hafs mount`
+    right after the kill must detach the dead mount by its daemon's pid, not by a stat."""
+    written = {}
+    for round_ in range(5):
+        name = f"round-{round_}"
+        written[name] = os.urandom(300_000 + round_)
+        with open(fresh.mnt / name, "wb") as f:
+            f.write(written[name])
+            f.flush()
+            os.fsync(f.fileno())
+        os.stat(fresh.mnt)  # the root's attributes are now in the kernel's cache
+        _kill_9(fresh.daemon_pid())
+        fresh.start()  # at once: no wait, no manual step
+        assert {n: (fresh.mnt / n).read_bytes() for n in written} == written
+        assert len(subprocess.check_output(["findmnt", "-n", str(fresh.mnt)]).splitlines()) == 1
+
+
+def test_mount_refuses_a_live_mount_and_another_filesystem(fresh, tmp_path):
+    pid = fresh.daemon_pid()
+    p = hafs("mount", "--home", fresh.home, fresh.mnt, check=False)
+    assert p.returncode == 2 and f"served there by daemon {pid}" in p.stderr, p.stderr
+    assert os.path.ismount(fresh.mnt) and (fresh.mnt / ".").stat()  # still served
+    other = tmp_path / "other"
+    other.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(other)], check=True)
+    try:
+        _fails("mount", "--home", fresh.home, other, expect="is already a mountpoint (tmpfs")
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+
+
 def test_ctrl_c_in_foreground_unmounts_cleanly(tmp_path):
     m = make_mount(tmp_path)
     proc = subprocess.Popen(
@@ -169,6 +219,7 @@ def test_bad_mountpoints(tmp_path):
     _fails("mount", "--home", m.home, tmp_path / "full", expect="not empty")
     _fails("mount", "--home", m.home, tmp_path / "nope", expect="does not exist")
     _fails("mount", "--home", m.home, "-o", "bogus=1", m.mnt, expect="unknown mount option")
+    _fails("mount", "--home", m.home, "-o", "allow_other=maybe", m.mnt, expect="is a flag")
     _fails("mount", "--home", tmp_path / "nohome", m.mnt, expect="hafs mkfs")
     assert os.listdir(tmp_path / "full") == ["x"] and not os.path.ismount(tmp_path / "full")
     assert not (tmp_path / "nope").exists() and not (tmp_path / "nohome").exists()
@@ -180,6 +231,17 @@ def test_bad_mountpoints(tmp_path):
         assert os.path.ismount(m.mnt) and m.daemon_pid() == pid  # the first mount serves on
     finally:
         m.stop()
+
+
+def test_flag_options_take_1_and_0():
+    for text, flags in [
+        ("allow_other", {"allow_other"}),
+        ("allow_other=1", {"allow_other"}),
+        ("allow_other=true,allow_root=0", {"allow_other"}),
+        ("threads=4,allow_root=off", set()),
+    ]:
+        assert parse_options(text)[1] == flags, text
+    assert parse_options("threads=4,allow_other=1")[0].threads == 4
 
 
 def test_foreign_and_missing_backing_directories(tmp_path):

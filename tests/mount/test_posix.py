@@ -90,6 +90,70 @@ def test_sparse_file_takes_no_blocks(mount, work):
         assert f.read() == b"\0\0x"
 
 
+def _du_bytes(path: Path) -> int:
+    return int(subprocess.check_output(["du", "-B1", str(path)]).split()[0])
+
+
+def test_st_blocks_counts_what_a_file_holds(work):
+    """`du` of a 1 PiB sparse file with 16 bytes written is a few KiB; of a dense file,
+    its size (while buffered too); of a truncated one, what is left."""
+    sparse = work / "petabyte"
+    subprocess.run(["truncate", "-s", "1P", str(sparse)], check=True)
+    with open(sparse, "ab") as f:
+        f.write(b"sixteen bytes!!\n")
+    assert sparse.stat().st_size == 2**50 + 16
+    assert sparse.stat().st_blocks * 512 <= 4096
+    assert _du_bytes(sparse) <= 4096
+
+    dense = work / "dense"
+    data = os.urandom(10 * MiB)
+    with open(dense, "wb") as f:
+        f.write(data)
+        assert os.fstat(f.fileno()).st_blocks * 512 >= 9 * MiB  # buffered, not yet stored
+    assert 10 * MiB <= _du_bytes(dense) <= 10 * MiB + 4096
+    os.truncate(dense, 3 * MiB)
+    assert 3 * MiB <= dense.stat().st_blocks * 512 <= 3 * MiB + 4096
+    os.truncate(dense, 1 * 2**40)  # a 1 TiB hole after the 3 MiB
+    assert 3 * MiB <= dense.stat().st_blocks * 512 <= 3 * MiB + 4096
+    (work / "copy").write_bytes(data)  # dedup: the same blocks count in each file
+    assert (work / "copy").stat().st_blocks * 512 >= 10 * MiB
+
+
+def test_names_over_255_bytes_are_enametoolong_everywhere(work):
+    """Every call gets ENAMETOOLONG for a 256-byte component, lookup included; 255 works."""
+    (work / "f").write_bytes(b"x")
+    (work / "d").mkdir()
+    ok = "n" * 255
+    (work / ok).write_bytes(b"255 bytes is the limit")
+    assert (work / ok).read_bytes() == b"255 bytes is the limit"
+    long = str(work / ("n" * 256))
+    long_in_dir = str(work / "d" / ("é" * 128))  # 256 bytes in UTF-8
+    calls = {
+        "stat": lambda p: os.stat(p),
+        "lstat": lambda p: os.lstat(p),
+        "open": lambda p: os.open(p, os.O_RDONLY),
+        "create": lambda p: os.open(p, os.O_WRONLY | os.O_CREAT, 0o644),
+        "mkdir": lambda p: os.mkdir(p),
+        "rmdir": lambda p: os.rmdir(p),
+        "unlink": lambda p: os.unlink(p),
+        "rename from": lambda p: os.rename(p, work / "g"),
+        "rename to": lambda p: os.rename(work / "f", p),
+        "link": lambda p: os.link(work / "f", p),
+        "symlink": lambda p: os.symlink("f", p),
+        "mknod": lambda p: os.mkfifo(p),
+        "chmod": lambda p: os.chmod(p, 0o600),
+        "access": lambda p: os.access(p, os.R_OK) or os.stat(p),
+        "getxattr": lambda p: os.getxattr(p, "user.x"),
+    }
+    for what, call in calls.items():
+        for path in (long, long_in_dir):
+            with pytest.raises(OSError) as e:
+                call(path)
+            assert e.value.errno == errno.ENAMETOOLONG, (what, path[-20:], e.value)
+    assert sorted(os.listdir(work)) == sorted(["f", "d", ok])
+    assert os.listdir(work / "d") == []
+
+
 def test_directories(work):
     (work / "a" / "b" / "c").mkdir(parents=True)
     assert os.stat(work / "a").st_nlink == 3

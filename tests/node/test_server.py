@@ -479,6 +479,16 @@ def test_identity_contract(tmp_path: Path, node: Node) -> None:
     busy = f"127.0.0.1:{node.port}"
     p = run_node("--data", str(tmp_path / "n2"), "--init", "n2", "--fs-uuid", FS, "--listen", busy)
     assert p.returncode == 2 and "cannot listen" in p.stderr and "Traceback" not in p.stderr
+    assert "Address already in use" in p.stderr
+    p = run_node("--data", str(tmp_path / "n3"), "--listen", busy)  # would be served unclaimed
+    assert p.returncode == 2 and "cannot listen" in p.stderr
+    assert not (tmp_path / "n2").exists() and not (tmp_path / "n3").exists()  # nothing created
+    p = run_node("--data", str(tmp_path / "n4"), "--listen", "127.0.0.1:70000")
+    assert p.returncode == 2 and "port 70000 is out of range 1-65535" in p.stderr
+    assert not (tmp_path / "n4").exists()
+    for option in ("--max-connections", "--max-unauthenticated-per-peer"):
+        p = run_node("--data", str(tmp_path / "n5"), option, "0")
+        assert p.returncode == 2 and f"{option} must be at least 1" in p.stderr
 
 
 def test_restart_serves_old_blocks_and_sigterm_exits_0(tmp_path: Path) -> None:
