@@ -183,12 +183,14 @@ class Filesystem:
     token: str | None
 
 
-def open_fs(home: Path, node_timeout: float | None = None) -> Filesystem:
-    """Open the metadata and every node's store, checking the identity of directories."""
+def open_fs(home: Path, node_timeout: float | None = None, read_only: bool = False) -> Filesystem:
+    """Open the metadata and every node's store, checking the identity of directories.
+
+    read_only: the metadata is opened read-only (a `-o ro` mount)."""
     home = home.absolute()
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    meta = MetaStore.open(meta_path(home))
+    meta = MetaStore.open(meta_path(home), read_only)
     try:
         fs_uuid = meta.setting("fs_uuid")
         ring = Ring.from_json(meta.ring_json())

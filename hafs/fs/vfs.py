@@ -86,10 +86,14 @@ class Vfs:
         opts: Options,
         holder: str = "vfs",
         open_store: Callable[[NodeSpec], object] | None = None,
+        read_only: bool = False,
     ) -> None:
         """open_store(spec): the block store of a node that joins the ring while mounted
-        (default: `home.open_store` with the filesystem's uuid and node token)."""
+        (default: `home.open_store` with the filesystem's uuid and node token).
+        read_only: a `-o ro` mount (the kernel refuses writes): no background loop
+        that writes runs (garbage collection, repair, the purge of unlinked inodes)."""
         self.meta = meta
+        self.read_only = read_only
         self._open_store = open_store
         self._ring_refused: int | None = None  # a version that could not be used (logged)
         self.locks = SqliteLockService(meta.db, default_holder(holder), opts.lock_ttl_s)
@@ -112,7 +116,7 @@ class Vfs:
         purge_unlinked: delete inodes left without a name by a crash while they
         were open; only when no other mount of the filesystem is running.
         """
-        if purge_unlinked:
+        if purge_unlinked and not self.read_only:
             for ino in self.meta.unlinked_inodes():
                 self.meta.delete_inode(ino)
         async with trio.open_nursery() as nursery:
@@ -131,11 +135,12 @@ class Vfs:
                 locks=self.locks,
                 lock_wait_s=self.opts.lock_wait_s,
             )
-            nursery.start_soon(self._gc_loop)
+            if not self.read_only:
+                nursery.start_soon(self._gc_loop)
             nursery.start_soon(self._keepalive_loop)
             nursery.start_soon(self.placement.probe_loop, self.opts.probe_interval_s)
             nursery.start_soon(self._ring_loop)
-            if self.opts.repair_interval_s > 0:
+            if self.opts.repair_interval_s > 0 and not self.read_only:
                 nursery.start_soon(self._repair_loop)
             task_status.started()
 

@@ -212,8 +212,11 @@ class MetaStore:
         return cls(db, path)
 
     @classmethod
-    def open(cls, path: Path) -> MetaStore:
-        """Open an existing database, refusing (without modifying it) anything but ours."""
+    def open(cls, path: Path, read_only: bool = False) -> MetaStore:
+        """Open an existing database, refusing (without modifying it) anything but ours.
+
+        read_only: a connection that cannot write (a `-o ro` mount); an older schema
+        is then refused instead of upgraded."""
         if not path.exists():
             raise UserError(f"metadata database {path} is missing: run 'hafs mkfs' to create one")
         try:
@@ -235,7 +238,12 @@ class MetaStore:
                 f" understands ({SCHEMA_VERSION}): upgrade hafs"
             )
         db.close()
-        db = _connect(path)
+        if read_only and version < SCHEMA_VERSION:
+            raise UserError(
+                f"metadata database {path} has schema version {version}: mount it read-write"
+                f" once to upgrade it to {SCHEMA_VERSION}"
+            )
+        db = _connect(path, read_only=read_only)
         while version < SCHEMA_VERSION:
             step, nxt = MIGRATIONS[version], version + 1
             db.executescript(f"BEGIN IMMEDIATE; {step}; PRAGMA user_version = {nxt}; COMMIT;")
@@ -576,7 +584,13 @@ class MetaStore:
         return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode = ?", (ino,))]
 
 
-def _connect(path: Path, check_only: bool = False) -> sqlite3.Connection:
+def _connect(path: Path, check_only: bool = False, read_only: bool = False) -> sqlite3.Connection:
+    if read_only:  # WAL is the database's mode already; a reader only needs the busy timeout
+        db = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA busy_timeout = 10000")
+        return db
     if check_only:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
         db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # raises on a non-database

@@ -127,7 +127,7 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
-from .. import __version__
+from .. import __version__, logs, systemd
 from ..errors import BlockCorrupt, BlockMissing, NodeIdentityError, UserError
 from ..store.chunker import MAX_SIZE
 from ..store.dirstore import DirStore, StoreUsage, _fsync_dir, block_id, disk_id, read_identity
@@ -1031,7 +1031,7 @@ async def serve(
     """
     host, port = parse_listen(listen)
     stopped_by = ""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
             listeners = await trio.open_tcp_listeners(port, host=host, backlog=256)
         except OSError as e:
@@ -1040,6 +1040,9 @@ async def serve(
         async def stop() -> None:
             nonlocal stopped_by
             async for signum in signals:
+                if signum == signal.SIGHUP:  # logrotate moved the log file away
+                    logs.reopen()
+                    continue
                 stopped_by = signal.Signals(signum).name
                 log.info("NODE-STOP %s: %s, finishing running requests", app.describe(), stopped_by)
                 return
@@ -1054,6 +1057,7 @@ async def serve(
             "" if app.store else f": waiting for 'hafs mkfs --node {urls[0]}' to claim it",
         )
         task_status.started(urls)
+        systemd.notify("READY=1")
         await HttpServer(app, app.metrics).serve(listeners, stop)
     log.info("NODE-STOPPED %s", app.describe())
     return stopped_by
@@ -1098,16 +1102,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_THREADS,
         help="worker threads for disk I/O (default: %(default)s)",
     )
+    parser.add_argument(
+        "--log",
+        default="-",
+        metavar="FILE|syslog|-",
+        help="where the log goes: a file (reopened on SIGHUP, for logrotate), syslog, or -"
+        " for stderr, the journal under systemd (default: -)",
+    )
     parser.add_argument("--debug", action="store_true", help="log debug messages")
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; 0 after a clean stop. Bad input raises UserError."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if args.debug else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    logs.setup(args.log, args.debug)
     if args.data is None:
         raise UserError("hafs node needs --data DIR: the backing directory to serve")
     host, _ = parse_listen(args.listen)
