@@ -298,6 +298,7 @@ def cmd_mount(args) -> int:
     target = args.log or ("-" if logs.under_systemd() else str(home / "hafs.log"))
     if target not in ("-", "syslog"):
         target = str(Path(target).absolute())
+    logs.handler_for(target).close()  # a target the daemon could not use is refused here
     argv = ["--home", str(home), "--log", target, str(args.mountpoint.absolute())]
     if args.options:
         argv[:0] = ["-o", args.options]

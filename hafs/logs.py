@@ -37,12 +37,14 @@ def handler_for(target: str) -> logging.Handler:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
         fmt = JOURNAL_FORMAT if under_systemd() else FILE_FORMAT
     elif target == "syslog":
-        try:
-            handler = logging.handlers.SysLogHandler(
-                "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        if not os.path.exists("/dev/log"):  # (a syslog daemon that restarts is waited for)
+            raise UserError(
+                "--log syslog: no syslog daemon listens on /dev/log: give a file, or '-' for"
+                " stderr (the journal under systemd)"
             )
-        except OSError as e:
-            raise UserError(f"--log syslog: cannot reach /dev/log ({e.strerror or e})") from None
+        handler = logging.handlers.SysLogHandler(
+            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
         handler.ident = f"hafs[{os.getpid()}]: "
         fmt = JOURNAL_FORMAT
     else:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,20 +43,25 @@ def test_notify_without_systemd_does_nothing(monkeypatch):
     assert systemd.notify("READY=1") is False
 
 
-def test_node_reports_ready_once_listening_and_stops_on_sigterm(tmp_path):
+def test_node_reports_ready_once_listening_reopens_its_log_and_stops_on_sigterm(tmp_path):
     sock = notify_socket(tmp_path / "notify")
-    port = free_port()
-    proc = start(
-        ["node", "--data", tmp_path / "d", "--listen", f"127.0.0.1:{port}"],
-        sock.getsockname(),
-        tmp_path / "log",
-    )
+    port, log = free_port(), tmp_path / "node.log"
+    args = ["node", "--data", tmp_path / "d", "--listen", f"127.0.0.1:{port}", "--log", log]
+    proc = start(args, sock.getsockname(), tmp_path / "out")
     try:
         assert sock.recv(4096) == b"READY=1"
         socket.create_connection(("127.0.0.1", port), timeout=5).close()  # serving already
+        log.rename(tmp_path / "node.log.1")  # logrotate, then SIGHUP: a new file, still serving
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "LOG-REOPENED" in log.read_text()
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        assert "NODE-STOPPED" in (tmp_path / "log").read_text()
+        assert "NODE-STOPPED" in log.read_text()
+        assert "NODE-READY" in (tmp_path / "node.log.1").read_text()
     finally:
         stop(proc)
         sock.close()
