@@ -1027,6 +1027,8 @@ async def serve(
 ) -> str:
     """Serve `app` on `listen` until SIGINT or SIGTERM; return the signal's name.
 
+    READY=1 goes to systemd once listening; SIGHUP reopens the log file.
+
     `task_status.started` gets the bound URLs (port 0 picks a free port).
     """
     host, port = parse_listen(listen)
