@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import __version__
+from . import __version__, logs
 from . import home as home_mod
 from .errors import UserError
 
@@ -35,6 +35,15 @@ def _home_arg(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="directory holding the filesystem's metadata (default: $HAFS_HOME or"
         " ~/.local/share/hafs)",
+    )
+
+
+def _log_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--log",
+        metavar="FILE|syslog|-",
+        help=f"where the log goes: a file (reopened on SIGHUP, for logrotate), syslog, or -"
+        f" for stderr (default: {default})",
     )
 
 
@@ -104,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         " node_timeout_s (a remote node's request fails after this long and the next node is"
         " used, default 10), probe_interval_s (how often down nodes are asked again, default"
         " 2), repair_interval_s (how often blocks written while a node failed are put right,"
-        " default 10), allow_other, allow_root.",
+        " default 10), allow_other, allow_root; and mount(8)'s generic options: ro (the kernel"
+        " refuses writes with EROFS and the daemon writes nothing), rw, nosuid, nodev, noexec"
+        " (passed to the kernel), noatime (always: access times change only when set;"
+        " relatime, strictatime are accepted and mount noatime), defaults, noauto, _netdev,"
+        " user, nouser, nofail, x-* (accepted; mount(8) acts on them).",
     )
     _home_arg(p)
     p.add_argument(
@@ -114,9 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="stay in the foreground, log to stderr; Ctrl-C flushes and unmounts",
     )
     p.add_argument("-o", dest="options", metavar="OPTIONS", help="comma-separated mount options")
+    _log_arg(p, "HOME/hafs.log in the background; stderr with --foreground or under systemd")
     p.add_argument("--debug", action="store_true", help="log debug messages")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+
+    p = sub.add_parser(
+        "install-helpers",
+        help="put mount.hafs and fsck.hafs where mount(8) and fsck(8) look (/sbin)",
+        description="Write /sbin/mount.hafs and /sbin/fsck.hafs, small scripts that run hafs"
+        " with this Python, so that 'mount -t hafs HOME MOUNTPOINT', fstab lines of type hafs"
+        " and 'fsck -t hafs HOME' work. Needs root.",
+    )
+    p.add_argument("--dir", type=Path, default=Path("/sbin"), help="(default: %(default)s)")
+
+    p = sub.add_parser(
+        "install-systemd",
+        help="install the systemd units hafs-node@.service and hafs-mount@.service",
+        description="Write hafs-node@.service (a block node) and hafs-mount@.service (a client"
+        " mount) into --dir, with this Python's path; each instance reads its settings from"
+        " /etc/hafs (see the comment at the top of each unit). Then 'systemctl daemon-reload'.",
+    )
+    p.add_argument(
+        "--dir", type=Path, default=Path("/etc/systemd/system"), help="(default: %(default)s)"
+    )
 
     p = sub.add_parser(
         "umount",
@@ -256,18 +290,43 @@ def cmd_mount(args) -> int:
     home = _home(args)
     if not home_mod.meta_path(home).exists() and home != home_mod.default_home().absolute():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    if args.foreground:
-        mount.setup_logging(None if args.ready_fd is None else home / "hafs.log", args.debug)
-        if args.ready_fd is None:
-            home.mkdir(parents=True, exist_ok=True)
-        return mount.run_foreground(home, args.mountpoint, args.options, args.ready_fd)
     home.mkdir(parents=True, exist_ok=True)
-    argv = ["--home", str(home), str(args.mountpoint.absolute())]
+    if args.foreground:
+        target = args.log or ("-" if args.ready_fd is None else str(home / "hafs.log"))
+        logs.setup(target, args.debug)
+        return mount.run_foreground(home, args.mountpoint, args.options, args.ready_fd)
+    target = args.log or ("-" if logs.under_systemd() else str(home / "hafs.log"))
+    if target not in ("-", "syslog"):
+        target = str(Path(target).absolute())
+    logs.handler_for(target).close()  # a target the daemon could not use is refused here
+    argv = ["--home", str(home), "--log", target, str(args.mountpoint.absolute())]
     if args.options:
         argv[:0] = ["-o", args.options]
     if args.debug:
         argv.insert(0, "--debug")
-    return mount.start_background(argv)
+    return mount.start_background(argv, keep_stderr=target == "-")
+
+
+def cmd_install_helpers(args) -> int:
+    from .helpers import install_helpers
+
+    try:
+        paths = install_helpers(args.dir)
+    except OSError as e:
+        raise UserError(f"cannot write into {args.dir}: {e.strerror or e} (run it as root)")
+    print("installed " + ", ".join(map(str, paths)))
+    return 0
+
+
+def cmd_install_systemd(args) -> int:
+    from . import systemd
+
+    try:
+        paths = systemd.install(args.dir)
+    except OSError as e:
+        raise UserError(f"cannot write into {args.dir}: {e.strerror or e} (run it as root)")
+    print("installed " + ", ".join(map(str, paths)) + "; now run 'systemctl daemon-reload'")
+    return 0
 
 
 def cmd_umount(args) -> int:
@@ -387,11 +446,13 @@ def cmd_fsck(args) -> int:
 
 
 def fsck_main(argv: list[str] | None = None) -> int:
-    """`fsck.hafs [-n|-y|-p|-a] [-f] [--deep] [--json] [--rate MB/s] [--grace S] [HOME]`.
+    """`fsck.hafs [-n|-y|-p|-a] [-f] [--deep] [--json] [--rate MB/s] [--grace S] [SOURCE]`.
 
-    The form fsck(8) calls (`fsck -t hafs HOME`): -n checks only, -y/-p/-a repair.
+    The form fsck(8) calls (`fsck -t hafs HOME`, or an fstab line with a pass
+    number): -n checks only, -y/-p/-a repair; SOURCE is the mount's source.
     """
     from .admin.fsck import DEFAULT_GRACE_S, arg_grace, arg_rate
+    from .helpers import parse_source
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     ap = argparse.ArgumentParser(
@@ -408,12 +469,18 @@ def fsck_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print a JSON report")
     ap.add_argument("--rate", type=arg_rate, metavar="MB/s", help="limit replica reads (MiB/s)")
     ap.add_argument("--grace", type=arg_grace, default=DEFAULT_GRACE_S, metavar="SECONDS")
-    ap.add_argument("home", nargs="?", type=Path, metavar="HOME", help="the filesystem's home")
+    ap.add_argument("home", nargs="?", metavar="SOURCE", help="the filesystem's home directory")
     ap.set_defaults(repair=False)
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
         return 0 if e.code == 0 else 16
+    if args.home is not None:
+        try:
+            args.home = parse_source(args.home)
+        except UserError as e:
+            print(f"fsck.hafs: {e}", file=sys.stderr)
+            return 8
     return cmd_fsck(args)
 
 
@@ -421,6 +488,8 @@ COMMANDS = {
     "mkfs": cmd_mkfs,
     "mount": cmd_mount,
     "umount": cmd_umount,
+    "install-helpers": cmd_install_helpers,
+    "install-systemd": cmd_install_systemd,
     "status": cmd_status,
     "fsck": cmd_fsck,
     "node": cmd_node,

@@ -187,18 +187,22 @@ class Filesystem:
         return self.config.node_token
 
 
-def open_meta(home: Path, lock_ttl_s: float = 10.0) -> MetaStore:
-    """The metadata engine of the filesystem in `home` (UserError when there is none)."""
+def open_meta(home: Path, lock_ttl_s: float = 10.0, read_only: bool = False) -> MetaStore:
+    """The metadata engine of the filesystem in `home` (UserError when there is none).
+
+    read_only: the metadata is opened read-only (a `-o ro` mount)."""
     home = home.absolute()
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    return SqliteMeta.open(meta_path(home), lock_ttl_s=lock_ttl_s)
+    return SqliteMeta.open(meta_path(home), lock_ttl_s=lock_ttl_s, read_only=read_only)
 
 
-def open_fs(home: Path, node_timeout: float | None = None, lock_ttl_s: float = 10.0) -> Filesystem:
+def open_fs(
+    home: Path, node_timeout: float | None = None, lock_ttl_s: float = 10.0, read_only: bool = False
+) -> Filesystem:
     """Open the metadata and every node's store, checking the identity of directories."""
     home = home.absolute()
-    meta = open_meta(home, lock_ttl_s)
+    meta = open_meta(home, lock_ttl_s, read_only)
     try:
         config = meta.config()
         ring = Ring.from_json(meta.ring())

@@ -16,6 +16,10 @@ and the exit code.  The foreground daemon:
    that died: their files unlinked while open are deleted), and on
    SIGINT/SIGTERM or unmount flushes every open file, syncs the metadata,
    ends its session and unmounts.
+
+`-o ro` mounts read-only: the kernel refuses writes (EROFS), the metadata is
+opened read-only, no background loop that writes runs, and no session is
+registered (a read-only connection cannot write one).
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ import pyfuse3
 import trio
 
 from . import home as home_mod
+from . import logs, systemd
 from .errors import UserError
 from .fs.vfs import Options, Vfs
 from .fuse_ops import FuseOps
+from .helpers import split_generic
 from .store.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -198,18 +204,6 @@ def check_mountpoint(path: Path) -> None:
         raise UserError(f"mountpoint {path} is not empty: use an empty directory")
 
 
-def setup_logging(logfile: Path | None, debug: bool = False) -> None:
-    handler: logging.Handler = (
-        logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
-    )
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
 def pid_file(home: Path, mountpoint: Path) -> Path:
     """HOME/run/<hash of the mountpoint>.pid: "PID MOUNTPOINT" of the daemon serving it."""
     digest = hashlib.sha1(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
@@ -243,17 +237,19 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
             os.close(ready_fd)
 
     try:
-        opts, fuse_opts = parse_options(options)
+        generic, rest = split_generic(options)
+        opts, fuse_opts = parse_options(rest)
         if not home_mod.meta_path(home).exists() and home == home_mod.default_home().absolute():
             home_mod.create(home)
             log.info("created the default filesystem in %s", home)
         check_mountpoint(mountpoint)
-        fs = home_mod.open_fs(home, opts.node_timeout_s, opts.lock_ttl_s)
+        fs = home_mod.open_fs(home, opts.node_timeout_s, opts.lock_ttl_s, generic.read_only)
         try:
-            session = fs.meta.sessions.register("mount", str(mountpoint), opts.lock_ttl_s)
-            alone = not [
-                s for s in fs.meta.sessions.alive() if s.kind == "mount" and s.id != session.id
-            ]
+            session, alone = None, False  # a read-only mount writes no session
+            if not generic.read_only:
+                session = fs.meta.sessions.register("mount", str(mountpoint), opts.lock_ttl_s)
+                others = [s for s in fs.meta.sessions.alive() if s.id != session.id]
+                alone = not any(s.kind == "mount" for s in others)
             down = home_mod.check_remote_nodes(fs)
         except BaseException:
             fs.meta.close()
@@ -266,12 +262,22 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
     pidf = pid_file(home, mountpoint)
     pidf.parent.mkdir(exist_ok=True)
     pidf.write_text(f"{os.getpid()} {mountpoint}\n")
-    log.info("mounting %s (fs %s) at %s", home, fs.fs_uuid, mountpoint)
+    log.info(
+        "mounting %s (fs %s) at %s%s",
+        home,
+        fs.fs_uuid,
+        mountpoint,
+        " read-only" if generic.read_only else "",
+    )
     try:
-        trio.run(_serve, fs, session, down, mountpoint, opts, fuse_opts, alone, report)
+        fuse_opts |= generic.fuse_options()
+        trio.run(
+            _serve, fs, session, down, mountpoint, opts, fuse_opts, alone, report, generic.read_only
+        )
     finally:
         try:
-            fs.meta.sessions.end(session)
+            if session is not None:
+                fs.meta.sessions.end(session)
         finally:
             fs.meta.close()
             pidf.unlink(missing_ok=True)
@@ -280,7 +286,15 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
 
 
 async def _serve(
-    fs, session, down: dict[str, str], mountpoint: Path, opts: Options, fuse_opts, alone, report
+    fs,
+    session,
+    down: dict[str, str],
+    mountpoint: Path,
+    opts: Options,
+    fuse_opts: set[str],
+    alone,
+    report,
+    read_only: bool,
 ) -> None:
     placement = Placement(
         fs.ring,
@@ -292,22 +306,22 @@ async def _serve(
     )
     for node_id, why in down.items():
         placement.health.mark_down(node_id, why)
-    vfs = Vfs(fs.meta, placement, opts)
+    vfs = Vfs(fs.meta, placement, opts, read_only=read_only)
     ops = FuseOps(vfs)
     options = set(pyfuse3.default_options) | {f"fsname=hafs:{fs.home}", "subtype=hafs"}
     options |= fuse_opts
     async with trio.open_nursery() as nursery:
         await nursery.start(vfs.run, alone)
-        nursery.start_soon(_session_loop, vfs, session, opts.lock_ttl_s)
+        if session is not None:
+            nursery.start_soon(_session_loop, vfs, session, opts.lock_ttl_s)
         pyfuse3.init(ops, str(mountpoint), options)
         mounted = True
         try:
             report("ok")
             nursery.start_soon(_on_signals)
-            nursery.start_soon(
-                trio.to_thread.run_sync, set_readahead, mountpoint, opts.readahead_kb
-            )
+            nursery.start_soon(_when_served, mountpoint, opts.readahead_kb)
             await pyfuse3.main()  # returns on unmount or terminate()
+            systemd.notify("STOPPING=1")
             await vfs.shutdown()
         finally:
             pyfuse3.close(unmount=mounted)
@@ -333,16 +347,29 @@ async def _session_loop(vfs: Vfs, session, ttl_s: float) -> None:
             log.error("renewing the mount session failed: %s", e)
 
 
+async def _when_served(mountpoint: Path, readahead_kb: int) -> None:
+    """Once the kernel's FUSE handshake is done: set the read-ahead, tell systemd READY=1."""
+    await trio.to_thread.run_sync(os.stat, mountpoint)  # waits for the handshake
+    await trio.to_thread.run_sync(set_readahead, mountpoint, readahead_kb)
+    systemd.notify("READY=1")
+
+
 async def _on_signals() -> None:
+    """SIGINT/SIGTERM: flush and unmount; SIGHUP: reopen the log file (logrotate)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for sig in signals:
+            if sig == signal.SIGHUP:
+                logs.reopen()
+                continue
             log.info("signal %s: flushing and unmounting", signal.Signals(sig).name)
             pyfuse3.terminate()
             return
 
 
-def start_background(argv: list[str], timeout: float = 60.0) -> int:
-    """Start the daemon for `hafs mount ARGV` and wait until it is mounted or failed."""
+def start_background(argv: list[str], timeout: float = 60.0, keep_stderr: bool = False) -> int:
+    """Start the daemon for `hafs mount ARGV` and wait until it is mounted or failed.
+
+    keep_stderr: the daemon logs to this stderr (the journal, under systemd)."""
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "hafs", "mount", "--foreground", "--ready-fd", str(w), *argv]
     proc = subprocess.Popen(
@@ -351,7 +378,7 @@ def start_background(argv: list[str], timeout: float = 60.0) -> int:
         start_new_session=True,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=None if keep_stderr else subprocess.DEVNULL,
     )
     os.close(w)
     deadline = time.monotonic() + timeout

@@ -82,12 +82,16 @@ class Vfs:
         placement: Placement,
         opts: Options,
         open_store: Callable[[NodeSpec], object] | None = None,
+        read_only: bool = False,
     ) -> None:
         """meta: the metadata engine (its lock service and sessions are the mount's).
         open_store(spec): the block store of a node that joins the ring while mounted
-        (default: `home.open_store` with the filesystem's uuid and node token)."""
+        (default: `home.open_store` with the filesystem's uuid and node token).
+        read_only: a `-o ro` mount (the kernel refuses writes): no background loop
+        that writes runs (garbage collection, repair, the purge of unlinked inodes)."""
         self.engine = meta
         self.meta = AsyncMeta(meta)
+        self.read_only = read_only
         self._open_store = open_store
         self._ring_refused: int | None = None  # a version that could not be used (logged)
         self.locks = meta.locks
@@ -111,7 +115,7 @@ class Vfs:
         purge_unlinked: delete inodes left without a name by a crash while they
         were open; only when no other mount of the filesystem is running.
         """
-        if purge_unlinked:
+        if purge_unlinked and not self.read_only:
             for ino in await self.meta.unlinked_inodes():
                 await self.meta.delete_inode(ino)
         async with trio.open_nursery() as nursery:
@@ -131,13 +135,15 @@ class Vfs:
                 lock_wait_s=self.opts.lock_wait_s,
                 record_degraded=self.record_degraded,
             )
-            nursery.start_soon(self._every, self.opts.gc_interval_s, self.collect_garbage)
+            if not self.read_only:
+                nursery.start_soon(self._every, self.opts.gc_interval_s, self.collect_garbage)
+                nursery.start_soon(self._every, 1.0, self.record_degraded)
+                if self.opts.repair_interval_s > 0:
+                    every = self.opts.repair_interval_s
+                    nursery.start_soon(self._every, every, self.repair_degraded)
             nursery.start_soon(self._every, self.opts.lock_ttl_s / 4, self._keepalive)
             nursery.start_soon(self.placement.probe_loop, self.opts.probe_interval_s)
             nursery.start_soon(self._every, RING_RELOAD_S, self.reload_ring)
-            nursery.start_soon(self._every, 1.0, self.record_degraded)
-            if self.opts.repair_interval_s > 0:
-                nursery.start_soon(self._every, self.opts.repair_interval_s, self.repair_degraded)
             task_status.started()
 
     async def shutdown(self) -> None:

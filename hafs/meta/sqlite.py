@@ -265,9 +265,12 @@ class SqliteMeta:
         return cls(db, path, **opts)
 
     @classmethod
-    def open(cls, path: Path, **opts: Any) -> SqliteMeta:
+    def open(cls, path: Path, read_only: bool = False, **opts: Any) -> SqliteMeta:
         """Open an existing database, refusing (without modifying it) anything but ours;
-        an older schema is upgraded in place."""
+        an older schema is upgraded in place.
+
+        read_only: a connection that cannot write (a `-o ro` mount); an older schema
+        is then refused instead of upgraded."""
         if not path.exists():
             raise UserError(f"metadata database {path} is missing: run 'hafs mkfs' to create one")
         try:
@@ -289,7 +292,12 @@ class SqliteMeta:
                 f" understands ({SCHEMA_VERSION}): upgrade hafs"
             )
         db.close()
-        db = _connect(path)
+        if read_only and version < SCHEMA_VERSION:
+            raise UserError(
+                f"metadata database {path} has schema version {version}: mount it read-write"
+                f" once to upgrade it to {SCHEMA_VERSION}"
+            )
+        db = _connect(path, read_only=read_only)
         while version < SCHEMA_VERSION:
             step, nxt = MIGRATIONS[version], version + 1
             db.executescript(f"BEGIN IMMEDIATE; {step}; PRAGMA user_version = {nxt}; COMMIT;")
@@ -1112,7 +1120,13 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _connect(path: Path, check_only: bool = False) -> sqlite3.Connection:
+def _connect(path: Path, check_only: bool = False, read_only: bool = False) -> sqlite3.Connection:
+    if read_only:  # WAL is the database's mode already; a reader only needs the busy timeout
+        db = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA busy_timeout = 10000")
+        return db
     if check_only:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
         db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # raises on a non-database

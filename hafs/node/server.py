@@ -150,7 +150,7 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
-from .. import __version__
+from .. import __version__, logs, systemd
 from ..errors import BlockCorrupt, BlockMissing, NodeIdentityError, UserError
 from ..store.chunker import MAX_SIZE
 from ..store.dirstore import DirStore, StoreUsage, _fsync_dir, block_id, disk_id, read_identity
@@ -1231,14 +1231,18 @@ async def serve(
     """Serve `app` on the listening `socks` (bind_listen) until SIGINT or SIGTERM.
 
     Returns the signal's name; `task_status.started` gets the bound URLs.
+    READY=1 goes to systemd once listening; SIGHUP reopens the log file.
     """
     stopped_by = ""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
 
         async def stop() -> None:
             nonlocal stopped_by
             async for signum in signals:
+                if signum == signal.SIGHUP:  # logrotate moved the log file away
+                    logs.reopen()
+                    continue
                 stopped_by = signal.Signals(signum).name
                 log.info("NODE-STOP %s: %s, finishing running requests", app.describe(), stopped_by)
                 return
@@ -1254,6 +1258,7 @@ async def serve(
         )
         task_status.started(urls)
         server = HttpServer(app, app.metrics, authorised=app.authorised, limits=limits)
+        systemd.notify("READY=1")
         await server.serve(listeners, stop)
     log.info("NODE-STOPPED %s", app.describe())
     return stopped_by
@@ -1321,16 +1326,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="the same bound for one client address (default: %(default)s)",
     )
+    parser.add_argument(
+        "--log",
+        default="-",
+        metavar="FILE|syslog|-",
+        help="where the log goes: a file (reopened on SIGHUP, for logrotate), syslog, or -"
+        " for stderr, the journal under systemd (default: -)",
+    )
     parser.add_argument("--debug", action="store_true", help="log debug messages")
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; 0 after a clean stop. Bad input raises UserError."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if args.debug else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    logs.setup(args.log, args.debug)
     if args.data is None:
         raise UserError("hafs node needs --data DIR: the backing directory to serve")
     host, _ = parse_listen(args.listen)
