@@ -249,10 +249,13 @@ class Vfs:
         self._degraded.append((block_id, nodes))
 
     async def record_degraded(self) -> None:
-        while self._degraded:
-            block_id, nodes = self._degraded[0]
-            await self.meta.record_degraded(block_id, nodes)
-            self._degraded.pop(0)
+        while self._degraded:  # taken before the await: concurrent callers share the work
+            block_id, nodes = self._degraded.pop(0)
+            try:
+                await self.meta.record_degraded(block_id, nodes)
+            except BaseException:
+                self._degraded.insert(0, (block_id, nodes))  # the next round tries again
+                raise
 
     async def repair_degraded(self, batch: int = REPAIR_BATCH) -> int:
         """Put right the next `batch` recorded degraded blocks (in id order, wrapping

@@ -1088,17 +1088,19 @@ class SqliteSessions:
         return self._alive()
 
     def _reap(self) -> list[SessionInfo]:
+        """End the dead sessions and delete the inodes that only they kept (also those of
+        a session that ended while the kernel still held them, at an unmount)."""
         t = self.meta.clock()
         dead = [s for s in self._rows() if self._dead(s, t)]
         for s in dead:
             self.db.execute("DELETE FROM sessions WHERE id = ?", (s.id,))
-            orphans = [
-                r[0]
-                for r in self.db.execute("SELECT inode FROM orphans WHERE session = ?", (s.id,))
-            ]
-            for ino in orphans:
-                self.meta.delete_inode(ino)
-            self.db.execute("DELETE FROM orphans WHERE session = ?", (s.id,))
+        if self.db.execute("PRAGMA user_version").fetchone()[0] >= 4:
+            left = self.db.execute(
+                "SELECT inode FROM orphans WHERE session NOT IN (SELECT id FROM sessions)"
+            ).fetchall()
+            for (ino,) in left:
+                self.meta.delete_inode(ino)  # unless it has a name again
+                self.db.execute("DELETE FROM orphans WHERE inode = ?", (ino,))
         return dead
 
     def reap(self) -> list[SessionInfo]:
