@@ -68,6 +68,11 @@ class NoSpace(StorageError):
     """A block could not be stored because the nodes it could go to are full (ENOSPC)."""
 
 
+class MetaDamaged(FsError):
+    """The metadata database is damaged: the call fails with EIO, and once that is known
+    every change is refused with EROFS (logged once, META-DAMAGED, with what to do)."""
+
+
 class NodeIdentityError(UserError):
     """A backing directory belongs to another filesystem or node, or has no identity."""
 

@@ -187,22 +187,34 @@ class Filesystem:
         return self.config.node_token
 
 
-def open_meta(home: Path, lock_ttl_s: float = 10.0, read_only: bool = False) -> MetaStore:
+MOUNT_CHECK_S = 2.0  # a mount checks the SQLite database for at most this long first
+
+
+def open_meta(
+    home: Path, lock_ttl_s: float = 10.0, read_only: bool = False, check_s: float = 0.0
+) -> MetaStore:
     """The metadata engine of the filesystem in `home` (UserError when there is none).
 
-    read_only: the metadata is opened read-only (a `-o ro` mount)."""
+    read_only: the metadata is opened read-only (a `-o ro` mount); check_s: a bounded
+    check of the database first (a mount)."""
     home = home.absolute()
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    return SqliteMeta.open(meta_path(home), lock_ttl_s=lock_ttl_s, read_only=read_only)
+    return SqliteMeta.open(
+        meta_path(home), lock_ttl_s=lock_ttl_s, read_only=read_only, check_s=check_s
+    )
 
 
 def open_fs(
-    home: Path, node_timeout: float | None = None, lock_ttl_s: float = 10.0, read_only: bool = False
+    home: Path,
+    node_timeout: float | None = None,
+    lock_ttl_s: float = 10.0,
+    read_only: bool = False,
+    check_s: float = 0.0,
 ) -> Filesystem:
     """Open the metadata and every node's store, checking the identity of directories."""
     home = home.absolute()
-    meta = open_meta(home, lock_ttl_s, read_only)
+    meta = open_meta(home, lock_ttl_s, read_only, check_s)
     try:
         config = meta.config()
         ring = Ring.from_json(meta.ring())

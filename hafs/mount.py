@@ -243,7 +243,9 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
             home_mod.create(home)
             log.info("created the default filesystem in %s", home)
         check_mountpoint(mountpoint)
-        fs = home_mod.open_fs(home, opts.node_timeout_s, opts.lock_ttl_s, generic.read_only)
+        fs = home_mod.open_fs(
+            home, opts.node_timeout_s, opts.lock_ttl_s, generic.read_only, home_mod.MOUNT_CHECK_S
+        )
         try:
             session, alone = None, False  # a read-only mount writes no session
             if not generic.read_only:

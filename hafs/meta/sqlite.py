@@ -27,6 +27,8 @@ transactions.
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import json
 import logging
 import os
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import FsError, LockLost, UserError
+from ..errors import FsError, LockLost, MetaDamaged, UserError
 from . import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -204,6 +206,86 @@ def _is_dir(inode: Inode) -> bool:
     return stat.S_ISDIR(inode.mode)
 
 
+class Damage:
+    """Whether this client met a damaged database file; shared by the engine, its locks
+    and its sessions.  The first SQLite error that is not a constraint is logged once
+    (META-DAMAGED, with what to do); from then on every change is refused with EROFS,
+    so nothing more is written into a damaged file."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.why: str | None = None
+
+    def mark(self, e: sqlite3.DatabaseError) -> None:
+        if self.why is None:
+            self.why = f"metadata database {self.path} is damaged ({e})"
+            log.error(
+                "META-DAMAGED %s: no more changes are taken; unmount, then run"
+                " 'hafs fsck --home %s' (it says how to salvage the database)",
+                self.why,
+                self.path.parent if self.path else "HOME",
+            )
+
+
+def _guarded(fn: Callable, changes: bool) -> Callable:
+    """fn, with SQLite's errors of a damaged file turned into MetaDamaged (see Damage)."""
+
+    def check(self: Any) -> None:
+        if changes and self.damage.why is not None:
+            raise MetaDamaged(errno.EROFS, self.damage.why)
+
+    def failed(self: Any, e: sqlite3.DatabaseError) -> MetaDamaged:
+        self.damage.mark(e)
+        return MetaDamaged(errno.EIO, self.damage.why or str(e))
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def acall(self: Any, *args: Any, **kwargs: Any) -> Any:
+            check(self)
+            try:
+                return await fn(self, *args, **kwargs)
+            except sqlite3.IntegrityError:
+                raise  # a bug, not damage: it keeps its traceback
+            except sqlite3.DatabaseError as e:
+                raise failed(self, e) from None
+
+        return acall
+
+    @functools.wraps(fn)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check(self)
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise failed(self, e) from None
+
+    return call
+
+
+def _guard(reads: str, changes: str) -> Callable[[type], type]:
+    """Class decorator: guard the named methods (see Damage)."""
+
+    def deco(cls: type) -> type:
+        for names, is_change in ((reads, False), (changes, True)):
+            for name in names.split():
+                setattr(cls, name, _guarded(getattr(cls, name), is_change))
+        return cls
+
+    return deco
+
+
+@_guard(
+    reads="config ring ring_changed_ns getattr lookup parent_of readdir unlinked_inodes path_of"
+    " get_xattr list_xattrs extents allocated_bytes usage count_inodes garbage_blocks"
+    " degraded_blocks count_degraded scan_inodes scan_entries scan_blocks scan_extents"
+    " block_users",
+    changes="replace_ring mknod link unlink rmdir rename setattr delete_inode set_xattr"
+    " remove_xattr fence commit truncate forget_block record_degraded forget_degraded"
+    " clear_degraded",
+)
 class SqliteMeta:
     """The metadata database of one filesystem (see the module docstring)."""
 
@@ -223,7 +305,10 @@ class SqliteMeta:
         self.db = db
         self.path = path
         self.clock = clock
-        self.locks = SqliteLockService(db, holder or default_holder(), lock_ttl_s, clock)
+        self.damage = Damage(path)
+        self.locks = SqliteLockService(
+            db, holder or default_holder(), lock_ttl_s, clock, damage=self.damage
+        )
         self.sessions = SqliteSessions(self)
         self._config: FsConfig | None = None
 
@@ -265,23 +350,33 @@ class SqliteMeta:
         return cls(db, path, **opts)
 
     @classmethod
-    def open(cls, path: Path, read_only: bool = False, **opts: Any) -> SqliteMeta:
+    def open(
+        cls, path: Path, read_only: bool = False, check_s: float = 0.0, **opts: Any
+    ) -> SqliteMeta:
         """Open an existing database, refusing (without modifying it) anything but ours;
         an older schema is upgraded in place.
 
         read_only: a connection that cannot write (a `-o ro` mount); an older schema
-        is then refused instead of upgraded."""
+        is then refused instead of upgraded.  check_s: first run SQLite's quick_check
+        for at most that many seconds (a mount: 2 s, about 1 GB of database here) and
+        refuse a damaged database (UserError) before anything is written to it."""
         if not path.exists():
             raise UserError(f"metadata database {path} is missing: run 'hafs mkfs' to create one")
+        damaged = (
+            f"metadata database {path} is damaged ({{}}): nothing was changed; run"
+            f" 'hafs fsck --home {path.parent}', which says how to salvage it"
+        )
         try:
             db = _connect(path, check_only=True)
             app_id = db.execute("PRAGMA application_id").fetchone()[0]
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            if check_s > 0 and app_id == APPLICATION_ID:
+                problem = _quick_check(db, check_s)
+                if problem:
+                    db.close()
+                    raise UserError(damaged.format(problem))
         except sqlite3.DatabaseError as e:
-            raise UserError(
-                f"metadata database {path} is damaged ({e}): restore it from a backup"
-                " or run 'hafs fsck'"
-            ) from None
+            raise UserError(damaged.format(e)) from None
         if app_id != APPLICATION_ID:
             db.close()
             raise UserError(f"{path} is not a hafs metadata database (application id {app_id:#x})")
@@ -297,11 +392,14 @@ class SqliteMeta:
                 f"metadata database {path} has schema version {version}: mount it read-write"
                 f" once to upgrade it to {SCHEMA_VERSION}"
             )
-        db = _connect(path, read_only=read_only)
-        while version < SCHEMA_VERSION:
-            step, nxt = MIGRATIONS[version], version + 1
-            db.executescript(f"BEGIN IMMEDIATE; {step}; PRAGMA user_version = {nxt}; COMMIT;")
-            version += 1
+        try:
+            db = _connect(path, read_only=read_only)
+            while version < SCHEMA_VERSION:
+                step, nxt = MIGRATIONS[version], version + 1
+                db.executescript(f"BEGIN IMMEDIATE; {step}; PRAGMA user_version = {nxt}; COMMIT;")
+                version += 1
+        except sqlite3.DatabaseError as e:
+            raise UserError(damaged.format(e)) from None
         return cls(db, path, **opts)
 
     def close(self) -> None:
@@ -894,6 +992,7 @@ class SqliteMeta:
         return [r[0] for r in rows]
 
 
+@_guard(reads="valid held", changes="_try keepalive release")
 class SqliteLockService:
     """Write locks in the `locks` table, shared by every mount of the home on this host.
 
@@ -908,11 +1007,13 @@ class SqliteLockService:
         holder: str,
         ttl_s: float = 10.0,
         clock: Callable[[], int] = time.time_ns,
+        damage: Damage | None = None,
     ) -> None:
         self.db = db
         self.holder = holder
         self.ttl_ns = int(ttl_s * 1e9)
         self.clock = clock
+        self.damage = damage or Damage(None)
 
     def _try(self, name: str) -> tuple[Lease | None, str | None]:
         """One attempt: (lease, None) on success, (None, current holder) otherwise."""
@@ -984,6 +1085,7 @@ class SqliteLockService:
         return [LockInfo(*r) for r in rows]
 
 
+@_guard(reads="alive", changes="register renew end reap")
 class SqliteSessions:
     """Mount sessions in the `sessions` table (see the Sessions protocol).
 
@@ -995,6 +1097,7 @@ class SqliteSessions:
     def __init__(self, meta: SqliteMeta) -> None:
         self.meta = meta
         self.db = meta.db
+        self.damage = meta.damage
         self.current: SessionInfo | None = None  # the session of this engine's client
 
     def register(self, kind: str, mountpoint: str, ttl_s: float) -> SessionInfo:
@@ -1106,6 +1209,27 @@ class SqliteSessions:
     def reap(self) -> list[SessionInfo]:
         with transaction(self.db):
             return self._reap()
+
+
+def _quick_check(db: sqlite3.Connection, budget_s: float) -> str | None:
+    """The first problem SQLite's quick_check finds within budget_s seconds (None: none
+    found; a check cut short by the budget found none in what it read)."""
+    deadline = time.monotonic() + budget_s
+    db.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+    try:
+        rows = db.execute("PRAGMA quick_check(1)").fetchall()
+    except sqlite3.OperationalError as e:
+        if "interrupted" in str(e):
+            return None
+        raise
+    finally:
+        db.set_progress_handler(None, 0)
+    if rows == [("ok",)]:
+        return None
+    text = " ".join(
+        " ".join(str(r[0]) for r in rows).replace("*** in database main ***", "").split()
+    )
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _pid_alive(pid: int) -> bool:
