@@ -101,12 +101,15 @@ class DropResult:
 
 
 class _Nodes:
-    """Calls to the nodes of one restore: health recorded, down nodes not asked."""
+    """Calls to the nodes for one block: health recorded, down nodes not asked; the
+    first verified copy read (`data`) and what the reads met, noted in `result`."""
 
-    def __init__(self, block_id: str, stores: Stores, health: NodeHealth | None) -> None:
-        self.block_id = block_id
+    def __init__(self, result: RestoreResult, stores: Stores, health: NodeHealth | None) -> None:
+        self.block_id = result.block_id
+        self.result = result
         self.stores = stores
         self.health = health
+        self.data: bytes | memoryview | None = None
 
     def unusable(self, node_id: str) -> str | None:
         """Why the node cannot be asked (no store, known down), else None."""
@@ -130,6 +133,37 @@ class _Nodes:
             raise BlockCorrupt(self.block_id, where=node_id)
         return data
 
+    def look(self, node_id: str) -> str:
+        """Read and hash the node's copy: "good" (kept in `data` if the first), "missing",
+        "corrupt" or "error" (noted in the result)."""
+        try:
+            got = self.read(node_id)
+        except BlockMissing:
+            return "missing"
+        except BlockCorrupt:
+            self.result.corrupt.append(node_id)
+            self.result.problems.append(f"corrupt on {node_id}")
+            return "corrupt"
+        except OSError as e:
+            self.result.problems.append(f"{node_id}: {e}")
+            return "error"
+        if self.data is None:
+            self.data = got
+            self.result.source, self.result.size = node_id, len(got)
+        return "good"
+
+
+def fetch(
+    block_id: str, stores: Stores, sources: Iterable[str], *, health: NodeHealth | None = None
+) -> tuple[bytes | memoryview | None, RestoreResult]:
+    """The verified bytes of the block from the first of `sources` with a good copy (None if
+    none has one), and what the reads met (`source`, `corrupt`, `problems`)."""
+    nodes = _Nodes(RestoreResult(block_id, []), stores, health)
+    for node_id in dict.fromkeys(sources):
+        if nodes.unusable(node_id) is None and nodes.look(node_id) == "good":
+            break
+    return nodes.data, nodes.result
+
 
 def restore(
     block_id: str,
@@ -148,31 +182,10 @@ def restore(
     recorded size; given, a target's copy of that size counts as good unread.
     throttle: called with the byte count before each copy is written.
     """
-    nodes = _Nodes(block_id, stores, health)
     result = RestoreResult(block_id, list(dict.fromkeys(targets)))
-    data: bytes | memoryview | None = None
+    nodes = _Nodes(result, stores, health)
     unread: list[str] = []  # targets taken as good by their size: a source if one is needed
     lacking: list[tuple[str, bool]] = []  # (target, its copy is unreadable: delete it first)
-
-    def look(node_id: str) -> str:
-        """Read and hash the node's copy: "good" (kept in `data` if the first), "missing",
-        "corrupt" or "error" (noted in the result)."""
-        nonlocal data
-        try:
-            got = nodes.read(node_id)
-        except BlockMissing:
-            return "missing"
-        except BlockCorrupt:
-            result.corrupt.append(node_id)
-            result.problems.append(f"corrupt on {node_id}")
-            return "corrupt"
-        except OSError as e:
-            result.problems.append(f"{node_id}: {e}")
-            return "error"
-        if data is None:
-            data, result.source, result.size = got, node_id, len(got)
-        return "good"
-
     for node_id in result.targets:
         why = nodes.unusable(node_id)
         if why is not None:
@@ -188,7 +201,7 @@ def restore(
                 result.problems.append(f"{node_id}: {e}")
                 lacking.append((node_id, True))
                 continue
-        state = look(node_id)
+        state = nodes.look(node_id)
         if state == "good":
             result.good.append(node_id)
         else:
@@ -198,16 +211,17 @@ def restore(
 
     candidates = unread + [n for n in (stores if sources is None else sources)]
     for node_id in dict.fromkeys(candidates):
-        if data is not None:
+        if nodes.data is not None:
             break
         if node_id in result.targets and node_id not in unread:
             continue  # read above
         if nodes.unusable(node_id) is not None:
             continue
-        state = look(node_id)
+        state = nodes.look(node_id)
         if state != "good" and node_id in unread:
             result.good.remove(node_id)  # its size was right, its bytes are not
             lacking.append((node_id, state == "error"))
+    data = nodes.data
     if data is None:
         why = "no good copy to copy from"
         if result.problems:
@@ -255,7 +269,7 @@ def drop_extra(
     A node among the restore's targets is never deleted from; one that is down
     (or without a store) keeps its copy until a later call.
     """
-    nodes = _Nodes(result.block_id, stores, health)
+    nodes = _Nodes(result, stores, health)
     dropped = DropResult()
     extra = [n for n in dict.fromkeys(extra) if n not in result.targets]
     if not result.complete:
