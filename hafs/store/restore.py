@@ -133,6 +133,14 @@ class _Nodes:
             raise BlockCorrupt(self.block_id, where=node_id)
         return data
 
+    def ask(self, node_id: str) -> str:
+        """`look` at a source, or "unusable" (noted among the problems) if it cannot be asked."""
+        why = self.unusable(node_id)
+        if why is None:
+            return self.look(node_id)
+        self.result.problems.append(why)
+        return "unusable"
+
     def look(self, node_id: str) -> str:
         """Read and hash the node's copy: "good" (kept in `data` if the first), "missing",
         "corrupt" or "error" (noted in the result)."""
@@ -160,7 +168,7 @@ def fetch(
     none has one), and what the reads met (`source`, `corrupt`, `problems`)."""
     nodes = _Nodes(RestoreResult(block_id, []), stores, health)
     for node_id in dict.fromkeys(sources):
-        if nodes.unusable(node_id) is None and nodes.look(node_id) == "good":
+        if nodes.ask(node_id) == "good":
             break
     return nodes.data, nodes.result
 
@@ -215,9 +223,7 @@ def restore(
             break
         if node_id in result.targets and node_id not in unread:
             continue  # read above
-        if nodes.unusable(node_id) is not None:
-            continue
-        state = nodes.look(node_id)
+        state = nodes.ask(node_id)
         if state != "good" and node_id in unread:
             result.good.remove(node_id)  # its size was right, its bytes are not
             lacking.append((node_id, state == "error"))
