@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 
 import pytest
+import trio
+from nodeproc import FS as NODE_FS
 from nodeproc import start_node
 
 from hafs.errors import BlockMissing
 from hafs.store.dirstore import DirStore, block_id
-from hafs.store.placement import NodeHealth
+from hafs.store.placement import NodeHealth, Placement
 from hafs.store.remote import NodeUnavailable
 from hafs.store.restore import drop_extra, restore
+from hafs.store.ring import NodeSpec, Ring
 
 FS = "fs"
 
@@ -251,8 +254,6 @@ def two_nodes(tmp_path):
 
 
 def test_restore_between_real_nodes(tmp_path, two_nodes):
-    from nodeproc import FS as NODE_FS
-
     r1, r2 = two_nodes
     stores = {"r1": r1.store("r1", NODE_FS), "r2": r2.store("r2", NODE_FS)}
     try:
@@ -277,3 +278,27 @@ def test_restore_between_real_nodes(tmp_path, two_nodes):
     finally:
         for s in stores.values():
             s.close()
+
+
+async def test_the_mounts_repair_keeps_the_stand_in_copy_until_the_named_copy_verifies(tmp_path):
+    stores = nodes(tmp_path, n1=FlippingStore)
+    ring = Ring([NodeSpec(n, str(tmp_path / n)) for n in stores])
+    placement = Placement(ring, stores, 2, trio.CapacityLimiter(4))
+    while True:  # a block the ring places on n1
+        bid, data = block()
+        named = ring.replicas(bid, 2)
+        if "n1" in named:
+            break
+    stand_in = next(n for n in ring.walk(bid) if n not in named)
+    other = next(n for n in named if n != "n1")
+    for n in (other, stand_in):
+        stores[n].put(bid, data)
+
+    assert await placement.repair(bid, [other, stand_in]) is False  # n1's copy fails its hash
+    assert stores[stand_in].has(bid) and not stores["n1"].has(bid)
+    assert not placement.health.is_down("n1")  # a disk that answers: not a down node
+
+    stores["n1"] = DirStore.open(tmp_path / "n1", "n1", FS)  # the disk is replaced
+    assert await placement.repair(bid, [other, stand_in]) is True
+    assert sorted(n for n, s in stores.items() if s.has(bid)) == sorted(named)
+    assert await placement.get(bid) == data
