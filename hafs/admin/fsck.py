@@ -21,7 +21,9 @@ and a compact set of unhealthy block ids, never every id):
    R nodes the ring names: presence and size, or with `deep` a read through
    `DirStore.get` (hash verified; a corrupt copy is moved to corrupt/ by get(),
    also in a check).  Repair copies a verified good copy (from a named node or
-   any other) to the named nodes that lack one.  A block with no good copy is
+   any other) to the named nodes that lack one and reads each copy back and
+   hashes it there (hafs.store.restore, the path the mount's repair and
+   rebalance share).  A block with no good copy is
    reported with every path that uses it; the file is kept and reads of the
    lost range fail with EIO.
 4. **garbage**: block rows no extent references, deleted (every copy, then
@@ -78,6 +80,7 @@ from ..meta.sqlite import (
     now_ns,
 )
 from ..store.dirstore import BLOCK_ID_RE, DirStore, read_identity
+from ..store.restore import RestoreResult, drop_extra, fetch, restore
 from ..store.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -1028,21 +1031,18 @@ class Checker:
 
         A named node whose copy turns out corrupt gets state "corrupt" in `states`.
         """
-        for node in nodes:
-            store = self.stores.get(node)
-            if store is None or store.size(bid) is None:
-                continue
-            try:
-                data = self._read(store, bid)
-            except BlockCorrupt:
-                if node in states:
-                    states[node] = "corrupt"
-                continue
-            except (BlockMissing, OSError):
-                continue
-            self._note_length(bid, size, len(data))
-            return data
-        return None
+        data, got = fetch(bid, self.stores, nodes)
+        self._note_read(bid, size, got, states)
+        return None if data is None else bytes(data)
+
+    def _note_read(self, bid: str, size: int | None, got: RestoreResult, states: dict) -> None:
+        """What a restore's reads met: corrupt named copies, the length of the copy read."""
+        for node in got.corrupt:
+            if node in states:
+                states[node] = "corrupt"
+        if got.size is not None:
+            self.throttle.consume(got.size)
+            self._note_length(bid, size, got.size)
 
     def _exists_elsewhere(self, bid: str, size: int | None, named: list[str]) -> bool:
         """A check's question: does a node the ring does not name hold a good copy?"""
@@ -1059,12 +1059,10 @@ class Checker:
             return
         if self.live and not self._still_referenced(bid):
             return
-        data = None
-        if self.repair:
-            good = [n for n in named if states[n] == "ok"]
-            others = [n for n in self.ring.walk(bid) if n not in named]
-            data = self._fetch(bid, size, good + others, states)
-            have_copy = data is not None
+        if self.repair:  # the copies of the right size are good, as in the check (`size`)
+            got = restore(bid, self.stores, named, self.ring.walk(bid), size=size)
+            self._note_read(bid, size, got, states)
+            have_copy = got.found
         else:
             have_copy = "ok" in states.values() or self._exists_elsewhere(bid, size, named)
         if not have_copy:
@@ -1076,21 +1074,9 @@ class Checker:
             kind = "corrupt_replica" if state == "corrupt" else "missing_replica"
             why = {"down": "node unavailable", "error": "read error"}.get(state, state)
             self.report.add(kind, f"block {bid} on node {node}: {why}")
-            store = self.stores.get(node)
             if not self.repair:
                 continue
-            if store is None:
-                self.unhealthy.add(bid)
-                continue
-            try:
-                if state == "error":  # an unreadable file: put() would keep one of the right size
-                    store.delete(bid)
-                store.put(bid, data)
-                ok = store.size(bid) == len(data)
-            except OSError as e:
-                log.error("fsck: writing block %s to node %s: %s", bid, node, e)
-                ok = False
-            if not ok:
+            if node not in got.written:  # down, or the copy failed (logged by restore)
                 self.unhealthy.add(bid)
                 continue
             self.report.repaired(kind, f"block {bid} copied to node {node}")
@@ -1169,7 +1155,7 @@ class Checker:
                 if bid in referenced:
                     named = self.ring.replicas(bid, self.replicas)
                     if node_id not in named:
-                        self._misplaced(bid, node_id, store, named, rows.get(bid))
+                        self._misplaced(bid, node_id, named, rows.get(bid))
                 elif bid not in rows:  # rows without extents: check_garbage_rows
                     self._stray(bid, node_id, store)
             self.progress.advance(len(ids))
@@ -1181,20 +1167,17 @@ class Checker:
             out.update(self.db.execute(sql.format(",".join("?" * len(batch))), batch).fetchall())
         return out
 
-    def _misplaced(
-        self, bid: str, node_id: str, store: DirStore, named: list[str], size: int | None
-    ) -> None:
+    def _misplaced(self, bid: str, node_id: str, named: list[str], size: int | None) -> None:
         self.report.add(
             "misplaced_replica", f"block {bid} on node {node_id}; the ring names {', '.join(named)}"
         )
         if not self.repair or bid in self.unhealthy:
             return
-        for node in named:  # drop the extra copy only while every named copy is good
-            s = self.stores.get(node)
-            if s is None or s.size(bid) is None or (size is not None and s.size(bid) != size):
-                return
-        store.delete(bid)
-        self.report.repaired("misplaced_replica", f"block {bid} deleted from node {node_id}")
+        # drop the extra copy only once every named copy is good (of the right size, as in
+        # the check; a named node lacking one gets it first)
+        got = restore(bid, self.stores, named, [node_id], size=size)
+        if drop_extra(got, self.stores, [node_id]).deleted:
+            self.report.repaired("misplaced_replica", f"block {bid} deleted from node {node_id}")
 
     def _stray(self, bid: str, node_id: str, store: DirStore) -> None:
         mtime = store.mtime_ns(bid)

@@ -4,12 +4,15 @@ After `hafs node add|remove|set` the ring has a new version, and some copies sit
 on nodes the ring no longer names for their block ("misplaced").  Rebalance
 moves each of them:
 
-1. read a good copy (hash verified), preferring the misplaced one;
-2. make sure every node the ring names holds a verified copy: a named node
-   that lists the block is read back and hashed; one that lacks it (or whose
-   copy is corrupt) gets the bytes (`put`: temp file, fsync, rename) and is
-   then read back and hashed;
-3. only then delete the misplaced copies.
+1. make sure every node the ring names holds a verified copy: each named
+   node's copy is read and hashed; one that lacks it (or whose copy is
+   corrupt) gets the bytes of a good copy (from a named node, else a misplaced
+   one; `put`: temp file, fsync, rename) and is then read back and hashed;
+2. only then delete the misplaced copies.
+
+Both steps are hafs.store.restore, the path the mount's background repair and
+`hafs fsck --repair` take too; node health is a placement `NodeHealth` (a node
+down stays down for the rest of the run).
 
 So at every instant a block has at least as many good copies as before its
 move began (the old copy goes only after a verified new one exists), and a
@@ -60,18 +63,19 @@ from __future__ import annotations
 
 import heapq
 import logging
-import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BlockCorrupt, BlockMissing, HafsError, UserError
+from ..errors import HafsError, UserError
 from ..home import meta_path, open_meta, open_store
 from ..meta import MetaStore
 from ..store.dirstore import DirStore
+from ..store.placement import NodeHealth
 from ..store.remote import RemoteStore
+from ..store.restore import drop_extra, restore
 from ..store.ring import RING_SETTLE_S, Ring
 from .fsck import Progress, Throttle
 from .nodes import change_ring
@@ -356,9 +360,7 @@ class Rebalancer:
         self.replicas = config.replicas
         self.stores: dict[str, Store | None] = {}  # None: could not be opened
         self._addresses: dict[str, str] = {}
-        self._strikes: Counter[str] = Counter()
-        self._down: dict[str, str] = {}
-        self._lock = threading.Lock()  # guards _strikes and _down (workers)
+        self.health = NodeHealth(STRIKES)  # a node down stays down for the rest of the run
         self._listed_ok: set[str] = set()  # nodes listed to the end in the last pass
         self._plan = False  # the pass running is the first: its moves are the plan's
 
@@ -417,7 +419,6 @@ class Rebalancer:
                     store.check_identity()
             except (HafsError, OSError) as e:
                 self.stores[spec.id] = None
-                self._down[spec.id] = str(e)
                 self.report.errors.append(f"node {spec.id} is unavailable: {e}")
                 log.error("REBALANCE node %s is unavailable: %s", spec.id, e)
                 continue
@@ -524,43 +525,14 @@ class Rebalancer:
 
     # --------------------------------------------------------- per block
 
-    def _store(self, node_id: str) -> Store:
-        """The store of a node, or OSError if it is down for this run."""
-        with self._lock:
-            why = self._down.get(node_id)
-        store = self.stores.get(node_id)
-        if why is not None or store is None:
-            raise OSError(f"node {node_id} is unavailable: {why}")
-        return store
-
-    def _node_result(self, node_id: str, exc: BaseException | None) -> None:
-        with self._lock:
-            if exc is None:
-                self._strikes.pop(node_id, None)
-                return
-            self._strikes[node_id] += 1
-            if self._strikes[node_id] >= STRIKES and node_id not in self._down:
-                self._down[node_id] = str(exc)
-                log.error("REBALANCE node %s fails, skipped from now on: %s", node_id, exc)
-
-    def _call(self, node_id: str, method: str, *args):
-        store = self._store(node_id)
-        try:
-            result = getattr(store, method)(*args)
-        except (BlockMissing, BlockCorrupt):
-            self._node_result(node_id, None)
-            raise
-        except OSError as e:
-            self._node_result(node_id, e)
-            raise
-        self._node_result(node_id, None)
-        return result
-
     def _size(self, bid: str, holders: list[str]) -> int:
         """(dry run) The size of a block that will be copied, from one of its holders."""
         for node in holders:
+            store = self.stores.get(node)
+            if store is None or self.health.is_down(node):
+                continue
             try:
-                size = self._call(node, "size", bid)
+                size = self.health.call(node, store.size, bid)
             except OSError:
                 continue
             if size is not None:
@@ -570,45 +542,20 @@ class Rebalancer:
     def _move(self, bid: str, holders: list[str], named: list[str], misplaced: list[str]):
         """Verified copies on every named node, then drop the misplaced ones (worker thread)."""
         out = _Outcome(bid)
-        data, src, problems = None, None, []
-        for node in [*misplaced, *(n for n in holders if n in named)]:
-            try:
-                data, src = self._call(node, "get", bid), node
-                break
-            except BlockMissing:
-                continue  # deleted meanwhile (garbage collection, another rebalance)
-            except BlockCorrupt:
-                out.corrupt += 1
-                problems.append(f"corrupt on {node}")
-            except OSError as e:
-                problems.append(f"{node}: {e}")
-        if data is None:
-            if problems:
-                out.error = "no good copy to move: " + "; ".join(problems)
+        done = restore(
+            bid, self.stores, named, misplaced, health=self.health, throttle=self.throttle.consume
+        )
+        out.corrupt = len(done.corrupt)
+        if not done.found:
+            if done.problems:
+                out.error = "no good copy to move: " + "; ".join(done.problems)
             return out  # else: every copy is gone, the block was garbage collected
-        for node in named:
-            if node == src:
-                continue
-            if node in holders:
-                try:
-                    self._call(node, "get", bid)
-                    continue  # a verified copy is there
-                except BlockMissing:
-                    pass
-                except BlockCorrupt:
-                    out.corrupt += 1
-                except OSError as e:
-                    out.error = f"verifying the copy on {node} failed: {e}"
-                    return out
-            self.throttle.consume(len(data))
-            try:
-                self._call(node, "put", bid, data)
-                self._call(node, "get", bid)  # read back: the hash is verified there
-            except (BlockMissing, BlockCorrupt, OSError) as e:
-                out.error = f"copying it to {node} failed: {e}"
-                return out
-            out.copied.append((src, node, len(data)))
-            log.debug("REBALANCE-COPY %s %s -> %s", bid, src, node)
+        out.copied = [(done.source or "?", node, done.size or 0) for node in done.written]
+        for node in done.written:
+            log.debug("REBALANCE-COPY %s %s -> %s", bid, done.source, node)
+        if done.failed:
+            out.error = "; ".join(f"copying it to {n} failed: {w}" for n, w in done.failed.items())
+            return out
         if len(named) < self.replicas:
             if misplaced:
                 out.error = (
@@ -616,13 +563,14 @@ class Rebalancer:
                     f"{self.replicas}: the copies on {', '.join(misplaced)} are kept"
                 )
             return out
-        for node in misplaced:
-            try:
-                if self._call(node, "delete", bid):
-                    out.deleted.append(node)
-                    log.debug("REBALANCE-DELETE %s from %s", bid, node)
-            except OSError as e:
-                out.error = f"deleting the copy on {node} failed: {e}"
+        dropped = drop_extra(done, self.stores, misplaced, health=self.health)
+        out.deleted = dropped.deleted
+        for node in dropped.deleted:
+            log.debug("REBALANCE-DELETE %s from %s", bid, node)
+        if dropped.kept:
+            out.error = "; ".join(
+                f"deleting the copy on {n} failed: {w}" for n, w in dropped.kept.items()
+            )
         return out
 
     # ------------------------------------------------------ draining nodes

@@ -47,7 +47,12 @@ failure is a strike, and STRIKES in a row make it down, as does a timeout of a
 call during which no other call to the node succeeded (it hangs); any answer (a
 success, a missing block, a full disk) clears the strikes.  `probe_loop` pings the down
 nodes every few seconds in its own threads and brings back those that answer
-(NODE-UP).
+(NODE-UP).  `NodeHealth.call` makes one blocking call and records its outcome; the
+placement's calls and those of hafs.store.restore (repair, fsck, rebalance) go through it.
+
+`repair` puts a degraded block right through hafs.store.restore (verified copies
+on the ring's nodes, read back, before any stand-in copy is deleted), the path
+fsck and rebalance use too, in one worker thread bounded by `limiter`.
 
 Concurrency rules: store calls are blocking and run in worker threads, each
 node with its own CapacityLimiter of `limiter.total_tokens` threads, so calls
@@ -63,6 +68,7 @@ running goes on with the ring and stores it started with.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import random
@@ -77,6 +83,7 @@ from ..errors import BlockCorrupt, BlockMissing, NoSpace, QuorumLost, one_error
 from .chunker import MAX_SIZE
 from .dirstore import DirStore
 from .remote import DEFAULT_TIMEOUT_S, NodeRefused, NodeTimeout, NodeUnavailable, RemoteStore
+from .restore import DropResult, RestoreResult, drop_extra, restore
 from .ring import Ring
 
 log = logging.getLogger(__name__)
@@ -155,6 +162,24 @@ class NodeHealth:
         with self._lock:
             self._down[node_id] = why
         log.warning("NODE-DOWN %s: %s", node_id, why)
+
+    def call(self, node_id: str, fn: Callable, *args, kind: str = ""):
+        """fn(*args), a blocking call to the node in this thread, with its outcome recorded:
+        a missing or corrupt block is an answer, an OSError a failure; for a `kind`
+        ("get", "put") the latency of a success is counted too."""
+        started = time.monotonic()
+        try:
+            result = fn(*args)
+        except (BlockMissing, BlockCorrupt):
+            self.success(node_id)
+            raise
+        except OSError as e:
+            self.failure(node_id, e, since=started)
+            raise
+        self.success(node_id)
+        if kind:
+            self.observe(node_id, kind, time.monotonic() - started)
+        return result
 
     def observe(self, node_id: str, kind: str, seconds: float) -> None:
         """Count the latency of a successful call of `kind` ("get", "put") to the node."""
@@ -278,26 +303,10 @@ class Placement:
         The thread records the outcome (and, for a `kind`, the latency) itself, so a
         call abandoned on cancellation (a deadline, a hedge that won) still counts.
         """
-        health = self.health
-
-        def run():
-            started = time.monotonic()
-            try:
-                result = fn(*args)
-            except (BlockMissing, BlockCorrupt):
-                health.success(node_id)
-                raise
-            except OSError as e:
-                health.failure(node_id, e, since=started)
-                raise
-            health.success(node_id)
-            if kind:
-                health.observe(node_id, kind, time.monotonic() - started)
-            return result
-
         limiter = self._limiters.get(node_id)
         if limiter is None:
             limiter = self._limiters[node_id] = trio.CapacityLimiter(self.limiter.total_tokens)
+        run = functools.partial(self.health.call, node_id, fn, *args, kind=kind)
         return await trio.to_thread.run_sync(run, limiter=limiter, abandon_on_cancel=True)
 
     async def _race(
@@ -431,44 +440,42 @@ class Placement:
         """Put a degraded block right: True once it is, False if that failed (try
         again later), None while it waits for a node that is down.
 
-        Every node the ring names gets a verified copy (read from any node that
-        has one), and only then are the stand-in copies on `holders` the ring
-        does not name deleted, so the block never has fewer copies than before.
-        Nothing is done while a named node is down; a stand-in that is down keeps
-        its copy until it answers.
+        Every node the ring names gets a verified copy, read from any node with a
+        good one (`holders` first), and only then are the stand-in copies on
+        `holders` the ring does not name deleted (hafs.store.restore), so the block
+        never has fewer copies than before.  Nothing is done while a named node is
+        down; a stand-in that is down keeps its copy until it answers.  The restore
+        runs in one worker thread of `limiter`.
         """
         named = self.ring.replicas(block_id, self.replicas)
         if any(self.health.is_down(n) for n in named):
             return None
         async with self._block_locks(block_id):
             stores = self.stores  # this call's view, whatever set_ring does meanwhile
+            ring, health = self.ring, self.health
             stand_ins = [n for n in holders if n not in named and n in stores]
-            failed: list[str] = []
 
-            async def copy_to(node_id: str, data: bytes) -> None:
-                try:
-                    await self._call(node_id, stores[node_id].put, block_id, data)
-                except OSError as e:
-                    failed.append(str(e))
+            def put_right() -> tuple[RestoreResult, DropResult | None]:
+                done = restore(
+                    block_id, stores, named, [*holders, *ring.walk(block_id)], health=health
+                )
+                if not done.complete:
+                    return done, None
+                return done, drop_extra(done, stores, stand_ins, health=health)
 
-            try:
-                lacking = [n for n in named if not await self._call(n, stores[n].has, block_id)]
-                if lacking:
-                    data = await self.get(block_id)
-                    with one_error():
-                        async with trio.open_nursery() as nursery:
-                            for node_id in lacking:
-                                nursery.start_soon(copy_to, node_id, data)
-                if not failed:
-                    for node_id in stand_ins:
-                        if not self.health.is_down(node_id):
-                            await self._call(node_id, stores[node_id].delete, block_id)
-            except (OSError, BlockMissing) as e:
-                failed.append(str(e))
-            if failed:
-                log.info("repair of block %s deferred: %s", block_id, "; ".join(failed))
-                return False
-        return None if any(self.health.is_down(n) for n in stand_ins) else True
+            done, dropped = await trio.to_thread.run_sync(
+                put_right, limiter=self.limiter, abandon_on_cancel=True
+            )
+        if dropped is None:
+            why = "; ".join(f"{n}: {w}" for n, w in done.failed.items())
+            log.info("repair of block %s deferred: %s", block_id, why)
+            return False
+        errors = {n: w for n, w in dropped.kept.items() if not self.health.is_down(n)}
+        if errors:
+            why = "; ".join(f"deleting the copy on {n}: {w}" for n, w in errors.items())
+            log.info("repair of block %s deferred: %s", block_id, why)
+            return False
+        return None if dropped.kept else True
 
     async def get(self, block_id: str) -> bytes:
         problems: list[str] = []
