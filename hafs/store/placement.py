@@ -31,8 +31,10 @@ abandoned (their threads end at the store's own timeout).  A node known to be
 down is asked only as a last resort, after the healthy nodes, and then for at
 most LAST_RESORT_S.  The hedge delay of a node is HEDGE_FACTOR times a high
 estimate of its latency (EWMA of the mean plus 4 mean deviations, as TCP's
-retransmission timer), clamped to HEDGE_MIN_S (20 ms for reads, 200 ms for
-writes)..HEDGE_MAX_S (1 s); it is the floor while a call to the node is late
+retransmission timer), clamped to HEDGE_MIN_S..HEDGE_MAX_S (reads: 20 ms..1 s;
+writes: 1 s, since a hedged write that was only slow leaves an extra copy, and a
+loaded disk's fsync can take hundreds of milliseconds); it is the floor while a
+call to the node is late
 and the node has not answered since, so a hung node costs one call that delay
 and the next ones almost nothing, until it is marked down.
 
@@ -95,7 +97,7 @@ DEADLINE_MARGIN_S = 0.5  # a get or put ends within timeout + this
 LAST_RESORT_S = 1.0  # how long a node known to be down is waited for, when it is asked at all
 # bounds of the delay before a slow node gets a stand-in asked beside it (the upper one also
 # while a node's latency is not known yet); a write's stand-in costs an extra copy: a higher floor
-HEDGE_MIN_S = {"get": 0.02, "put": 0.2}
+HEDGE_MIN_S = {"get": 0.02, "put": 1.0}
 HEDGE_MAX_S = 1.0
 HEDGE_FACTOR = 2.0  # hedge delay = this times the high latency estimate
 EWMA_WEIGHT = 0.1  # weight of the newest latency sample
