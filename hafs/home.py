@@ -187,14 +187,19 @@ class Filesystem:
         return self.config.node_token
 
 
-def open_meta(home: Path, lock_ttl_s: float = 10.0, read_only: bool = False) -> MetaStore:
+def open_meta(
+    home: Path, lock_ttl_s: float = 10.0, read_only: bool = False, as_found: bool = False
+) -> MetaStore:
     """The metadata engine of the filesystem in `home` (UserError when there is none).
 
-    read_only: the metadata is opened read-only (a `-o ro` mount)."""
+    read_only: the metadata is opened read-only (a `-o ro` mount); as_found: and an
+    older layout is read as it is instead of refused (fsck's check writes nothing)."""
     home = home.absolute()
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    return SqliteMeta.open(meta_path(home), lock_ttl_s=lock_ttl_s, read_only=read_only)
+    return SqliteMeta.open(
+        meta_path(home), lock_ttl_s=lock_ttl_s, read_only=read_only, as_found=as_found
+    )
 
 
 def open_fs(
