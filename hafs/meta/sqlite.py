@@ -953,6 +953,7 @@ class SqliteMeta:
             yield True
             return
         self.db.execute("BEGIN")
+        self.db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # the snapshot: now
         try:
             yield True
         finally:
