@@ -450,7 +450,15 @@ class InodeTable:
         self.parent = array("q")
 
     def add(self, ino: int, mode: int, size: int) -> int:
-        k = bisect.bisect_left(self.ids, ino)  # scans come in order: an append
+        if not self.ids or ino > self.ids[-1]:  # scans come in order: an append
+            self.ids.append(ino)
+            self.types.append(stat.S_IFMT(mode) >> 12)
+            self.sizes.append(size)
+            self.names.append(0)
+            self.subdirs.append(0)
+            self.parent.append(0)
+            return len(self.ids) - 1
+        k = bisect.bisect_left(self.ids, ino)
         for col, v in (
             (self.ids, ino),
             (self.types, stat.S_IFMT(mode) >> 12),
@@ -887,8 +895,8 @@ class Checker:
         prev: tuple[int, int, int] | None = None  # (inode, offset, length once repaired)
         for rows in _pages(self.meta.scan_extents, (0, -1), lambda r: (r[0], r[1].offset)):
             self.report.stats["extents"] += len(rows)
-            ids = sorted({e.block_id for _, e in rows if _valid_id(e.block_id)})
-            blocks = self.meta.block_rows(ids)
+            valid = {b for b in {e.block_id for _, e in rows} if _valid_id(b)}
+            blocks = self.meta.block_rows(sorted(valid))
             drop: list[tuple[int, int]] = []
             cut: list[tuple[int, int, int]] = []  # (inode, offset, new length)
             for ino, e in rows:
@@ -902,7 +910,7 @@ class Checker:
                     else "its inode is not a regular file"
                     if kind != REG
                     else f"malformed block id {bid!r}"
-                    if not _valid_id(bid)
+                    if bid not in valid
                     else "a negative offset or empty length"
                     if off < 0 or length <= 0
                     else None
