@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import MetaDamaged, UserError
 from .meta import FsConfig, MetaStore, now_ns
 from .meta.sqlite import SqliteMeta
 from .store.dirstore import DirStore
@@ -191,17 +191,26 @@ MOUNT_CHECK_S = 2.0  # a mount checks the SQLite database for at most this long 
 
 
 def open_meta(
-    home: Path, lock_ttl_s: float = 10.0, read_only: bool = False, check_s: float = 0.0
+    home: Path,
+    lock_ttl_s: float = 10.0,
+    read_only: bool = False,
+    as_found: bool = False,
+    check_s: float = 0.0,
 ) -> MetaStore:
     """The metadata engine of the filesystem in `home` (UserError when there is none).
 
-    read_only: the metadata is opened read-only (a `-o ro` mount); check_s: a bounded
-    check of the database first (a mount)."""
+    read_only: the metadata is opened read-only (a `-o ro` mount); as_found: and an
+    older layout is read as it is instead of refused (fsck's check writes nothing);
+    check_s: a bounded check of the database first (a mount)."""
     home = home.absolute()
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
     return SqliteMeta.open(
-        meta_path(home), lock_ttl_s=lock_ttl_s, read_only=read_only, check_s=check_s
+        meta_path(home),
+        lock_ttl_s=lock_ttl_s,
+        read_only=read_only,
+        as_found=as_found,
+        check_s=check_s,
     )
 
 
@@ -214,7 +223,7 @@ def open_fs(
 ) -> Filesystem:
     """Open the metadata and every node's store, checking the identity of directories."""
     home = home.absolute()
-    meta = open_meta(home, lock_ttl_s, read_only, check_s)
+    meta = open_meta(home, lock_ttl_s, read_only=read_only, check_s=check_s)
     try:
         config = meta.config()
         ring = Ring.from_json(meta.ring())
@@ -222,6 +231,9 @@ def open_fs(
             spec.id: open_store(spec, config.fs_uuid, config.node_token, node_timeout)
             for spec in ring.nodes.values()
         }
+    except MetaDamaged as e:
+        meta.close()
+        raise UserError(f"{e}: nothing was changed; run 'hafs fsck --home {home}'") from None
     except BaseException:
         meta.close()
         raise

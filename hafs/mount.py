@@ -261,6 +261,15 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
         if ready_fd is None:
             print(f"hafs: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, or damage no check foresaw: say so, keep the traceback
+        log.exception("the mount of %s failed before serving", home)
+        msg = (
+            f"hafs: the mount failed before serving ({type(e).__name__}: {e}); see {home}/hafs.log"
+        )
+        report(msg)
+        if ready_fd is None:
+            print(msg, file=sys.stderr)
+        return 1
     pidf = pid_file(home, mountpoint)
     pidf.parent.mkdir(exist_ok=True)
     pidf.write_text(f"{os.getpid()} {mountpoint}\n")

@@ -32,6 +32,7 @@ import errno
 import functools
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -316,6 +317,70 @@ class MetaStore(Protocol):
 
     def block_users(self, block_id: str, limit: int) -> list[int]:
         """Inodes whose extents reference the block."""
+
+    def block_refs(self, block_id: str) -> int:
+        """How many extents reference the block (what its refcount must say)."""
+
+    def block_rows(self, block_ids: list[str]) -> dict[str, BlockRow]:
+        """The rows of those of `block_ids` that have one."""
+
+    def names(self, ino: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to `limit` entries (parent, name) naming the inode: the oldest first where the
+        engine records an order (sqlite), else in key order."""
+
+    # fsck: checks of the engine's own storage, and repairs.  A check opens the engine
+    # read-only (hafs.home.open_meta(read_only=True)) and modifies nothing.  The repairs
+    # are what `fsck --repair` needs beyond the filesystem operations, each one
+    # transaction that takes the stored state as it is (damaged); they run inside a
+    # "repair" session, alone.  They keep the engine's own indexes and refcounts right;
+    # the link counts and sizes they leave are fsck's to set.
+    def describe(self) -> dict:
+        """What a report names the metadata by: {"engine", "location", "schema"
+        (version of the stored layout), "current" (the one this hafs writes), "recover"
+        (how to recover a store `check_storage` finds damaged)}."""
+
+    def check_storage(self, limit: int) -> list[str]:
+        """Up to `limit` problems of the engine's own storage (sqlite: integrity_check;
+        [] when it is sound or there is nothing to check)."""
+
+    def damaged(self, exc: BaseException) -> str | None:
+        """What `exc`, raised by one of this engine's calls, says about damaged storage
+        (None: it is not such an error)."""
+
+    def snapshot(self) -> AbstractContextManager[bool]:
+        """A block whose reads see one state of the metadata, where the engine can give
+        one (sqlite: a read transaction); yields whether it does.  No writes inside."""
+
+    def fsck_add_root(self, uid: int, gid: int) -> bool:
+        """Make a new, empty root directory (inode ROOT_INODE) if there is none."""
+
+    def fsck_drop_entry(self, parent: int, name: bytes) -> int | None:
+        """Drop the entry, whatever it names and wherever it sits; returns the inode it
+        named (None: there was no such entry).  Link counts are left as they are: a file
+        that lost its last name this way keeps its links, so fsck sees an orphan to move
+        to /lost+found, not a deleted file."""
+
+    def fsck_add_entry(self, parent: int, name: bytes, ino: int) -> None:
+        """Give the existing inode `ino` the name `name` in directory `parent` (EEXIST,
+        ENOENT, ENOTDIR as for link).  Link counts follow as link and mkdir would: a
+        directory adds one to the parent's, a non-directory's becomes its number of names."""
+
+    def fsck_set_nlink(self, ino: int, nlink: int) -> None: ...
+    def fsck_set_size(self, ino: int, size: int) -> None:
+        """Set the size field only (no extent changes: for directories and symlinks)."""
+
+    def fsck_drop_extent(self, ino: int, offset: int) -> bool:
+        """Drop the extent at (ino, offset) and release its block (a missing block row is
+        left missing); False if there is none."""
+
+    def fsck_cut_extent(self, ino: int, offset: int, length: int) -> None:
+        """Shorten the extent at (ino, offset) to `length` bytes (0 < length < its
+        length; ENOENT if there is none, EINVAL for a bad length)."""
+
+    def fsck_set_block(self, block_id: str, size: int, refcount: int) -> None:
+        """Make the block's row say `size` bytes and `refcount` extents, adding the row if
+        missing.  Refcount 0 keeps the time it went to zero (now, if it was referenced);
+        a referenced block has none."""
 
 
 class Lease(Protocol):

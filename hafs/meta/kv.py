@@ -80,6 +80,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -114,6 +115,10 @@ class LeaseNotFound(Exception):
 
 class TxnConflict(HafsError):
     """An operation kept conflicting with other clients for MAX_TRIES attempts."""
+
+
+class ReadOnly(HafsError):
+    """A write through a KvMeta opened read-only."""
 
 
 class KV(Protocol):
@@ -423,8 +428,10 @@ class KvMeta:
         return cls(kv, **opts)
 
     @classmethod
-    def open(cls, kv: KV, **opts: Any) -> KvMeta:
-        """Open the filesystem in `kv`, refusing one that is not hafs or is newer."""
+    def open(cls, kv: KV, read_only: bool = False, **opts: Any) -> KvMeta:
+        """Open the filesystem in `kv`, refusing one that is not hafs or is newer.
+
+        read_only: every write is refused (ReadOnly), leases too (fsck's check)."""
         row = kv.get(K_VERSION)
         if row is None:
             if kv.scan(b"", b"\xff", 1):
@@ -436,7 +443,7 @@ class KvMeta:
                 f"{kv.name} has metadata layout version {version}, newer than this hafs"
                 f" understands ({LAYOUT_VERSION}): upgrade hafs"
             )
-        return cls(kv, **opts)
+        return cls(ReadOnlyKV(kv) if read_only else kv, **opts)
 
     def close(self) -> None:
         self.locks.close()
@@ -1103,6 +1110,219 @@ class KvMeta:
                 if len(out) == limit:
                     break
         return out
+
+    def block_refs(self, block_id: str) -> int:
+        start = k_users(block_id)
+        return sum(1 for _ in self._scan(start, prefix_end(start)))
+
+    def block_rows(self, block_ids: list[str]) -> dict[str, BlockRow]:
+        out = {}
+        for bid in block_ids:
+            row = self.kv.get(k_block(bid))
+            if row is not None:
+                b = _dec_block(row[0])
+                out[bid] = BlockRow(bid, b.size, b.refcount, b.zero_since_ns)
+        return out
+
+    def names(self, ino: int, limit: int) -> list[tuple[int, bytes]]:
+        start = k_names(ino)
+        rows = self._scan(start, prefix_end(start), limit)
+        return [(int.from_bytes(k[9:17], "big"), k[17:]) for k, _, _ in rows]
+
+    # ------------------------------------------------------------------- fsck
+
+    def describe(self) -> dict:
+        row = self.kv.get(K_VERSION)
+        return {
+            "engine": "kv",
+            "location": self.kv.name,
+            "schema": int(row[0]) if row else None,
+            "current": LAYOUT_VERSION,
+            "recover": f"restore {self.kv.name} from a backup (a snapshot of the KV store)",
+        }
+
+    def check_storage(self, limit: int) -> list[str]:
+        """Nothing to check: the KV keeps its own storage sound."""
+        return []
+
+    def damaged(self, exc: BaseException) -> str | None:
+        return None
+
+    @contextmanager
+    def snapshot(self) -> Iterator[bool]:
+        """No snapshot across calls: each read sees the KV as it is then."""
+        yield False
+
+    def fsck_add_root(self, uid: int, gid: int) -> bool:
+        def op(t: Txn) -> bool:
+            if t.inode(ROOT_INODE) is not None:
+                return False
+            ts = now_ns()
+            root = Inode(ROOT_INODE, stat.S_IFDIR | 0o755, uid, gid, 2, 0, ts, ts, ts, 0, None)
+            t.save(_Rec(root, 0))
+            return True
+
+        return self._run(op)
+
+    def fsck_drop_entry(self, parent: int, name: bytes) -> int | None:
+        def op(t: Txn) -> int | None:
+            ino = self._entry(t, parent, name)
+            if ino is not None:
+                self._del_entry(t, parent, name, ino)
+                self._guard(t, parent)
+            return ino
+
+        return self._run(op)
+
+    def fsck_add_entry(self, parent: int, name: bytes, ino: int) -> None:
+        check_name(name)
+
+        def op(t: Txn) -> None:
+            rec = self._need(t, ino)
+            p = self._dir(t, parent)
+            if self._entry(t, parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            ts = now_ns()
+            self._set_entry(t, parent, name, ino, None)
+            if _is_dir(rec):
+                self._add_nlink(t, p, 1, ts)
+            else:
+                n = len(t.scan(k_names(ino), prefix_end(k_names(ino))))
+                self._set_nlink(t, rec, n)
+            self._touch(t, p, ts)
+
+        self._run(op)
+
+    @staticmethod
+    def _guard(t: Txn, ino: int) -> None:
+        """Write the inode that guards the ranges under it (module docstring), if any."""
+        rec = t.inode(ino)
+        if rec is not None:
+            t.save(rec)
+
+    @staticmethod
+    def _set_nlink(t: Txn, rec: _Rec, nlink: int) -> None:
+        rec.inode.nlink = nlink
+        if nlink == 0:
+            t.put(k_unlinked(rec.inode.id), b"")
+        else:
+            t.delete(k_unlinked(rec.inode.id))
+        t.save(rec)
+
+    def fsck_set_nlink(self, ino: int, nlink: int) -> None:
+        self._run(lambda t: self._set_nlink(t, self._need(t, ino), nlink))
+
+    def fsck_set_size(self, ino: int, size: int) -> None:
+        def op(t: Txn) -> None:
+            rec = self._need(t, ino)
+            rec.inode.size = size
+            t.save(rec)
+
+        self._run(op)
+
+    @staticmethod
+    def _extent_at(t: Txn, ino: int, offset: int) -> tuple[bytes, Extent] | None:
+        """The extent starting at `offset` (keyed by its end: the first ending after
+        `offset`, unless extents overlap)."""
+        start, end = k_extent(ino, offset + 1), prefix_end(k_extents(ino))
+        while True:
+            rows = t.scan(start, end, 64)
+            for key, value in rows:
+                e = _dec_extent(key, value)
+                if e.offset == offset:
+                    return key, e
+            if len(rows) < 64:
+                return None
+            start = rows[-1][0] + b"\x00"
+
+    @staticmethod
+    def _set_block(t: Txn, block_id: str, size: int, refcount: int) -> None:
+        """The block row (and its garbage entry) as fsck_set_block describes it."""
+        b = t.block(block_id)
+        old = b.zero_since_ns if b is not None else None
+        since = None if refcount > 0 else old if old is not None else now_ns()
+        if old is not None and old != since:
+            t.delete(k_garbage(old, block_id))
+        if since is not None:
+            t.put(k_garbage(since, block_id), b"")
+        t.save_block(block_id, _Block(size, refcount, since))
+
+    def fsck_drop_extent(self, ino: int, offset: int) -> bool:
+        def op(t: Txn) -> bool:
+            found = self._extent_at(t, ino, offset)
+            if found is None:
+                return False
+            key, e = found
+            t.delete(key)
+            t.delete(k_user(e.block_id, ino, offset))
+            b = t.block(e.block_id)
+            if b is not None:
+                self._set_block(t, e.block_id, b.size, max(b.refcount - 1, 0))
+            self._guard(t, ino)
+            return True
+
+        return self._run(op)
+
+    def fsck_cut_extent(self, ino: int, offset: int, length: int) -> None:
+        def op(t: Txn) -> None:
+            found = self._extent_at(t, ino, offset)
+            if found is None:
+                raise FsError(errno.ENOENT)
+            key, e = found
+            if not 0 < length < e.length:
+                raise FsError(errno.EINVAL, f"cannot cut an extent of {e.length} to {length}")
+            new = k_extent(ino, offset + length)
+            if t.get(new) is not None:
+                raise FsError(errno.EEXIST, f"inode {ino}: an extent ends at {offset + length}")
+            t.delete(key)
+            t.put(new, _enc_extent(Extent(offset, length, e.block_id)))
+            self._guard(t, ino)
+
+        self._run(op)
+
+    def fsck_set_block(self, block_id: str, size: int, refcount: int) -> None:
+        self._run(lambda t: self._set_block(t, block_id, size, refcount))
+
+
+class ReadOnlyKV:
+    """A KV that refuses every write: what a check reads through (`KvMeta.open`)."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        self.name = kv.name
+
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        return self.kv.get(key)
+
+    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
+        return self.kv.scan(start, end, limit)
+
+    def commit(
+        self,
+        checks: dict[bytes, int],
+        puts: dict[bytes, bytes],
+        deletes: Collection[bytes],
+        lease: int | None = None,
+        leased: Collection[bytes] | None = None,
+    ) -> int | None:
+        if puts or deletes:
+            raise ReadOnly(f"{self.name} is opened read-only: nothing may be written")
+        return self.kv.commit(checks, {}, (), None, None)
+
+    def lease_grant(self, ttl_s: float) -> int:
+        raise ReadOnly(f"{self.name} is opened read-only: no lease may be taken")
+
+    def lease_keepalive(self, lease: int) -> bool:
+        return self.kv.lease_keepalive(lease)
+
+    def lease_revoke(self, lease: int) -> None:
+        self.kv.lease_revoke(lease)
+
+    def lease_ttl(self, lease: int) -> float | None:
+        return self.kv.lease_ttl(lease)
+
+    def close(self) -> None:
+        self.kv.close()
 
 
 def _dec_degraded(v: bytes) -> tuple[int, list[str]]:

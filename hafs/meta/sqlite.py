@@ -67,6 +67,11 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 4
 DEGRADED_SCHEMA = 3  # the first schema with the table of degraded blocks
 APPLICATION_ID = 0x68616673  # "hafs": marks a SQLite file as a hafs metadata database
+RECOVER_HINT = (
+    "stop every mount, keep a copy of meta.db (and meta.db-wal, meta.db-shm), then restore"
+    " meta.db from a backup, or salvage it with 'sqlite3 meta.db .recover | sqlite3 new.db'"
+    " and put new.db in its place; then run 'hafs fsck --repair'"
+)
 
 SCHEMA = """
 -- Key/value settings of the filesystem.  Keys: fs_uuid, replicas (R),
@@ -306,6 +311,7 @@ class SqliteMeta:
         self.path = path
         self.clock = clock
         self.damage = Damage(path)
+        self.schema = db.execute("PRAGMA user_version").fetchone()[0]  # as opened (or upgraded)
         self.locks = SqliteLockService(
             db, holder or default_holder(), lock_ttl_s, clock, damage=self.damage
         )
@@ -351,15 +357,22 @@ class SqliteMeta:
 
     @classmethod
     def open(
-        cls, path: Path, read_only: bool = False, check_s: float = 0.0, **opts: Any
+        cls,
+        path: Path,
+        read_only: bool = False,
+        as_found: bool = False,
+        check_s: float = 0.0,
+        **opts: Any,
     ) -> SqliteMeta:
         """Open an existing database, refusing (without modifying it) anything but ours;
         an older schema is upgraded in place.
 
         read_only: a connection that cannot write (a `-o ro` mount); an older schema
-        is then refused instead of upgraded.  check_s: first run SQLite's quick_check
-        for at most that many seconds (a mount: 2 s, about 1 GB of database here) and
-        refuse a damaged database (UserError) before anything is written to it."""
+        is then refused instead of upgraded, unless `as_found` (fsck's check: it reads
+        the database as it is, the tables an older schema lacks read as empty).
+        check_s: first run SQLite's quick_check for at most that many seconds (a
+        mount: 2 s, about 1 GB of database here) and refuse a damaged database
+        (UserError) before anything is written to it."""
         if not path.exists():
             raise UserError(f"metadata database {path} is missing: run 'hafs mkfs' to create one")
         damaged = (
@@ -387,14 +400,14 @@ class SqliteMeta:
                 f" understands ({SCHEMA_VERSION}): upgrade hafs"
             )
         db.close()
-        if read_only and version < SCHEMA_VERSION:
+        if read_only and not as_found and version < SCHEMA_VERSION:
             raise UserError(
                 f"metadata database {path} has schema version {version}: mount it read-write"
                 f" once to upgrade it to {SCHEMA_VERSION}"
             )
         try:
             db = _connect(path, read_only=read_only)
-            while version < SCHEMA_VERSION:
+            while not read_only and version < SCHEMA_VERSION:  # as_found: read as it is
                 step, nxt = MIGRATIONS[version], version + 1
                 db.executescript(f"BEGIN IMMEDIATE; {step}; PRAGMA user_version = {nxt}; COMMIT;")
                 version += 1
@@ -952,6 +965,8 @@ class SqliteMeta:
         return len(gone)
 
     def count_degraded(self) -> int:
+        if self.schema < DEGRADED_SCHEMA:
+            return 0  # opened as found, before any mount upgraded it
         return self.db.execute("SELECT count(*) FROM degraded").fetchone()[0]
 
     # ------------------------------------------------------------------ scans
@@ -990,6 +1005,156 @@ class SqliteMeta:
             "SELECT DISTINCT inode FROM extents WHERE block_id = ? LIMIT ?", (block_id, limit)
         )
         return [r[0] for r in rows]
+
+    def block_refs(self, block_id: str) -> int:
+        q = "SELECT count(*) FROM extents WHERE block_id = ?"
+        return self.db.execute(q, (block_id,)).fetchone()[0]
+
+    def block_rows(self, block_ids: list[str]) -> dict[str, BlockRow]:
+        out = {}
+        for i in range(0, len(block_ids), 500):  # SQLite's limit on parameters is higher
+            batch = block_ids[i : i + 500]
+            rows = self.db.execute(
+                "SELECT id, size, refcount, zero_since_ns FROM blocks"
+                f" WHERE id IN ({','.join('?' * len(batch))})",
+                batch,
+            )
+            out.update((r[0], BlockRow(*r)) for r in rows)
+        return out
+
+    def names(self, ino: int, limit: int) -> list[tuple[int, bytes]]:
+        rows = self.db.execute(
+            "SELECT parent, name FROM dentries WHERE inode = ? ORDER BY id LIMIT ?", (ino, limit)
+        )
+        return [tuple(r) for r in rows]
+
+    # ------------------------------------------------------------------- fsck
+
+    def describe(self) -> dict:
+        return {
+            "engine": "sqlite",
+            "location": str(self.path),
+            "schema": self.schema,
+            "current": SCHEMA_VERSION,
+            "recover": RECOVER_HINT,
+        }
+
+    def check_storage(self, limit: int) -> list[str]:
+        rows = [r[0] for r in self.db.execute(f"PRAGMA integrity_check({int(limit)})")]
+        return [] if rows == ["ok"] else rows
+
+    def damaged(self, exc: BaseException) -> str | None:
+        """Any DatabaseError but a busy database's (SQLITE_BUSY, SQLITE_LOCKED)."""
+        if not isinstance(exc, sqlite3.DatabaseError):
+            return None
+        if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return None
+        return f"metadata database {self.path} is damaged ({exc})"
+
+    @contextmanager
+    def snapshot(self) -> Iterator[bool]:
+        """One read transaction (WAL: a mount's commits meanwhile are not seen)."""
+        if self.db.in_transaction:
+            yield True
+            return
+        self.db.execute("BEGIN")
+        self.db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # the snapshot: now
+        try:
+            yield True
+        finally:
+            self.db.execute("COMMIT")
+
+    def fsck_add_root(self, uid: int, gid: int) -> bool:
+        t = now_ns()
+        with self.txn():
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO inodes (id, mode, uid, gid, nlink, atime_ns, mtime_ns,"
+                " ctime_ns) VALUES (?, ?, ?, ?, 2, ?, ?, ?)",
+                (ROOT_INODE, stat.S_IFDIR | 0o755, uid, gid, t, t, t),
+            )
+            return cur.rowcount == 1
+
+    def fsck_drop_entry(self, parent: int, name: bytes) -> int | None:
+        with self.txn():
+            ino = self._entry(parent, name)
+            if ino is not None:
+                self.db.execute(
+                    "DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name)
+                )
+            return ino
+
+    def fsck_add_entry(self, parent: int, name: bytes, ino: int) -> None:
+        check_name(name)
+        with self.txn():
+            inode = self._need(ino)
+            self._need_dir(parent)
+            if self._entry(parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            t = now_ns()
+            self.db.execute(
+                "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
+            )
+            if _is_dir(inode):
+                self._add_nlink(parent, 1, t)
+            else:
+                self.db.execute(
+                    "UPDATE inodes SET nlink = (SELECT count(*) FROM dentries WHERE inode = ?),"
+                    " ctime_ns = ? WHERE id = ?",
+                    (ino, t, ino),
+                )
+            self.db.execute("DELETE FROM orphans WHERE inode = ?", (ino,))
+
+    def fsck_set_nlink(self, ino: int, nlink: int) -> None:
+        with self.txn():
+            self._need(ino)
+            self.db.execute("UPDATE inodes SET nlink = ? WHERE id = ?", (nlink, ino))
+
+    def fsck_set_size(self, ino: int, size: int) -> None:
+        with self.txn():
+            self._need(ino)
+            self.db.execute("UPDATE inodes SET size = ? WHERE id = ?", (size, ino))
+
+    def fsck_drop_extent(self, ino: int, offset: int) -> bool:
+        with self.txn():
+            row = self.db.execute(
+                "SELECT block_id FROM extents WHERE inode = ? AND offset = ?", (ino, offset)
+            ).fetchone()
+            if row is None:
+                return False
+            self.db.execute("DELETE FROM extents WHERE inode = ? AND offset = ?", (ino, offset))
+            self.db.execute(
+                "UPDATE blocks SET refcount = max(refcount - 1, 0), zero_since_ns ="
+                " CASE WHEN refcount <= 1 THEN coalesce(zero_since_ns, ?) ELSE NULL END"
+                " WHERE id = ?",
+                (now_ns(), row[0]),
+            )
+            return True
+
+    def fsck_cut_extent(self, ino: int, offset: int, length: int) -> None:
+        with self.txn():
+            row = self.db.execute(
+                "SELECT length FROM extents WHERE inode = ? AND offset = ?", (ino, offset)
+            ).fetchone()
+            if row is None:
+                raise FsError(errno.ENOENT)
+            if not 0 < length < row[0]:
+                raise FsError(errno.EINVAL, f"cannot cut an extent of {row[0]} to {length}")
+            self.db.execute(
+                "UPDATE extents SET length = ? WHERE inode = ? AND offset = ?",
+                (length, ino, offset),
+            )
+
+    def fsck_set_block(self, block_id: str, size: int, refcount: int) -> None:
+        with self.txn():
+            row = self.db.execute(
+                "SELECT zero_since_ns FROM blocks WHERE id = ?", (block_id,)
+            ).fetchone()
+            since = None if refcount > 0 else (row[0] if row else None) or now_ns()
+            self.db.execute(
+                "INSERT OR REPLACE INTO blocks (id, size, refcount, zero_since_ns)"
+                " VALUES (?, ?, ?, ?)",
+                (block_id, size, refcount, since),
+            )
 
 
 @_guard(reads="valid held", changes="_try keepalive release")

@@ -600,3 +600,49 @@ def test_a_check_reads_a_database_of_the_previous_schema_without_changing_it(tmp
     report = fsck.run(h)
     assert report.exit_code == 0 and not found(report)
     assert db(h).execute("PRAGMA user_version").fetchone()[0] == 2  # a check writes nothing
+
+
+def test_metadata_phase_on_a_kv_engine():
+    """Phase 2 through the engine interface alone: a KvMeta over MemKV, damaged through
+    the KV itself (an entry naming no inode, a wrong refcount, a file's only name lost)."""
+    from metacheck import assert_consistent
+
+    from hafs.meta import Extent, FsConfig
+    from hafs.meta.kv import KvMeta, k_block, k_entry, k_name, u64
+    from hafs.meta.memkv import MemKV
+
+    kv = MemKV()
+    meta = KvMeta.create(kv, FsConfig("u", 2, 1, None, 1), {"version": 1, "nodes": []}, 0, 0)
+    data = rand(1, 5000)
+    bid = block_id(data)
+    d = meta.mknod(ROOT_INODE, b"d", 0o40755, 0, 0)
+    inos = []
+    for parent, name in ((ROOT_INODE, b"f"), (d.id, b"g")):
+        ino = meta.mknod(parent, name, 0o100644, 0, 0).id
+        meta.commit(ino, 0, len(data), [Extent(0, len(data), bid)], {bid: len(data)}, 5000, 1)
+        inos.append(ino)
+    g = inos[1]
+    assert_consistent(meta)
+    (row,) = meta.scan_blocks("", 10)
+    wrong = row.size.to_bytes(8, "big") + (7).to_bytes(8, "big", signed=True) + b"\xff" * 8
+    kv.commit({}, {k_entry(ROOT_INODE, b"ghost"): u64(99999), k_block(bid): wrong}, ())
+    kv.commit({}, {}, [k_entry(d.id, b"g"), k_name(g, d.id, b"g")])
+
+    def phase2(repair: bool) -> fsck.Report:
+        report = fsck.Report("memkv", repair, False, 0.0)
+        fsck.Checker(meta, report).check_metadata()
+        return report
+
+    damage = {"dangling_entry": 1, "refcount": 1, "orphan_inode": 1}
+    report = phase2(False)
+    assert found(report) == damage, report.render()
+    assert "/ghost: inode 99999 is missing" in report.details["dangling_entry"]
+    assert "refcount 7, 2 extents use it" in report.details["refcount"][0]
+    assert report.stats["inodes"] == 4 and report.stats["extents"] == 2
+    report = phase2(True)
+    assert found(report) == damage and report.fixed == report.found, report.render()
+    lost = meta.lookup(ROOT_INODE, b"lost+found")
+    assert meta.lookup(lost.id, str(g).encode()).id == g
+    assert meta.lookup(ROOT_INODE, b"ghost") is None
+    assert_consistent(meta)
+    assert not found(phase2(False))

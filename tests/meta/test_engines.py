@@ -790,3 +790,128 @@ def test_scans_page_through_everything(engine):
     assert m.count_inodes() == 27
     assert len(list(pages(m.scan_extents, (0, -1), lambda r: (r[0], r[1].offset), 3))) == 10
     assert_consistent(m)
+
+
+# ------------------------------------------------------------- fsck's calls
+
+
+def test_fsck_entries_names_and_link_counts(engine):
+    from metacheck import assert_consistent
+
+    m = engine.meta
+    f, d = mkfile(m, ROOT_INODE, b"f"), mkdir(m, ROOT_INODE, b"d")
+    m.link(f.id, d.id, b"g")
+    assert m.names(f.id, 10) == [(ROOT_INODE, b"f"), (d.id, b"g")]
+    assert m.names(f.id, 1) == [(ROOT_INODE, b"f")] and m.names(9999, 5) == []
+    assert m.fsck_drop_entry(ROOT_INODE, b"f") == f.id
+    assert m.fsck_drop_entry(ROOT_INODE, b"f") is None
+    assert m.lookup(ROOT_INODE, b"f") is None and m.names(f.id, 10) == [(d.id, b"g")]
+    assert nlink(m, f.id) == 2  # link counts are left for fsck_set_nlink
+    m.fsck_set_nlink(f.id, 1)
+    assert_consistent(m)
+
+    assert m.fsck_drop_entry(d.id, b"g") == f.id  # a name-less file keeps its links
+    assert nlink(m, f.id) == 1 and f.id not in m.unlinked_inodes()
+    m.fsck_add_entry(d.id, b"back", f.id)  # a non-directory's nlink: its names
+    assert m.lookup(d.id, b"back").id == f.id and nlink(m, f.id) == 1
+    assert m.parent_of(f.id) == d.id
+    err(errno.EEXIST, m.fsck_add_entry, d.id, b"back", f.id)
+    err(errno.ENOTDIR, m.fsck_add_entry, f.id, b"x", d.id)
+    err(errno.ENOENT, m.fsck_add_entry, d.id, b"x", 99999)
+    err(errno.ENOENT, m.fsck_add_entry, 99999, b"x", f.id)
+    err(errno.EINVAL, m.fsck_add_entry, d.id, b"a/b", f.id)
+
+    e = mkdir(m, d.id, b"e")
+    assert nlink(m, d.id) == 3
+    assert m.fsck_drop_entry(d.id, b"e") == e.id and nlink(m, d.id) == 3
+    root_links = nlink(m, ROOT_INODE)
+    m.fsck_add_entry(ROOT_INODE, b"e", e.id)  # a directory: the parent's nlink grows
+    assert nlink(m, ROOT_INODE) == root_links + 1 and m.parent_of(e.id) == ROOT_INODE
+    m.fsck_set_nlink(d.id, 2)
+    assert_consistent(m)
+
+    h = mkfile(m, ROOT_INODE, b"h")
+    m.fsck_drop_entry(ROOT_INODE, b"h")
+    m.fsck_set_nlink(h.id, 0)
+    assert h.id in m.unlinked_inodes() and m.delete_inode(h.id)
+    err(errno.ENOENT, m.fsck_set_nlink, h.id, 1)
+    m.fsck_set_size(d.id, 4096)
+    assert m.getattr(d.id).size == 4096
+    assert not m.fsck_add_root(0, 0) and m.getattr(ROOT_INODE).uid == UID  # it has one
+
+
+def test_fsck_extents_and_block_rows(engine):
+    from metacheck import assert_consistent
+
+    m = engine.meta
+    f = mkfile(m, ROOT_INODE, b"f")
+    e1, e2, e3 = Extent(0, 100, "b1"), Extent(100, 50, "b2"), Extent(150, 100, "b1")
+    m.commit(f.id, 0, 250, [e1, e2, e3], {"b1": 100, "b2": 50}, 400, 77, None)
+    assert m.block_refs("b1") == 2 and m.block_refs("b2") == 1 and m.block_refs("b9") == 0
+    rows = m.block_rows(["b2", "b1", "b9"])
+    assert sorted(rows) == ["b1", "b2"] and (rows["b1"].size, rows["b1"].refcount) == (100, 2)
+
+    m.fsck_cut_extent(f.id, 150, 40)
+    assert m.extents(f.id, 0, 1000) == [e1, e2, Extent(150, 40, "b1")]
+    err(errno.EINVAL, m.fsck_cut_extent, f.id, 150, 40)
+    err(errno.EINVAL, m.fsck_cut_extent, f.id, 150, 0)
+    err(errno.ENOENT, m.fsck_cut_extent, f.id, 7, 1)
+    assert refcounts(m)["b1"] == (2, None)  # a cut keeps the block's use
+
+    before = time.time_ns()
+    assert m.fsck_drop_extent(f.id, 100) and not m.fsck_drop_extent(f.id, 100)
+    assert m.extents(f.id, 0, 1000) == [e1, Extent(150, 40, "b1")]
+    rc = refcounts(m)
+    assert rc["b2"][0] == 0 and rc["b2"][1] >= before and m.block_refs("b2") == 0
+    assert m.garbage_blocks(time.time_ns() + 1, 10) == ["b2"]
+
+    m.fsck_set_block("b1", 100, 5)
+    assert refcounts(m)["b1"] == (5, None)
+    m.fsck_set_block("b1", 100, 0)
+    since = refcounts(m)["b1"][1]
+    assert since >= before and sorted(m.garbage_blocks(time.time_ns() + 1, 10)) == ["b1", "b2"]
+    m.fsck_set_block("b1", 100, 0)
+    assert refcounts(m)["b1"] == (0, since)  # still unreferenced since then
+    m.fsck_set_block("b1", 90, 2)
+    assert refcounts(m)["b1"] == (2, None) and m.block_rows(["b1"])["b1"].size == 90
+    assert m.garbage_blocks(time.time_ns() + 1, 10) == ["b2"]
+    m.fsck_set_block("b7", 10, 0)  # a row that was missing
+    assert refcounts(m)["b7"][0] == 0 and "b7" in m.garbage_blocks(time.time_ns() + 1, 10)
+    m.fsck_set_size(f.id, 190)  # no extent changes
+    assert m.getattr(f.id).size == 190 and len(m.extents(f.id, 0, 1000)) == 2
+    assert_consistent(m)
+    assert m.forget_block("b2") and m.forget_block("b7")
+
+
+def test_fsck_storage_check_description_and_snapshot(engine):
+    m = engine.meta
+    assert m.check_storage(10) == []
+    d = m.describe()
+    assert d["engine"] == ("sqlite" if engine.name == "sqlite" else "kv")
+    assert d["schema"] == d["current"] and d["location"] and d["recover"]
+    assert m.damaged(ValueError("not the storage")) is None
+    other = engine.client("b")
+    before = m.count_inodes()
+    with m.snapshot() as consistent:
+        mkfile(other, ROOT_INODE, b"meanwhile")
+        seen = m.count_inodes()
+    assert consistent == (engine.name == "sqlite")
+    assert seen == (before if consistent else before + 1)
+    assert m.count_inodes() == before + 1
+
+
+def test_kv_read_only_open_refuses_every_write():
+    from hafs.meta.kv import ReadOnly
+
+    kv = MemKV()
+    KvMeta.create(kv, CONFIG, RING, UID, GID).close()
+    before = kv.scan(b"", b"\xff", 1000)
+    m = KvMeta.open(kv, read_only=True)
+    assert m.getattr(ROOT_INODE).nlink == 2 and m.sessions.alive() == []
+    with pytest.raises(ReadOnly):
+        mkfile(m, ROOT_INODE, b"f")
+    with pytest.raises(ReadOnly):
+        m.fsck_set_nlink(ROOT_INODE, 3)
+    with pytest.raises(ReadOnly):
+        m.sessions.register("repair", "", 60)
+    assert kv.scan(b"", b"\xff", 1000) == before

@@ -134,3 +134,51 @@ def test_allocated_bytes_counts_extents_not_holes(meta):
     other = new_file(meta)
     meta.commit(other, 0, 100, [Extent(0, 100, B)], {B: 100}, 100, 1)
     assert (meta.allocated_bytes(ino), meta.allocated_bytes(other)) == (110, 100)  # B in each
+
+
+def test_damage_is_told_from_a_busy_database_and_integrity_is_checked(meta, tmp_path):
+    other = sqlite3.connect(tmp_path / "meta.db", isolation_level=None, timeout=0)
+    meta.db.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError) as busy:
+            other.execute("BEGIN IMMEDIATE")
+    finally:
+        meta.db.execute("ROLLBACK")
+        other.close()
+    assert meta.damaged(busy.value) is None  # waited out, not damage
+    why = meta.damaged(sqlite3.DatabaseError("database disk image is malformed"))
+    assert "is damaged" in why and "malformed" in why
+    assert meta.damaged(OSError(5, "EIO")) is None
+    assert meta.check_storage(10) == [] and ".recover" in meta.describe()["recover"]
+    meta.db.execute("PRAGMA writable_schema = ON")  # an index that disagrees with its table
+    meta.db.execute(
+        "UPDATE sqlite_master SET sql = 'CREATE INDEX dentries_inode ON dentries(parent)'"
+        " WHERE name = 'dentries_inode'"
+    )
+    meta.mknod(ROOT_INODE, b"f", 0o100644, 0, 0)
+    meta.close()
+    m = SqliteMeta.open(tmp_path / "meta.db", read_only=True)
+    try:
+        assert m.check_storage(10)
+    finally:
+        m.close()
+    meta.db = sqlite3.connect(":memory:")  # for the fixture's close
+
+
+def test_a_read_only_opening_as_found_reads_an_older_schema_unchanged(tmp_path):
+    path = tmp_path / "meta.db"
+    SqliteMeta.create(path, CONFIG, {"version": 1, "nodes": []}, 0, 0).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("DROP TABLE degraded; DROP TABLE sessions; PRAGMA user_version = 2;")
+    db.close()
+    with pytest.raises(UserError, match="mount it read-write once"):
+        SqliteMeta.open(path, read_only=True)
+    m = SqliteMeta.open(path, read_only=True, as_found=True)
+    try:
+        assert m.describe()["schema"] == 2 and m.count_degraded() == 0
+        assert m.sessions.alive() == [] and m.getattr(ROOT_INODE).nlink == 2
+    finally:
+        m.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
