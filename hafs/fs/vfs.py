@@ -65,6 +65,7 @@ class Options:
     node_timeout_s: float = 10.0  # a remote node's request fails after this long (then: next node)
     probe_interval_s: float = 2.0  # how often down nodes are asked whether they are back
     repair_interval_s: float = 10.0  # how often degraded blocks are put right (0: never)
+    metrics: str = ""  # HOST:PORT to serve Prometheus metrics at (empty: not served)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Vfs:
         self._ring_refused: int | None = None  # a version that could not be used (logged)
         self.locks = meta.locks
         self.placement = placement
+        self.metrics = placement.metrics  # the mount's (fuse_ops, files and cache count there)
         self._degraded: list[tuple[str, list[str]]] = []  # recorded by the repair loop
         placement.on_degraded = self._note_degraded
         self._repair_after = ""  # where the next repair round goes on in the degraded table
@@ -123,7 +125,7 @@ class Vfs:
             self.shared = Shared(
                 meta=self.meta,
                 placement=self.placement,
-                cache=BlockCache(self.opts.cache_mb * MiB, self.placement.get),
+                cache=BlockCache(self.opts.cache_mb * MiB, self.placement.get, self.metrics),
                 budget=WriteBudget(self.opts.write_buffer_mb * MiB),
                 nursery=nursery,
                 limiter=limiter,
@@ -134,7 +136,9 @@ class Vfs:
                 locks=self.locks,
                 lock_wait_s=self.opts.lock_wait_s,
                 record_degraded=self.record_degraded,
+                metrics=self.metrics,
             )
+            self.metrics.buffer_limit.set(self.shared.budget.limit)
             if not self.read_only:
                 nursery.start_soon(self._every, self.opts.gc_interval_s, self.collect_garbage)
                 nursery.start_soon(self._every, 1.0, self.record_degraded)
@@ -144,6 +148,7 @@ class Vfs:
             nursery.start_soon(self._every, self.opts.lock_ttl_s / 4, self._keepalive)
             nursery.start_soon(self.placement.probe_loop, self.opts.probe_interval_s)
             nursery.start_soon(self._every, RING_RELOAD_S, self.reload_ring)
+            nursery.start_soon(self._every, 1.0, self.sample_metrics)
             task_status.started()
 
     async def shutdown(self) -> None:
@@ -173,6 +178,17 @@ class Vfs:
                     e,
                     exc_info=not isinstance(e, HafsError | OSError),
                 )
+
+    async def sample_metrics(self) -> None:
+        """Set the gauges of state the trio thread owns (a scrape only reads them)."""
+        m = self.metrics
+        m.locks_held.set(sum(fs.lease is not None for fs in self.files.values()))
+        m.buffer_bytes.set(self.shared.budget.used)
+        down = self.placement.health.down()
+        nodes = list(self.placement.stores)
+        m.nodes.labels("down").set(sum(n in down for n in nodes))
+        m.nodes.labels("up").set(sum(n not in down for n in nodes))
+        m.degraded_blocks.set(await self.meta.count_degraded() + len(self._degraded))
 
     async def _keepalive(self) -> None:
         """Renew the write locks this mount holds, a few times per lease."""
