@@ -28,7 +28,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
+from hafs import __version__
 from hafs.errors import BlockCorrupt, BlockMissing, NodeIdentityError
 from hafs.store import remote as remote_module
 from hafs.store.chunker import MAX_SIZE
@@ -200,8 +202,9 @@ def test_metrics(remote: RemoteStore, node: Node) -> None:
     assert value(text, "hafs_node_sent_bytes_total") >= value(
         before, "hafs_node_sent_bytes_total"
     ) + len(data)
-    assert re.search(r"^hafs_node_blocks \d+$", text, re.M)
-    assert f'hafs_node_info{{node_id="n1",fs_uuid="{FS}"' in text
+    assert re.search(r"^hafs_node_blocks \d+(\.0)?$", text, re.M)
+    (info,) = (f for f in text_string_to_metric_families(text) if f.name == "hafs_node_info")
+    assert info.samples[0].labels == {"node_id": "n1", "fs_uuid": FS, "version": __version__}
     remote.delete(bid)
 
 
