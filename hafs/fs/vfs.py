@@ -46,6 +46,7 @@ from .files import FileState, Shared, WriteBudget
 log = logging.getLogger(__name__)
 
 REPAIR_BATCH = 200  # degraded blocks looked at per repair round
+FREE_INODES = 1_000_000_000  # free inodes statfs reports: hafs has no inode table to fill
 
 
 @dataclass
@@ -618,13 +619,21 @@ class Vfs:
     # ----------------------------------------------------------------- statfs
 
     async def statfs(self) -> dict[str, int]:
-        """Capacity and free space as a user can fill them: raw space / R, each disk once.
+        """What df shows: Used is what this filesystem stores, Avail what a user can still
+        fill, Size their sum (so that df's Size - Avail = Used holds).
 
-        Backing directories are asked directly; remote nodes by the figures the
-        probe loop keeps (a node not heard from yet counts 0).  A disk holding
-        several nodes (backing directories or nodes on this machine) counts once.
-        Free space is what blocks of R copies on distinct nodes can still take
-        (`writable_bytes`: 0 once fewer than R nodes have room for a block).
+        Used: the bytes of the blocks files reference, each once (deduplicated), one
+        copy each (the bytes users stored, not times R), from the metadata's running
+        totals.  Avail: free space as a user can fill it, raw space / R, each disk once:
+        backing directories are asked directly, remote nodes by the figures the probe
+        loop keeps (a node not heard from yet counts 0); a disk holding several nodes
+        counts once; it is what blocks of R copies on distinct nodes can still take
+        (`writable_bytes`: 0 once fewer than R nodes have room for a block).  Size is
+        not the disks' raw capacity / R: other files on those disks take space that is
+        neither hafs's Used nor Avail.
+        Inodes: hafs has no inode table to fill, so `df -i` shows the inodes in use and
+        FREE_INODES more free.  The filesystem id (f_fsid, `stat -f`) cannot be given:
+        the FUSE protocol's statfs reply has no such field (the kernel reports 0).
         """
         nodes: dict[str, tuple[str, int, int]] = {}  # node id -> disk, total, free
         for node_id, store in self.placement.stores.items():
@@ -640,18 +649,18 @@ class Vfs:
                     continue  # a lost disk adds no space
         nodes.update(self.placement.usage)
         r = self.placement.replicas
-        total = sum({disk: t for disk, t, _ in nodes.values()}.values()) // r
         free = writable_bytes({n: (disk, f) for n, (disk, _, f) in nodes.items()}, r)
+        usage = await self.meta.usage()
         bsize = 4096
-        files = await self.meta.count_inodes()
+        used_blocks = (usage.stored_bytes + bsize - 1) // bsize
         return {
             "f_bsize": bsize,
             "f_frsize": bsize,
-            "f_blocks": total // bsize,
+            "f_blocks": used_blocks + free // bsize,
             "f_bfree": free // bsize,
             "f_bavail": free // bsize,
-            "f_files": files + 1_000_000_000,
-            "f_ffree": 1_000_000_000,
-            "f_favail": 1_000_000_000,
+            "f_files": usage.inodes + FREE_INODES,
+            "f_ffree": FREE_INODES,
+            "f_favail": FREE_INODES,
             "f_namemax": NAME_MAX,
         }
