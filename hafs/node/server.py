@@ -707,15 +707,19 @@ class NodeApp:
         path: Path,
         store: DirStore | None,
         *,
-        token: bytes | None = None,
+        token: bytes | list[bytes] | None = None,
         threads: int = DEFAULT_THREADS,
     ) -> None:
+        """token: the bearer token every request must carry, or several (any is accepted:
+        a token rotation adds the new one, then removes the old)."""
         self.path = path
         self.store: DirStore | None = None
         self._ident = [(b"hafs-node-id", b""), (b"hafs-fs-uuid", b"")]
         if store is not None:
             self._serve(store)
-        self.token = token
+        self.tokens = [token] if isinstance(token, bytes) else list(token or [])
+        self.token = self.tokens[0] if self.tokens else None
+        self.token_file: Path | None = None  # re-read on SIGHUP (reload_tokens)
         self.limiter = trio.CapacityLimiter(threads)
         self.bodies = trio.CapacityLimiter(2 * threads)  # PUT bodies held in memory
         self.metrics = Metrics()
@@ -831,15 +835,29 @@ class NodeApp:
         else:
             await handler(req)
 
+    def reload_tokens(self) -> None:
+        """Read `token_file` again (SIGHUP): a token rotation adds or removes a line there.
+        A file that cannot be used leaves the tokens as they were (logged)."""
+        if self.token_file is None:
+            return
+        try:
+            tokens = read_tokens(self.token_file)
+        except UserError as e:
+            log.error("TOKENS-KEPT: %s; the node keeps its %d token(s)", e, len(self.tokens))
+            return
+        self.tokens, self.token = tokens, tokens[0]
+        log.info("TOKENS-RELOADED from %s: %d token(s) accepted", self.token_file, len(tokens))
+
     def authorised(self, req: Request) -> bool:
         """True if `req` carries the node's token (any request when it has none)."""
-        if self.token is None:
+        if not self.tokens:
             return True
         value = req.header(b"authorization")
         if value is None:
             return False
         scheme, _, credential = value.strip().partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token)
+        matches = [hmac.compare_digest(credential.strip(), t) for t in self.tokens]  # each one
+        return scheme.lower() == b"bearer" and any(matches)
 
     def _identity_mismatch(self, req: Request) -> str:
         if self.store is None:
@@ -1114,22 +1132,23 @@ def open_node_store(
     return DirStore.open(path, ident["node_id"], ident["fs_uuid"])
 
 
-def read_token(file: str | Path) -> bytes:
-    """The bearer token in `file` (surrounding whitespace ignored); UserError if unusable."""
+def read_tokens(file: str | Path) -> list[bytes]:
+    """The bearer tokens in `file`, one per line (blank lines ignored; a node accepts each:
+    during a rotation it holds the old and the new one); UserError if unusable."""
     try:
         raw = Path(file).read_bytes()
         mode = os.stat(file).st_mode
     except OSError as e:
         raise UserError(f"cannot read token file {file}: {e.strerror}") from None
-    token = raw.strip()
-    if _TOKEN_RE.fullmatch(token) is None:
+    tokens = [line.strip() for line in raw.splitlines() if line.strip()]
+    if not tokens or any(_TOKEN_RE.fullmatch(t) is None for t in tokens):
         raise UserError(
-            f"token file {file} must hold one token of printable ASCII without spaces"
-            " (e.g. the output of 'openssl rand -hex 32')"
+            f"token file {file} must hold tokens of printable ASCII without spaces, one per"
+            " line (e.g. the output of 'openssl rand -hex 32')"
         )
     if mode & 0o077:
         log.warning("token file %s is readable by others: chmod 600 it", file)
-    return token
+    return tokens
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -1229,8 +1248,9 @@ async def serve(
         async def stop() -> None:
             nonlocal stopped_by
             async for signum in signals:
-                if signum == signal.SIGHUP:  # logrotate moved the log file away
+                if signum == signal.SIGHUP:  # logrotate moved the log file away; a new token
                     logs.reopen()
+                    app.reload_tokens()
                     continue
                 stopped_by = signal.Signals(signum).name
                 log.info("NODE-STOP %s: %s, finishing running requests", app.describe(), stopped_by)
@@ -1284,7 +1304,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-file",
         type=Path,
         metavar="FILE",
-        help="require 'Authorization: Bearer TOKEN' on every request, TOKEN read from FILE",
+        help="require 'Authorization: Bearer TOKEN' on every request, TOKEN read from FILE;"
+        " several lines: any of those tokens (for a rotation)",
     )
     parser.add_argument(
         "--threads",
@@ -1340,7 +1361,7 @@ def run(args: argparse.Namespace) -> int:
         Limits(args.max_connections, args.max_unauthenticated, args.max_unauthenticated_per_peer),
         args.threads,
     )
-    token = read_token(args.token_file) if args.token_file is not None else None
+    token = read_tokens(args.token_file) if args.token_file is not None else None
     path = Path(args.data).expanduser().absolute()
     socks = bind_listen(args.listen)  # before anything is created: a port in use changes nothing
     try:
@@ -1360,6 +1381,7 @@ def run(args: argparse.Namespace) -> int:
     if store is not None:
         store.cleanup_tmp()
     app = NodeApp(path, store, token=token, threads=args.threads)
+    app.token_file = args.token_file
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a peer's reset is an error, not our death
     trio.run(serve, app, socks, limits)
     return 0
