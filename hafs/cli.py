@@ -160,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
 
     p = sub.add_parser(
+        "stats",
+        help="show a mount's operations, throughput, cache and nodes live, every second",
+        description="Show the figures of a hafs mount live, refreshed every second (like top on"
+        " a terminal; one line per interval otherwise): operations and their latency, bytes"
+        " read and written, block cache hit rate, block gets and puts to the nodes with their"
+        " latency and errors, nodes up and down, degraded blocks, write locks, write-buffer"
+        " fill. The mount must have been mounted with -o metrics=HOST:PORT. Ctrl-C ends it.",
+    )
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS", help="(default: %(default)g)"
+    )
+    p.add_argument("--count", type=int, metavar="N", help="stop after N refreshes")
+
+    p = sub.add_parser(
         "status",
         help="show nodes, replicas and space",
         description="Show the filesystem's nodes (id, address, weight, up/down, blocks, bytes),"
@@ -335,6 +350,16 @@ def cmd_umount(args) -> int:
     return mount.umount(args.mountpoint)
 
 
+def cmd_stats(args) -> int:
+    from . import mount
+    from .admin import stats
+
+    if args.interval <= 0:
+        raise UserError(f"--interval must be more than 0 seconds, not {args.interval:g}")
+    url = mount.metrics_url(args.mountpoint)
+    return stats.run(url, str(args.mountpoint), args.interval, args.count)
+
+
 def cmd_status(args) -> int:
     from .admin.status import gather, render
 
@@ -490,6 +515,7 @@ COMMANDS = {
     "umount": cmd_umount,
     "install-helpers": cmd_install_helpers,
     "install-systemd": cmd_install_systemd,
+    "stats": cmd_stats,
     "status": cmd_status,
     "fsck": cmd_fsck,
     "node": cmd_node,

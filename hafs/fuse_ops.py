@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 
 import pyfuse3
 
@@ -29,23 +30,36 @@ ENTRY_TIMEOUT = 1.0
 
 
 def _errors_to_fuse(fn):
+    """Every handler passes through here: its errors become errno, and it is counted in the
+    mount's metrics (by name, with its latency; an answer with an error also as an error)."""
+    op = fn.__name__
+
     @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(self, *args, **kwargs):
+        metrics = self.vfs.metrics
+        started = time.perf_counter()
+        failed = True
         try:
-            return await fn(*args, **kwargs)
+            result = await fn(self, *args, **kwargs)
+            failed = False
+            return result
         except pyfuse3.FUSEError:
             raise
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         except NoSpace as e:
-            log.warning("no space in %s: %s", fn.__name__, e)
+            log.warning("no space in %s: %s", op, e)
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except (StorageError, LockLost) as e:
-            log.error("I/O error in %s: %s", fn.__name__, e)
+            log.error("I/O error in %s: %s", op, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
+            log.exception("unexpected error in %s", op)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            metrics.op_seconds.labels(op).observe(time.perf_counter() - started)
+            if failed:
+                metrics.op_errors.labels(op).inc()
 
     return wrapper
 
@@ -161,11 +175,15 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def read(self, fh, off, size):
-        return await self.vfs.read(fh, off, size)
+        data = await self.vfs.read(fh, off, size)
+        self.vfs.metrics.read_bytes.inc(len(data))
+        return data
 
     @_errors_to_fuse
     async def write(self, fh, off, buf):
-        return await self.vfs.write(fh, off, buf)
+        n = await self.vfs.write(fh, off, buf)
+        self.vfs.metrics.written_bytes.inc(n)
+        return n
 
     @_errors_to_fuse
     async def flush(self, fh):

@@ -118,6 +118,11 @@ def check_new_node(spec: NodeSpec, token: str | None) -> None:
     if is_remote(spec.address):
         try:
             node_id, fs_uuid = RemoteStore.probe(spec.address, token=token)
+        except NodeAuthError as e:
+            raise UserError(
+                f"node {spec.id} at {spec.address} refuses the token ({e}): give the node and"
+                " the filesystem the same token (--token-file)"
+            ) from None
         except NodeError as e:
             raise UserError(
                 f"node {spec.id} at {spec.address}: {e}; start 'hafs node --data DIR --listen"

@@ -46,6 +46,7 @@ from .errors import UserError
 from .fs.vfs import Options, Vfs
 from .fuse_ops import FuseOps
 from .helpers import split_generic
+from .metrics import MountMetrics, is_loopback
 from .store.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ def parse_options(text: str | None) -> tuple[Options, set[str]]:
             known = ", ".join(sorted([*Options.__dataclass_fields__, *FUSE_PASSTHROUGH]))
             raise UserError(f"unknown mount option {name!r}: known options are {known}")
         kind = type(getattr(opts, name))
+        if kind is str:
+            setattr(opts, name, value)
+            continue
         try:
             setattr(opts, name, kind(value))
             if kind(value) < (1 if name in POSITIVE_OPTIONS else 0):
@@ -210,6 +214,27 @@ def pid_file(home: Path, mountpoint: Path) -> Path:
     return home / "run" / f"{digest}.pid"
 
 
+def metrics_file(home: Path, mountpoint: Path) -> Path:
+    """HOME/run/<hash of the mountpoint>.metrics: the URL of the mount's metrics (-o metrics)."""
+    return pid_file(home, mountpoint).with_suffix(".metrics")
+
+
+def metrics_url(mountpoint: Path) -> str:
+    """The URL of the metrics of the hafs mount at `mountpoint`; UserError if there is none."""
+    mountpoint = mountpoint.absolute()
+    info = mounted_fs(mountpoint)
+    if info is None or info[1] != "fuse.hafs":
+        raise UserError(f"{mountpoint} is not a hafs mountpoint: give the directory hafs mounted")
+    home = Path(info[0][len("hafs:") :])
+    try:
+        return metrics_file(home, mountpoint).read_text().strip()
+    except OSError:
+        raise UserError(
+            f"the mount at {mountpoint} serves no metrics: mount it with -o"
+            " metrics=127.0.0.1:PORT (any free port) to use hafs stats"
+        ) from None
+
+
 def _limit_malloc_arenas() -> None:
     """Keep glibc from giving each worker thread its own heap arena.
 
@@ -253,6 +278,9 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
                 others = [s for s in fs.meta.sessions.alive() if s.id != session.id]
                 alone = not any(s.kind == "mount" for s in others)
             down = home_mod.check_remote_nodes(fs)
+            metrics = MountMetrics()
+            if opts.metrics:
+                metrics_at = metrics.serve(opts.metrics)
         except BaseException:
             fs.meta.close()
             raise
@@ -273,6 +301,19 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
     pidf = pid_file(home, mountpoint)
     pidf.parent.mkdir(exist_ok=True)
     pidf.write_text(f"{os.getpid()} {mountpoint}\n")
+    metf = metrics_file(home, mountpoint)
+    if opts.metrics:
+        host, port = metrics_at
+        metf.write_text(
+            f"http://[{host}]:{port}/metrics\n"
+            if ":" in host
+            else f"http://{host}:{port}/metrics\n"
+        )
+        if not is_loopback(host):
+            log.warning("serving metrics on %s:%d, beyond this machine", host, port)
+        log.info("serving Prometheus metrics at %s", metf.read_text().strip())
+    else:
+        metf.unlink(missing_ok=True)
     log.info(
         "mounting %s (fs %s) at %s%s",
         home,
@@ -283,9 +324,21 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
     try:
         fuse_opts |= generic.fuse_options()
         trio.run(
-            _serve, fs, session, down, mountpoint, opts, fuse_opts, alone, report, generic.read_only
+            _serve,
+            fs,
+            session,
+            down,
+            mountpoint,
+            opts,
+            fuse_opts,
+            alone,
+            report,
+            generic.read_only,
+            metrics,
         )
     finally:
+        metrics.stop()
+        metf.unlink(missing_ok=True)
         try:
             if session is not None:
                 fs.meta.sessions.end(session)
@@ -306,6 +359,7 @@ async def _serve(
     alone,
     report,
     read_only: bool,
+    metrics: MountMetrics,
 ) -> None:
     placement = Placement(
         fs.ring,
@@ -314,6 +368,7 @@ async def _serve(
         trio.CapacityLimiter(opts.threads),
         fs.write_quorum,
         timeout=opts.node_timeout_s,
+        metrics=metrics,
     )
     for node_id, why in down.items():
         placement.health.mark_down(node_id, why)

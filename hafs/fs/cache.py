@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from ..metrics import MountMetrics
+
 FAILED_TTL_S = 1.0  # how long the error of a failed fetch is given to callers without a new try
 
 
@@ -29,8 +31,15 @@ class _Fetch:
 
 
 class BlockCache:
-    def __init__(self, limit_bytes: int, fetch: Callable[[str], Awaitable[bytes]]) -> None:
+    def __init__(
+        self,
+        limit_bytes: int,
+        fetch: Callable[[str], Awaitable[bytes]],
+        metrics: MountMetrics | None = None,
+    ) -> None:
+        """metrics: where hits and misses are counted (default: a new set)."""
         self.limit = limit_bytes
+        self.metrics = metrics or MountMetrics()
         self._fetch = fetch
         self._blocks: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
@@ -47,9 +56,12 @@ class BlockCache:
         return block_id in self._blocks or block_id in self._pending
 
     async def get(self, block_id: str) -> bytes:
+        """The block's bytes: a hit if cached (or being fetched by another caller already)."""
+        hit = self.metrics.cache_hits
         while True:
             data = self.peek(block_id)
             if data is not None:
+                hit.inc()
                 return data
             until, error = self._failed.get(block_id, (0.0, None))
             if error is not None:
@@ -62,6 +74,7 @@ class BlockCache:
             await fetch.done.wait()
             if fetch.error is not None:
                 raise fetch.error
+        self.metrics.cache_misses.inc()
         fetch = self._pending[block_id] = _Fetch()
         try:
             data = await self._fetch(block_id)

@@ -41,6 +41,7 @@ import trio
 from ..errors import FsError, LockLost, LockTimeout, one_error
 from ..meta import AsyncMeta, Extent, Inode, LockService
 from ..meta.locks import Lease
+from ..metrics import MountMetrics
 from ..store.chunker import MAX_SIZE, cut_points
 from ..store.dirstore import block_id as hash_block
 from ..store.placement import Placement
@@ -92,6 +93,7 @@ class Shared:
     lock_wait_s: float  # how long a writer waits for another mount's lock
     open_files: dict  # inode -> FileState of every open file (owned by the vfs)
     record_degraded: Callable[[], Awaitable[None]]  # writes placement's degraded reports
+    metrics: MountMetrics  # the mount's (write-lock waits are counted here)
 
 
 def _cut_and_hash(buf: bytearray) -> list[tuple[int, int, str | None]]:
@@ -182,8 +184,10 @@ class FileState:
         async with self._taking:  # one task of this mount asks; the others share its lease
             if self.lease is not None:
                 return
+            started = trio.current_time()
             try:
                 lease = await self.s.locks.acquire(f"inode:{self.ino}", self.s.lock_wait_s)
+                self.s.metrics.lock_wait_seconds.observe(trio.current_time() - started)
             except LockTimeout as e:
                 log.warning(
                     "LOCK-WAIT-TIMEOUT %s: still held by %s after %.0f s",

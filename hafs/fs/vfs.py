@@ -46,6 +46,7 @@ from .files import FileState, Shared, WriteBudget
 log = logging.getLogger(__name__)
 
 REPAIR_BATCH = 200  # degraded blocks looked at per repair round
+FREE_INODES = 1_000_000_000  # free inodes statfs reports: hafs has no inode table to fill
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Options:
     node_timeout_s: float = 10.0  # a remote node's request fails after this long (then: next node)
     probe_interval_s: float = 2.0  # how often down nodes are asked whether they are back
     repair_interval_s: float = 10.0  # how often degraded blocks are put right (0: never)
+    metrics: str = ""  # HOST:PORT to serve Prometheus metrics at (empty: not served)
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Vfs:
         self._ring_refused: int | None = None  # a version that could not be used (logged)
         self.locks = meta.locks
         self.placement = placement
+        self.metrics = placement.metrics  # the mount's (fuse_ops, files and cache count there)
         self._degraded: list[tuple[str, list[str]]] = []  # recorded by the repair loop
         placement.on_degraded = self._note_degraded
         self._repair_after = ""  # where the next repair round goes on in the degraded table
@@ -123,7 +126,7 @@ class Vfs:
             self.shared = Shared(
                 meta=self.meta,
                 placement=self.placement,
-                cache=BlockCache(self.opts.cache_mb * MiB, self.placement.get),
+                cache=BlockCache(self.opts.cache_mb * MiB, self.placement.get, self.metrics),
                 budget=WriteBudget(self.opts.write_buffer_mb * MiB),
                 nursery=nursery,
                 limiter=limiter,
@@ -134,7 +137,9 @@ class Vfs:
                 locks=self.locks,
                 lock_wait_s=self.opts.lock_wait_s,
                 record_degraded=self.record_degraded,
+                metrics=self.metrics,
             )
+            self.metrics.buffer_limit.set(self.shared.budget.limit)
             if not self.read_only:
                 nursery.start_soon(self._every, self.opts.gc_interval_s, self.collect_garbage)
                 nursery.start_soon(self._every, 1.0, self.record_degraded)
@@ -144,6 +149,7 @@ class Vfs:
             nursery.start_soon(self._every, self.opts.lock_ttl_s / 4, self._keepalive)
             nursery.start_soon(self.placement.probe_loop, self.opts.probe_interval_s)
             nursery.start_soon(self._every, RING_RELOAD_S, self.reload_ring)
+            nursery.start_soon(self._every, 1.0, self.sample_metrics)
             task_status.started()
 
     async def shutdown(self) -> None:
@@ -173,6 +179,17 @@ class Vfs:
                     e,
                     exc_info=not isinstance(e, HafsError | OSError),
                 )
+
+    async def sample_metrics(self) -> None:
+        """Set the gauges of state the trio thread owns (a scrape only reads them)."""
+        m = self.metrics
+        m.locks_held.set(sum(fs.lease is not None for fs in self.files.values()))
+        m.buffer_bytes.set(self.shared.budget.used)
+        down = self.placement.health.down()
+        nodes = list(self.placement.stores)
+        m.nodes.labels("down").set(sum(n in down for n in nodes))
+        m.nodes.labels("up").set(sum(n not in down for n in nodes))
+        m.degraded_blocks.set(await self.meta.count_degraded() + len(self._degraded))
 
     async def _keepalive(self) -> None:
         """Renew the write locks this mount holds, a few times per lease."""
@@ -605,13 +622,21 @@ class Vfs:
     # ----------------------------------------------------------------- statfs
 
     async def statfs(self) -> dict[str, int]:
-        """Capacity and free space as a user can fill them: raw space / R, each disk once.
+        """What df shows: Used is what this filesystem stores, Avail what a user can still
+        fill, Size their sum (so that df's Size - Avail = Used holds).
 
-        Backing directories are asked directly; remote nodes by the figures the
-        probe loop keeps (a node not heard from yet counts 0).  A disk holding
-        several nodes (backing directories or nodes on this machine) counts once.
-        Free space is what blocks of R copies on distinct nodes can still take
-        (`writable_bytes`: 0 once fewer than R nodes have room for a block).
+        Used: the bytes of the blocks files reference, each once (deduplicated), one
+        copy each (the bytes users stored, not times R), from the metadata's running
+        totals.  Avail: free space as a user can fill it, raw space / R, each disk once:
+        backing directories are asked directly, remote nodes by the figures the probe
+        loop keeps (a node not heard from yet counts 0); a disk holding several nodes
+        counts once; it is what blocks of R copies on distinct nodes can still take
+        (`writable_bytes`: 0 once fewer than R nodes have room for a block).  Size is
+        not the disks' raw capacity / R: other files on those disks take space that is
+        neither hafs's Used nor Avail.
+        Inodes: hafs has no inode table to fill, so `df -i` shows the inodes in use and
+        FREE_INODES more free.  The filesystem id (f_fsid, `stat -f`) cannot be given:
+        the FUSE protocol's statfs reply has no such field (the kernel reports 0).
         """
         nodes: dict[str, tuple[str, int, int]] = {}  # node id -> disk, total, free
         for node_id, store in self.placement.stores.items():
@@ -627,18 +652,18 @@ class Vfs:
                     continue  # a lost disk adds no space
         nodes.update(self.placement.usage)
         r = self.placement.replicas
-        total = sum({disk: t for disk, t, _ in nodes.values()}.values()) // r
         free = writable_bytes({n: (disk, f) for n, (disk, _, f) in nodes.items()}, r)
+        usage = await self.meta.usage()
         bsize = 4096
-        files = await self.meta.count_inodes()
+        used_blocks = (usage.stored_bytes + bsize - 1) // bsize
         return {
             "f_bsize": bsize,
             "f_frsize": bsize,
-            "f_blocks": total // bsize,
+            "f_blocks": used_blocks + free // bsize,
             "f_bfree": free // bsize,
             "f_bavail": free // bsize,
-            "f_files": files + 1_000_000_000,
-            "f_ffree": 1_000_000_000,
-            "f_favail": 1_000_000_000,
+            "f_files": usage.inodes + FREE_INODES,
+            "f_ffree": FREE_INODES,
+            "f_favail": FREE_INODES,
             "f_namemax": NAME_MAX,
         }

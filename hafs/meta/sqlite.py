@@ -179,6 +179,54 @@ CREATE TABLE orphans (
 );
 """
 
+COUNTERS = """
+-- Running totals for statfs (usage()), kept by the triggers below in the same
+-- transaction as every change of blocks and extents, whoever makes it (fsck too):
+-- stored_bytes/stored_blocks = sum(size)/count(*) of blocks with refcount > 0,
+-- logical_bytes = sum(length) of extents, inodes = count(*) of inodes.
+CREATE TABLE counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER blocks_added AFTER INSERT ON blocks WHEN NEW.refcount > 0 BEGIN
+    UPDATE counters SET value = value + NEW.size WHERE name = 'stored_bytes';
+    UPDATE counters SET value = value + 1 WHERE name = 'stored_blocks';
+END;
+CREATE TRIGGER blocks_removed AFTER DELETE ON blocks WHEN OLD.refcount > 0 BEGIN
+    UPDATE counters SET value = value - OLD.size WHERE name = 'stored_bytes';
+    UPDATE counters SET value = value - 1 WHERE name = 'stored_blocks';
+END;
+CREATE TRIGGER blocks_changed AFTER UPDATE OF refcount, size ON blocks
+WHEN (OLD.refcount > 0) != (NEW.refcount > 0) OR OLD.size != NEW.size BEGIN
+    UPDATE counters SET value = value + (NEW.refcount > 0) * NEW.size
+        - (OLD.refcount > 0) * OLD.size WHERE name = 'stored_bytes';
+    UPDATE counters SET value = value + (NEW.refcount > 0) - (OLD.refcount > 0)
+        WHERE name = 'stored_blocks';
+END;
+CREATE TRIGGER extents_added AFTER INSERT ON extents BEGIN
+    UPDATE counters SET value = value + NEW.length WHERE name = 'logical_bytes';
+END;
+CREATE TRIGGER extents_removed AFTER DELETE ON extents BEGIN
+    UPDATE counters SET value = value - OLD.length WHERE name = 'logical_bytes';
+END;
+CREATE TRIGGER extents_changed AFTER UPDATE OF length ON extents BEGIN
+    UPDATE counters SET value = value + NEW.length - OLD.length WHERE name = 'logical_bytes';
+END;
+CREATE TRIGGER inodes_added AFTER INSERT ON inodes BEGIN
+    UPDATE counters SET value = value + 1 WHERE name = 'inodes';
+END;
+CREATE TRIGGER inodes_removed AFTER DELETE ON inodes BEGIN
+    UPDATE counters SET value = value - 1 WHERE name = 'inodes';
+END;
+"""
+FILL_COUNTERS = """
+INSERT INTO counters SELECT 'stored_bytes', coalesce(sum(size), 0) FROM blocks WHERE refcount > 0;
+INSERT INTO counters SELECT 'stored_blocks', count(*) FROM blocks WHERE refcount > 0;
+INSERT INTO counters SELECT 'logical_bytes', coalesce(sum(length), 0) FROM extents;
+INSERT INTO counters SELECT 'inodes', count(*) FROM inodes;
+"""
+SCHEMA += COUNTERS + FILL_COUNTERS
+
 # Each entry upgrades a database of that version to the next one.
 MIGRATIONS = {
     1: """
@@ -200,7 +248,9 @@ MIGRATIONS = {
         expires_ns INTEGER NOT NULL
     ) WITHOUT ROWID;
     CREATE TABLE orphans (inode INTEGER PRIMARY KEY, session TEXT NOT NULL);
-    """,
+    """
+    + COUNTERS
+    + FILL_COUNTERS,
 }
 
 _INODE_COLS = "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, target"
@@ -911,15 +961,12 @@ class SqliteMeta:
     # ---------------------------------------------------------------- figures
 
     def usage(self) -> Usage:
-        inodes = self.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
-        logical = self.db.execute("SELECT coalesce(sum(length), 0) FROM extents").fetchone()[0]
-        stored, count = self.db.execute(
-            "SELECT coalesce(sum(size), 0), count(*) FROM blocks WHERE refcount > 0"
-        ).fetchone()
-        return Usage(inodes, logical, stored, count)
+        """From the running totals (a few point reads, whatever the filesystem's size)."""
+        c = dict(self.db.execute("SELECT name, value FROM counters"))
+        return Usage(c["inodes"], c["logical_bytes"], c["stored_bytes"], c["stored_blocks"])
 
     def count_inodes(self) -> int:
-        return self.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
+        return self.db.execute("SELECT value FROM counters WHERE name = 'inodes'").fetchone()[0]
 
     # ----------------------------------------------------------------- blocks
 

@@ -148,6 +148,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import h11
+import prometheus_client as prom
 import trio
 
 from .. import __version__, logs, systemd
@@ -197,103 +198,91 @@ class _Gone(Exception):
 # ------------------------------------------------------------------- metrics
 
 
-def _label(value: str) -> str:
-    """`value` escaped for a Prometheus label."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 class Metrics:
-    """Counters of one node process, rendered in Prometheus text format."""
+    """The figures of one node process, in a prometheus_client registry of its own.
+
+    Counters are counted where things happen (the trio thread); the store's gauges
+    are set from its usage when /metrics is asked, then the registry is rendered.
+    """
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.received_bytes = 0
-        self.sent_bytes = 0
-        self.stored = 0
-        self.rejected: Counter[str] = Counter()
-        self.corrupt = 0
-        self.shed: Counter[str] = Counter()  # connections closed to make room, by reason
-        self.started = time.time()
-
-    def render(self, usage: StoreUsage, node_id: str, fs_uuid: str) -> bytes:
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help_}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-        info = (
-            f'{{node_id="{_label(node_id)}",fs_uuid="{_label(fs_uuid)}",'
-            f'version="{_label(__version__)}"}}'
+        r = self.registry = prom.CollectorRegistry()
+        self.info = prom.Gauge(
+            "hafs_node_info",
+            "Identity and version of this node.",
+            ["node_id", "fs_uuid", "version"],
+            registry=r,
         )
-        metric("hafs_node_info", "gauge", "Identity and version of this node.", [(info, 1)])
-        metric(
-            "hafs_node_requests_total",
-            "counter",
+        self.requests = prom.Counter(
+            "hafs_node_requests",
             "HTTP requests answered, by method and status.",
-            [(f'{{method="{m}",status="{s}"}}', n) for (m, s), n in sorted(self.requests.items())],
+            ["method", "status"],
+            registry=r,
         )
-        metric(
-            "hafs_node_received_bytes_total",
-            "counter",
-            "Request body bytes received.",
-            [("", self.received_bytes)],
+        self.received_bytes = prom.Counter(
+            "hafs_node_received_bytes", "Request body bytes received.", registry=r
         )
-        metric(
-            "hafs_node_sent_bytes_total",
-            "counter",
-            "Response body bytes sent.",
-            [("", self.sent_bytes)],
+        self.sent_bytes = prom.Counter(
+            "hafs_node_sent_bytes", "Response body bytes sent.", registry=r
         )
-        metric(
-            "hafs_node_blocks_stored_total",
-            "counter",
+        self.stored = prom.Counter(
+            "hafs_node_blocks_stored",
             "Blocks stored by PUT (including ones already present).",
-            [("", self.stored)],
+            registry=r,
         )
-        metric(
-            "hafs_node_blocks_rejected_total",
-            "counter",
+        self.rejected = prom.Counter(
+            "hafs_node_blocks_rejected",
             "PUTs refused: body not hashing to the id (hash) or too large (size).",
-            [(f'{{reason="{r}"}}', self.rejected[r]) for r in ("hash", "size")],
+            ["reason"],
+            registry=r,
         )
-        metric(
-            "hafs_node_blocks_corrupt_total",
-            "counter",
+        self.corrupt = prom.Counter(
+            "hafs_node_blocks_corrupt",
             "Blocks that failed their hash on GET and were moved aside.",
-            [("", self.corrupt)],
+            registry=r,
         )
-        metric(
-            "hafs_node_connections_shed_total",
-            "counter",
+        self.shed = prom.Counter(
+            "hafs_node_connections_shed",
             "Connections closed to make room: unauthenticated over the per-peer, the"
             " unauthenticated or the total bound, or idle at the total bound.",
-            [(f'{{reason="{r}"}}', self.shed[r]) for r in _SHED_REASONS],
+            ["reason"],
+            registry=r,
         )
-        metric("hafs_node_blocks", "gauge", "Blocks stored.", [("", usage.block_count)])
-        metric(
-            "hafs_node_block_bytes", "gauge", "Bytes of stored blocks.", [("", usage.block_bytes)]
+        for reason in ("hash", "size"):
+            self.rejected.labels(reason)
+        for reason in _SHED_REASONS:
+            self.shed.labels(reason)
+        self.blocks = prom.Gauge("hafs_node_blocks", "Blocks stored.", registry=r)
+        self.block_bytes = prom.Gauge(
+            "hafs_node_block_bytes", "Bytes of stored blocks.", registry=r
         )
-        metric(
+        self.capacity = prom.Gauge(
             "hafs_node_capacity_bytes",
-            "gauge",
             "Size of the filesystem holding the backing directory.",
-            [("", usage.total_bytes)],
+            registry=r,
         )
-        metric(
-            "hafs_node_free_bytes",
-            "gauge",
-            "Bytes available on that filesystem.",
-            [("", usage.free_bytes)],
+        self.free = prom.Gauge(
+            "hafs_node_free_bytes", "Bytes available on that filesystem.", registry=r
         )
-        metric(
+        started = prom.Gauge(
             "hafs_node_start_time_seconds",
-            "gauge",
             "When this node process started (Unix time).",
-            [("", round(self.started, 3))],
+            registry=r,
         )
-        return ("\n".join(lines) + "\n").encode()
+        started.set(round(time.time(), 3))
+
+    def request(self, method: str, status: int) -> None:
+        self.requests.labels(method, str(status)).inc()
+
+    def render(self, usage: StoreUsage, node_id: str, fs_uuid: str) -> bytes:
+        """The Prometheus text of every figure, with the store's `usage` and identity."""
+        self.info.clear()
+        self.info.labels(node_id, fs_uuid, __version__).set(1)
+        self.blocks.set(usage.block_count)
+        self.block_bytes.set(usage.block_bytes)
+        self.capacity.set(usage.total_bytes)
+        self.free.set(usage.free_bytes)
+        return prom.generate_latest(self.registry)
 
 
 # ----------------------------------------------------------- HTTP/1.1 (h11)
@@ -464,7 +453,7 @@ class _Connection:
         while True:
             event = await self._next_event()
             if isinstance(event, h11.Data):
-                self.server.metrics.received_bytes += len(event.data)
+                self.server.metrics.received_bytes.inc(len(event.data))
                 if len(body) + len(event.data) > limit:
                     return None
                 body += event.data
@@ -495,12 +484,12 @@ class _Connection:
             await self._send(head)
             for piece in self.h11.send_with_data_passthrough(h11.Data(data=body)) or ():
                 await self._send(piece)
-            self.server.metrics.sent_bytes += len(body)
+            self.server.metrics.sent_bytes.inc(len(body))
             await self._send(self.h11.send(h11.EndOfMessage()))
         else:
             await self._send(head + self.h11.send(h11.EndOfMessage()))
         method = req.method if req.method in _METHODS else "other"
-        self.server.metrics.requests[(method, status)] += 1
+        self.server.metrics.request(method, status)
 
     async def _send(self, data: bytes | bytearray | memoryview | None) -> None:
         if not data:
@@ -531,7 +520,7 @@ class _Connection:
             await self._send(data)
         except (h11.LocalProtocolError, _Gone, trio.BrokenResourceError, trio.ClosedResourceError):
             return
-        self.server.metrics.requests[("other", status)] += 1
+        self.server.metrics.request("other", status)
         await self._linger()
 
     async def _linger(self) -> None:
@@ -679,7 +668,7 @@ class HttpServer:
     def _shed(self, conn: _Connection, reason: str) -> None:
         """Close `conn` to make room (its task ends at its next checkpoint)."""
         log.debug("CONNECTION-SHED %s (%s)", conn.peer, reason)
-        self.metrics.shed[reason] += 1
+        self.metrics.shed.labels(reason).inc()
         self._remove(conn)
         conn.scope.cancel()
 
@@ -718,15 +707,19 @@ class NodeApp:
         path: Path,
         store: DirStore | None,
         *,
-        token: bytes | None = None,
+        token: bytes | list[bytes] | None = None,
         threads: int = DEFAULT_THREADS,
     ) -> None:
+        """token: the bearer token every request must carry, or several (any is accepted:
+        a token rotation adds the new one, then removes the old)."""
         self.path = path
         self.store: DirStore | None = None
         self._ident = [(b"hafs-node-id", b""), (b"hafs-fs-uuid", b"")]
         if store is not None:
             self._serve(store)
-        self.token = token
+        self.tokens = [token] if isinstance(token, bytes) else list(token or [])
+        self.token = self.tokens[0] if self.tokens else None
+        self.token_file: Path | None = None  # re-read on SIGHUP (reload_tokens)
         self.limiter = trio.CapacityLimiter(threads)
         self.bodies = trio.CapacityLimiter(2 * threads)  # PUT bodies held in memory
         self.metrics = Metrics()
@@ -842,15 +835,29 @@ class NodeApp:
         else:
             await handler(req)
 
+    def reload_tokens(self) -> None:
+        """Read `token_file` again (SIGHUP): a token rotation adds or removes a line there.
+        A file that cannot be used leaves the tokens as they were (logged)."""
+        if self.token_file is None:
+            return
+        try:
+            tokens = read_tokens(self.token_file)
+        except UserError as e:
+            log.error("TOKENS-KEPT: %s; the node keeps its %d token(s)", e, len(self.tokens))
+            return
+        self.tokens, self.token = tokens, tokens[0]
+        log.info("TOKENS-RELOADED from %s: %d token(s) accepted", self.token_file, len(tokens))
+
     def authorised(self, req: Request) -> bool:
         """True if `req` carries the node's token (any request when it has none)."""
-        if self.token is None:
+        if not self.tokens:
             return True
         value = req.header(b"authorization")
         if value is None:
             return False
         scheme, _, credential = value.strip().partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token)
+        matches = [hmac.compare_digest(credential.strip(), t) for t in self.tokens]  # each one
+        return scheme.lower() == b"bearer" and any(matches)
 
     def _identity_mismatch(self, req: Request) -> str:
         if self.store is None:
@@ -873,13 +880,13 @@ class NodeApp:
     async def _put(self, req: Request, bid: str) -> None:
         declared = req.header(b"content-length")  # h11 checked that it is digits
         if declared is not None and int(declared) > MAX_SIZE:
-            self.metrics.rejected["size"] += 1
+            self.metrics.rejected.labels("size").inc()
             await self._error(req, 413, f"a block is at most {MAX_SIZE} bytes")
             return
         async with self.bodies:
             data = await req.read_body(MAX_SIZE)
             if data is None:
-                self.metrics.rejected["size"] += 1
+                self.metrics.rejected.labels("size").inc()
                 await self._error(req, 413, f"a block is at most {MAX_SIZE} bytes")
                 return
             try:
@@ -888,7 +895,7 @@ class NodeApp:
                 await self._disk_error(req, "store", bid, e)
                 return
         if not stored:
-            self.metrics.rejected["hash"] += 1
+            self.metrics.rejected.labels("hash").inc()
             log.warning(
                 "PUT-REJECTED %s from %s: %d bytes do not hash to the id",
                 bid,
@@ -897,7 +904,7 @@ class NodeApp:
             )
             await self._error(req, 422, "the body does not hash to the block id; nothing stored")
             return
-        self.metrics.stored += 1
+        self.metrics.stored.inc()
         await self._answer(req, 204)
 
     async def _get(self, req: Request, bid: str) -> None:
@@ -907,7 +914,7 @@ class NodeApp:
             await self._error(req, 404, f"block {bid} is not on this node")
             return
         except BlockCorrupt:  # DirStore.get logged BLOCK-CORRUPT and moved it aside
-            self.metrics.corrupt += 1
+            self.metrics.corrupt.inc()
             await self._error(req, 410, f"block {bid} failed its hash here and was moved aside")
             return
         except OSError as e:
@@ -1125,22 +1132,23 @@ def open_node_store(
     return DirStore.open(path, ident["node_id"], ident["fs_uuid"])
 
 
-def read_token(file: str | Path) -> bytes:
-    """The bearer token in `file` (surrounding whitespace ignored); UserError if unusable."""
+def read_tokens(file: str | Path) -> list[bytes]:
+    """The bearer tokens in `file`, one per line (blank lines ignored; a node accepts each:
+    during a rotation it holds the old and the new one); UserError if unusable."""
     try:
         raw = Path(file).read_bytes()
         mode = os.stat(file).st_mode
     except OSError as e:
         raise UserError(f"cannot read token file {file}: {e.strerror}") from None
-    token = raw.strip()
-    if _TOKEN_RE.fullmatch(token) is None:
+    tokens = [line.strip() for line in raw.splitlines() if line.strip()]
+    if not tokens or any(_TOKEN_RE.fullmatch(t) is None for t in tokens):
         raise UserError(
-            f"token file {file} must hold one token of printable ASCII without spaces"
-            " (e.g. the output of 'openssl rand -hex 32')"
+            f"token file {file} must hold tokens of printable ASCII without spaces, one per"
+            " line (e.g. the output of 'openssl rand -hex 32')"
         )
     if mode & 0o077:
         log.warning("token file %s is readable by others: chmod 600 it", file)
-    return token
+    return tokens
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -1240,8 +1248,9 @@ async def serve(
         async def stop() -> None:
             nonlocal stopped_by
             async for signum in signals:
-                if signum == signal.SIGHUP:  # logrotate moved the log file away
+                if signum == signal.SIGHUP:  # logrotate moved the log file away; a new token
                     logs.reopen()
+                    app.reload_tokens()
                     continue
                 stopped_by = signal.Signals(signum).name
                 log.info("NODE-STOP %s: %s, finishing running requests", app.describe(), stopped_by)
@@ -1295,7 +1304,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-file",
         type=Path,
         metavar="FILE",
-        help="require 'Authorization: Bearer TOKEN' on every request, TOKEN read from FILE",
+        help="require 'Authorization: Bearer TOKEN' on every request, TOKEN read from FILE;"
+        " several lines: any of those tokens (for a rotation)",
     )
     parser.add_argument(
         "--threads",
@@ -1351,7 +1361,7 @@ def run(args: argparse.Namespace) -> int:
         Limits(args.max_connections, args.max_unauthenticated, args.max_unauthenticated_per_peer),
         args.threads,
     )
-    token = read_token(args.token_file) if args.token_file is not None else None
+    token = read_tokens(args.token_file) if args.token_file is not None else None
     path = Path(args.data).expanduser().absolute()
     socks = bind_listen(args.listen)  # before anything is created: a port in use changes nothing
     try:
@@ -1371,6 +1381,7 @@ def run(args: argparse.Namespace) -> int:
     if store is not None:
         store.cleanup_tmp()
     app = NodeApp(path, store, token=token, threads=args.threads)
+    app.token_file = args.token_file
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a peer's reset is an error, not our death
     trio.run(serve, app, socks, limits)
     return 0

@@ -60,7 +60,8 @@ Concurrency rules: store calls are blocking and run in worker threads, each
 node with its own CapacityLimiter of `limiter.total_tokens` threads, so calls
 stuck on a hung node never take threads from the others (probes have their
 own).  A thread records its call's outcome and latency in `NodeHealth` itself
-(under its lock), also when nobody waits for it any more.  `put` and `delete`
+(under its lock), and in the mount's metrics (per node and call), also when
+nobody waits for it any more.  `put` and `delete`
 of the same block id are serialized by a keyed trio lock, so a garbage
 collection in this mount can never delete a block that a writer of this mount
 has just (re)stored.  `set_ring` swaps the ring and stores; a call already
@@ -70,7 +71,6 @@ running goes on with the ring and stores it started with.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import math
 import random
@@ -82,6 +82,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..errors import BlockCorrupt, BlockMissing, NoSpace, QuorumLost, one_error
+from ..metrics import MountMetrics
 from .chunker import MAX_SIZE
 from .dirstore import DirStore
 from .remote import DEFAULT_TIMEOUT_S, NodeRefused, NodeTimeout, NodeUnavailable, RemoteStore
@@ -276,9 +277,11 @@ class Placement:
         health: NodeHealth | None = None,
         on_degraded: Callable[[str, list[str]], None] | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        metrics: MountMetrics | None = None,
     ) -> None:
         """limiter: its size is the number of worker threads per node; timeout: the bound of
-        each get and put in seconds (the mount's node_timeout_s)."""
+        each get and put in seconds (the mount's node_timeout_s); metrics: the mount's
+        (each call's outcome and latency is counted there, per node; default: a new set)."""
         self.ring = ring
         self.stores = stores
         self.replicas = replicas
@@ -287,6 +290,7 @@ class Placement:
         self._limiters: dict[str, trio.CapacityLimiter] = {}  # node id -> its threads
         self.timeout = timeout
         self.health = health or NodeHealth()
+        self.metrics = metrics or MountMetrics()
         self._block_locks = KeyedLock()
         self._probe_limiter = trio.CapacityLimiter(8)
         # remote nodes: node id -> (disk id, total bytes, free bytes), refreshed by probe_loop
@@ -305,10 +309,24 @@ class Placement:
         The thread records the outcome (and, for a `kind`, the latency) itself, so a
         call abandoned on cancellation (a deadline, a hedge that won) still counts.
         """
+        health, metrics = self.health, self.metrics
+        call = kind or getattr(fn, "__name__", "call")
+
+        def run():
+            started, failed = time.monotonic(), True
+            try:
+                result = health.call(node_id, fn, *args, kind=kind)
+                failed = False
+                return result
+            except (BlockMissing, BlockCorrupt):
+                failed = False  # an answer, not a failure of the node
+                raise
+            finally:
+                metrics.block_call(node_id, call, time.monotonic() - started, failed=failed)
+
         limiter = self._limiters.get(node_id)
         if limiter is None:
             limiter = self._limiters[node_id] = trio.CapacityLimiter(self.limiter.total_tokens)
-        run = functools.partial(self.health.call, node_id, fn, *args, kind=kind)
         return await trio.to_thread.run_sync(run, limiter=limiter, abandon_on_cancel=True)
 
     async def _race(

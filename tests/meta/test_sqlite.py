@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from hafs.errors import UserError
-from hafs.meta import ROOT_INODE, Extent, FsConfig
+from hafs.meta import ROOT_INODE, Extent, FsConfig, Usage
 from hafs.meta.sqlite import SCHEMA_VERSION, SqliteMeta
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
@@ -23,6 +23,16 @@ def meta(tmp_path):
 
 def refcounts(meta):
     return dict(meta.db.execute("SELECT id, refcount FROM blocks"))
+
+
+def scanned_usage(meta) -> Usage:
+    """usage() as a scan of the tables computes it (what the running totals must equal)."""
+    db = meta.db
+    stored, blocks = db.execute(
+        "SELECT coalesce(sum(size), 0), count(*) FROM blocks WHERE refcount > 0"
+    ).fetchone()
+    logical = db.execute("SELECT coalesce(sum(length), 0) FROM extents").fetchone()[0]
+    return Usage(db.execute("SELECT count(*) FROM inodes").fetchone()[0], logical, stored, blocks)
 
 
 _names = iter(range(10**6))
@@ -62,13 +72,17 @@ def test_extents_and_refcounts_move_together(meta):
     assert meta.extents(ino, 150, 160) == [Extent(100, 150, C)]
     assert meta.garbage_blocks(before_ns=2**62, limit=10) == [B]
     # truncate keeps a prefix of a block and drops the extents past the end
+    assert meta.usage() == scanned_usage(meta) == Usage(3, 350, 250, 2)
     meta.truncate(ino, 50, 3, None)
     assert meta.extents(ino, 0, 1000) == [Extent(0, 50, A)]
     assert refcounts(meta) == {A: 2, B: 0, C: 0}
+    assert meta.usage() == scanned_usage(meta) == Usage(3, 150, 100, 1)
     meta.db.execute("UPDATE inodes SET nlink = 0 WHERE id = ?", (other,))
     meta.delete_inode(other)
     assert refcounts(meta)[A] == 1
     assert meta.forget_block(B) and not meta.forget_block(A)
+    assert meta.usage() == scanned_usage(meta) == Usage(2, 50, 100, 1)
+    assert meta.count_inodes() == 2
 
 
 def test_failed_transaction_changes_nothing(meta):
@@ -112,13 +126,21 @@ def test_degraded_blocks_are_recorded_merged_and_forgotten(meta):
 
 
 def test_a_version_2_database_is_upgraded(tmp_path, meta):
+    ino = new_file(meta)
+    meta.commit(ino, 0, 300, [Extent(0, 100, A), Extent(100, 200, B)], {A: 100, B: 200}, 300, 1)
+    triggers = [
+        r[0] for r in meta.db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
+    ]
     meta.db.executescript(
-        "DROP TABLE degraded; DROP TABLE sessions; DROP TABLE orphans; PRAGMA user_version = 2;"
+        "".join(f"DROP TRIGGER {t};" for t in triggers)
+        + "DROP TABLE counters; DROP TABLE degraded; DROP TABLE sessions; DROP TABLE orphans;"
+        " PRAGMA user_version = 2;"
     )
     meta.close()
     upgraded = SqliteMeta.open(meta.path)
     try:
         assert upgraded.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert upgraded.usage() == scanned_usage(upgraded) == Usage(2, 300, 300, 2)
         upgraded.record_degraded(A, ["n1"])
         assert upgraded.count_degraded() == 1
     finally:

@@ -123,11 +123,11 @@ def test_mkfs_claims_the_nodes_and_blocks_land_on_r_of_them(cluster, tmp_path):
     # df: three nodes on one disk count as that disk once, divided by R
     disk = os.statvfs(tmp_path)
     deadline = time.monotonic() + 10
-    while (st := os.statvfs(cluster.mount.mnt)).f_blocks == 0:  # until the first probe
+    while (st := os.statvfs(cluster.mount.mnt)).f_bavail == 0:  # until the first probe
         assert time.monotonic() < deadline, "df never saw the nodes' space"
         time.sleep(0.2)
-    expected = disk.f_blocks * disk.f_frsize // 2
-    assert abs(st.f_blocks * st.f_frsize - expected) <= 4096
+    expected = disk.f_bavail * disk.f_frsize // 2
+    assert st.f_bavail * st.f_frsize == pytest.approx(expected, rel=0.02)
 
 
 def test_mkfs_refuses_a_node_of_another_filesystem(cluster, tmp_path):

@@ -28,7 +28,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
+from hafs import __version__
 from hafs.errors import BlockCorrupt, BlockMissing, NodeIdentityError
 from hafs.store import remote as remote_module
 from hafs.store.chunker import MAX_SIZE
@@ -200,8 +202,9 @@ def test_metrics(remote: RemoteStore, node: Node) -> None:
     assert value(text, "hafs_node_sent_bytes_total") >= value(
         before, "hafs_node_sent_bytes_total"
     ) + len(data)
-    assert re.search(r"^hafs_node_blocks \d+$", text, re.M)
-    assert f'hafs_node_info{{node_id="n1",fs_uuid="{FS}"' in text
+    assert re.search(r"^hafs_node_blocks \d+(\.0)?$", text, re.M)
+    (info,) = (f for f in text_string_to_metric_families(text) if f.name == "hafs_node_info")
+    assert info.samples[0].labels == {"node_id": "n1", "fs_uuid": FS, "version": __version__}
     remote.delete(bid)
 
 
@@ -1131,3 +1134,40 @@ def test_property_nothing_stored_unless_id_is_the_hash(node: Node, case) -> None
         assert block_id(path.read_bytes()) == path.name
     assert not [p for p in (node.data / "tmp").iterdir() if p.stat().st_mtime > time.time() - 60]
     assert sorted(os.listdir(node.data)) == ["blocks", "corrupt", "hafs-node.json", "tmp"]
+
+
+def test_token_rotation_on_sighup(tmp_path) -> None:
+    """A node takes every token of its --token-file; SIGHUP reads the file again, so an
+    admin adds the new token, switches the clients, then removes the old one."""
+    old, new = "old-token-1", "new-token-2"
+    data = tmp_path / "n1"
+    node = start_node(data, token=old)
+    token_file = data.parent / f"{data.name}.token"
+    try:
+
+        def status(token: str) -> int:
+            with node.client(token) as c:
+                return c.get("/ping").status_code
+
+        def reload(text: str, nth: int) -> None:
+            token_file.write_text(text)
+            node.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while node.log_text().count("TOKENS-RELOADED") < nth:
+                assert time.monotonic() < deadline, node.log_text()
+                time.sleep(0.05)
+
+        assert (status(old), status(new)) == (200, 401)
+        reload(f"{new}\n{old}\n", 1)
+        assert (status(old), status(new)) == (200, 200)
+        reload(f"{new}\n", 2)
+        assert (status(old), status(new)) == (401, 200)
+        token_file.write_text("not a token\n")  # a broken file keeps the tokens
+        node.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "TOKENS-KEPT" not in node.log_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert status(new) == 200
+    finally:
+        node.stop()
