@@ -68,6 +68,14 @@ class NoSpace(StorageError):
     """A block could not be stored because the nodes it could go to are full (ENOSPC)."""
 
 
+class MetaError(HafsError):
+    """The metadata engine refused or failed a call (EIO), with what to do in its message."""
+
+
+class MetaUnavailable(MetaError):
+    """The metadata engine did not answer within its bound (etcd without a quorum): EIO."""
+
+
 class NodeIdentityError(UserError):
     """A backing directory belongs to another filesystem or node, or has no identity."""
 
