@@ -81,6 +81,7 @@ class Member:
     data: Path
     log: Path
     proc: subprocess.Popen | None = None
+    wanted: bool = False  # started and not stopped on purpose since
 
     @property
     def url(self) -> str:
@@ -129,6 +130,7 @@ class Cluster:
         ]
 
     def _spawn(self, m: Member, state: str) -> None:
+        m.wanted = True
         with open(m.log, "ab") as out:
             m.proc = subprocess.Popen(
                 self._args(m, state),
@@ -155,6 +157,7 @@ class Cluster:
     def stop_member(self, i: int, sig: int = signal.SIGTERM) -> None:
         """Stop member i by PID: `sig` (SIGKILL: a crash), then SIGKILL after 10 s."""
         m = self.members[i]
+        m.wanted = False
         if m.proc is None:
             return
         if m.proc.poll() is None:
@@ -192,10 +195,10 @@ class Cluster:
         return None
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        """Until every running member answers /health (a linearizable read: a quorum with a
-        leader); AssertionError with the member's log if one exits or time runs out."""
+        """Until every member not stopped on purpose answers /health (a linearizable read: a
+        quorum with a leader); AssertionError with its log if one exits or time runs out."""
         deadline = time.monotonic() + timeout
-        pending = [m for m in self.members if m.proc is not None]
+        pending = [m for m in self.members if m.wanted]
         while pending:
             m = pending[0]
             if not m.running():
