@@ -73,6 +73,14 @@ class MetaDamaged(FsError):
     every change is refused with EROFS (logged once, META-DAMAGED, with what to do)."""
 
 
+class MetaError(HafsError):
+    """The metadata engine refused or failed a call (EIO), with what to do in its message."""
+
+
+class MetaUnavailable(MetaError):
+    """The metadata engine did not answer within its bound (etcd without a quorum): EIO."""
+
+
 class NodeIdentityError(UserError):
     """A backing directory belongs to another filesystem or node, or has no identity."""
 

@@ -18,7 +18,7 @@ import time
 
 import pyfuse3
 
-from .errors import FsError, LockLost, NoSpace, StorageError
+from .errors import FsError, LockLost, MetaError, NoSpace, StorageError
 from .fs.vfs import Vfs
 from .meta import Inode
 
@@ -50,7 +50,7 @@ def _errors_to_fuse(fn):
         except NoSpace as e:
             log.warning("no space in %s: %s", op, e)
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
-        except (StorageError, LockLost) as e:
+        except (StorageError, LockLost, MetaError) as e:
             log.error("I/O error in %s: %s", op, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:

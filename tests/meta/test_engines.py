@@ -3,7 +3,12 @@
 The `engine` fixture makes a filesystem on each engine; `engine.client(holder)`
 opens a second client of the same filesystem (another connection, or another
 KvMeta over the same KV), as a second mount would.  Lease ends are driven by
-one injected clock (`engine.clock.advance`); lock waits run on real time.
+one injected clock (`engine.advance`); lock waits run on real time.  etcd ends
+leases on its own clock: there `engine.advance` also sleeps, the lease ttl is
+short (`engine.ttl`) and a lease ends up to `engine.expiry_lag` after its ttl
+(etcd's leader looks for expired leases every 500 ms and revokes them through
+raft).  etcd: one real 3-member cluster for the module (tests/etcdproc.py),
+a fresh filesystem prefix per test.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+from etcdproc import require_etcd, running_cluster
 
 import hafs.meta.sqlite as sqlite_mod
 from hafs.errors import FsError, LockLost, LockTimeout, UserError
 from hafs.meta import ROOT_INODE, Extent, FsConfig
+from hafs.meta.etcd import create_etcd, open_etcd
 from hafs.meta.kv import K_VERSION, KvMeta
 from hafs.meta.memkv import MemKV
 
@@ -34,6 +41,7 @@ RING = {
     "nodes": [{"id": "n1", "address": "/x", "weight": 1, "zone": "", "state": "up"}],
 }
 TTL = 5.0
+ETCD_TTL = 2.0  # etcd's leases count whole seconds; short, as these tests wait them out
 REG = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
@@ -59,18 +67,39 @@ class Engine:
     clock: FakeClock
     open_client: Callable[[str], object]
     clients: list = field(default_factory=list)
+    ttl: float = TTL
+    expiry_lag: float = 0.0
+    real_time: bool = False  # leases end on real time (etcd) as well as on `clock`
+    race_steps: int = 3000  # per client in the race test
 
     def client(self, holder: str):
         c = self.open_client(holder)
         self.clients.append(c)
         return c
 
+    def advance(self, s: float) -> None:
+        self.clock.advance(s)
+        if self.real_time:
+            time.sleep(s)
 
-@pytest.fixture(params=["sqlite", "memkv"])
+
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory):
+    require_etcd()
+    with running_cluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "memkv", "etcd"])
 def engine(request, tmp_path):
     clock = FakeClock()
-    opts = {"lock_ttl_s": TTL, "clock": clock}
-    if request.param == "sqlite":
+    ttl = ETCD_TTL if request.param == "etcd" else TTL
+    opts = {"lock_ttl_s": ttl, "clock": clock}
+    if request.param == "etcd":
+        url = request.getfixturevalue("etcd_cluster").url(f"t{random.getrandbits(64):x}")
+        meta = create_etcd(url, CONFIG, RING, UID, GID, holder="a", **opts)
+        open_client = lambda holder: open_etcd(url, holder=holder, **opts)  # noqa: E731
+    elif request.param == "sqlite":
         sqlite_meta = getattr(sqlite_mod, "SqliteMeta", None)
         if sqlite_meta is None:
             pytest.skip("hafs.meta.sqlite has no SqliteMeta (the engine interface) yet")
@@ -81,7 +110,10 @@ def engine(request, tmp_path):
         kv = MemKV(clock=clock)
         meta = KvMeta.create(kv, CONFIG, RING, UID, GID, holder="a", **opts)
         open_client = lambda holder: KvMeta.open(kv, holder=holder, **opts)  # noqa: E731
-    eng = Engine(request.param, meta, clock, open_client, [meta])
+    eng = Engine(request.param, meta, clock, open_client, [meta], ttl)
+    if request.param == "etcd":
+        eng.expiry_lag, eng.real_time = 1.0, True
+        eng.race_steps = 400  # ~13 ms a step on a loaded 2-core machine: 3000 take 80 s
     yield eng
     for c in eng.clients:
         c.close()
@@ -519,11 +551,11 @@ async def test_lock_wait_timeout_and_release(engine):
 async def test_lock_expiry_and_takeover(engine):
     a, b = engine.meta, engine.client("b")
     la = await a.locks.acquire("inode:9", wait_s=1)
-    engine.clock.advance(TTL / 2)
+    engine.advance(engine.ttl / 2)
     await a.locks.keepalive(la)  # renewed: good for another ttl
-    engine.clock.advance(TTL * 0.75)
+    engine.advance(engine.ttl * 0.75)
     assert a.locks.valid(la)
-    engine.clock.advance(TTL)  # not renewed: ended
+    engine.advance(engine.ttl + engine.expiry_lag)  # not renewed: ended
     assert not a.locks.valid(la)
     with pytest.raises(LockLost):
         await a.locks.keepalive(la)
@@ -543,29 +575,29 @@ async def test_lock_expiry_and_takeover(engine):
 
 def test_sessions(engine):
     a, b = engine.meta, engine.client("b")
-    s1 = a.sessions.register("mount", "/mnt/one", ttl_s=TTL)
-    s2 = b.sessions.register("mount", "/mnt/two", ttl_s=TTL)
+    s1 = a.sessions.register("mount", "/mnt/one", ttl_s=engine.ttl)
+    s2 = b.sessions.register("mount", "/mnt/two", ttl_s=engine.ttl)
     alive = {s.id: s for s in b.sessions.alive()}
     assert set(alive) == {s1.id, s2.id}
     assert alive[s1.id].mountpoint == "/mnt/one" and alive[s1.id].kind == "mount"
     assert alive[s1.id].pid > 0 and alive[s1.id].host and alive[s1.id].expires_ns > s1.since_ns
     with pytest.raises(UserError, match="mounted"):
-        b.sessions.register("repair", "", ttl_s=TTL)
+        b.sessions.register("repair", "", ttl_s=engine.ttl)
     a.sessions.end(s1)
-    engine.clock.advance(TTL / 2)
+    engine.advance(engine.ttl / 2)
     s2 = b.sessions.renew(s2)
-    engine.clock.advance(TTL * 0.75)
+    engine.advance(engine.ttl * 0.75)
     assert [s.id for s in a.sessions.alive()] == [s2.id]
     assert a.sessions.reap() == []
-    engine.clock.advance(TTL)  # s2's mount died: its lease ran out
+    engine.advance(engine.ttl + engine.expiry_lag)  # s2's mount died: its lease ran out
     assert a.sessions.alive() == []
     assert [s.id for s in a.sessions.reap()] == [s2.id]
     assert a.sessions.reap() == [] and b.sessions.reap() == []
-    r = a.sessions.register("repair", "", ttl_s=TTL)
+    r = a.sessions.register("repair", "", ttl_s=engine.ttl)
     with pytest.raises(UserError):
-        b.sessions.register("mount", "/mnt/two", ttl_s=TTL)
+        b.sessions.register("mount", "/mnt/two", ttl_s=engine.ttl)
     a.sessions.end(r)
-    b.sessions.register("mount", "/mnt/two", ttl_s=TTL)
+    b.sessions.register("mount", "/mnt/two", ttl_s=engine.ttl)
 
 
 # -------------------------------------------------------------------- race
@@ -652,7 +684,7 @@ def test_two_clients_race_on_the_same_names(engine):
 
     def run(m, seed: int) -> None:
         rng = random.Random(seed)
-        for _ in range(3000):
+        for _ in range(engine.race_steps):
             try:
                 race_step(m, rng)
             except FsError as e:
