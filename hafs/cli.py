@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -34,7 +35,19 @@ def _home_arg(p: argparse.ArgumentParser) -> None:
         "--home",
         type=Path,
         help="directory holding the filesystem's metadata (default: $HAFS_HOME or"
-        " ~/.local/share/hafs)",
+        " ~/.local/share/hafs); with --meta, this client's local state (log, pid files)",
+    )
+    _meta_arg(p)
+
+
+def _meta_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--meta",
+        metavar="URL",
+        default=os.environ.get("HAFS_META") or None,
+        help="cluster mode: the metadata lives in etcd at etcd://HOST:PORT[,HOST:PORT...]/NAME"
+        " (default: $HAFS_META); the local state then goes to --home or"
+        " ~/.local/share/hafs/clients/NAME",
     )
 
 
@@ -65,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Create a filesystem whose state lives in --home. Without --node, three"
         " backing directories are made inside it (nodes n1, n2, n3).",
     )
-    p.add_argument("--home", type=Path, required=True, help="directory for the new filesystem")
+    p.add_argument(
+        "--home",
+        type=Path,
+        help="directory for the new filesystem (required without --meta; with it, this"
+        " client's local state)",
+    )
+    _meta_arg(p)
     p.add_argument(
         "--replicas",
         "-r",
@@ -284,18 +303,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _home(args) -> Path:
-    return (args.home or home_mod.default_home()).absolute()
+    return home_mod.resolve_home(args.home, getattr(args, "meta", None))
 
 
 def cmd_mkfs(args) -> int:
+    if args.home is None and not args.meta:
+        raise UserError("hafs mkfs needs --home DIR (embedded) or --meta etcd://... (cluster)")
+    home = _home(args)
     fs_uuid = home_mod.create(
-        args.home,
+        home,
         args.replicas,
         args.node,
         token=home_mod.read_token_file(args.token_file),
         quorum=args.write_quorum,
     )
-    print(f"created hafs filesystem {fs_uuid} in {args.home.absolute()}")
+    print(f"created hafs filesystem {fs_uuid} in {args.meta or home}")
     return 0
 
 
@@ -303,7 +325,7 @@ def cmd_mount(args) -> int:
     from . import mount
 
     home = _home(args)
-    if not home_mod.meta_path(home).exists() and home != home_mod.default_home().absolute():
+    if not home_mod.holds_fs(home) and home != home_mod.default_home().absolute():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
     home.mkdir(parents=True, exist_ok=True)
     if args.foreground:
@@ -373,7 +395,7 @@ def _audit_log(home: Path, enabled: bool = True) -> Iterator[None]:
     """Log hafs's INFO and above to HOME/hafs.log (beside the mounts') while a tool runs."""
     logger = logging.getLogger("hafs")
     handler = None
-    if enabled and home_mod.meta_path(home).exists():
+    if enabled and home_mod.holds_fs(home):
         try:
             handler = logging.FileHandler(home / "hafs.log")
         except OSError:
@@ -429,7 +451,7 @@ def cmd_fsck(args) -> int:
 
     home = _home(args)
     audit = None  # repairs are logged (FSCK-REPAIR ...) to HOME/hafs.log beside the mounts'
-    if args.repair and home_mod.meta_path(home).exists():
+    if args.repair and home_mod.holds_fs(home):
         try:
             audit = logging.FileHandler(home / "hafs.log")
         except OSError:

@@ -3,9 +3,15 @@
 Layout of HOME:
 
     meta.db        SQLite metadata (WAL): the ring, R, W and the nodes' token live in it
+    meta.url       instead of meta.db, in cluster mode: the etcd URL of the metadata
+                   (HOME is then only this client's local state: log, pid files)
     nodes/n1 ...   the default backing directories (mkfs without --node)
     hafs.log       the mount daemon's log
     run/*.pid      pid and mountpoint of each mount daemon
+
+Every tool finds the metadata through HOME: `--meta URL` (or $HAFS_META) picks
+the state directory of that URL (`--home`, else `state_home(URL)`) and records
+the URL in it, so the same code serves the embedded and the cluster mode.
 
 `create` is `hafs mkfs`; `open_fs` checks everything a mount needs and
 modifies nothing when it refuses.  `open_store` is the one place that turns a
@@ -44,6 +50,50 @@ def meta_path(home: Path) -> Path:
     return home / "meta.db"
 
 
+def url_path(home: Path) -> Path:
+    return home / "meta.url"
+
+
+def meta_url(home: Path) -> str | None:
+    """The etcd URL of a cluster-mode home (None: embedded, SQLite in meta.db)."""
+    try:
+        return url_path(home).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def holds_fs(home: Path) -> bool:
+    """Whether `home` names a filesystem (its SQLite metadata, or the URL of its etcd)."""
+    return meta_path(home).exists() or url_path(home).exists()
+
+
+def state_home(url: str) -> Path:
+    """The default local state directory of a client of the cluster filesystem `url`."""
+    from .meta.etcd import parse_meta_url
+
+    _, name = parse_meta_url(url)
+    return default_home() / "clients" / name
+
+
+def resolve_home(home: Path | None, url: str | None) -> Path:
+    """The home a command works on: with a metadata URL, that URL's state directory
+    (made, and the URL recorded, on first use); else `home` or the default."""
+    if not url:
+        return (home or default_home()).absolute()
+    home = (home or state_home(url)).absolute()
+    if meta_path(home).exists():
+        raise UserError(
+            f"{home} holds an embedded filesystem (meta.db): give another --home for {url}"
+        )
+    known = meta_url(home)
+    if known is not None and known != url:
+        raise UserError(f"{home} is the state directory of {known}, not {url}: give another --home")
+    if known is None:
+        home.mkdir(parents=True, exist_ok=True)
+        url_path(home).write_text(url + "\n")
+    return home
+
+
 def is_remote(address: str) -> bool:
     return "://" in address
 
@@ -80,8 +130,11 @@ def create(
     identity) once every node has been checked.
     """
     home = home.absolute()
+    url = meta_url(home)
     if meta_path(home).exists():
         raise UserError(f"{home} already holds a hafs filesystem: use it, or choose another --home")
+    if url is not None:
+        _check_new_etcd(url)
     if "," in str(home):
         raise UserError(f"home directory {home} contains a comma, which mount options cannot carry")
     addresses = nodes or [str(home / "nodes" / f"n{i + 1}") for i in range(DEFAULT_NODES)]
@@ -107,10 +160,30 @@ def create(
         init_node(spec, fs_uuid, token)
     ring = Ring(specs, version=1)
     config = FsConfig(fs_uuid, replicas, quorum, token, now_ns())
+    if url is not None:
+        from .meta.etcd import create_etcd
+
+        create_etcd(url, config, ring.to_json(), os.getuid(), os.getgid()).close()
+        return fs_uuid
     SqliteMeta.create(meta_path(home), config, ring.to_json(), os.getuid(), os.getgid()).close()
     if token is not None:  # the token is a secret: SQLite gives -wal and -shm the same mode
         os.chmod(meta_path(home), 0o600)
     return fs_uuid
+
+
+def _check_new_etcd(url: str) -> None:
+    """Refuse (UserError) an etcd prefix that holds anything, before any node is claimed."""
+    from .meta.etcd import EtcdKV, parse_meta_url, prefix_of
+
+    endpoints, name = parse_meta_url(url)
+    kv = EtcdKV(endpoints, prefix_of(name), name=url)
+    try:
+        if kv.scan(b"", b"\xff", 1):
+            raise UserError(
+                f"{url} already holds a filesystem (or something else): choose another NAME"
+            )
+    finally:
+        kv.close()
 
 
 def check_new_node(spec: NodeSpec, token: str | None) -> None:
@@ -208,6 +281,11 @@ def open_meta(
     older layout is read as it is instead of refused (fsck's check writes nothing);
     check_s: a bounded check of the database first (a mount)."""
     home = home.absolute()
+    url = meta_url(home)
+    if url is not None:
+        from .meta.etcd import open_etcd
+
+        return open_etcd(url, lock_ttl_s=lock_ttl_s, read_only=read_only)
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
     return SqliteMeta.open(

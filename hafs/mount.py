@@ -264,7 +264,7 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
     try:
         generic, rest = split_generic(options)
         opts, fuse_opts = parse_options(rest)
-        if not home_mod.meta_path(home).exists() and home == home_mod.default_home().absolute():
+        if not home_mod.holds_fs(home) and home == home_mod.default_home().absolute():
             home_mod.create(home)
             log.info("created the default filesystem in %s", home)
         check_mountpoint(mountpoint)

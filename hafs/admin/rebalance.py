@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HafsError, UserError
-from ..home import meta_path, open_meta, open_store
+from ..home import holds_fs, open_meta, open_store
 from ..meta import MetaStore
 from ..store.dirstore import DirStore
 from ..store.placement import NodeHealth
@@ -262,7 +262,7 @@ def run(
     report = Report(str(home), dry_run)
     progress = progress or Progress(enabled=False)
     t0 = time.monotonic()
-    if not meta_path(home).exists():
+    if not holds_fs(home):
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
     meta = session = None
     try:
