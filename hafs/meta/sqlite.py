@@ -425,10 +425,7 @@ class SqliteMeta:
         (UserError) before anything is written to it."""
         if not path.exists():
             raise UserError(f"metadata database {path} is missing: run 'hafs mkfs' to create one")
-        damaged = (
-            f"metadata database {path} is damaged ({{}}): nothing was changed; run"
-            f" 'hafs fsck --home {path.parent}', which says how to salvage it"
-        )
+        damaged = f"metadata database {path} is damaged ({{}}): nothing was changed; {RECOVER_HINT}"
         try:
             db = _connect(path, check_only=True)
             app_id = db.execute("PRAGMA application_id").fetchone()[0]
