@@ -57,7 +57,7 @@ def _errors_to_fuse(fn):
             log.exception("unexpected error in %s", op)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            metrics.op_seconds.labels(op).observe(time.perf_counter() - started)
+            metrics.op(op).observe(time.perf_counter() - started)
             if failed:
                 metrics.op_errors.labels(op).inc()
 

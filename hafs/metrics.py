@@ -35,6 +35,7 @@ class MountMetrics:
     """The metric objects of one mount, registered in `self.registry`."""
 
     def __init__(self) -> None:
+        self._op: dict[str, object] = {}  # op name -> its histogram child (labels() costs)
         r = self.registry = CollectorRegistry()
         self.op_seconds = Histogram(
             "hafs_fuse_op_seconds",
@@ -97,6 +98,13 @@ class MountMetrics:
             "The write buffer's size (write_buffer_mb).",
             registry=r,
         )
+
+    def op(self, name: str):
+        """The latency histogram of FUSE operation `name` (made once per name)."""
+        child = self._op.get(name)
+        if child is None:
+            child = self._op[name] = self.op_seconds.labels(name)
+        return child
 
     def block_call(self, node: str, call: str, seconds: float, failed: bool) -> None:
         """One block call to `node` ended (from any thread)."""
