@@ -536,8 +536,14 @@ class Placement:
         raise BlockMissing(block_id, "; ".join(problems) or "on no node")
 
     async def delete(self, block_id: str, grace_s: float) -> bool:
-        """Delete an unreferenced block everywhere unless a copy is younger than grace_s."""
+        """Delete an unreferenced block everywhere unless a copy is younger than grace_s.
+
+        False (the caller keeps the block's row and tries again later) also while a node
+        the ring names for the block is down: its copy there must go too, once it is back.
+        """
         async with self._block_locks(block_id):
+            if any(self.health.is_down(n) for n in self.ring.replicas(block_id, self.replicas)):
+                return False
             cutoff = time.time_ns() - int(grace_s * 1e9)
             stores = self.stores  # this call's view, whatever set_ring does meanwhile
             nodes = [n for n in self.ring.walk(block_id) if not self.health.is_down(n)]
