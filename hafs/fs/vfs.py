@@ -331,7 +331,9 @@ class Vfs:
         """Delete an inode that has no name, no kernel reference and no open handle."""
         if self.lookups[ino] > 0 or ino in self.files:
             return
-        await self.meta.delete_inode(ino)  # only if it has no name (the engine checks)
+        inode = await self.meta.getattr(ino)  # a read first: most forgotten inodes have names
+        if inode is not None and inode.nlink == 0:
+            await self.meta.delete_inode(ino)  # (the engine checks again, in its transaction)
 
     # ----------------------------------------------------------------- lookup
 
