@@ -214,6 +214,30 @@ def check_new_node(spec: NodeSpec, token: str | None) -> None:
         )
 
 
+def check_node(spec: NodeSpec, fs_uuid: str, token: str | None, timeout: float = 5.0) -> None:
+    """Refuse (UserError, saying why) unless node `spec.id` of `fs_uuid` answers at
+    `spec.address`: its backing directory is there with that identity, or the `hafs
+    node` there serves it (`hafs node set --address`; `remove --lost` refuses a node
+    that still answers)."""
+    try:
+        if not is_remote(spec.address):
+            DirStore.open(spec.address, spec.id, fs_uuid)
+            return
+        node_id, node_fs = RemoteStore.probe(spec.address, token=token, timeout=timeout)
+    except NodeAuthError as e:
+        raise UserError(f"node {spec.id} at {spec.address} refuses the token ({e})") from None
+    except NodeError as e:
+        raise UserError(f"node {spec.id} does not answer at {spec.address} ({e})") from None
+    except UserError as e:  # a missing or foreign directory
+        raise UserError(f"node {spec.id} is not at {spec.address}: {e}") from None
+    if (node_id, node_fs) != (spec.id, fs_uuid):
+        there = "unclaimed" if node_id is None else f"node {node_id} of filesystem {node_fs}"
+        raise UserError(
+            f"node {spec.id} is not at {spec.address}: the node there is {there}, not node"
+            f" {spec.id} of filesystem {fs_uuid}"
+        )
+
+
 def init_node(spec: NodeSpec, fs_uuid: str, token: str | None) -> None:
     """Make the node `spec.id` of filesystem `fs_uuid` (after `check_new_node`)."""
     if is_remote(spec.address):

@@ -257,12 +257,7 @@ class Report:
                 more = n - max_lines
                 out.append(f"      ... and {more:,} more (--json lists up to {MAX_DETAILS})")
         if self.lost_paths:
-            out.append(
-                f"LOST DATA: blocks with no good copy on any node: {self.found['lost_block']:,}."
-                " These files are kept; reads of the lost ranges fail with EIO (never wrong"
-                " bytes). Restore them from a backup:"
-            )
-            out.extend(f"  {p}" for p in sorted(self.lost_paths))
+            out.extend(lost_data(self.found["lost_block"], self.lost_paths))
         if self.pending:
             out.append(
                 f"pending: {self.pending:,} unreferenced blocks or copies younger than the grace"
@@ -271,6 +266,16 @@ class Report:
         out.extend(f"note: {n}" for n in self.notes)
         out.append(f"result: {RESULTS[self.exit_code]} (exit {self.exit_code})")
         return "\n".join(out)
+
+
+def lost_data(blocks: int, paths: set[str]) -> list[str]:
+    """The lines of a report that name the files that lost data (fsck, node remove --lost)."""
+    return [
+        f"LOST DATA: blocks with no good copy on any node: {blocks:,}. These files are kept;"
+        " reads of the lost ranges fail with EIO (never wrong bytes). Restore them from a"
+        " backup:",
+        *(f"  {p}" for p in sorted(paths)),
+    ]
 
 
 RESULTS = {
@@ -420,7 +425,7 @@ def _age(ns: int) -> str:
     return f"{s:.0f} s" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def _pages(scan: Callable[[Any, int], list], first: Any, key: Callable[[Any], Any]) -> Iterator:
+def pages(scan: Callable[[Any, int], list], first: Any, key: Callable[[Any], Any]) -> Iterator:
     """The pages of an engine's paged scan: `scan(after, PAGE)`, `key(last row)` the cursor."""
     after = first
     while rows := scan(after, PAGE):
@@ -709,14 +714,14 @@ class Checker:
             self.report.repaired("root_missing", "made a new root directory")
 
     def _load_inodes(self) -> None:
-        for rows in _pages(self.meta.scan_inodes, 0, lambda i: i.id):
+        for rows in pages(self.meta.scan_inodes, 0, lambda i: i.id):
             for i in rows:
                 self.inodes.add(i.id, i.mode, i.size)
 
     def _check_entries(self) -> None:
         """Dangling entries (dropped); counts names, subdirectories and parents."""
         tab = self.inodes
-        for rows in _pages(self.meta.scan_entries, (0, b""), lambda e: (e[0], e[1])):
+        for rows in pages(self.meta.scan_entries, (0, b""), lambda e: (e[0], e[1])):
             self.report.stats["entries"] += len(rows)
             for parent, name, ino in rows:
                 k, p = tab.find(ino), tab.find(parent)
@@ -832,7 +837,7 @@ class Checker:
         self.progress.start("inodes", total)
         tab = self.inodes
         open_unlinked = 0
-        for rows in _pages(self.meta.scan_inodes, 0, lambda i: i.id):
+        for rows in pages(self.meta.scan_inodes, 0, lambda i: i.id):
             for inode in rows:
                 k = tab.find(inode.id)
                 if k is None:
@@ -896,7 +901,7 @@ class Checker:
     def _check_extents(self) -> None:
         tab = self.inodes
         prev: tuple[int, int, int] | None = None  # (inode, offset, length once repaired)
-        for rows in _pages(self.meta.scan_extents, (0, -1), lambda r: (r[0], r[1].offset)):
+        for rows in pages(self.meta.scan_extents, (0, -1), lambda r: (r[0], r[1].offset)):
             self.report.stats["extents"] += len(rows)
             valid = {b for b in {e.block_id for _, e in rows} if _valid_id(b)}
             blocks = self.meta.block_rows(sorted(valid))
@@ -985,7 +990,7 @@ class Checker:
             self.missing_rows.clear()  # they have rows now
 
     def _check_refcounts(self) -> None:
-        for rows in _pages(self.meta.scan_blocks, "", lambda b: b.id):
+        for rows in pages(self.meta.scan_blocks, "", lambda b: b.id):
             self.report.stats["blocks"] += len(rows)
             for b in rows:
                 actual = self.meta.block_refs(b.id)
@@ -1042,7 +1047,7 @@ class Checker:
     def _referenced_pages(self) -> Iterator[list[tuple[str, int | None]]]:
         """Pages of (block id, row size) of the blocks extents use, in id order; then those
         without a row (a check's: a repair has added theirs)."""
-        for rows in _pages(self.meta.scan_blocks, "", lambda b: b.id):
+        for rows in pages(self.meta.scan_blocks, "", lambda b: b.id):
             yield [(b.id, b.size) for b in rows if self._referenced(b.id, b)]
         yield [(bid, None) for bid in sorted(self.missing_rows)]
 
@@ -1164,7 +1169,7 @@ class Checker:
     def check_garbage_rows(self) -> None:
         """Rows of blocks no extent references: deleted, with every copy, past the grace."""
         self.progress.start("unreferenced blocks")
-        for rows in _pages(self.meta.scan_blocks, "", lambda b: b.id):
+        for rows in pages(self.meta.scan_blocks, "", lambda b: b.id):
             for bid, since in [
                 (b.id, b.zero_since_ns) for b in rows if not self._referenced(b.id, b)
             ]:

@@ -13,7 +13,12 @@ Running mounts switch to the new version within about a second
   still find what it holds, and `hafs rebalance` moves its blocks to their new
   homes and drops it from the ring once it is empty.  Its directory (or
   server) is left as it is, for the user to reuse or delete.
-- set: weight, zone, or state ("up" cancels a removal not yet finished).
+- remove --lost: for a node that is gone for good; it leaves the ring at once
+  and its blocks are restored from the other nodes (hafs.admin.lost).
+- set: weight, zone, or state ("up" cancels a removal not yet finished), or the
+  address of a node that moved (another host or path): the node must answer
+  there as itself (`home.check_node`: its directory's identity, or the `hafs
+  node` serving it), so the ring never names another node's directory.
 
 Refused with a clear message (UserError, exit 2, nothing changed): an unknown
 id, an address or id the ring already has, and any change that would leave
@@ -83,22 +88,42 @@ def add_subcommands(p: argparse.ArgumentParser, home_arg: Callable) -> None:
 
     q = sub.add_parser(
         "remove",
-        help="drain a node; it leaves the ring once rebalance emptied it",
+        help="drain a node; it leaves the ring once rebalance emptied it (--lost: at once)",
         description="Remove a node: it drains at once (takes no new blocks; reads still find"
         " its blocks) and 'hafs rebalance' moves its blocks to their new homes, then drops it"
-        " from the ring. Refused if fewer than R nodes would be left taking blocks.",
+        " from the ring. With --lost, for a node that is gone for good (its directory deleted,"
+        " its host dead): it leaves the ring at once, every block that files use is restored"
+        " to R verified copies from the other nodes, and every file that had a block with no"
+        " other copy is named. Refused if fewer than R nodes would be left taking blocks.",
+        epilog="exit codes: 0 done (with --lost: every block files use has R copies again),"
+        " 1 (--lost) some files lost data (they are named) or some blocks are still short of"
+        " copies because another node failed (run 'hafs rebalance' once it answers), 2 bad"
+        " input (nothing changed; also: --lost for a node that still answers), 130"
+        " interrupted.",
     )
     home_arg(q)
     q.add_argument("node_id", metavar="ID")
+    q.add_argument(
+        "--lost",
+        action="store_true",
+        help="the node is gone for good: drop it now and restore its blocks from the others",
+    )
+    q.add_argument("--json", action="store_true", help="(--lost) print a JSON report")
 
     q = sub.add_parser(
         "set",
         help="change a node's weight, zone or state",
-        description="Change a node's weight or zone (then run 'hafs rebalance'), or set"
-        " --state up to cancel a removal that rebalance has not finished.",
+        description="Change a node's weight or zone (then run 'hafs rebalance'), set"
+        " --state up to cancel a removal that rebalance has not finished, or give a node that"
+        " moved (another host or path) its new --address: the node there must answer as this"
+        " node of this filesystem (its backing directory's identity, or the 'hafs node' serving"
+        " it), else nothing changes.",
     )
     home_arg(q)
     q.add_argument("node_id", metavar="ID")
+    q.add_argument(
+        "--address", help="the node's new address: its directory or http://HOST:PORT"
+    )
     q.add_argument("--weight", type=float, help="new weight (0: takes no new blocks)")
     q.add_argument("--zone", help="new zone ('' for none)")
     q.add_argument("--state", choices=NODE_STATES, help="up, or draining (as 'hafs node remove')")
@@ -123,6 +148,13 @@ def run(args: argparse.Namespace, home: Path) -> int:
             " existing ones."
         )
         return 0
+    if args.node_command == "remove" and args.lost:
+        from .fsck import Progress
+        from .lost import remove_lost
+
+        report = remove_lost(home, args.node_id, progress=Progress())
+        print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
+        return report.exit_code
     if args.node_command == "remove":
         ring, changed = remove_node(home, args.node_id)
         print(
@@ -133,15 +165,21 @@ def run(args: argparse.Namespace, home: Path) -> int:
         )
         return 0
     if args.node_command == "set":
-        ring, changed = set_node(home, args.node_id, args.weight, args.zone, args.state)
+        ring, changed = set_node(
+            home, args.node_id, args.weight, args.zone, args.state, args.address
+        )
         if not changed:
             print(f"node {args.node_id}: nothing to change (ring version {ring.version})")
             return 0
         spec = ring.nodes[args.node_id]
         print(
-            f"node {spec.id}: weight {spec.weight:g}, zone {spec.zone or '-'}, {spec.state}:"
-            f" ring version {ring.version}. 'hafs rebalance --home {home}' moves the blocks"
-            " this displaced."
+            f"node {spec.id}: {spec.address}, weight {spec.weight:g}, zone {spec.zone or '-'},"
+            f" {spec.state}: ring version {ring.version}."
+            + (
+                ""
+                if args.weight is None and args.zone is None and args.state is None
+                else f" 'hafs rebalance --home {home}' moves the blocks this displaced."
+            )
         )
         return 0
     raise AssertionError(args.node_command)
@@ -168,7 +206,7 @@ def _same_address(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _check_takers(specs: list[NodeSpec], replicas: int, what: str) -> None:
+def check_takers(specs: list[NodeSpec], replicas: int, what: str) -> None:
     """Refuse a ring with fewer nodes taking blocks (up, weight > 0) than R."""
     takers = [s.id for s in specs if s.state == "up" and s.weight > 0]
     if len(takers) < replicas:
@@ -179,7 +217,7 @@ def _check_takers(specs: list[NodeSpec], replicas: int, what: str) -> None:
         )
 
 
-def _known(ring: Ring, node_id: str) -> NodeSpec:
+def known_node(ring: Ring, node_id: str) -> NodeSpec:
     spec = ring.nodes.get(node_id)
     if spec is None:
         raise UserError(
@@ -307,14 +345,14 @@ def remove_node(home: Path, node_id: str) -> tuple[Ring, bool]:
         replicas = meta.config().replicas
 
         def change(current: Ring) -> list[NodeSpec] | None:
-            spec = _known(current, node_id)
+            spec = known_node(current, node_id)
             if spec.state == "draining":
                 return None
             specs = [
                 replace(s, state="draining") if s.id == node_id else s
                 for s in current.nodes.values()
             ]
-            _check_takers(specs, replicas, f"removing node {node_id}")
+            check_takers(specs, replicas, f"removing node {node_id}")
             return specs
 
         ring, changed = change_ring(meta, change)
@@ -331,13 +369,18 @@ def set_node(
     weight: float | None = None,
     zone: str | None = None,
     state: str | None = None,
+    address: str | None = None,
 ) -> tuple[Ring, bool]:
-    """Change a node's weight, zone and/or state; returns (ring, whether it changed)."""
-    if weight is None and zone is None and state is None:
-        raise UserError("give --weight W, --zone Z or --state up|draining")
+    """Change a node's weight, zone, state and/or address; returns (ring, whether it changed).
+
+    A new address is checked first: node `node_id` of this filesystem must answer
+    there (`home.check_node`), so a moved node is found again and never another one.
+    """
+    if weight is None and zone is None and state is None and address is None:
+        raise UserError("give --weight W, --zone Z, --state up|draining or --address ADDRESS")
     meta = _open(home)
     try:
-        replicas = meta.config().replicas
+        config = meta.config()
         changes: dict = {}
         if weight is not None:
             changes["weight"] = weight
@@ -345,19 +388,27 @@ def set_node(
             changes["zone"] = zone or None
         if state is not None:
             changes["state"] = state
+        if address is not None:
+            changes["address"] = _normalise(address)
 
         def change(current: Ring) -> list[NodeSpec] | None:
-            spec = _known(current, node_id)
+            spec = known_node(current, node_id)
             try:
                 new = replace(spec, **changes)
             except ValueError as e:
                 raise UserError(str(e)) from None
             if new == spec:
                 return None
+            for other in current.nodes.values():
+                if other.id != node_id and _same_address(other.address, new.address):
+                    raise UserError(f"{new.address} already is node {other.id}")
             specs = [new if s.id == node_id else s for s in current.nodes.values()]
-            _check_takers(specs, replicas, f"this change of node {node_id}")
+            check_takers(specs, config.replicas, f"this change of node {node_id}")
             return specs
 
+        spec = known_node(Ring.from_json(meta.ring()), node_id)
+        if address is not None and not _same_address(spec.address, changes["address"]):
+            home_mod.check_node(replace(spec, **changes), config.fs_uuid, config.node_token)
         ring, changed = change_ring(meta, change)
         if changed:
             log.info("NODE-SET %s %s: ring version %d", node_id, changes, ring.version)

@@ -76,7 +76,7 @@ from ..store.dirstore import DirStore
 from ..store.placement import NodeHealth
 from ..store.remote import RemoteStore
 from ..store.restore import drop_extra, restore
-from ..store.ring import RING_SETTLE_S, Ring
+from ..store.ring import RING_SETTLE_S, NodeSpec, Ring
 from .fsck import Progress, Throttle
 from .nodes import change_ring
 
@@ -298,6 +298,38 @@ def run(
 # ---------------------------------------------------------------- the work
 
 
+def settle(meta: MetaStore, version: int, settle_s: float, progress: Progress) -> float:
+    """Wait until every mount uses ring `version` (they reload the ring every RING_RELOAD_S):
+    until `settle_s` after the ring's last change.  Returns the seconds waited."""
+    wait = meta.ring_changed_ns() / 1e9 + settle_s - time.time()
+    if wait <= 0:
+        return 0.0
+    progress.start(f"waiting {wait:.0f} s for the mounts to use ring {version}")
+    time.sleep(wait)
+    return wait
+
+
+def open_stores(
+    specs: list[NodeSpec], fs_uuid: str, token: str | None, timeout: float = NODE_TIMEOUT_S
+) -> tuple[dict[str, Store | None], dict[str, str]]:
+    """The stores of the nodes `specs` (None for one that cannot be used: its directory is
+    missing or foreign, or the remote node does not answer as itself), and why not."""
+    stores: dict[str, Store | None] = {}
+    problems: dict[str, str] = {}
+    for spec in specs:
+        store = None
+        try:
+            store = open_store(spec, fs_uuid, token, timeout)
+            if isinstance(store, RemoteStore):
+                store.check_identity()
+        except (HafsError, OSError) as e:
+            if isinstance(store, RemoteStore):
+                store.close()
+            store, problems[spec.id] = None, str(e)
+        stores[spec.id] = store
+    return stores, problems
+
+
 class _Stream:
     """One node's block ids in order, a page at a time."""
 
@@ -400,29 +432,16 @@ class Rebalancer:
         self._remove_drained()
 
     def _settle(self, ring: Ring) -> None:
-        """Wait until every mount uses this ring version (they reload it every second)."""
-        changed = self.meta.ring_changed_ns()
-        wait = changed / 1e9 + self.settle_s - time.time()
-        if wait > 0:
-            self.progress.start(f"waiting {wait:.0f} s for the mounts to use ring {ring.version}")
-            time.sleep(wait)
-            self.report.waited_s += wait
+        self.report.waited_s += settle(self.meta, ring.version, self.settle_s, self.progress)
 
     def _open_stores(self, ring: Ring) -> None:
-        for spec in ring.nodes.values():
-            if self._addresses.get(spec.id) == spec.address:
-                continue
-            self._addresses[spec.id] = spec.address
-            try:
-                store = open_store(spec, self.fs_uuid, self.token, NODE_TIMEOUT_S)
-                if isinstance(store, RemoteStore):
-                    store.check_identity()
-            except (HafsError, OSError) as e:
-                self.stores[spec.id] = None
-                self.report.errors.append(f"node {spec.id} is unavailable: {e}")
-                log.error("REBALANCE node %s is unavailable: %s", spec.id, e)
-                continue
-            self.stores[spec.id] = store
+        specs = [s for s in ring.nodes.values() if self._addresses.get(s.id) != s.address]
+        stores, problems = open_stores(specs, self.fs_uuid, self.token)
+        self.stores.update(stores)
+        self._addresses.update((s.id, s.address) for s in specs)
+        for node_id, why in problems.items():
+            self.report.errors.append(f"node {node_id} is unavailable: {why}")
+            log.error("REBALANCE node %s is unavailable: %s", node_id, why)
 
     # ------------------------------------------------------------- a pass
 

@@ -106,7 +106,7 @@ def test_list_add_remove_set_through_the_cli(h, tmp_path):
     [
         (["remove", "n9"], "no node 'n9' in the ring"),
         (["set", "n9", "--weight", "2"], "no node 'n9' in the ring"),
-        (["set", "n1"], "give --weight W, --zone Z or --state"),
+        (["set", "n1"], "give --weight W, --zone Z, --state up|draining or --address"),
         (["set", "n1", "--weight", "-1"], "weight must be finite and >= 0"),
         (["add", "{n1}"], "already is node n1"),
         (["add", "{tmp}/d5", "--id", "n2"], "already has a node n2"),
