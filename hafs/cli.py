@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         " --node http://HOST:PORT' or 'hafs node add http://HOST:PORT' (which write the"
         " node's identity into it); a DIR that belongs to a filesystem serves that filesystem"
         " only. Ctrl-C or SIGTERM stops it cleanly. With a subcommand instead, manage the"
-        " nodes of a filesystem's ring: 'hafs node list|add|remove|set ... [--home DIR]'"
+        " nodes of a filesystem's ring: 'hafs node list|add|remove|set|adopt ... [--home DIR]'"
         " ('hafs node SUBCOMMAND --help'); each change makes a new ring version that running"
         " mounts pick up within a second, and 'hafs rebalance' then moves the blocks.",
     )
@@ -427,7 +427,7 @@ def cmd_node(args) -> int:
     if getattr(args, "data", None) is None:
         raise UserError(
             "give 'hafs node' --data DIR to serve a directory, or a subcommand (list, add,"
-            " remove, set) to manage a filesystem's nodes; see 'hafs node --help'"
+            " remove, set, adopt) to manage a filesystem's nodes; see 'hafs node --help'"
         )
     from .node import server as node_mod
 

@@ -85,6 +85,24 @@ class NodeIdentityError(UserError):
     """A backing directory belongs to another filesystem or node, or has no identity."""
 
 
+class NodeOwnedElsewhere(NodeIdentityError):
+    """A node belongs to another metadata store of its filesystem (hafs.store.owner): a
+    store opening it to change things is refused."""
+
+
+class NotOwner(StorageError, OSError):
+    """A node refused a delete: it belongs to another metadata store (hafs.store.owner)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.EPERM, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):
+        return type(self), (self.strerror,)
+
+
 class LockTimeout(HafsError):
     """A write lock stayed held by another mount for the whole lock wait."""
 

@@ -17,25 +17,37 @@ the URL in it, so the same code serves the embedded and the cluster mode.
 modifies nothing when it refuses.  `open_store` is the one place that turns a
 node of the ring into a block store: a backing directory (DirStore) or, for an
 http:// address, the client of a `hafs node` server (RemoteStore).
+
+`owner_claim` is the one check that the metadata store may change its nodes
+(hafs.store.owner): every command that does (a read-write mount, fsck
+--repair, rebalance, the node changes) asks it first and opens the nodes with
+the claim it returns; a copy of a home (`cp -a`) is refused there.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import MetaDamaged, UserError
+from .errors import MetaDamaged, NodeOwnedElsewhere, UserError
 from .meta import FsConfig, MetaStore, now_ns
 from .meta.sqlite import SqliteMeta
-from .store.dirstore import DirStore
+from .store.dirstore import DirStore, read_identity
+from .store.owner import OwnerClaim, new_token
 from .store.remote import NodeAuthError, NodeError, RemoteStore
 from .store.ring import NodeSpec, Ring
 
+log = logging.getLogger(__name__)
+
 DEFAULT_REPLICAS = 2
 DEFAULT_NODES = 3
+CAS_RETRIES = 5  # a ring change is tried again this often when another one wins
 
 
 def default_home() -> Path:
@@ -156,16 +168,18 @@ def create(
     for spec in specs:
         check_new_node(spec, token)
     home.mkdir(parents=True, exist_ok=True)
+    owner = OwnerClaim(new_token(), url or f"{socket.gethostname()}:{meta_path(home)}")
     for spec in specs:
-        init_node(spec, fs_uuid, token)
+        init_node(spec, fs_uuid, token, owner)
     ring = Ring(specs, version=1)
     config = FsConfig(fs_uuid, replicas, quorum, token, now_ns())
+    uid, gid = os.getuid(), os.getgid()
     if url is not None:
         from .meta.etcd import create_etcd
 
-        create_etcd(url, config, ring.to_json(), os.getuid(), os.getgid()).close()
+        create_etcd(url, config, ring.to_json(), uid, gid, owner=owner.token).close()
         return fs_uuid
-    SqliteMeta.create(meta_path(home), config, ring.to_json(), os.getuid(), os.getgid()).close()
+    SqliteMeta.create(meta_path(home), config, ring.to_json(), uid, gid, owner=owner.token).close()
     if token is not None:  # the token is a secret: SQLite gives -wal and -shm the same mode
         os.chmod(meta_path(home), 0o600)
     return fs_uuid
@@ -214,20 +228,32 @@ def check_new_node(spec: NodeSpec, token: str | None) -> None:
         )
 
 
-def check_node(spec: NodeSpec, fs_uuid: str, token: str | None, timeout: float = 5.0) -> None:
+def check_node(
+    spec: NodeSpec,
+    fs_uuid: str,
+    token: str | None,
+    timeout: float = 5.0,
+    owner: OwnerClaim | None = None,
+) -> None:
     """Refuse (UserError, saying why) unless node `spec.id` of `fs_uuid` answers at
     `spec.address`: its backing directory is there with that identity, or the `hafs
     node` there serves it (`hafs node set --address`; `remove --lost` refuses a node
-    that still answers)."""
+    that still answers).  With `owner`, the node is taken for that store (or refused:
+    NodeOwnedElsewhere)."""
     try:
         if not is_remote(spec.address):
-            DirStore.open(spec.address, spec.id, fs_uuid)
+            DirStore.open(spec.address, spec.id, fs_uuid, owner)
             return
         node_id, node_fs = RemoteStore.probe(spec.address, token=token, timeout=timeout)
+        if (node_id, node_fs) == (spec.id, fs_uuid) and owner is not None:
+            with open_store(spec, fs_uuid, token, timeout, owner) as store:
+                store.check_identity()
     except NodeAuthError as e:
         raise UserError(f"node {spec.id} at {spec.address} refuses the token ({e})") from None
     except NodeError as e:
         raise UserError(f"node {spec.id} does not answer at {spec.address} ({e})") from None
+    except NodeOwnedElsewhere:
+        raise
     except UserError as e:  # a missing or foreign directory
         raise UserError(f"node {spec.id} is not at {spec.address}: {e}") from None
     if (node_id, node_fs) != (spec.id, fs_uuid):
@@ -238,30 +264,118 @@ def check_node(spec: NodeSpec, fs_uuid: str, token: str | None, timeout: float =
         )
 
 
-def init_node(spec: NodeSpec, fs_uuid: str, token: str | None) -> None:
-    """Make the node `spec.id` of filesystem `fs_uuid` (after `check_new_node`)."""
+def init_node(spec: NodeSpec, fs_uuid: str, token: str | None, owner: OwnerClaim) -> None:
+    """Make the node `spec.id` of filesystem `fs_uuid`, owned by the metadata store
+    `owner` (after `check_new_node`)."""
     if is_remote(spec.address):
         try:
             RemoteStore.claim(spec.address, spec.id, fs_uuid, token=token)
+            with open_store(spec, fs_uuid, token, owner=owner) as store:
+                store.check_identity()  # takes it for the owner
         except NodeError as e:
             raise UserError(f"node {spec.id} at {spec.address}: claiming it failed: {e}") from None
     else:
-        DirStore.create(spec.address, spec.id, fs_uuid)
+        DirStore.create(spec.address, spec.id, fs_uuid, owner)
 
 
 def open_store(
-    spec: NodeSpec, fs_uuid: str, token: str | None = None, timeout: float | None = None
+    spec: NodeSpec,
+    fs_uuid: str,
+    token: str | None = None,
+    timeout: float | None = None,
+    owner: OwnerClaim | None = None,
 ) -> DirStore | RemoteStore:
-    """The block store of one node of the ring.
+    """The block store of one node of the ring; with `owner`, for a command that changes
+    the node (`owner_claim`): it deletes only while the node is that store's.
 
-    A backing directory is opened and its identity checked here (UserError when it
-    is missing or foreign).  A remote node is not contacted: it may be down now and
-    come back later; `RemoteStore.check_identity` asks it.
+    A backing directory is opened and its identity (and owner) checked here
+    (UserError when it is missing or foreign).  A remote node is not contacted: it
+    may be down now and come back later; `RemoteStore.check_identity` asks it.
     """
     if is_remote(spec.address):
         kwargs = {} if timeout is None else {"timeout": timeout}
-        return RemoteStore(spec.address, spec.id, fs_uuid, token=token, **kwargs)
-    return DirStore.open(spec.address, spec.id, fs_uuid)
+        return RemoteStore(spec.address, spec.id, fs_uuid, token=token, owner=owner, **kwargs)
+    return DirStore.open(spec.address, spec.id, fs_uuid, owner)
+
+
+def change_ring(
+    meta: MetaStore, change: Callable[[Ring], list[NodeSpec] | None]
+) -> tuple[Ring, bool]:
+    """Write the ring `change(current ring)` returns as the next version.
+
+    Returns (the ring now in force, whether this call wrote it).  `change` raises
+    UserError to refuse, or returns None for "nothing to do".  A concurrent change
+    makes us re-read and call `change` again.
+    """
+    for _ in range(CAS_RETRIES):
+        current = Ring.from_json(meta.ring())
+        specs = change(current)
+        if specs is None:
+            return current, False
+        try:
+            new = Ring(specs, version=current.version + 1)
+        except ValueError as e:
+            raise UserError(f"the new ring would be invalid: {e}") from None
+        if meta.replace_ring(new.to_json(), current.version):
+            return new, True
+    raise UserError("the ring kept changing under this command (another 'hafs node'?): retry")
+
+
+def owner_claim(meta: MetaStore, home: Path) -> OwnerClaim:
+    """The claim of the metadata store in `home` on its nodes, for a command that changes
+    them (hafs.store.owner).
+
+    Refuses (UserError, changing nothing) a store that is a copy of another: a `cp`
+    of the home names the original's nodes, and its repairs and garbage collection
+    would delete the original's blocks.  A store made before owners were recorded
+    gets its token here, and a store whose file moved on its disk is recorded anew.
+    """
+    own = meta.owner()
+    if own.copy_of is not None:
+        raise UserError(
+            f"{meta_path(home)} is a copy of the metadata at {own.copy_of} (a copy of its"
+            " home?): it names that filesystem's nodes, so it must not change them; refusing."
+            " A read-only mount (-o ro) reads it. To copy the files into a filesystem of its"
+            " own, make one with 'hafs mkfs' and copy through both mounts (README, 'Copies of"
+            " a home'); if this is the filesystem itself, moved to another disk or restored"
+            f" from a backup, and the original is gone: 'hafs node adopt --home {home}'"
+        )
+    if own.moved_from is not None:
+        follow_home(meta, Path(own.moved_from).parent, home)
+    if own.token is None or own.moved_from is not None:
+        meta.adopt(own.token or new_token())
+        own = meta.owner()
+    return OwnerClaim(own.token, own.where, frozenset(own.previous))
+
+
+def follow_home(meta: MetaStore, was: Path, home: Path) -> Ring:
+    """After `mv` of the home from `was` to `home`: the backing directories the ring
+    names inside the old home, gone from there and found at the same place in the new
+    one with their identity, get that address (one ring change; logged NODE-MOVED)."""
+    fs_uuid = meta.config().fs_uuid
+
+    def change(current: Ring) -> list[NodeSpec] | None:
+        specs = list(current.nodes.values())
+        for k, spec in enumerate(specs):
+            old = Path(spec.address)
+            if is_remote(spec.address) or not old.is_relative_to(was) or old.exists():
+                continue
+            new = home / old.relative_to(was)
+            ident = read_identity(new) if new.is_dir() else None
+            if ident is not None and (ident["fs_uuid"], ident["node_id"]) == (fs_uuid, spec.id):
+                specs[k] = replace(spec, address=str(new))
+        return None if specs == list(current.nodes.values()) else specs
+
+    ring, changed = change_ring(meta, change)
+    if changed:
+        log.warning(
+            "NODE-MOVED the home moved from %s to %s: ring version %d names its backing"
+            " directories there",
+            was,
+            home,
+            ring.version,
+        )
+    return ring
 
 
 @dataclass
@@ -271,6 +385,12 @@ class Filesystem:
     config: FsConfig
     ring: Ring
     stores: dict[str, DirStore | RemoteStore]
+    owner: OwnerClaim | None = None  # None: opened read-only, changes no node
+    node_timeout: float | None = None
+
+    def open_store(self, spec: NodeSpec) -> DirStore | RemoteStore:
+        """The store of a node of this filesystem (one that joins the ring while mounted)."""
+        return open_store(spec, self.fs_uuid, self.token, self.node_timeout, self.owner)
 
     @property
     def replicas(self) -> int:
@@ -332,19 +452,18 @@ def open_fs(
     home = home.absolute()
     meta = open_meta(home, lock_ttl_s, read_only=read_only, check_s=check_s)
     try:
+        owner = None if read_only else owner_claim(meta, home)  # (it may follow a moved home)
         config = meta.config()
         ring = Ring.from_json(meta.ring())
-        stores = {
-            spec.id: open_store(spec, config.fs_uuid, config.node_token, node_timeout)
-            for spec in ring.nodes.values()
-        }
+        fs = Filesystem(home, meta, config, ring, {}, owner, node_timeout)
+        fs.stores = {spec.id: fs.open_store(spec) for spec in ring.nodes.values()}
     except MetaDamaged as e:
         meta.close()
         raise UserError(f"{e}: nothing was changed; run 'hafs fsck --home {home}'") from None
     except BaseException:
         meta.close()
         raise
-    return Filesystem(home, meta, config, ring, stores)
+    return fs
 
 
 def check_remote_nodes(fs: Filesystem) -> dict[str, str]:

@@ -11,7 +11,9 @@ and the exit code.  The foreground daemon:
 2. opens the metadata and the backing directories and registers a mount
    session in the metadata (several mounts of one filesystem work together
    through the write locks; a session is refused while `fsck --repair` runs,
-   and `fsck --repair` is refused while a session is alive);
+   and `fsck --repair` is refused while a session is alive); a read-write
+   mount is refused for a copy of a home and for nodes that belong to another
+   metadata store (hafs.home.owner_claim, hafs.store.owner);
 3. mounts, serves (renewing its session, and reaping the sessions of mounts
    that died: their files unlinked while open are deleted), and on
    SIGINT/SIGTERM or unmount flushes every open file, syncs the metadata,
@@ -372,7 +374,7 @@ async def _serve(
     )
     for node_id, why in down.items():
         placement.health.mark_down(node_id, why)
-    vfs = Vfs(fs.meta, placement, opts, read_only=read_only)
+    vfs = Vfs(fs.meta, placement, opts, open_store=fs.open_store, read_only=read_only)
     ops = FuseOps(vfs)
     options = set(pyfuse3.default_options) | {f"fsname=hafs:{fs.home}", "subtype=hafs"}
     options |= fuse_opts

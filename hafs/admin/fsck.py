@@ -61,7 +61,10 @@ the report), treats unlinked inodes as possibly open, and re-reads the
 metadata before reporting a block whose copies are missing (a mount may have
 dropped it meanwhile).  With repair it holds a "repair" session for the whole
 run: registering it is refused while a mount or rebalance session is alive,
-and no mount or rebalance starts until it has ended, on any host.
+and no mount or rebalance starts until it has ended, on any host.  A repair
+deletes blocks, so it is refused for a copy of a home and for nodes that
+another metadata store owns (`home.owner_claim`, hafs.store.owner): the copy
+would take the original's new blocks for strays.
 """
 
 from __future__ import annotations
@@ -82,10 +85,11 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import BlockCorrupt, BlockMissing, HafsError, UserError
-from ..home import is_remote, open_meta, open_store
+from ..errors import BlockCorrupt, BlockMissing, HafsError, NodeOwnedElsewhere, UserError
+from ..home import is_remote, open_meta, open_store, owner_claim
 from ..meta import ROOT_INODE, BlockRow, Inode, MetaStore, now_ns
 from ..store.dirstore import BLOCK_ID_RE, DirStore, read_identity
+from ..store.owner import OwnerClaim
 from ..store.restore import RestoreResult, drop_extra, fetch, restore
 from ..store.ring import Ring
 
@@ -383,14 +387,23 @@ def run(
             meta = open_meta(home, read_only=not repair, as_found=not repair)
         except HafsError as e:
             raise FsckError(str(e)) from None
+        owner = None
         if repair:
-            try:  # refused while a mount is alive; no mount starts until it ends
+            try:  # refused for a copy of a home, and while a mount is alive
+                owner = owner_claim(meta, home)
                 session = meta.sessions.register("repair", "", REPAIR_SESSION_S)
             except UserError as e:
                 raise FsckError(str(e)) from None
         else:
             report.mounted = any(s.kind == "mount" for s in meta.sessions.alive())
-        checker = Checker(meta, report, progress, report.mounted, rate_mib, threads)
+            copy_of = meta.owner().copy_of
+            if copy_of is not None:
+                report.notes.append(
+                    f"this metadata is a copy of the metadata at {copy_of}: it shares that"
+                    " filesystem's nodes, whose blocks it does not know (they show here as"
+                    " strays); --repair refuses to run on it"
+                )
+        checker = Checker(meta, report, progress, report.mounted, rate_mib, threads, owner)
         checker.run()
     except FsckError as e:
         report.error = str(e)
@@ -503,9 +516,12 @@ class Checker:
         live: bool = False,
         rate_mib: float | None = None,
         threads: int = DEFAULT_THREADS,
+        owner: OwnerClaim | None = None,
     ) -> None:
+        """owner: the claim on the nodes a repair changes them with (home.owner_claim)."""
         self.meta = meta
         self.report = report
+        self.owner = owner
         self.progress = progress or Progress(enabled=False)
         self.repair = report.repair
         self.deep = report.deep
@@ -655,16 +671,18 @@ class Checker:
         for spec in self.ring.nodes.values():
             try:
                 if is_remote(spec.address):
-                    store = open_store(spec, fs_uuid, token)
+                    store = open_store(spec, fs_uuid, token, owner=self.owner)
                     store.check_identity()
                 elif self.repair:
-                    store = DirStore.open(spec.address, spec.id, fs_uuid)
+                    store = DirStore.open(spec.address, spec.id, fs_uuid, self.owner)
                 else:  # no I/O but the identity check: a check changes nothing
                     ident = read_identity(spec.address)
                     if ident is None or (ident["fs_uuid"], ident["node_id"]) != (fs_uuid, spec.id):
                         store = DirStore.open(spec.address, spec.id, fs_uuid)  # says what's wrong
                     else:
                         store = DirStore(spec.address, spec.id, fs_uuid)
+            except NodeOwnedElsewhere as e:  # a repair must not change another store's nodes
+                raise FsckError(str(e)) from None
             except (HafsError, OSError) as e:
                 self.report.add("node_unavailable", f"node {spec.id}: {e}")
                 store = None

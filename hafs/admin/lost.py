@@ -48,6 +48,7 @@ from .. import home as home_mod
 from ..errors import UserError
 from ..meta import BlockRow, MetaStore
 from ..store.dirstore import BLOCK_ID_RE
+from ..store.owner import OwnerClaim
 from ..store.placement import NodeHealth
 from ..store.remote import RemoteStore
 from ..store.restore import RestoreResult, restore
@@ -156,6 +157,7 @@ def remove_lost(
     meta = home_mod.open_meta(home)
     session = None
     try:
+        owner = home_mod.owner_claim(meta, home)  # refuses a copy of a home
         config = meta.config()
         report.replicas = config.replicas
         spec = known_node(Ring.from_json(meta.ring()), node_id)
@@ -181,7 +183,7 @@ def remove_lost(
         report.ring_version = ring.version
         log.warning("NODE-LOST %s removed (%s): ring version %d", node_id, why, ring.version)
         report.waited_s = settle(meta, ring.version, settle_s, progress)
-        Restorer(meta, ring, report, progress, threads).run()
+        Restorer(meta, ring, owner, report, progress, threads).run()
         log.info(
             "NODE-LOST %s: %d blocks checked, %d copies made, %d short, %d lost",
             node_id,
@@ -203,7 +205,13 @@ class Restorer:
     """Every referenced block back to R verified copies on the nodes `ring` names."""
 
     def __init__(
-        self, meta: MetaStore, ring: Ring, report: Report, progress: Progress, threads: int
+        self,
+        meta: MetaStore,
+        ring: Ring,
+        owner: OwnerClaim,
+        report: Report,
+        progress: Progress,
+        threads: int,
     ) -> None:
         self.meta = meta
         self.ring = ring
@@ -213,7 +221,7 @@ class Restorer:
         config = meta.config()
         self.replicas = config.replicas
         self.stores, report.unavailable = open_stores(
-            list(ring.nodes.values()), config.fs_uuid, config.node_token
+            list(ring.nodes.values()), config.fs_uuid, config.node_token, owner
         )
         self.health = NodeHealth(STRIKES)  # a node down stays down for the rest of the run
 

@@ -1,4 +1,4 @@
-"""`hafs node list|add|remove|set`: the nodes of a filesystem's ring.
+"""`hafs node list|add|remove|set|adopt`: the nodes of a filesystem's ring.
 
 Every change writes a new ring version (version + 1) into the metadata in one
 transaction (`MetaStore.replace_ring`, a compare-and-set on the version, so two
@@ -15,14 +15,18 @@ Running mounts switch to the new version within about a second
   server) is left as it is, for the user to reuse or delete.
 - remove --lost: for a node that is gone for good; it leaves the ring at once
   and its blocks are restored from the other nodes (hafs.admin.lost).
+- adopt: make this metadata store the owner of its nodes (hafs.store.owner): a
+  home moved to another disk or restored from a backup, which the other commands
+  refuse as a possible copy of a home.
 - set: weight, zone, or state ("up" cancels a removal not yet finished), or the
   address of a node that moved (another host or path): the node must answer
   there as itself (`home.check_node`: its directory's identity, or the `hafs
   node` serving it), so the ring never names another node's directory.
 
 Refused with a clear message (UserError, exit 2, nothing changed): an unknown
-id, an address or id the ring already has, and any change that would leave
-fewer nodes taking blocks (state up, weight > 0) than the R replicas.
+id, an address or id the ring already has, any change that would leave fewer
+nodes taking blocks (state up, weight > 0) than the R replicas, and every
+change made from a copy of a home (`home.owner_claim`).
 
 No lock is needed beyond the transaction: the tool is short and synchronous.
 """
@@ -38,22 +42,25 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import home as home_mod
-from ..errors import UserError
+from ..home import change_ring
+from ..errors import HafsError, UserError
 from ..meta import MetaStore
+from ..store.owner import OwnerClaim, new_token
+from ..store.remote import RemoteStore
 from ..store.ring import NODE_STATES, NodeSpec, Ring
 from .status import node_table, render_nodes
 
 log = logging.getLogger(__name__)
 
 NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-CAS_RETRIES = 5
+ADOPT_SESSION_S = 600.0  # the "repair" session of an adopt (a dead one is seen by its pid)
 
 
 def add_subcommands(p: argparse.ArgumentParser, home_arg: Callable) -> None:
-    """Add `list`, `add`, `remove`, `set` under the `hafs node` parser `p`."""
+    """Add `list`, `add`, `remove`, `set`, `adopt` under the `hafs node` parser `p`."""
     sub = p.add_subparsers(
         dest="node_command",
-        metavar="{list,add,remove,set}",
+        metavar="{list,add,remove,set,adopt}",
         required=False,
         title="managing the nodes of a filesystem (instead of serving one)",
     )
@@ -128,6 +135,22 @@ def add_subcommands(p: argparse.ArgumentParser, home_arg: Callable) -> None:
     q.add_argument("--zone", help="new zone ('' for none)")
     q.add_argument("--state", choices=NODE_STATES, help="up, or draining (as 'hafs node remove')")
 
+    q = sub.add_parser(
+        "adopt",
+        help="make this metadata the owner of its nodes (a home moved or restored)",
+        description="Make this filesystem's metadata the owner of every node of its ring. A"
+        " copy of a home (cp -a) names the original's nodes and is refused by every command"
+        " that would change them; so is a home whose meta.db is another file now: moved to"
+        " another disk, restored from a backup, salvaged. If this IS the filesystem and the"
+        " original is gone for good, adopt it: it gets a new owner token, every node records"
+        " it, and every other copy of the metadata is refused by the nodes from then on."
+        " Runs alone (no mount, rebalance or repair meanwhile).",
+        epilog="exit codes: 0 every node records this metadata as its owner, 1 some nodes"
+        " did not answer (they take it when this metadata next opens them; run it again once"
+        " they answer), 2 bad input.",
+    )
+    home_arg(q)
+
 
 def run(args: argparse.Namespace, home: Path) -> int:
     """Dispatch `hafs node SUBCOMMAND`; returns the exit code."""
@@ -182,6 +205,12 @@ def run(args: argparse.Namespace, home: Path) -> int:
             )
         )
         return 0
+    if args.node_command == "adopt":
+        claim, failed = adopt(home)
+        print(f"the metadata at {claim.where} is the owner of its nodes now")
+        for node_id, why in failed.items():
+            print(f"node {node_id} was not switched (it will be once it answers): {why}")
+        return 1 if failed else 0
     raise AssertionError(args.node_command)
 
 
@@ -190,6 +219,16 @@ def run(args: argparse.Namespace, home: Path) -> int:
 
 def _open(home: Path) -> MetaStore:
     return home_mod.open_meta(home)
+
+
+def _open_to_change(home: Path) -> tuple[MetaStore, OwnerClaim]:
+    """The metadata and its claim on the nodes (UserError for a copy of a home)."""
+    meta = _open(home)
+    try:
+        return meta, home_mod.owner_claim(meta, home)
+    except BaseException:
+        meta.close()
+        raise
 
 
 def _normalise(address: str) -> str:
@@ -227,29 +266,6 @@ def known_node(ring: Ring, node_id: str) -> NodeSpec:
     return spec
 
 
-def change_ring(
-    meta: MetaStore, change: Callable[[Ring], list[NodeSpec] | None]
-) -> tuple[Ring, bool]:
-    """Write the ring `change(current ring)` returns as the next version.
-
-    Returns (the ring now in force, whether this call wrote it).  `change` raises
-    UserError to refuse, or returns None for "nothing to do".  A concurrent change
-    makes us re-read and call `change` again.
-    """
-    for _ in range(CAS_RETRIES):
-        current = Ring.from_json(meta.ring())
-        specs = change(current)
-        if specs is None:
-            return current, False
-        try:
-            new = Ring(specs, version=current.version + 1)
-        except ValueError as e:
-            raise UserError(f"the new ring would be invalid: {e}") from None
-        if meta.replace_ring(new.to_json(), current.version):
-            return new, True
-    raise UserError("the ring kept changing under this command (another 'hafs node'?): retry")
-
-
 def list_nodes(home: Path) -> dict:
     meta = _open(home)
     try:
@@ -282,7 +298,7 @@ def add_node(
 ) -> tuple[NodeSpec, Ring]:
     """Check, claim and add a node; returns its spec and the new ring."""
     address = _normalise(address)
-    meta = _open(home)
+    meta, owner = _open_to_change(home)
     try:
         fs_uuid = meta.config().fs_uuid
         token = meta.config().node_token
@@ -318,7 +334,7 @@ def add_node(
 
         check(ring)
         home_mod.check_new_node(spec, token)
-        home_mod.init_node(spec, fs_uuid, token)
+        home_mod.init_node(spec, fs_uuid, token, owner)
 
         def change(current: Ring) -> list[NodeSpec]:
             check(current)
@@ -340,7 +356,7 @@ def add_node(
 
 def remove_node(home: Path, node_id: str) -> tuple[Ring, bool]:
     """Drain node `node_id` (rebalance empties it, then drops it); (ring, whether changed)."""
-    meta = _open(home)
+    meta = _open_to_change(home)[0]
     try:
         replicas = meta.config().replicas
 
@@ -378,7 +394,7 @@ def set_node(
     """
     if weight is None and zone is None and state is None and address is None:
         raise UserError("give --weight W, --zone Z, --state up|draining or --address ADDRESS")
-    meta = _open(home)
+    meta, owner = _open_to_change(home)
     try:
         config = meta.config()
         changes: dict = {}
@@ -408,10 +424,57 @@ def set_node(
 
         spec = known_node(Ring.from_json(meta.ring()), node_id)
         if address is not None and not _same_address(spec.address, changes["address"]):
-            home_mod.check_node(replace(spec, **changes), config.fs_uuid, config.node_token)
+            moved = replace(spec, **changes)
+            home_mod.check_node(moved, config.fs_uuid, config.node_token, owner=owner)
         ring, changed = change_ring(meta, change)
         if changed:
             log.info("NODE-SET %s %s: ring version %d", node_id, changes, ring.version)
         return ring, changed
     finally:
         meta.close()
+
+
+def adopt(home: Path) -> tuple[OwnerClaim, dict[str, str]]:
+    """Make the metadata store in `home` the owner of every node of its ring.
+
+    The store gets a new owner token (its file recorded as its own: a home moved to
+    another disk, or a database put back from a backup, is then accepted), and each
+    node records it whatever owner it had, so every other store of these nodes (the
+    original of a copy, another copy) is refused from then on (hafs.store.owner).
+    Runs alone (a "repair" session: no mount, rebalance or repair of this store).
+    Returns the claim and {node id: why it was not switched}; a node that was down
+    takes the new token when this store next opens it (it records a previous one).
+    """
+    meta = _open(home)
+    try:
+        config = meta.config()
+        ring = Ring.from_json(meta.ring())
+        session = meta.sessions.register("repair", "", ADOPT_SESSION_S)
+        try:
+            meta.adopt(new_token())
+            own = meta.owner()
+            claim = OwnerClaim(own.token, own.where, frozenset(own.previous))
+            failed: dict[str, str] = {}
+            for spec in ring.nodes.values():
+                store = None
+                try:
+                    store = home_mod.open_store(spec, config.fs_uuid, config.node_token, 5.0)
+                    if isinstance(store, RemoteStore):
+                        store.check_identity()
+                    store.set_owner(claim)
+                except (HafsError, OSError) as e:
+                    failed[spec.id] = str(e)
+                finally:
+                    if isinstance(store, RemoteStore):
+                        store.close()
+            log.warning(
+                "NODE-ADOPT the metadata at %s owns its nodes now%s",
+                own.where,
+                f" (not switched: {', '.join(failed)})" if failed else "",
+            )
+            return claim, failed
+        finally:
+            meta.sessions.end(session)
+    finally:
+        meta.close()
+

@@ -50,6 +50,10 @@ version); after RING_SETTLE_S it is listed once more and anything a mount
 wrote there meanwhile (a fallback write while a named node failed) is moved
 too.  A draining node that cannot be listed (down) stays in the ring.
 
+Ownership: a rebalance deletes copies, so it takes the nodes for its metadata
+store first (`home.owner_claim`): a copy of a home, or nodes another store
+owns, are refused with a message before anything is moved (hafs.store.owner).
+
 Exclusion: a rebalance registers a "rebalance" session in the metadata, which
 keeps two rebalances apart and `hafs fsck --repair` from running beside one
 (see `hafs.meta.session_conflict`).  A dry run registers nothing and changes
@@ -69,10 +73,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HafsError, UserError
-from ..home import holds_fs, open_meta, open_store
+from ..errors import HafsError, NodeOwnedElsewhere, UserError
+from ..home import holds_fs, open_meta, open_store, owner_claim
 from ..meta import MetaStore
 from ..store.dirstore import DirStore
+from ..store.owner import OwnerClaim
 from ..store.placement import NodeHealth
 from ..store.remote import RemoteStore
 from ..store.restore import drop_extra, restore
@@ -267,9 +272,10 @@ def run(
     meta = session = None
     try:
         meta = open_meta(home)
+        owner = None if dry_run else owner_claim(meta, home)  # refuses a copy of a home
         if not dry_run:  # renewed by nothing: a dead rebalance on this host is seen by its pid
             session = meta.sessions.register("rebalance", "", 24 * 3600.0)
-        rebalancer = Rebalancer(meta, report, progress, bandwidth_mib, threads, settle_s)
+        rebalancer = Rebalancer(meta, report, progress, bandwidth_mib, threads, settle_s, owner)
         try:
             rebalancer.run()
         except RingUnusable as e:
@@ -310,21 +316,29 @@ def settle(meta: MetaStore, version: int, settle_s: float, progress: Progress) -
 
 
 def open_stores(
-    specs: list[NodeSpec], fs_uuid: str, token: str | None, timeout: float = NODE_TIMEOUT_S
+    specs: list[NodeSpec],
+    fs_uuid: str,
+    token: str | None,
+    owner: OwnerClaim | None,
+    timeout: float = NODE_TIMEOUT_S,
 ) -> tuple[dict[str, Store | None], dict[str, str]]:
-    """The stores of the nodes `specs` (None for one that cannot be used: its directory is
-    missing or foreign, or the remote node does not answer as itself), and why not."""
+    """The stores of the nodes `specs`, taken for `owner` (home.owner_claim; None: to
+    read only), and why a node cannot be used (its store None: its directory is missing
+    or foreign, or the remote node does not answer as itself).  NodeOwnedElsewhere (a
+    node of another metadata store) is raised: nothing may be changed then."""
     stores: dict[str, Store | None] = {}
     problems: dict[str, str] = {}
     for spec in specs:
         store = None
         try:
-            store = open_store(spec, fs_uuid, token, timeout)
+            store = open_store(spec, fs_uuid, token, timeout, owner)
             if isinstance(store, RemoteStore):
                 store.check_identity()
         except (HafsError, OSError) as e:
             if isinstance(store, RemoteStore):
                 store.close()
+            if isinstance(e, NodeOwnedElsewhere):
+                raise
             store, problems[spec.id] = None, str(e)
         stores[spec.id] = store
     return stores, problems
@@ -377,6 +391,7 @@ class Rebalancer:
         bandwidth_mib: float | None,
         threads: int,
         settle_s: float,
+        owner: OwnerClaim | None = None,
     ) -> None:
         self.meta = meta
         self.report = report
@@ -390,6 +405,7 @@ class Rebalancer:
         self.fs_uuid = config.fs_uuid
         self.token = config.node_token
         self.replicas = config.replicas
+        self.owner = owner  # None: a dry run, which changes nothing
         self.stores: dict[str, Store | None] = {}  # None: could not be opened
         self._addresses: dict[str, str] = {}
         self.health = NodeHealth(STRIKES)  # a node down stays down for the rest of the run
@@ -436,7 +452,7 @@ class Rebalancer:
 
     def _open_stores(self, ring: Ring) -> None:
         specs = [s for s in ring.nodes.values() if self._addresses.get(s.id) != s.address]
-        stores, problems = open_stores(specs, self.fs_uuid, self.token)
+        stores, problems = open_stores(specs, self.fs_uuid, self.token, self.owner)
         self.stores.update(stores)
         self._addresses.update((s.id, s.address) for s in specs)
         for node_id, why in problems.items():

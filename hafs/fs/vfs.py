@@ -88,7 +88,8 @@ class Vfs:
     ) -> None:
         """meta: the metadata engine (its lock service and sessions are the mount's).
         open_store(spec): the block store of a node that joins the ring while mounted
-        (default: `home.open_store` with the filesystem's uuid and node token).
+        (the mount's: `home.Filesystem.open_store`, with its owner claim; default:
+        `home.open_store` with the filesystem's uuid and node token).
         read_only: a `-o ro` mount (the kernel refuses writes): no background loop
         that writes runs (garbage collection, repair, the purge of unlinked inodes)."""
         self.engine = meta

@@ -124,6 +124,19 @@ class FsConfig:
 
 
 @dataclass(frozen=True)
+class Owner:
+    """Who a metadata store is to its nodes (hafs.store.owner: the nodes record the owner
+    token of the store that owns them)."""
+
+    token: str | None  # the store's owner token; None: an older store that has none yet
+    previous: tuple[str, ...] = ()  # tokens it held before ('hafs node adopt' gave a new one)
+    where: str = ""  # the store's location, for messages (host:path of meta.db, an etcd URL)
+    copy_of: str | None = None  # a copy of the store recorded there: it must change no node
+    moved_from: str | None = None  # its file was recorded there (it moved on its disk, or
+    # the disk's number changed): `adopt` with its token records where it is now
+
+
+@dataclass(frozen=True)
 class Usage:
     """The figures statfs and status need."""
 
@@ -166,14 +179,14 @@ def session_conflict(kind: str, alive: list[SessionInfo]) -> str | None:
         where = f"{s.host}:{s.mountpoint}" if s.mountpoint else s.host
         if s.kind == "repair":
             return (
-                f"the filesystem is being repaired by 'hafs fsck --repair' ({s.host}, pid"
-                f" {s.pid}): wait until that has finished"
+                "the filesystem is being repaired by 'hafs fsck --repair' or 'hafs node adopt'"
+                f" ({s.host}, pid {s.pid}): wait until that has finished"
             )
         if kind == "repair":
             return (
                 f"the filesystem is in use ({s.kind} on {where}, pid {s.pid}): unmount every"
-                " mount and let rebalances finish before 'hafs fsck --repair'; a check without"
-                " --repair may run while it is mounted"
+                " mount and let rebalances finish before 'hafs fsck --repair' or 'hafs node"
+                " adopt'; a check without --repair may run while it is mounted"
             )
         if kind == "rebalance" and s.kind == "rebalance":
             return f"another 'hafs rebalance' is running ({s.host}, pid {s.pid}): wait for it"
@@ -204,6 +217,17 @@ class MetaStore(Protocol):
 
     def replace_ring(self, ring: dict, expect_version: int) -> bool:
         """Store `ring` if the stored one still has `expect_version` (else False)."""
+
+    # ownership of the nodes (hafs.store.owner, hafs.home.owner_claim)
+    def owner(self) -> Owner:
+        """The store's owner token and, for a store that is a file (sqlite), whether this
+        file is the one the token was given to: a copy (`cp -a` of the home: another
+        file) says where that one was; for the same file at another path or on a disk
+        now numbered otherwise, `moved_from` says where it was recorded.  Reads only."""
+
+    def adopt(self, token: str) -> None:
+        """Make `token` the store's owner token (the one it had joins `previous`) and, for a
+        file, record this file as the one it belongs to."""
 
     # inodes and entries
     def getattr(self, ino: int) -> Inode | None: ...

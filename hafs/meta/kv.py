@@ -11,6 +11,8 @@ is numeric order; `+` is concatenation; names and block ids are raw bytes.
     Mconfig                   FsConfig as JSON
     Mring                     the ring description as JSON ({"version": N, "nodes": [...]})
     Mring_changed             when the ring last got a new version (ASCII ns; absent: 0)
+    Mowner                    {"token", "previous": [...]} as JSON: the owner token the nodes
+                              record (hafs.store.owner); absent in a filesystem made before
     Mnext_ino                 the lowest inode number never handed out (clients take 64 at once)
     Msessions                 guard of the session keys (see kvlocks.py)
     I + ino                   inode: mode, uid, gid, nlink, size, atime/mtime/ctime ns, rdev,
@@ -94,6 +96,7 @@ from . import (
     Extent,
     FsConfig,
     Inode,
+    Owner,
     Usage,
     check_name,
     check_xattr,
@@ -183,6 +186,8 @@ K_VERSION = b"Mversion"
 K_CONFIG = b"Mconfig"
 K_RING = b"Mring"
 K_RING_CHANGED = b"Mring_changed"
+K_OWNER = b"Mowner"
+OWNERS_KEPT = 16  # earlier owner tokens remembered (a node down at an adopt has one)
 K_NEXT_INO = b"Mnext_ino"
 
 
@@ -406,9 +411,18 @@ class KvMeta:
 
     @classmethod
     def create(
-        cls, kv: KV, config: FsConfig, ring: dict, root_uid: int, root_gid: int, **opts: Any
+        cls,
+        kv: KV,
+        config: FsConfig,
+        ring: dict,
+        root_uid: int,
+        root_gid: int,
+        *,
+        owner: str | None = None,
+        **opts: Any,
     ) -> KvMeta:
-        """Make a new filesystem in an empty KV (UserError if it holds anything)."""
+        """Make a new filesystem in an empty KV (UserError if it holds anything); `owner`:
+        its owner token (hafs.store.owner)."""
         if kv.scan(b"", b"\xff", 1):
             raise UserError(
                 f"{kv.name} is not empty: a new filesystem needs an empty metadata store"
@@ -423,6 +437,8 @@ class KvMeta:
             K_NEXT_INO: u64(ROOT_INODE + 1),
             k_inode(ROOT_INODE): _enc_inode(_Rec(root, 0)),
         }
+        if owner is not None:
+            puts[K_OWNER] = json.dumps({"token": owner, "previous": []}).encode()
         if kv.commit({K_VERSION: 0}, puts, ()) is None:
             raise UserError(f"{kv.name}: another mkfs created a filesystem here meanwhile")
         return cls(kv, **opts)
@@ -527,6 +543,25 @@ class KvMeta:
             return True
 
         return self._run(op)
+
+    # ------------------------------------------------------------ ownership
+
+    def owner(self) -> Owner:
+        """(see MetaStore.owner) A KV is one store wherever its clients are: never a copy."""
+        row = self.kv.get(K_OWNER)
+        value = json.loads(row[0]) if row is not None else {"token": None, "previous": []}
+        return Owner(value["token"], tuple(value["previous"]), self.kv.name)
+
+    def adopt(self, token: str) -> None:
+        def op(t: Txn) -> None:
+            raw = t.get(K_OWNER)
+            value = json.loads(raw) if raw is not None else {"token": None, "previous": []}
+            previous = value["previous"]
+            if value["token"] not in (None, token) and value["token"] not in previous:
+                previous = [*previous, value["token"]][-OWNERS_KEPT:]
+            t.put(K_OWNER, json.dumps({"token": token, "previous": previous}).encode())
+
+        self._run(op)
 
     # ------------------------------------------------------ inodes, entries
 

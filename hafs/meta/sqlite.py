@@ -53,6 +53,7 @@ from . import (
     Extent,
     FsConfig,
     Inode,
+    Owner,
     SessionInfo,
     Usage,
     check_name,
@@ -65,19 +66,25 @@ from .locks import Lease, LockInfo, default_holder, wait_for
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 4
+OWNERS_KEPT = 16  # earlier owner tokens remembered (a node down at an adopt has one)
 DEGRADED_SCHEMA = 3  # the first schema with the table of degraded blocks
 APPLICATION_ID = 0x68616673  # "hafs": marks a SQLite file as a hafs metadata database
 RECOVER_HINT = (
     "stop every mount, keep a copy of meta.db (and meta.db-wal, meta.db-shm), then restore"
     " meta.db from a backup, or salvage it with 'sqlite3 meta.db .recover | sqlite3 new.db'"
-    " and put new.db in its place; then run 'hafs fsck --repair'"
+    " and put new.db in its place; then run 'hafs node adopt' (the nodes know the old file:"
+    " hafs cannot tell the new one from a copy of the home) and 'hafs fsck --repair'"
 )
 
 SCHEMA = """
 -- Key/value settings of the filesystem.  Keys: fs_uuid, replicas (R),
+-- write_quorum (W), node_token (the nodes' bearer token; absent: none),
 -- ring (JSON: {"version": N, "nodes": [{id, address, weight, zone, state}]}),
 -- ring_changed_ns (when the ring last got a new version; absent: at mkfs),
--- created_ns.
+-- created_ns, owner (the owner token the nodes record: hafs.store.owner; absent in
+-- a store made before owners, until it first changes its nodes), owner_previous (JSON
+-- list of the tokens held before), owner_file (JSON {"dev", "ino", "path"}: this
+-- database file when it got its token, so that a copy of it knows itself a copy).
 CREATE TABLE settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -333,11 +340,11 @@ def _guard(reads: str, changes: str) -> Callable[[type], type]:
 
 
 @_guard(
-    reads="config ring ring_changed_ns getattr lookup parent_of readdir unlinked_inodes path_of"
-    " get_xattr list_xattrs extents allocated_bytes usage count_inodes garbage_blocks"
+    reads="config ring ring_changed_ns owner getattr lookup parent_of readdir unlinked_inodes"
+    " path_of get_xattr list_xattrs extents allocated_bytes usage count_inodes garbage_blocks"
     " degraded_blocks count_degraded scan_inodes scan_entries scan_blocks scan_extents"
     " block_users",
-    changes="replace_ring mknod link unlink rmdir rename setattr delete_inode set_xattr"
+    changes="replace_ring adopt mknod link unlink rmdir rename setattr delete_inode set_xattr"
     " remove_xattr fence commit truncate forget_block record_degraded forget_degraded"
     " clear_degraded",
 )
@@ -372,9 +379,18 @@ class SqliteMeta:
 
     @classmethod
     def create(
-        cls, path: Path, config: FsConfig, ring: dict, root_uid: int, root_gid: int, **opts: Any
+        cls,
+        path: Path,
+        config: FsConfig,
+        ring: dict,
+        root_uid: int,
+        root_gid: int,
+        *,
+        owner: str | None = None,
+        **opts: Any,
     ) -> SqliteMeta:
-        """Create a new database at `path` (which must not exist) with a root directory."""
+        """Create a new database at `path` (which must not exist) with a root directory;
+        `owner`: its owner token (hafs.store.owner)."""
         if path.exists():
             raise UserError(f"{path} already exists: this home already holds a filesystem")
         settings = {
@@ -388,6 +404,8 @@ class SqliteMeta:
             settings["node_token"] = config.node_token
         db = _connect(path)
         try:
+            if owner is not None:
+                settings.update(owner=owner, owner_file=json.dumps(_file_identity(path)))
             db.executescript(SCHEMA)
             with transaction(db):
                 db.executemany("INSERT INTO settings VALUES (?, ?)", settings.items())
@@ -525,6 +543,39 @@ class SqliteMeta:
                 "INSERT OR REPLACE INTO settings VALUES ('ring_changed_ns', ?)", (str(now_ns()),)
             )
         return True
+
+    # ------------------------------------------------------------ ownership
+
+    def owner(self) -> Owner:
+        """(see MetaStore.owner) The file is the store's when it has the recorded inode on
+        the recorded disk (a move on the disk) or at the recorded path (the disk's
+        number changed); a copy is another inode: `cp`, a backup put back, a salvaged
+        database (those need 'hafs node adopt')."""
+        values = dict(self.db.execute("SELECT key, value FROM settings WHERE key GLOB 'owner*'"))
+        token = values.get("owner")
+        where = f"{socket.gethostname()}:{self.path}"
+        previous = tuple(json.loads(values.get("owner_previous", "[]")))
+        if token is None or "owner_file" not in values:
+            return Owner(token, previous, where)
+        was, now = json.loads(values["owner_file"]), _file_identity(self.path)
+        if now["ino"] != was["ino"] or (now["dev"] != was["dev"] and now["path"] != was["path"]):
+            return Owner(token, previous, where, copy_of=was["path"])
+        return Owner(token, previous, where, moved_from=was["path"] if now != was else None)
+
+    def adopt(self, token: str) -> None:
+        with self.txn():
+            old = self._setting("owner")
+            previous = json.loads(self._setting("owner_previous", "[]"))
+            if old is not None and old != token and old not in previous:
+                previous = [*previous, old][-OWNERS_KEPT:]
+            self.db.executemany(
+                "INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                [
+                    ("owner", token),
+                    ("owner_previous", json.dumps(previous)),
+                    ("owner_file", json.dumps(_file_identity(self.path))),
+                ],
+            )
 
     # ----------------------------------------------------------------- inodes
 
@@ -1453,6 +1504,12 @@ def _pid_alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except OSError:
         return False
+
+
+def _file_identity(path: Path) -> dict:
+    """What tells the database file from a copy of it: its disk, its inode, its path."""
+    st = os.stat(path)
+    return {"dev": st.st_dev, "ino": st.st_ino, "path": os.path.realpath(path)}
 
 
 def _connect(path: Path, check_only: bool = False, read_only: bool = False) -> sqlite3.Connection:

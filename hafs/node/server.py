@@ -17,14 +17,19 @@ Endpoints (every answer to an authorised request carries ``Hafs-Node-Id`` and
     GET    /blocks/<id>   200 the block's verified bytes; 404 not here; 410 it failed its
                           hash (moved aside to corrupt/, logged BLOCK-CORRUPT, never served)
     HEAD   /blocks/<id>   200 with Content-Length, Hafs-Size and Hafs-Mtime-Ns; 404 not here
-    DELETE /blocks/<id>   204 deleted (durable); 404 was not here
+    DELETE /blocks/<id>   204 deleted (durable); 404 was not here; 403 the node records an
+                          owner (a metadata store: hafs.store.owner) and the request's
+                          ``Hafs-Owner`` header is not it (or missing): {"error", "owner"}
     GET    /blocks?after=<hex>&limit=<n>
                           200 {"ids": [...]}: up to n (1..10000, default 1000) ids in order,
                           each > after ("" or a lower-case hex prefix); 400 bad arguments
     GET    /status        200 {"node_id", "fs_uuid", "version", "total_bytes" (capacity),
                           "free_bytes", "block_count", "block_bytes", "max_block_size",
                           "started_ns"}; the block figures are at most 1 s old
-    GET    /ping          200 {"node_id", "fs_uuid"}: a cheap liveness check for health probes
+    GET    /ping          200 {"node_id", "fs_uuid", "owner", "owner_where"}: a cheap
+                          liveness check for health probes (owner: the token of the metadata
+                          store that owns the node, null while none has taken it; /status
+                          and /claim report the same four)
     POST   /claim         body {"node_id", "fs_uuid"} (at most CLAIM_MAX bytes; the node id as
                           for --init, the uuid in canonical form): an unclaimed node makes DIR
                           that node's backing directory (DirStore.create: durable), serves it
@@ -32,6 +37,11 @@ Endpoints (every answer to an authorised request carries ``Hafs-Node-Id`` and
                           "fs_uuid"}; 200 as well if it already is that node (a retried mkfs);
                           409 it is another node or filesystem (the message names it); 400 a
                           malformed body; 413 a larger one
+    POST   /owner         body {"owner": TOKEN, "where": TEXT, "expect": [TOKEN or null, ...]}
+                          ("expect" optional): record that metadata store as the node's owner
+                          (in the identity file, durably: DirStore.set_owner), only if the
+                          owner recorded now is one of "expect" when given; 200 the identity;
+                          409 {"error", "owner"} it is another; 400 malformed; 503 unclaimed
     GET    /metrics       200 Prometheus text: hafs_node_requests_total{method,status},
                           hafs_node_received_bytes_total, hafs_node_sent_bytes_total,
                           hafs_node_blocks_stored_total, hafs_node_blocks_rejected_total{reason},
@@ -69,6 +79,10 @@ Identity contract (DESIGN: a directory attached to the wrong filesystem is refus
 - A directory of another identity, a non-empty directory without identity, an
   empty one with ``--fs-uuid`` but no ``--init``: refused with a message, exit 2,
   nothing modified.
+- Once a metadata store has taken the node (POST /owner, hafs.store.owner), its
+  identity file records that store's owner token, and a DELETE must name it; a
+  directory without one (made by ``--init``, a claim, or an older hafs) is taken
+  by the first store that asks.
 
 Why h11 directly (and not hypercorn + ASGI): refusing a body before reading it
 needs the server to answer and then close the connection. ASGI has no way to
@@ -152,9 +166,10 @@ import prometheus_client as prom
 import trio
 
 from .. import __version__, logs, systemd
-from ..errors import BlockCorrupt, BlockMissing, NodeIdentityError, UserError
+from ..errors import BlockCorrupt, BlockMissing, NodeIdentityError, NotOwner, UserError
 from ..store.chunker import MAX_SIZE
 from ..store.dirstore import DirStore, StoreUsage, _fsync_dir, block_id, disk_id, read_identity
+from ..store.owner import TOKEN_RE, WHERE_MAX, OwnerClaim, foreign
 
 log = logging.getLogger(__name__)
 
@@ -715,8 +730,10 @@ class NodeApp:
         self.path = path
         self.store: DirStore | None = None
         self._ident = [(b"hafs-node-id", b""), (b"hafs-fs-uuid", b"")]
+        self.owner: tuple[str | None, str | None] = (None, None)  # token, where (store.owner)
         if store is not None:
             self._serve(store)
+            self.owner = store.owner_of()
         self.tokens = [token] if isinstance(token, bytes) else list(token or [])
         self.token = self.tokens[0] if self.tokens else None
         self.token_file: Path | None = None  # re-read on SIGHUP (reload_tokens)
@@ -827,6 +844,7 @@ class NodeApp:
             b"/ping": ("GET", self._ping),
             b"/metrics": ("GET", self._metrics),
             b"/claim": ("POST", self._claim),
+            b"/owner": ("POST", self._set_owner),
         }.get(req.path, ("", None))
         if handler is None:
             await self._error(req, 404, "no such endpoint")
@@ -944,6 +962,12 @@ class NodeApp:
         )
 
     async def _delete(self, req: Request, bid: str) -> None:
+        owner, where = self.owner
+        if owner is not None and req.header(b"hafs-owner") != owner.encode():
+            what = f"node {self.store.node_id}"
+            refusal = {"error": foreign(what, where) + "; the delete is refused", "owner": owner}
+            await self._json(req, refusal, 403)
+            return
         try:
             existed = await self._run(self.store.delete, bid)
         except OSError as e:
@@ -986,6 +1010,8 @@ class NodeApp:
         return {
             "node_id": store.node_id if store else None,
             "fs_uuid": store.fs_uuid if store else None,
+            "owner": self.owner[0],
+            "owner_where": self.owner[1],
         }
 
     async def _status(self, req: Request) -> None:
@@ -1050,6 +1076,49 @@ class NodeApp:
                     f" {node_id} of filesystem {fs_uuid}",
                 )
                 return
+        await self._json(req, self._identity())
+
+    async def _set_owner(self, req: Request) -> None:
+        body = await req.read_body(CLAIM_MAX)
+        if body is None:
+            await self._error(req, 413, f"an owner is at most {CLAIM_MAX} bytes")
+            return
+        try:
+            claim = json.loads(body)
+            keys = set(claim) if isinstance(claim, dict) else set()
+            if not {"owner", "where"} <= keys <= {"owner", "where", "expect"}:
+                raise ValueError('expected {"owner": TOKEN, "where": TEXT, "expect": [...]}')
+            token, where, expect = claim["owner"], claim["where"], claim.get("expect")
+            if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
+                raise ValueError("the owner token must be 1-64 letters, digits, '_' or '-'")
+            if not isinstance(where, str) or len(where) > WHERE_MAX or not where.isprintable():
+                raise ValueError(f"where must be printable text of at most {WHERE_MAX} characters")
+            if expect is not None and not (
+                isinstance(expect, list) and all(e is None or isinstance(e, str) for e in expect)
+            ):
+                raise ValueError("expect must be a list of owner tokens (or null)")
+        except ValueError as e:  # UnicodeDecodeError too
+            await self._error(req, 400, f"bad owner: {e}")
+            return
+        if self.store is None:
+            await self._error(req, 503, UNCLAIMED)
+            return
+        async with self._claim_lock:
+            try:
+                await self._run(
+                    self.store.set_owner,
+                    OwnerClaim(token, where),
+                    None if expect is None else tuple(expect),
+                )
+            except NotOwner as e:
+                self.owner = await self._run(self.store.owner_of)
+                await self._json(req, {"error": str(e), "owner": self.owner[0]}, 409)
+                return
+            except (UserError, OSError) as e:  # the directory changed under us, a disk error
+                log.error("OWNER-FAILED %s: %s", self.describe(), e)
+                await self._error(req, 500, f"cannot record the owner: {e}")
+                return
+            self.owner = (token, where)
         await self._json(req, self._identity())
 
 

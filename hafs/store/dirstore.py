@@ -2,7 +2,9 @@
 
 Layout of a backing directory (DESIGN: "Data layout on a backing directory")::
 
-    hafs-node.json          identity: {"format": 1, "fs_uuid", "node_id", "created_ns"}
+    hafs-node.json          identity: {"format": 1, "fs_uuid", "node_id", "created_ns",
+                            and once a metadata store claimed it "owner" (its token) and
+                            "owner_where" (hafs.store.owner)}
     blocks/ab/<id>          one file per block; ab = id[0:2] (256 fan-out directories,
                             made when the store is opened: a new block never waits on a mkdir)
     tmp/<id>.<random>       a put() in progress (or left over by a crash: harmless)
@@ -47,6 +49,14 @@ beside a mount), may use one directory at once, with the same or different ids.
   rename, the moved file's inode is compared with the one that was read, and a
   good copy moved by mistake is renamed back.
 
+Ownership (hafs.store.owner): a DirStore opened with an `OwnerClaim` takes the
+directory for that metadata store (`open` switches a directory that records no
+owner or a previous token of the store, and refuses one of another store:
+NodeOwnedElsewhere) and checks the owner before every delete (NotOwner if
+another store took the directory meanwhile).  The identity file is rewritten
+(temp file, fsync, rename) under an flock of the directory, so two processes
+switching the owner at once cannot lose one another's check.
+
 OS errors other than a missing block (ENOSPC, EIO, EACCES) propagate as
 OSError; the layer above treats them as a failed replica.
 """
@@ -54,6 +64,7 @@ OSError; the layer above treats them as a failed replica.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import json
 import logging
@@ -66,7 +77,16 @@ from pathlib import Path
 
 from blake3 import blake3
 
-from hafs.errors import BlockCorrupt, BlockMissing, NodeIdentityError, UserError
+from hafs.errors import (
+    BlockCorrupt,
+    BlockMissing,
+    NodeIdentityError,
+    NodeOwnedElsewhere,
+    NotOwner,
+    UserError,
+)
+
+from .owner import OwnerClaim, foreign
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +192,15 @@ def _describe(ident: dict) -> str:
 class DirStore:
     """The blocks of one node, stored in a local backing directory (see the module docstring)."""
 
-    def __init__(self, path: str | Path, node_id: str, fs_uuid: str) -> None:
+    def __init__(
+        self, path: str | Path, node_id: str, fs_uuid: str, owner: OwnerClaim | None = None
+    ) -> None:
         # No I/O here: use DirStore.open() (mount) or DirStore.create() (mkfs).
         self.path = Path(path)
         self.node_id = node_id
         self.fs_uuid = fs_uuid
+        self.owner = owner  # the metadata store that changes the blocks (None: no check)
+        self._owned: tuple[int, int] | None = None  # (ino, mtime) of the identity file checked
         root = os.fspath(self.path)
         self._blocks = root + "/blocks"
         self._tmp = root + "/tmp"
@@ -195,16 +219,19 @@ class DirStore:
         return ident["fs_uuid"] == self.fs_uuid and ident["node_id"] == self.node_id
 
     @classmethod
-    def create(cls, path: str | Path, node_id: str, fs_uuid: str) -> DirStore:
+    def create(
+        cls, path: str | Path, node_id: str, fs_uuid: str, owner: OwnerClaim | None = None
+    ) -> DirStore:
         """Initialise a backing directory for `node_id` of filesystem `fs_uuid` (mkfs).
 
         Creates the directory (and its parents) if missing and writes the identity
-        file atomically. Idempotent for the same identity. Refuses, modifying
-        nothing, a directory of another identity or a non-empty one without identity.
+        file atomically (with `owner`'s token, if given). Idempotent for the same
+        identity. Refuses, modifying nothing, a directory of another identity or a
+        non-empty one without identity.
         """
         if not node_id or not fs_uuid:
             raise ValueError("node_id and fs_uuid must not be empty")
-        store = cls(path, node_id, fs_uuid)
+        store = cls(path, node_id, fs_uuid, owner)
         root = store.path
         try:
             store._make_dirs(root)
@@ -236,8 +263,10 @@ class DirStore:
             if ident is None:
                 for n in names:  # temp files of an identity write cut short by a crash
                     os.unlink(os.path.join(root, n))
-                store._write_identity()
+                store._write_identity({**store._identity(), "created_ns": time.time_ns()})
                 log.info("created backing directory %s for node %s of %s", root, node_id, fs_uuid)
+            elif owner is not None:
+                store._take(ident)
             store._make_subdirs()
         except OSError as e:
             raise UserError(
@@ -246,13 +275,17 @@ class DirStore:
         return store
 
     @classmethod
-    def open(cls, path: str | Path, node_id: str, fs_uuid: str) -> DirStore:
+    def open(
+        cls, path: str | Path, node_id: str, fs_uuid: str, owner: OwnerClaim | None = None
+    ) -> DirStore:
         """Open the backing directory of `node_id` of filesystem `fs_uuid` (mount).
 
         Refuses, modifying nothing, a missing or unwritable directory (UserError)
-        and one without this identity (NodeIdentityError).
+        and one without this identity (NodeIdentityError).  With `owner`, the
+        directory is taken for that metadata store: NodeOwnedElsewhere if it
+        belongs to another one (module docstring).
         """
-        store = cls(path, node_id, fs_uuid)
+        store = cls(path, node_id, fs_uuid, owner)
         root = store.path
         if not root.is_dir():
             what = "is not a directory" if root.exists() else "is missing"
@@ -277,8 +310,77 @@ class DirStore:
                     f"backing directory {root} of node {node_id} is not writable ({d}): "
                     "fix its permissions or mount it read-write"
                 )
+        if owner is not None:
+            store._take(ident)
         store._make_subdirs()
         return store
+
+    # ---------------------------------------------------------------- owner
+
+    def _take(self, ident: dict) -> None:
+        """Make the directory (identity `ident`) this store's owner's, or refuse it."""
+        recorded = ident.get("owner")
+        if recorded != self.owner.token:
+            if not self.owner.takes(recorded):
+                raise NodeOwnedElsewhere(self._foreign(ident))
+            self.set_owner(self.owner, expect=(recorded,))
+
+    def _foreign(self, ident: dict) -> str:
+        return foreign(
+            f"backing directory {self.path} of node {self.node_id}", ident.get("owner_where")
+        )
+
+    def owner_of(self) -> tuple[str | None, str | None]:
+        """(token, where) of the metadata store the directory records as its owner."""
+        ident = read_identity(self.path) or {}
+        return ident.get("owner"), ident.get("owner_where")
+
+    def set_owner(self, claim: OwnerClaim, expect: tuple[str | None, ...] | None = None) -> None:
+        """Record `claim`'s store as the directory's owner, durably; with `expect`, only if
+        the owner recorded now is one of those (else NotOwner, nothing changed)."""
+        fd = os.open(self.path, _DIR_FLAGS)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            ident = read_identity(self.path)
+            if ident is None or not self._matches(ident):
+                raise NodeIdentityError(f"{self.path} is no longer node {self.node_id}'s directory")
+            recorded = ident.get("owner")
+            if expect is not None and recorded not in expect:
+                raise NotOwner(self._foreign(ident))
+            if (recorded, ident.get("owner_where")) != (claim.token, claim.where):
+                self._write_identity({**ident, "owner": claim.token, "owner_where": claim.where})
+                log.info(
+                    "NODE-OWNER backing directory %s of node %s: owned by %s (was %s)",
+                    self.path,
+                    self.node_id,
+                    claim.where or claim.token,
+                    ident.get("owner_where") or recorded or "nobody",
+                )
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _check_owner(self) -> None:
+        """Before a delete: NotOwner unless the directory is (or becomes) this owner's.
+
+        The identity file is read again only when its (inode, mtime) changed since
+        the last check that found it this owner's (a rewrite is a rename: a new inode).
+        """
+        seen = self._identity_stat()
+        if seen is not None and seen == self._owned:
+            return
+        try:
+            self._take(read_identity(self.path) or {})
+        except NodeIdentityError as e:  # NodeOwnedElsewhere, or no identity any more
+            raise NotOwner(str(e)) from None
+        if seen is not None and seen == self._identity_stat():  # what _take read: remember it
+            self._owned = seen
+
+    def _identity_stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path / IDENTITY_FILE)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
 
     def ping(self) -> None:
         """Raise OSError unless the directory is still this node's and writable (health probe)."""
@@ -326,14 +428,12 @@ class DirStore:
                 _fsync_dir(parent)
         self._known_dirs.update(f"{i:02x}" for i in range(256))
 
-    def _write_identity(self) -> None:
+    def _write_identity(self, ident: dict) -> None:
+        """Write the identity file atomically and durably (temp file, fsync, rename)."""
         root = os.fspath(self.path)
-        ident = {
-            "format": IDENTITY_FORMAT,
-            "fs_uuid": self.fs_uuid,
-            "node_id": self.node_id,
-            "created_ns": time.time_ns(),
-        }
+        ident = {**ident, "format": IDENTITY_FORMAT}
+        if self.owner is not None and "owner" not in ident:
+            ident.update(owner=self.owner.token, owner_where=self.owner.where)
         tmp = f"{root}/{_IDENTITY_TMP_PREFIX}{secrets.token_hex(8)}"
         data = (json.dumps(ident, indent=1) + "\n").encode()
         fd = os.open(tmp, _NEW_FILE_FLAGS, 0o644)
@@ -481,6 +581,8 @@ class DirStore:
     def delete(self, block_id: str) -> bool:
         """Remove block `block_id`; True if it existed. Durable when it returns."""
         bid = check_block_id(block_id)
+        if self.owner is not None:
+            self._check_owner()
         try:
             os.unlink(self._path_of(bid))
         except FileNotFoundError:

@@ -81,7 +81,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..errors import BlockCorrupt, BlockMissing, NoSpace, QuorumLost, one_error
+from ..errors import BlockCorrupt, BlockMissing, NoSpace, NotOwner, QuorumLost, one_error
 from ..metrics import MountMetrics
 from .chunker import MAX_SIZE
 from .dirstore import DirStore
@@ -144,8 +144,10 @@ class NodeHealth:
         A timeout of a call during which nothing else of the node succeeded either
         (a hung node, not a busy one) marks it down at once.
         """
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            self.success(node_id)  # a full disk: the node answers, it is not failing
+        if isinstance(exc, NotOwner) or (
+            isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            self.success(node_id)  # a full disk, a refused delete: the node answers
             return
         immediate = isinstance(exc, NodeUnavailable | NodeRefused) and not isinstance(
             exc, NodeTimeout

@@ -45,6 +45,9 @@ treats it as a failed replica, like a disk error of a DirStore):
         NodeAuthError           401: missing or wrong token (EACCES)
         NodeIdentityMismatch    409: the node is another node or serves another filesystem
 
+and `NotOwner` (hafs.errors; an OSError too): the node refused a delete (403)
+because it belongs to another metadata store (hafs.store.owner).
+
 Health (for Placement): NodeUnavailable other than NodeTimeout means "down now";
 NodeTimeout is a strike; the others mean the node is up but failed this request
 (NodeAuthError and NodeIdentityMismatch are configuration errors worth a loud log).
@@ -67,7 +70,16 @@ health probe), `check_identity()` (NodeIdentityError if the address serves
 another node or filesystem: for mount time), `RemoteStore.probe(address)` (the
 identity a node serves, None while unclaimed) and `RemoteStore.claim(address,
 node_id, fs_uuid)` (make an unclaimed node that node: for mkfs and node add),
-and `close()`. `mtime_ns` is the node's clock: a grace period compared with it
+`set_owner` (POST /owner), and `close()`.
+
+Ownership (hafs.store.owner): a store made with an `OwnerClaim` sends its token
+(``Hafs-Owner``) with every request; `check_identity` then takes the node for
+that metadata store (switches a node that records no owner or a previous token
+of the store, refuses one of another store: NodeOwnedElsewhere), and a delete
+the node refuses (403) because it records a previous token is retried once
+after switching it (a node that was down when the store was adopted).  A node
+of an older hafs, which records no owners (its /ping has no "owner"), is used
+as before. `mtime_ns` is the node's clock: a grace period compared with it
 assumes clocks roughly in sync.
 """
 
@@ -87,9 +99,18 @@ from urllib.parse import urlencode, urlsplit
 import h11
 from blake3 import blake3
 
-from ..errors import BlockCorrupt, BlockMissing, NodeIdentityError, StorageError, UserError
+from ..errors import (
+    BlockCorrupt,
+    BlockMissing,
+    NodeIdentityError,
+    NodeOwnedElsewhere,
+    NotOwner,
+    StorageError,
+    UserError,
+)
 from .chunker import MAX_SIZE
 from .dirstore import BLOCK_ID_RE, StoreUsage, check_block_id
+from .owner import OwnerClaim, foreign
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +128,7 @@ _INT_RE = re.compile(r"[0-9]{1,20}")
 
 _REASONS = {
     401: "(missing or wrong token)",
+    403: "(another metadata store owns the node)",
     404: "(not found)",
     409: "(another node or another filesystem)",
     410: "(corrupt)",
@@ -320,12 +342,14 @@ class RemoteStore:
         timeout: float = DEFAULT_TIMEOUT_S,
         connect_timeout: float | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        owner: OwnerClaim | None = None,
     ) -> None:
         """No I/O here: the node may be down when the store is made (see `check_identity`).
 
         `address` is http://HOST:PORT; `token` the node's bearer token, if it wants one;
         `timeout` in seconds bounds each call (module docstring); `connect_timeout`
-        (default min(timeout, 5)) bounds establishing a connection.
+        (default min(timeout, 5)) bounds establishing a connection; `owner` the
+        metadata store that changes the blocks (module docstring, "Ownership").
         """
         if not node_id or not fs_uuid:
             raise ValueError("node_id and fs_uuid must not be empty")
@@ -335,6 +359,7 @@ class RemoteStore:
         self.node_id = node_id
         self.fs_uuid = fs_uuid
         self.timeout = float(timeout)
+        self.owner = owner
         self._anonymous = False  # True in probe(): no identity sent or checked
         parts = urlsplit(self.address)
         headers = [
@@ -348,6 +373,8 @@ class RemoteStore:
             if not token or not token.isascii() or not token.isprintable() or " " in token:
                 raise UserError(f"the token of node {node_id} must be printable ASCII, no spaces")
             headers.append((b"authorization", f"Bearer {token}".encode()))
+        if owner is not None:
+            headers.append((b"hafs-owner", owner.token.encode()))
         self._headers = headers  # sent with every request; never changed after _anonymous_store
         self._pool = _Pool(
             parts.hostname or "",
@@ -604,17 +631,14 @@ class RemoteStore:
 
     def _unexpected(
         self, method: str, path: str, status: int, body: bytes | bytearray
-    ) -> NodeError:
+    ) -> NodeError | NotOwner:
         """The error for an answer that the operation does not expect."""
-        try:
-            detail = str(json.loads(body)["error"])[:300]
-        except (ValueError, KeyError, TypeError):
-            detail = body[:100].decode("utf-8", "replace")
-        if not detail.strip():
-            detail = _REASONS.get(status, "")
+        detail = self._detail(body, status)
         what = f"{method} {path}: {status} {detail}".rstrip()
         if status == 401:
             return self._fail(NodeAuthError, what + " (check the token)", errno.EACCES, status)
+        if status == 403:
+            return NotOwner(f"node {self.node_id} ({self.address}): {detail}")
         if status == 409:
             return self._fail(NodeIdentityMismatch, what, errno.EPROTO, status)
         if status == 507:
@@ -622,6 +646,15 @@ class RemoteStore:
         if status in (413, 422) or 500 <= status < 600:
             return self._fail(NodeRefused, what, errno.EIO, status)
         return self._fail(NodeProtocolError, what, errno.EPROTO, status)
+
+    @staticmethod
+    def _detail(body: bytes | bytearray, status: int) -> str:
+        """The message of an error answer (its JSON "error"), else what the status means."""
+        try:
+            detail = str(json.loads(body)["error"])[:300]
+        except (ValueError, KeyError, TypeError):
+            detail = body[:100].decode("utf-8", "replace")
+        return detail if detail.strip() else _REASONS.get(status, "")
 
     def _json(
         self, method: str, path: str, params: dict | None = None, content: bytes | None = None
@@ -716,15 +749,31 @@ class RemoteStore:
         return None if st is None else st[1]
 
     def delete(self, block_id: str) -> bool:
-        """Remove block `block_id` from the node; True if it was there. Durable on return."""
+        """Remove block `block_id` from the node; True if it was there. Durable on return.
+
+        NotOwner if the node belongs to another metadata store (module docstring)."""
         bid = check_block_id(block_id)
         path = f"/blocks/{bid}"
         status, _, body = self._request("DELETE", path)
+        if status == 403 and self._retake(body):
+            status, _, body = self._request("DELETE", path)
         if status == 204:
             return True
         if status == 404:
             return False
         raise self._unexpected("DELETE", path, status, body)
+
+    def _retake(self, body: bytes | bytearray) -> bool:
+        """After a refused delete: switch the node to our owner if it records a token we
+        held before (or none); True if it did."""
+        try:
+            recorded = json.loads(body).get("owner")
+        except (ValueError, AttributeError):
+            return False
+        if self.owner is None or not self.owner.takes(recorded):
+            return False
+        self.set_owner(self.owner, expect=(recorded,))
+        return True
 
     def iter_ids(self, after: str = "", limit: int = 1000) -> list[str]:
         """One page of block ids, sorted, each strictly greater than `after` (as DirStore)."""
@@ -835,12 +884,25 @@ class RemoteStore:
                     NodeProtocolError, "POST /claim: answered another identity", errno.EPROTO
                 )
 
+    def set_owner(self, claim: OwnerClaim, expect: tuple[str | None, ...] | None = None) -> None:
+        """Record `claim`'s store as the node's owner, durably (POST /owner); with `expect`,
+        only if the node's owner now is one of those (else NotOwner, nothing changed)."""
+        body = {"owner": claim.token, "where": claim.where}
+        if expect is not None:
+            body["expect"] = list(expect)
+        status, _, answer = self._request("POST", "/owner", content=json.dumps(body).encode())
+        if status == 409:
+            raise NotOwner(f"node {self.node_id} ({self.address}): {self._detail(answer, 409)}")
+        if status != 200:
+            raise self._unexpected("POST", "/owner", status, answer)
+
     def check_identity(self) -> None:
-        """Check that the node is `node_id` of `fs_uuid` (e.g. when mounting).
+        """Check that the node is `node_id` of `fs_uuid` (e.g. when mounting), and with an
+        owner, take the node for it (module docstring, "Ownership").
 
         Raises NodeIdentityError (a UserError: the ring or the node is misconfigured)
-        if it is another one, NodeAuthError if the token is wrong, and other
-        NodeErrors if it cannot be asked.
+        if it is another one (NodeOwnedElsewhere: another metadata store's),
+        NodeAuthError if the token is wrong, and other NodeErrors if it cannot be asked.
         """
         try:
             st = self._json("GET", "/ping")
@@ -854,6 +916,19 @@ class RemoteStore:
                 f"{self.address} is node {st.get('node_id')!r} of filesystem"
                 f" {st.get('fs_uuid')!r}, expected node {self.node_id} of {self.fs_uuid}"
             )
+        if self.owner is None or "owner" not in st:  # no owner to take; an older node
+            return
+        recorded = st["owner"]
+        if recorded == self.owner.token:
+            return
+        if not self.owner.takes(recorded):
+            raise NodeOwnedElsewhere(
+                foreign(f"node {self.node_id} at {self.address}", st.get("owner_where"))
+            )
+        try:
+            self.set_owner(self.owner, expect=(recorded,))
+        except NotOwner as e:  # taken by another store meanwhile
+            raise NodeOwnedElsewhere(str(e)) from None
 
     def cleanup_tmp(self, older_than_s: float = 3600) -> int:
         """Nothing to do here: the node removes its stale temp files when it starts."""

@@ -56,8 +56,8 @@ def test_node_parses_both_serving_and_managing():
 
 def test_node_help_explains_both():
     p = hafs("node", "--help")
-    assert "--data DIR" in p.stdout and "{list,add,remove,set}" in p.stdout
-    for sub in ("list", "add", "remove", "set"):
+    assert "--data DIR" in p.stdout and "{list,add,remove,set,adopt}" in p.stdout
+    for sub in ("list", "add", "remove", "set", "adopt"):
         hafs("node", sub, "--help")
 
 

@@ -151,6 +151,21 @@ def test_config_and_ring_compare_and_set(engine):
     assert m.ring() == new
 
 
+def test_owner_token_and_adopt(engine):
+    m = engine.meta
+    own = m.owner()
+    assert own.token is None and own.previous == () and own.copy_of is None  # made without one
+    assert own.where  # where the store is, for the messages of the stores it locks out
+    m.adopt("t1")  # the first token (an older store changing its nodes for the first time)
+    assert (m.owner().token, m.owner().previous) == ("t1", ())
+    m.adopt("t1")  # the same token again: nothing to remember
+    m.adopt("t2")
+    m.adopt("t3")
+    assert (m.owner().token, m.owner().previous) == ("t3", ("t1", "t2"))
+    other = engine.client("b")  # every client sees it
+    assert other.owner().token == "t3" and other.owner().copy_of is None
+
+
 def test_root_and_new_inodes(engine):
     m = engine.meta
     root = m.getattr(ROOT_INODE)

@@ -2,6 +2,8 @@
 
 What every engine must do is in test_engines.py."""
 
+import os
+import shutil
 import sqlite3
 
 import pytest
@@ -204,3 +206,45 @@ def test_a_read_only_opening_as_found_reads_an_older_schema_unchanged(tmp_path):
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     db.close()
+
+
+# ---------------------------------------------------------------- ownership
+
+
+def test_a_copy_of_the_database_knows_itself_a_copy(tmp_path):
+    path = tmp_path / "h" / "meta.db"
+    path.parent.mkdir()
+    SqliteMeta.create(path, CONFIG, {"version": 1, "nodes": []}, 0, 0, owner="t1").close()
+    m = SqliteMeta.open(path)
+    assert (m.owner().token, m.owner().copy_of, m.owner().moved_from) == ("t1", None, None)
+    m.close()
+    copy = tmp_path / "copy" / "meta.db"
+    shutil.copytree(path.parent, copy.parent, copy_function=shutil.copy2)  # cp -a
+    c = SqliteMeta.open(copy)
+    assert c.owner().token == "t1" and c.owner().copy_of == str(path.resolve())
+    c.adopt("t2")  # hafs node adopt: this file is the store now, with a new token
+    assert (c.owner().token, c.owner().previous, c.owner().copy_of) == ("t2", ("t1",), None)
+    c.close()
+    m = SqliteMeta.open(path, read_only=True)  # the original is untouched by all this
+    assert (m.owner().token, m.owner().copy_of) == ("t1", None)
+    m.close()
+
+
+def test_a_moved_database_is_the_store_and_one_put_back_is_a_copy(tmp_path):
+    path = tmp_path / "h" / "meta.db"
+    path.parent.mkdir()
+    SqliteMeta.create(path, CONFIG, {"version": 1, "nodes": []}, 0, 0, owner="t1").close()
+    moved = tmp_path / "elsewhere"
+    os.rename(path.parent, moved)  # mv home elsewhere: the same file
+    m = SqliteMeta.open(moved / "meta.db")
+    own = m.owner()
+    assert own.copy_of is None and own.moved_from == str(path.resolve())
+    m.adopt(own.token)  # records where it is now
+    assert m.owner().moved_from is None and m.owner().previous == ()
+    m.close()
+    backup = tmp_path / "backup.db"
+    shutil.copy2(moved / "meta.db", backup)
+    os.replace(backup, moved / "meta.db")  # a backup put back in place: another file
+    m = SqliteMeta.open(moved / "meta.db")
+    assert m.owner().copy_of == str((moved / "meta.db").resolve())
+    m.close()

@@ -3,6 +3,7 @@ in place, with every file, attribute, xattr, lock token and degraded record inta
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -27,6 +28,7 @@ def rewrite_as_schema3(db_path: Path) -> None:
     db.execute("BEGIN")
     for table in TABLES3:
         db.execute(f"INSERT INTO main.{table} SELECT * FROM v4.{table}")
+    db.execute("DELETE FROM main.settings WHERE key GLOB 'owner*'")  # the old code had no owners
     db.execute("COMMIT")
     db.execute("DETACH v4")
     db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -61,6 +63,10 @@ def test_a_schema_3_filesystem_mounts_after_the_upgrade_with_everything_intact(t
     db.execute("INSERT INTO degraded VALUES (?, 'n1 n2', 1)", (bid,))
     db.close()
     rewrite_as_schema3(db_path)
+    for node in m.node_dirs():  # nor did its nodes record one
+        ident = json.loads((node / "hafs-node.json").read_text())
+        del ident["owner"], ident["owner_where"]
+        (node / "hafs-node.json").write_text(json.dumps(ident))
     db = sqlite3.connect(db_path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     assert not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sessions'").fetchone()
@@ -93,8 +99,11 @@ def test_a_schema_3_filesystem_mounts_after_the_upgrade_with_everything_intact(t
         assert db.execute("SELECT nodes FROM degraded WHERE id = ?", (bid,)).fetchone() == (
             "n1 n2",
         )
+        owner = db.execute("SELECT value FROM settings WHERE key = 'owner'").fetchone()[0]
     finally:
         db.close()
+    for node in m.node_dirs():  # taken by the first store that changed them: this one
+        assert json.loads((node / "hafs-node.json").read_text())["owner"] == owner
     assert not m.bad_log_lines()
     p = hafs("fsck", "--home", m.home, check=False)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -31,10 +31,11 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from hafs import __version__
-from hafs.errors import BlockCorrupt, BlockMissing, NodeIdentityError
+from hafs.errors import BlockCorrupt, BlockMissing, NodeIdentityError, NodeOwnedElsewhere, NotOwner
 from hafs.store import remote as remote_module
 from hafs.store.chunker import MAX_SIZE
 from hafs.store.dirstore import DirStore, block_id, read_identity
+from hafs.store.owner import OwnerClaim
 from hafs.store.remote import (
     NodeAuthError,
     NodeError,
@@ -625,7 +626,8 @@ def test_unclaimed_node_answers_but_serves_no_blocks(tmp_path: Path) -> None:
         assert "hafs mkfs --node" in node.log_text()
         with node.client() as c:
             r = c.get("/ping")
-            assert r.status_code == 200 and r.json() == {"node_id": None, "fs_uuid": None}
+            unclaimed = {"node_id": None, "fs_uuid": None, "owner": None, "owner_where": None}
+            assert r.status_code == 200 and r.json() == unclaimed
             assert r.headers["hafs-node-id"] == "" and r.headers["hafs-fs-uuid"] == ""
             st = c.get("/status").json()
             assert st["node_id"] is None and st["fs_uuid"] is None
@@ -1171,3 +1173,78 @@ def test_token_rotation_on_sighup(tmp_path) -> None:
         assert status(new) == 200
     finally:
         node.stop()
+
+
+# ---------------------------------------------------------------- ownership
+
+MINE = OwnerClaim("tok-mine", "host:/home/a/meta.db")
+THEIRS = OwnerClaim("tok-theirs", "host:/home/copy/meta.db")
+
+
+def test_a_node_is_taken_by_its_first_store_and_refuses_deletes_from_others(tmp_path):
+    node = start_node(tmp_path / "n1")  # --init: no owner yet, as a node made before owners
+    try:
+        with node.client() as c:
+            assert c.get("/ping").json()["owner"] is None
+        blobs = [os.urandom(2000) for _ in range(3)]
+        with node.store(owner=MINE) as mine, node.store(owner=THEIRS) as theirs:
+            mine.check_identity()  # takes it
+            ping = node.client().get("/ping").json()
+            assert (ping["owner"], ping["owner_where"]) == (MINE.token, MINE.where)
+            for blob in blobs:
+                mine.put(block_id(blob), blob)
+            with pytest.raises(NodeOwnedElsewhere, match=r"host:/home/a/meta\.db"):
+                theirs.check_identity()
+            theirs.put(block_id(blobs[0]), blobs[0])  # writes and reads are not refused
+            assert theirs.get(block_id(blobs[0])) == blobs[0]
+            with pytest.raises(NotOwner, match="belongs to another metadata store"):
+                theirs.delete(block_id(blobs[0]))
+            with node.store() as anonymous, pytest.raises(NotOwner):
+                anonymous.delete(block_id(blobs[0]))  # no Hafs-Owner: refused too
+            assert mine.delete(block_id(blobs[0]))
+        assert node.stop() == 0
+        node = start_node(node.data, init=None, port=node.port)  # the owner is on disk
+        with node.store(owner=THEIRS) as theirs, pytest.raises(NotOwner):
+            theirs.delete(block_id(blobs[1]))
+        assert read_identity(node.data)["owner"] == MINE.token
+    finally:
+        node.stop()
+    assert not re.search(r"Traceback| ERROR ", node.log_text())
+
+
+def test_an_adopted_store_takes_the_node_and_switches_its_previous_token(tmp_path):
+    adopted = OwnerClaim("tok-adopted", "host:/disk2/meta.db", frozenset({MINE.token}))
+    with running(tmp_path / "n1") as node:
+        blobs = [os.urandom(2000) for _ in range(2)]
+        with node.store(owner=MINE) as mine, node.store(owner=adopted) as new:
+            mine.check_identity()
+            for blob in blobs:
+                mine.put(block_id(blob), blob)
+            new.set_owner(adopted)  # hafs node adopt: unconditional
+            with pytest.raises(NotOwner):
+                mine.delete(block_id(blobs[0]))  # the old store is locked out at once
+            mine.set_owner(MINE)  # as if the node had missed the adopt (down): the old token
+            assert new.delete(block_id(blobs[0]))  # 403, switched (a previous token), retried
+            assert read_identity(node.data)["owner"] == adopted.token
+            with pytest.raises(NotOwner):  # a compare-and-set that lost
+                mine.set_owner(MINE, expect=(None, MINE.token))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"owner": "t"},
+        {"owner": "t", "where": "w", "extra": 1},
+        {"owner": "bad token", "where": "w"},
+        {"owner": "t" * 65, "where": "w"},
+        {"owner": "t", "where": "x" * 2000},
+        {"owner": "t", "where": "w", "expect": "t"},
+        {"owner": "t", "where": "w", "expect": [1]},
+    ],
+)
+def test_bad_owner_bodies_are_400_and_change_nothing(node: Node, body) -> None:
+    before = read_identity(node.data)
+    with node.client() as c:
+        r = c.post("/owner", json=body)
+    assert r.status_code == 400 and "bad owner" in r.json()["error"], r.text
+    assert read_identity(node.data) == before

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from hafs.errors import BlockCorrupt, BlockMissing, NodeIdentityError, UserError
+from hafs.errors import (
+    BlockCorrupt,
+    BlockMissing,
+    NodeIdentityError,
+    NodeOwnedElsewhere,
+    NotOwner,
+    UserError,
+)
 from hafs.store.dirstore import (
     BLOCK_ID_RE,
     IDENTITY_FILE,
@@ -21,6 +28,7 @@ from hafs.store.dirstore import (
     block_id,
     read_identity,
 )
+from hafs.store.owner import OwnerClaim
 
 FS = "3f0c6a55-0b8e-4d0e-9a43-5d1b8a3c2f10"
 OTHER_FS = "9d8e2b11-7c4a-4f2e-8d6b-0a1e3c5b7d92"
@@ -537,3 +545,62 @@ def test_init_does_no_io(tmp_path: Path) -> None:
     s = DirStore(tmp_path / "nothing", "n1", FS)
     assert s.path == tmp_path / "nothing"
     assert not (tmp_path / "nothing").exists()
+
+
+# --------------------------------------------------------------- ownership
+
+MINE = OwnerClaim("tok-mine", "host:/home/a/meta.db")
+THEIRS = OwnerClaim("tok-theirs", "host:/home/copy/meta.db")
+
+
+def test_create_records_the_owner_and_open_accepts_it(tmp_path: Path) -> None:
+    store = DirStore.create(tmp_path / "n1", "n1", FS, MINE)
+    ident = read_identity(store.path)
+    assert (ident["owner"], ident["owner_where"]) == (MINE.token, MINE.where)
+    DirStore.open(store.path, "n1", FS, MINE)
+    assert store.owner_of() == (MINE.token, MINE.where)
+
+
+def test_a_directory_without_owner_is_taken_by_the_first_store(store: DirStore) -> None:
+    assert store.owner_of() == (None, None)  # made before owners (or by --init)
+    DirStore.open(store.path, "n1", FS)  # no claim: read only, nothing written
+    assert store.owner_of() == (None, None)
+    DirStore.open(store.path, "n1", FS, MINE)
+    assert store.owner_of() == (MINE.token, MINE.where)
+    before = snapshot(store.path)
+    with pytest.raises(NodeOwnedElsewhere, match="belongs to another metadata store"):
+        DirStore.open(store.path, "n1", FS, THEIRS)
+    assert snapshot(store.path) == before, "a refusal changes nothing"
+
+
+def test_a_previous_token_of_the_store_is_switched(tmp_path: Path) -> None:
+    DirStore.create(tmp_path / "n1", "n1", FS, MINE)
+    adopted = OwnerClaim("tok-new", "host:/disk2/meta.db", frozenset({MINE.token}))
+    store = DirStore.open(tmp_path / "n1", "n1", FS, adopted)
+    assert store.owner_of() == (adopted.token, adopted.where)
+    with pytest.raises(NodeOwnedElsewhere, match=r"host:/disk2/meta\.db"):
+        DirStore.open(tmp_path / "n1", "n1", FS, MINE)  # the old token is locked out
+
+
+def test_deletes_stop_once_another_store_owns_the_directory(tmp_path: Path) -> None:
+    mine = DirStore.create(tmp_path / "n1", "n1", FS, MINE)
+    for data in (b"one", b"two"):
+        mine.put(block_id(data), data)
+    assert mine.delete(block_id(b"one"))
+    # Another store takes the directory (hafs node adopt) while `mine` is still open.
+    DirStore(tmp_path / "n1", "n1", FS).set_owner(THEIRS)
+    with pytest.raises(NotOwner, match="belongs to another metadata store"):
+        mine.delete(block_id(b"two"))
+    assert mine.has(block_id(b"two"))
+    reader = DirStore.open(tmp_path / "n1", "n1", FS)  # a store without a claim still reads
+    assert reader.get(block_id(b"two")) == b"two"
+
+
+def test_set_owner_with_expect_is_a_compare_and_set(store: DirStore) -> None:
+    store.set_owner(MINE, expect=(None,))
+    with pytest.raises(NotOwner):
+        store.set_owner(THEIRS, expect=(None,))
+    assert store.owner_of()[0] == MINE.token
+    store.set_owner(THEIRS)  # unconditional: what hafs node adopt does
+    assert store.owner_of()[0] == THEIRS.token
+    assert read_identity(store.path)["created_ns"] > 0  # the rest of the identity is kept
