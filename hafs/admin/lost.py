@@ -20,11 +20,13 @@ missing directory.  `--lost` instead:
    data: the files are kept; reads of the lost ranges fail with EIO, and `hafs
    fsck` goes on reporting them).
 
-Blocks no file references are left alone (garbage: the mounts and fsck reclaim
-it).  Nothing is deleted but an unreadable copy on a named node that a good one
-replaces.  Safe while mounted: it holds a "rebalance" session (no `fsck
---repair` and no rebalance meanwhile) and a block a mount commits after the walk
-passed it was written under the new ring, without the lost node.
+A copy of a home is refused, and so are nodes that another metadata store owns
+(hafs.store.owner), before anything changes.  Blocks no file references are
+left alone (garbage: the mounts and fsck reclaim it).  Nothing is deleted but
+an unreadable copy on a named node that a good one replaces.  Safe while
+mounted: it holds a "rebalance" session (no `fsck --repair` and no rebalance
+meanwhile), and a block a mount commits after the walk passed it was written
+under the new ring, without the lost node.
 
 Concurrency: the restores run in a thread pool with a bounded number in flight;
 the metadata (one connection: the calling thread's), the report and the
@@ -48,14 +50,13 @@ from .. import home as home_mod
 from ..errors import UserError
 from ..meta import BlockRow, MetaStore
 from ..store.dirstore import BLOCK_ID_RE
-from ..store.owner import OwnerClaim
 from ..store.placement import NodeHealth
 from ..store.remote import RemoteStore
 from ..store.restore import RestoreResult, restore
 from ..store.ring import RING_SETTLE_S, Ring
 from .fsck import Progress, lost_data, pages
 from .nodes import change_ring, check_takers, known_node
-from .rebalance import STRIKES, open_stores, settle
+from .rebalance import STRIKES, Store, open_stores, settle
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +157,13 @@ def remove_lost(
     t0 = time.monotonic()
     meta = home_mod.open_meta(home)
     session = None
+    stores: dict[str, Store | None] = {}
     try:
         owner = home_mod.owner_claim(meta, home)  # refuses a copy of a home
         config = meta.config()
         report.replicas = config.replicas
-        spec = known_node(Ring.from_json(meta.ring()), node_id)
+        before = Ring.from_json(meta.ring())
+        spec = known_node(before, node_id)
         try:
             home_mod.check_node(spec, config.fs_uuid, config.node_token, PROBE_TIMEOUT_S)
         except UserError as e:
@@ -171,6 +174,10 @@ def remove_lost(
                 f" remove {node_id}', then 'hafs rebalance'), so that its copies are used;"
                 " --lost is for a node that is gone for good"
             )
+        # The others, opened (and taken for this store) before anything changes: nodes of
+        # another metadata store refuse the whole removal (NodeOwnedElsewhere).
+        others = [s for s in before.nodes.values() if s.id != node_id]
+        stores, report.unavailable = open_stores(others, config.fs_uuid, config.node_token, owner)
         session = meta.sessions.register("rebalance", "", SESSION_S)
 
         def drop(current: Ring) -> list:
@@ -183,7 +190,7 @@ def remove_lost(
         report.ring_version = ring.version
         log.warning("NODE-LOST %s removed (%s): ring version %d", node_id, why, ring.version)
         report.waited_s = settle(meta, ring.version, settle_s, progress)
-        Restorer(meta, ring, owner, report, progress, threads).run()
+        Restorer(meta, ring, stores, report, progress, threads).run()
         log.info(
             "NODE-LOST %s: %d blocks checked, %d copies made, %d short, %d lost",
             node_id,
@@ -194,6 +201,9 @@ def remove_lost(
         )
     finally:
         progress.close()
+        for store in stores.values():
+            if isinstance(store, RemoteStore):
+                store.close()
         if session is not None:
             meta.sessions.end(session)
         meta.close()
@@ -208,41 +218,34 @@ class Restorer:
         self,
         meta: MetaStore,
         ring: Ring,
-        owner: OwnerClaim,
+        stores: dict[str, Store | None],
         report: Report,
         progress: Progress,
         threads: int,
     ) -> None:
+        """stores: of the nodes of `ring` (rebalance.open_stores; None: unavailable)."""
         self.meta = meta
         self.ring = ring
+        self.stores = stores
         self.report = report
         self.progress = progress
         self.threads = threads
-        config = meta.config()
-        self.replicas = config.replicas
-        self.stores, report.unavailable = open_stores(
-            list(ring.nodes.values()), config.fs_uuid, config.node_token, owner
-        )
+        self.replicas = meta.config().replicas
         self.health = NodeHealth(STRIKES)  # a node down stays down for the rest of the run
 
     def run(self) -> None:
         self.progress.start("restoring blocks", self.meta.usage().blocks or None)
         pending: deque[tuple[BlockRow, Future]] = deque()
-        try:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="lost") as pool:
-                for rows in pages(self.meta.scan_blocks, "", lambda b: b.id):
-                    for row in rows:
-                        if row.refcount <= 0 or not BLOCK_ID_RE.fullmatch(row.id):
-                            continue  # garbage, or a malformed row (fsck's business)
-                        pending.append((row, pool.submit(self._restore, row)))
-                        while len(pending) > self.threads * IN_FLIGHT:
-                            self._collect(*pending.popleft())
-                while pending:
-                    self._collect(*pending.popleft())
-        finally:
-            for store in self.stores.values():
-                if isinstance(store, RemoteStore):
-                    store.close()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="lost") as pool:
+            for rows in pages(self.meta.scan_blocks, "", lambda b: b.id):
+                for row in rows:
+                    if row.refcount <= 0 or not BLOCK_ID_RE.fullmatch(row.id):
+                        continue  # garbage, or a malformed row (fsck's business)
+                    pending.append((row, pool.submit(self._restore, row)))
+                    while len(pending) > self.threads * IN_FLIGHT:
+                        self._collect(*pending.popleft())
+            while pending:
+                self._collect(*pending.popleft())
 
     def _restore(self, row: BlockRow) -> RestoreResult:
         """(worker thread) A verified copy on each named node, from any node that has one."""
