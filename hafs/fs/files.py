@@ -92,6 +92,9 @@ class Shared:
     locks: LockService  # write locks, shared with the other mounts of the filesystem
     lock_wait_s: float  # how long a writer waits for another mount's lock
     open_files: dict  # inode -> FileState of every open file (owned by the vfs)
+    # inode -> content_version of what the kernel's page cache holds of it (owned by the
+    # vfs, see Vfs.open); a writer that finds the file changed under it drops the entry
+    page_versions: dict
     record_degraded: Callable[[], Awaitable[None]]  # writes placement's degraded reports
     metrics: MountMetrics  # the mount's (write-lock waits are counted here)
 
@@ -108,6 +111,12 @@ def _cut_and_hash(buf: bytearray) -> list[tuple[int, int, str | None]]:
         )
         start = end
     return out
+
+
+def content_version(inode: Inode) -> tuple[int, int, int]:
+    """What tells whether a file's bytes changed: every commit and truncate, by any
+    mount, sets its ctime to the time of the change (and its size and mtime)."""
+    return inode.size, inode.mtime_ns, inode.ctime_ns
 
 
 class FileState:
@@ -198,7 +207,12 @@ class FileState:
                 raise FsError(errno.ENOLCK, str(e)) from None
             try:
                 await self.s.meta.fence(self.ino, lease.token)
-                await self.refresh()  # the last writer's size, before this mount changes anything
+                inode = await self.s.meta.getattr(self.ino)
+                await self.refresh(inode)  # the last writer's size, before this mount changes anything
+                if inode is None or self.s.page_versions.get(self.ino) != content_version(inode):
+                    # changed since the kernel cached it: what this mount writes now does not
+                    # make those pages current (the next open drops them)
+                    self.s.page_versions.pop(self.ino, None)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self.s.locks.release(lease)
@@ -223,6 +237,7 @@ class FileState:
         self.error = LockLost(f"write lock of {path} lost: {why}")
 
     def _drop_changes(self) -> None:
+        self.s.page_versions.pop(self.ino, None)  # the kernel has bytes that were not committed
         before = self.dirty.nbytes
         self.dirty.truncate_range(0)
         self.s.budget.release(before)

@@ -41,7 +41,7 @@ from ..store.dirstore import DirStore, disk_id
 from ..store.placement import Placement, writable_bytes
 from ..store.ring import RING_RELOAD_S, NodeSpec, Ring
 from .cache import BlockCache
-from .files import FileState, Shared, WriteBudget
+from .files import FileState, Shared, WriteBudget, content_version
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,9 @@ class Vfs:
         self._repair_after = ""  # where the next repair round goes on in the degraded table
         self.opts = opts
         self.lookups: Counter[int] = Counter()
+        # inode -> content_version of the bytes the kernel's page cache holds of it: an open
+        # that finds the same version keeps those pages (keep_cache); see open()
+        self.page_versions: dict[int, tuple[int, int, int]] = {}
         self.files: dict[int, FileState] = {}
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, int] = {}
@@ -134,6 +137,7 @@ class Vfs:
                 readahead_blocks=self.opts.readahead_blocks,
                 uncommitted=Counter(),
                 open_files=self.files,
+                page_versions=self.page_versions,
                 locks=self.locks,
                 lock_wait_s=self.opts.lock_wait_s,
                 record_degraded=self.record_degraded,
@@ -371,6 +375,7 @@ class Vfs:
         self.lookups[ino] -= n
         if self.lookups[ino] <= 0:
             del self.lookups[ino]
+            self.page_versions.pop(ino, None)  # the kernel dropped the inode, its pages too
             await self._maybe_free(ino)
 
     # ---------------------------------------------------------------- setattr
@@ -451,6 +456,7 @@ class Vfs:
         self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Inode]:
         inode = await self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        self.page_versions[inode.id] = content_version(inode)  # (empty: nothing cached)
         return await self._open_handle(inode, flags), inode
 
     async def readlink(self, ino: int) -> bytes:
@@ -514,12 +520,19 @@ class Vfs:
         self.handles[fh] = Handle(inode.id, bool(flags & os.O_APPEND), writer, fs)
         return fh
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """A handle of the file, and whether the kernel may keep the pages it caches of
+        it (close-to-open: only if they are of the version open finds in the metadata;
+        otherwise the kernel drops them, and caches this version from now on)."""
         inode = await self.meta.getattr(ino)
         if inode is None:
             raise FsError(errno.ENOENT)
         if stat.S_ISDIR(inode.mode):
             raise FsError(errno.EISDIR)
+        version = content_version(inode)
+        keep_cache = self.page_versions.get(ino) == version
+        if not keep_cache and ino not in self.files:  # (pages of an open file: not dropped)
+            self.page_versions[ino] = version
         fh = await self._open_handle(inode, flags)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             try:
@@ -527,7 +540,7 @@ class Vfs:
             except BaseException:
                 await self.release(fh)
                 raise
-        return fh
+        return fh, keep_cache
 
     def _handle(self, fh: int) -> Handle:
         try:
@@ -579,7 +592,16 @@ class Vfs:
         fs.writers -= h.writer
         try:
             if fs.writers == 0:  # the last writer: commit, then let other mounts write
-                await fs.flush()
+                try:
+                    await fs.flush()
+                except BaseException:
+                    self.page_versions.pop(h.ino, None)  # the kernel has uncommitted bytes
+                    raise
+                if fs.lease is not None and h.ino in self.page_versions:
+                    # the kernel's pages are the bytes just committed (under the lock)
+                    inode = await self.meta.getattr(h.ino)
+                    if inode is not None:
+                        self.page_versions[h.ino] = content_version(inode)
                 await fs.release_lock()
         finally:
             await self._close_file(fs)
