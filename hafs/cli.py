@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import __version__, logs
 from . import home as home_mod
-from .errors import UserError
+from .errors import HafsError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "meta",
+        help="dump or load a filesystem's whole metadata (backup; embedded <-> cluster)",
+        description="'hafs meta dump' writes the whole metadata of a filesystem (inodes,"
+        " names, xattrs, extents, blocks, the ring and settings) to stdout as JSON lines, read"
+        " from one state of it (safe while mounted); 'hafs meta load' makes a new filesystem"
+        " of such a dump, read from stdin, in an empty engine: a new --home (SQLite) or a new"
+        " --meta NAME (etcd). The blocks stay where they are: the loaded filesystem uses the"
+        " dump's nodes, so mount only one of the two from then on.",
+    )
+    msub = p.add_subparsers(dest="meta_command", metavar="SUBCOMMAND", required=True)
+    for name, what in (
+        ("dump", "write the metadata to stdout (hafs meta dump --home H > fs.json)"),
+        ("load", "make a new filesystem of a dump read from stdin (hafs meta load ... < fs.json)"),
+    ):
+        _home_arg(msub.add_parser(name, help=what, description=what[0].upper() + what[1:] + "."))
+
+    p = sub.add_parser(
         "rebalance",
         help="move blocks to where the ring puts them (after node add/remove/set)",
         description="Move every block copy that sits on a node the ring does not name for it"
@@ -446,6 +463,32 @@ def cmd_rebalance(args) -> int:
     return report.exit_code
 
 
+def cmd_meta(args) -> int:
+    from .admin import dump
+
+    home = _home(args)
+    try:
+        if args.meta_command == "dump":
+            if sys.stdout.isatty():
+                raise UserError("hafs meta dump writes to stdout: redirect it (> fs.json)")
+            print(dump.run_dump(home, sys.stdout.buffer), file=sys.stderr)
+            return 0
+        if sys.stdin.isatty():
+            raise UserError("hafs meta load reads a dump from stdin: hafs meta load ... < fs.json")
+        print(dump.run_load(home, sys.stdin.buffer, "stdin"))
+        print(
+            "note: it uses the nodes of the filesystem the dump came from: mount only one of"
+            " the two from now on (README, 'Dump and load')",
+            file=sys.stderr,
+        )
+        return 0
+    except UserError:
+        raise
+    except HafsError as e:
+        print(f"hafs meta {args.meta_command}: {e}", file=sys.stderr)
+        return 1
+
+
 def cmd_fsck(args) -> int:
     from .admin import fsck
 
@@ -542,4 +585,5 @@ COMMANDS = {
     "fsck": cmd_fsck,
     "node": cmd_node,
     "rebalance": cmd_rebalance,
+    "meta": cmd_meta,
 }
