@@ -241,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         " garbage older than --grace (refused while mounted)",
     )
     p.add_argument(
+        "--salvage",
+        action="store_true",
+        help="embedded filesystems: if the SQLite database (meta.db) is damaged, rebuild it"
+        " from what can be read of it, keeping the damaged file as meta.db.damaged-TIME; then"
+        " repair as --repair does (refused while mounted)",
+    )
+    p.add_argument(
         "--deep",
         action="store_true",
         help="read every replica and verify its hash (default: check presence and size)",
@@ -493,8 +500,9 @@ def cmd_fsck(args) -> int:
     from .admin import fsck
 
     home = _home(args)
+    salvage = getattr(args, "salvage", False)
     audit = None  # repairs are logged (FSCK-REPAIR ...) to HOME/hafs.log beside the mounts'
-    if args.repair and home_mod.holds_fs(home):
+    if (args.repair or salvage) and home_mod.holds_fs(home):
         try:
             audit = logging.FileHandler(home / "hafs.log")
         except OSError:
@@ -506,14 +514,27 @@ def cmd_fsck(args) -> int:
             logging.getLogger("hafs").addHandler(audit)
             logging.getLogger("hafs").setLevel(logging.INFO)
     try:
-        report = fsck.run(
-            home,
-            repair=args.repair,
-            deep=args.deep,
-            rate_mib=args.rate,
-            grace_s=args.grace,
-            progress=fsck.Progress(),
-        )
+        if salvage:
+            from . import mount
+            from .admin import salvage as salvage_mod
+
+            report = salvage_mod.run(
+                home,
+                daemons=mount.live_daemons(home),
+                deep=args.deep,
+                rate_mib=args.rate,
+                grace_s=args.grace,
+                progress=fsck.Progress(),
+            )
+        else:
+            report = fsck.run(
+                home,
+                repair=args.repair,
+                deep=args.deep,
+                rate_mib=args.rate,
+                grace_s=args.grace,
+                progress=fsck.Progress(),
+            )
         log.info("FSCK-DONE exit %d: %s", report.exit_code, report.error or dict(report.fixed))
     except KeyboardInterrupt:
         print("hafs fsck: interrupted", file=sys.stderr)

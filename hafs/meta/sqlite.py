@@ -74,10 +74,9 @@ SCHEMA_VERSION = 4
 DEGRADED_SCHEMA = 3  # the first schema with the table of degraded blocks
 APPLICATION_ID = 0x68616673  # "hafs": marks a SQLite file as a hafs metadata database
 RECOVER_HINT = (
-    "stop every mount, keep a copy of meta.db (and meta.db-wal, meta.db-shm), then restore"
-    " meta.db from a backup (a dump made by 'hafs meta dump': 'hafs meta load' into a new"
-    " home), or salvage it with 'sqlite3 meta.db .recover | sqlite3 new.db' and put new.db"
-    " in its place; then run 'hafs fsck --repair'"
+    "stop every mount, then run 'hafs fsck --home {home} --salvage': it reads what can be read"
+    " of meta.db into a new database (keeping the damaged file as meta.db.damaged-TIME) and"
+    " repairs the filesystem; or load a dump made by 'hafs meta dump' into a new home"
 )
 
 SCHEMA = """
@@ -358,7 +357,8 @@ class Damage:
             self.why = f"metadata database {self.path} is damaged ({e})"
             log.error(
                 "META-DAMAGED %s: no more changes are taken; unmount, then run"
-                " 'hafs fsck --home %s' (it says how to salvage the database)",
+                " 'hafs fsck --home %s --salvage' (it rebuilds the database from what can be"
+                " read of it)",
                 self.why,
                 self.path.parent if self.path else "HOME",
             )
@@ -1516,16 +1516,9 @@ class SqliteSessions:
             )
         ]
 
-    def _dead(self, s: SessionInfo, t: int) -> bool:
-        if s.expires_ns <= t:
-            return True
-        if s.host == socket.gethostname() and s.pid != os.getpid():
-            return not _pid_alive(s.pid)
-        return False
-
     def _alive(self) -> list[SessionInfo]:
         t = self.meta.clock()
-        return [s for s in self._rows() if not self._dead(s, t)]
+        return [s for s in self._rows() if not session_dead(s, t)]
 
     def alive(self) -> list[SessionInfo]:
         return self._alive()
@@ -1534,7 +1527,7 @@ class SqliteSessions:
         """End the dead sessions and delete the inodes that only they kept (also those of
         a session that ended while the kernel still held them, at an unmount)."""
         t = self.meta.clock()
-        dead = [s for s in self._rows() if self._dead(s, t)]
+        dead = [s for s in self._rows() if session_dead(s, t)]
         for s in dead:
             self.db.execute("DELETE FROM sessions WHERE id = ?", (s.id,))
         if self.db.execute("PRAGMA user_version").fetchone()[0] >= 4:
@@ -1564,6 +1557,11 @@ def _quick_check(db: sqlite3.Connection, budget_s: float) -> str | None:
         raise
     finally:
         db.set_progress_handler(None, 0)
+    return check_text(rows)
+
+
+def check_text(rows: list[tuple]) -> str | None:
+    """One line of what an integrity_check or quick_check answered (None: "ok")."""
     if rows == [("ok",)]:
         return None
     text = " ".join(
@@ -1591,6 +1589,16 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def session_dead(s: SessionInfo, now: int) -> bool:
+    """Whether a session has ended: its lease ran out by `now` (wall-clock ns), or it is a
+    process of this host that is gone."""
+    if s.expires_ns <= now:
+        return True
+    if s.host == socket.gethostname() and s.pid != os.getpid():
+        return not _pid_alive(s.pid)
+    return False
 
 
 def _pid_alive(pid: int) -> bool:
