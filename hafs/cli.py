@@ -485,7 +485,7 @@ def cmd_meta(args) -> int:
         print(dump.run_load(home, sys.stdin.buffer, "stdin"))
         print(
             "note: it uses the nodes of the filesystem the dump came from: mount only one of"
-            " the two from now on (README, 'Dump and load')",
+            " the two from now on (README, 'Backups and damaged metadata')",
             file=sys.stderr,
         )
         return 0
