@@ -513,28 +513,16 @@ def cmd_fsck(args) -> int:
             )
             logging.getLogger("hafs").addHandler(audit)
             logging.getLogger("hafs").setLevel(logging.INFO)
+    opts = {"deep": args.deep, "rate_mib": args.rate, "grace_s": args.grace}
     try:
         if salvage:
             from . import mount
             from .admin import salvage as salvage_mod
 
-            report = salvage_mod.run(
-                home,
-                daemons=mount.live_daemons(home),
-                deep=args.deep,
-                rate_mib=args.rate,
-                grace_s=args.grace,
-                progress=fsck.Progress(),
-            )
+            daemons = mount.live_daemons(home)
+            report = salvage_mod.run(home, daemons=daemons, progress=fsck.Progress(), **opts)
         else:
-            report = fsck.run(
-                home,
-                repair=args.repair,
-                deep=args.deep,
-                rate_mib=args.rate,
-                grace_s=args.grace,
-                progress=fsck.Progress(),
-            )
+            report = fsck.run(home, repair=args.repair, progress=fsck.Progress(), **opts)
         log.info("FSCK-DONE exit %d: %s", report.exit_code, report.error or dict(report.fixed))
     except KeyboardInterrupt:
         print("hafs fsck: interrupted", file=sys.stderr)
