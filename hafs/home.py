@@ -13,8 +13,9 @@ Every tool finds the metadata through HOME: `--meta URL` (or $HAFS_META) picks
 the state directory of that URL (`--home`, else `state_home(URL)`) and records
 the URL in it, so the same code serves the embedded and the cluster mode.
 
-`create` is `hafs mkfs`; `open_fs` checks everything a mount needs and
-modifies nothing when it refuses.  `open_store` is the one place that turns a
+`create` is `hafs mkfs`, `load` is `hafs meta load` (a filesystem made from a
+dump instead of new); `open_fs` checks everything a mount needs and modifies
+nothing when it refuses.  `open_store` is the one place that turns a
 node of the ring into a block store: a backing directory (DirStore) or, for an
 http:// address, the client of a `hafs node` server (RemoteStore).
 """
@@ -23,12 +24,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MetaDamaged, UserError
-from .meta import FsConfig, MetaStore, now_ns
+from .meta import FsConfig, FsState, MetaStore, Record, now_ns
 from .meta.sqlite import SqliteMeta
 from .store.dirstore import DirStore
 from .store.remote import NodeAuthError, NodeError, RemoteStore
@@ -135,8 +137,7 @@ def create(
         raise UserError(f"{home} already holds a hafs filesystem: use it, or choose another --home")
     if url is not None:
         _check_new_etcd(url)
-    if "," in str(home):
-        raise UserError(f"home directory {home} contains a comma, which mount options cannot carry")
+    _check_home_name(home)
     addresses = nodes or [str(home / "nodes" / f"n{i + 1}") for i in range(DEFAULT_NODES)]
     addresses = [
         a.rstrip("/") if is_remote(a) else str(Path(a).expanduser().absolute()) for a in addresses
@@ -169,6 +170,39 @@ def create(
     if token is not None:  # the token is a secret: SQLite gives -wal and -shm the same mode
         os.chmod(meta_path(home), 0o600)
     return fs_uuid
+
+
+def load(home: Path, state: FsState, records: Iterable[Record]) -> str:
+    """Make the filesystem of `home` from a dump's state and records (`hafs meta load`):
+    its SQLite database, or for a cluster home its etcd prefix, which must hold nothing.
+    The nodes are the ring's, as they are: nothing is claimed.  Returns where it went."""
+    home = home.absolute()
+    url = meta_url(home)
+    if url is not None:
+        from .meta.etcd import load_etcd
+
+        load_etcd(url, state, records)
+        return url
+    if meta_path(home).exists():
+        raise UserError(
+            f"{home} already holds a hafs filesystem: a load needs an empty home (give another"
+            " --home)"
+        )
+    _check_home_name(home)
+    made = not home.exists()
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        SqliteMeta.load(meta_path(home), state, records)
+    except BaseException:
+        if made:
+            home.rmdir()
+        raise
+    return str(meta_path(home))
+
+
+def _check_home_name(home: Path) -> None:
+    if "," in str(home):
+        raise UserError(f"home directory {home} contains a comma, which mount options cannot carry")
 
 
 def _check_new_etcd(url: str) -> None:

@@ -120,8 +120,23 @@ def _unescape(field: str) -> str:
 
 def hafs_daemon(home: Path, mountpoint: Path) -> int | None:
     """The pid of the live daemon serving `home` at `mountpoint` (its pid file), else None."""
+    return _daemon(pid_file(home, mountpoint))
+
+
+def live_daemons(home: Path) -> list[tuple[int, str]]:
+    """(pid, mountpoint) of every mount daemon of `home` that is running (by its pid file)."""
+    out = []
+    for pidf in sorted((home / "run").glob("*.pid")):
+        pid = _daemon(pidf)
+        if pid is not None:
+            out.append((pid, pidf.read_text().split(maxsplit=1)[-1].strip()))
+    return out
+
+
+def _daemon(pidf: Path) -> int | None:
+    """The pid a pid file names if it is a live hafs mount daemon, else None."""
     try:
-        pid = int(pid_file(home, mountpoint).read_text().split()[0])
+        pid = int(pidf.read_text().split()[0])
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
     except (OSError, ValueError, IndexError):

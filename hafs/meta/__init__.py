@@ -31,7 +31,7 @@ from __future__ import annotations
 import errno
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -153,6 +153,52 @@ class SessionInfo:
     version: str  # hafs version
     since_ns: int
     expires_ns: int
+
+
+@dataclass(frozen=True)
+class FsState:
+    """What a dump holds besides its records: the settings and the inode counter."""
+
+    config: FsConfig
+    ring: dict
+    ring_changed_ns: int  # 0: not changed since mkfs
+    next_ino: int  # the lowest inode number never handed out (numbers are never reused)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A directory entry (one per name: hard links are several entries of one inode)."""
+
+    parent: int
+    name: bytes
+    inode: int
+
+
+@dataclass(frozen=True)
+class Xattr:
+    inode: int
+    name: bytes
+    value: bytes
+
+
+@dataclass(frozen=True)
+class FileExtent:
+    inode: int
+    extent: Extent
+
+
+@dataclass(frozen=True)
+class Degraded:
+    """A block recorded as written while a node failed (`record_degraded`)."""
+
+    block_id: str
+    nodes: tuple[str, ...]
+    since_ns: int
+
+
+# What `MetaStore.dump` yields and an engine's `load` takes, kind by kind in this order.
+# Blocks with refcount 0 are the garbage list.
+Record = Inode | Entry | Xattr | FileExtent | BlockRow | Degraded
 
 
 def session_conflict(kind: str, alive: list[SessionInfo]) -> str | None:
@@ -350,6 +396,18 @@ class MetaStore(Protocol):
     def snapshot(self) -> AbstractContextManager[bool]:
         """A block whose reads see one state of the metadata, where the engine can give
         one (sqlite: a read transaction); yields whether it does.  No writes inside."""
+
+    # dump and load ("hafs meta dump", "hafs meta load", "hafs fsck --salvage")
+    def dump(self) -> AbstractContextManager[tuple[FsState, Iterator[Record]]]:
+        """Every record of the filesystem as one state of the metadata shows it (sqlite: one
+        read transaction; kv: reads at one revision, that the KV keeps until the block
+        ends): the FsState and an iterator of the records (inodes, entries, xattrs,
+        extents, blocks, degraded records, each kind in key order; entries the oldest first
+        where the engine records an order), read page by page.  Not in it: live state (write
+        locks, sessions, fencing tokens), and what the engine derives from the records
+        (indexes, counters).  Each engine also has a `load` constructor beside `create`
+        that makes a new filesystem from an FsState and records (refusing a store that
+        holds anything), so that any engine's dump loads into any other."""
 
     def fsck_add_root(self, uid: int, gid: int) -> bool:
         """Make a new, empty root directory (inode ROOT_INODE) if there is none."""

@@ -5,6 +5,8 @@ gateway (etcd >= 3.4, path /v3/), sent with etcd3gw's HTTP client:
 
     get        POST /v3/kv/range {key}
     scan       POST /v3/kv/range {key, range_end, limit}        (etcd answers in key order)
+    snapshot   the same with {revision}: reads of the revision current when it began, which
+               etcd keeps until it compacts it (then a MetaError says so)
     commit     POST /v3/kv/txn   {compare: mod_revision == N (0: absent), success: puts
                                   (each with its lease or none) and deletes}
     lease_*    POST /v3/lease/grant | keepalive | revoke | timetolive
@@ -55,7 +57,8 @@ import random
 import re
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,7 +66,7 @@ import etcd3gw
 from etcd3gw import exceptions as gwexc
 
 from ..errors import MetaError, MetaUnavailable, UserError
-from . import FsConfig
+from . import FsConfig, FsState, Record
 from .kv import KvMeta, LeaseNotFound, prefix_end
 
 log = logging.getLogger(__name__)
@@ -163,6 +166,16 @@ def create_etcd(url: str, config: FsConfig, ring: dict, uid: int, gid: int, **op
         raise
 
 
+def load_etcd(url: str, state: FsState, records: Iterable[Record]) -> None:
+    """Make a new filesystem at `url` from a dump (UserError if its prefix holds anything)."""
+    endpoints, name = parse_meta_url(url)
+    kv = EtcdKV(endpoints, prefix_of(name), name=url)
+    try:
+        KvMeta.load(kv, state, records)
+    finally:
+        kv.close()
+
+
 def _split(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     kv_keys = {"timeout_s", "request_timeout_s"}
     return (
@@ -214,6 +227,12 @@ def _refusal(name: str, exc: gwexc.Etcd3Exception) -> MetaError:
         return MetaError(
             f"{name}: etcd is out of space ({message}): compact and defragment it, or raise"
             " its --quota-backend-bytes, then 'etcdctl alarm disarm'"
+        )
+    if "compacted" in message:
+        return MetaError(
+            f"{name}: etcd compacted the revision a consistent read was reading ({message}):"
+            " run it again when fewer writes go on, or raise etcd's"
+            " --auto-compaction-retention"
         )
     if code == _PERMISSION_DENIED or "permission denied" in message:
         return MetaError(f"{name}: etcd refused access ({message}): hafs needs a user-less etcd")
@@ -314,29 +333,39 @@ class EtcdKV:
             self._first = i
             return reply
 
-    def _range(self, start: bytes, end: bytes | None, limit: int) -> list[dict]:
+    def _range(self, start: bytes, end: bytes | None, limit: int, revision: int = 0) -> list[dict]:
         body: dict[str, Any] = {"key": _b64(start)}
         if end is not None:
             body["range_end"] = _b64(end)
         if limit:
             body["limit"] = limit
+        if revision:
+            body["revision"] = revision
         return self._call("kv/range", body).get("kvs", [])
 
     # ------------------------------------------------------------------- KV
 
-    def get(self, key: bytes) -> tuple[bytes, int] | None:
-        kvs = self._range(self.prefix + key, None, 0)
+    def get(self, key: bytes, revision: int = 0) -> tuple[bytes, int] | None:
+        """revision > 0: as the key was at that revision (the `snapshot` reader's)."""
+        kvs = self._range(self.prefix + key, None, 0, revision)
         return (_unb64(kvs[0].get("value")), int(kvs[0]["mod_revision"])) if kvs else None
 
-    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
+    def scan(
+        self, start: bytes, end: bytes, limit: int, revision: int = 0
+    ) -> list[tuple[bytes, bytes, int]]:
         lo, hi = self.prefix + start, min(self.prefix + end, self._end)
         if lo >= hi or limit <= 0:
             return []
         n = len(self.prefix)
         return [
             (_unb64(kv["key"])[n:], _unb64(kv.get("value")), int(kv["mod_revision"]))
-            for kv in self._range(lo, hi, limit)
+            for kv in self._range(lo, hi, limit, revision)
         ]
+
+    @contextmanager
+    def snapshot(self) -> Iterator[_AtRevision]:
+        reply = self._call("kv/range", {"key": _b64(self.prefix), "limit": 1, "keys_only": True})
+        yield _AtRevision(self, int(reply["header"]["revision"]))
 
     def commit(
         self,
@@ -388,3 +417,17 @@ class EtcdKV:
                 idle.clear()
         for c in clients:
             c.session.close()
+
+
+class _AtRevision:
+    """Reads of one etcd revision (`EtcdKV.snapshot`)."""
+
+    def __init__(self, kv: EtcdKV, revision: int) -> None:
+        self.kv = kv
+        self.revision = revision
+
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        return self.kv.get(key, self.revision)
+
+    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
+        return self.kv.scan(start, end, limit, self.revision)

@@ -12,6 +12,8 @@ is numeric order; `+` is concatenation; names and block ids are raw bytes.
     Mring                     the ring description as JSON ({"version": N, "nodes": [...]})
     Mring_changed             when the ring last got a new version (ASCII ns; absent: 0)
     Mnext_ino                 the lowest inode number never handed out (clients take 64 at once)
+    Mloading                  a load ("hafs meta load") is writing here: {host, pid, since_ns};
+                              the load's last transaction writes Mversion and deletes it
     Msessions                 guard of the session keys (see kvlocks.py)
     I + ino                   inode: mode, uid, gid, nlink, size, atime/mtime/ctime ns, rdev,
                               fence token (newest write token; older ones are refused), target
@@ -64,6 +66,11 @@ Inode numbers are never reused: each client takes 64 numbers at a time from
 Mnext_ino in its own small transaction.  Single-key reads (getattr) are not
 transactions; lookup reads the entry, then the inode.
 
+Dump and load: `dump` reads every key at one revision (`KV.snapshot`); `load`
+writes a dump into an empty KV in transactions of at most LOAD_OPS keys and
+LOAD_BYTES bytes (under etcd's limits, meta/etcd.py), the derived keys (P, N,
+U, Z) made from the records.
+
 Concurrency: KvMeta is called from worker threads (`direct = False`); its own
 state (the inode-number batch, leases) is guarded by a threading.Lock.
 Figures (usage) and unlinked_inodes scan their keys: O(filesystem) each call.
@@ -74,13 +81,16 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
+import os
 import random
+import socket
 import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -90,21 +100,31 @@ from . import (
     RENAME_NOREPLACE,
     ROOT_INODE,
     BlockRow,
+    Degraded,
     Dentry,
+    Entry,
     Extent,
+    FileExtent,
     FsConfig,
+    FsState,
     Inode,
+    Record,
     Usage,
+    Xattr,
     check_name,
     check_xattr,
     now_ns,
 )
 from .kvlocks import KvLocks, KvSessions, lock_key
 
+log = logging.getLogger(__name__)
+
 LAYOUT_VERSION = 1
 MAX_TRIES = 100
 INO_BATCH = 64
 PAGE = 512  # keys per scan request
+LOAD_OPS = 1000  # keys per transaction of a load (etcd: --max-txn-ops 4096)
+LOAD_BYTES = 4 << 20  # bytes of keys and values per load transaction (base64: < 16 MiB)
 
 T = TypeVar("T")
 
@@ -121,7 +141,15 @@ class ReadOnly(HafsError):
     """A write through a KvMeta opened read-only."""
 
 
-class KV(Protocol):
+class KVReader(Protocol):
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        """(value, mod_revision), or None if absent."""
+
+    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
+        """Up to `limit` (key, value, mod_revision) with start <= key < end, in key order."""
+
+
+class KV(KVReader, Protocol):
     """An ordered, transactional key-value store with global revisions (etcd v3's shape).
 
     Every successful commit that writes gets a new revision, greater than all
@@ -131,11 +159,10 @@ class KV(Protocol):
 
     name: str  # for messages: "etcd://h1:2379/prod", "memkv"
 
-    def get(self, key: bytes) -> tuple[bytes, int] | None:
-        """(value, mod_revision), or None if absent."""
-
-    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
-        """Up to `limit` (key, value, mod_revision) with start <= key < end, in key order."""
+    def snapshot(self) -> AbstractContextManager[KVReader]:
+        """Reads (get, scan) of the store as it is now, whatever is committed after, for
+        the block's duration (etcd: reads at the current revision, a MetaError once etcd
+        has compacted it)."""
 
     def commit(
         self,
@@ -184,6 +211,7 @@ K_CONFIG = b"Mconfig"
 K_RING = b"Mring"
 K_RING_CHANGED = b"Mring_changed"
 K_NEXT_INO = b"Mnext_ino"
+K_LOADING = b"Mloading"
 
 
 def k_inode(ino: int) -> bytes:
@@ -434,6 +462,13 @@ class KvMeta:
         read_only: every write is refused (ReadOnly), leases too (fsck's check)."""
         row = kv.get(K_VERSION)
         if row is None:
+            loading = kv.get(K_LOADING)
+            if loading is not None:
+                raise UserError(
+                    f"{kv.name}: a 'hafs meta load' into it has not finished"
+                    f" ({loading[0].decode()}): if none is running, delete its keys (etcd:"
+                    " 'etcdctl del --prefix /hafs/NAME/') and load again"
+                )
             if kv.scan(b"", b"\xff", 1):
                 raise UserError(f"{kv.name} holds something that is not a hafs filesystem")
             raise UserError(f"{kv.name} holds no hafs filesystem: run 'hafs mkfs' to create one")
@@ -477,12 +512,16 @@ class KvMeta:
     def _run(self, fn: Callable[[Txn], T]) -> T:
         return self._transact(fn)[0]
 
-    def _scan(self, start: bytes, end: bytes, limit: int | None = None) -> Iterator[tuple]:
-        """(key, value, revision) in [start, end), paged; not a transaction."""
+    def _scan(
+        self, start: bytes, end: bytes, limit: int | None = None, kv: KVReader | None = None
+    ) -> Iterator[tuple]:
+        """(key, value, revision) in [start, end), paged; not a transaction.  kv: read
+        through it instead (a snapshot)."""
+        kv = kv or self.kv
         n = 0
         while limit is None or n < limit:
             page = PAGE if limit is None else min(PAGE, limit - n)
-            rows = self.kv.scan(start, end, page)
+            rows = kv.scan(start, end, page)
             yield from rows
             n += len(rows)
             if len(rows) < page:
@@ -1129,6 +1168,88 @@ class KvMeta:
         rows = self._scan(start, prefix_end(start), limit)
         return [(int.from_bytes(k[9:17], "big"), k[17:]) for k, _, _ in rows]
 
+    # ------------------------------------------------------------ dump, load
+
+    @contextmanager
+    def dump(self) -> Iterator[tuple[FsState, Iterator[Record]]]:
+        """Every record, read at one revision (see MetaStore.dump)."""
+        with self.kv.snapshot() as snap:
+
+            def value(key: bytes) -> bytes | None:
+                row = snap.get(key)
+                return None if row is None else row[0]
+
+            state = FsState(
+                FsConfig(**json.loads(value(K_CONFIG))),
+                json.loads(value(K_RING)),
+                int(value(K_RING_CHANGED) or 0),
+                int.from_bytes(value(K_NEXT_INO), "big"),
+            )
+            yield state, self._records(snap)
+
+    def _records(self, snap: KVReader) -> Iterator[Record]:
+        def keys(prefix: bytes) -> Iterator[tuple]:
+            return self._scan(prefix, prefix_end(prefix), kv=snap)
+
+        for k, v, _ in keys(b"I"):
+            yield _dec_inode(int.from_bytes(k[1:9], "big"), v).inode
+        for k, v, _ in keys(b"D"):
+            yield Entry(int.from_bytes(k[1:9], "big"), k[17:], int.from_bytes(v, "big"))
+        for k, v, _ in keys(b"X"):
+            yield Xattr(int.from_bytes(k[1:9], "big"), k[9:], v)
+        for k, v, _ in keys(b"E"):
+            yield FileExtent(int.from_bytes(k[1:9], "big"), _dec_extent(k, v))
+        for k, v, _ in keys(b"B"):
+            b = _dec_block(v)
+            yield BlockRow(k[1:].decode(), b.size, b.refcount, b.zero_since_ns)
+        for k, v, _ in keys(b"G"):
+            since, nodes = _dec_degraded(v)
+            yield Degraded(k[1:].decode(), tuple(nodes), since)
+
+    @classmethod
+    def load(cls, kv: KV, state: FsState, records: Iterable[Record]) -> None:
+        """Make a new filesystem in an empty KV from a dump's state and records (UserError
+        if it holds anything).  The keys go in transactions of at most LOAD_OPS keys and
+        LOAD_BYTES bytes under the marker Mloading; the last one writes Mversion and the
+        settings and drops the marker, so the filesystem exists only once whole.  A load
+        that fails deletes what it wrote (where it cannot, `open` names the unfinished
+        load).  Fencing tokens start again at 0: they only compare with this KV's locks."""
+        if kv.scan(b"", b"\xff", 1):
+            raise UserError(
+                f"{kv.name} is not empty: a load needs an empty metadata store (give another"
+                " NAME)"
+            )
+        marker = {"host": socket.gethostname(), "pid": os.getpid(), "since_ns": now_ns()}
+        rev = kv.commit({K_VERSION: 0, K_LOADING: 0}, {K_LOADING: json.dumps(marker).encode()}, ())
+        if rev is None:
+            raise UserError(f"{kv.name}: another mkfs or load is writing there")
+        try:
+            puts: dict[bytes, bytes] = {}
+            size = 0
+            for rec in records:
+                keys = _keys_of(rec)
+                more = sum(len(k) + len(v) for k, v in keys)
+                if len(puts) + len(keys) > LOAD_OPS or size + more > LOAD_BYTES:
+                    kv.commit({}, puts, ())
+                    puts, size = {}, 0
+                puts.update(keys)
+                size += more
+            if puts:
+                kv.commit({}, puts, ())
+            settings = {
+                K_VERSION: str(LAYOUT_VERSION).encode(),
+                K_CONFIG: json.dumps(asdict(state.config)).encode(),
+                K_RING: json.dumps(state.ring).encode(),
+                K_NEXT_INO: u64(state.next_ino),
+            }
+            if state.ring_changed_ns:
+                settings[K_RING_CHANGED] = str(state.ring_changed_ns).encode()
+            if kv.commit({K_VERSION: 0, K_LOADING: rev}, settings, {K_LOADING}) is None:
+                raise UserError(f"{kv.name} was written by another client during the load")
+        except BaseException:
+            _wipe(kv)
+            raise
+
     # ------------------------------------------------------------------- fsck
 
     def describe(self) -> dict:
@@ -1284,6 +1405,44 @@ class KvMeta:
         self._run(lambda t: self._set_block(t, block_id, size, refcount))
 
 
+def _keys_of(rec: Record) -> list[tuple[bytes, bytes]]:
+    """The keys that say a dump's record, with the keys derived from it."""
+    if isinstance(rec, Inode):
+        keys = [(k_inode(rec.id), _enc_inode(_Rec(rec, 0)))]
+        return keys + [(k_unlinked(rec.id), b"")] if rec.nlink == 0 else keys
+    if isinstance(rec, Entry):
+        return [
+            (k_entry(rec.parent, rec.name), u64(rec.inode)),
+            (k_name(rec.inode, rec.parent, rec.name), b""),
+        ]
+    if isinstance(rec, Xattr):
+        return [(k_xattr(rec.inode, rec.name), rec.value)]
+    if isinstance(rec, FileExtent):
+        e = rec.extent
+        return [
+            (k_extent(rec.inode, e.end), _enc_extent(e)),
+            (k_user(e.block_id, rec.inode, e.offset), b""),
+        ]
+    if isinstance(rec, BlockRow):
+        b = _Block(rec.size, rec.refcount, rec.zero_since_ns)
+        keys = [(k_block(rec.id), _enc_block(b))]
+        if rec.refcount == 0 and rec.zero_since_ns is not None:
+            keys.append((k_garbage(rec.zero_since_ns, rec.id), b""))
+        return keys
+    if isinstance(rec, Degraded):
+        return [(k_degraded(rec.block_id), u64(rec.since_ns) + " ".join(rec.nodes).encode())]
+    raise TypeError(f"not a dump record: {rec!r}")
+
+
+def _wipe(kv: KV) -> None:
+    """Delete every key of a KV that a failed load wrote (best effort: logged if not)."""
+    try:
+        while rows := kv.scan(b"", b"\xff", LOAD_OPS):
+            kv.commit({}, {}, [k for k, _, _ in rows])
+    except Exception as e:
+        log.warning("deleting what a failed load wrote into %s failed: %s", kv.name, e)
+
+
 class ReadOnlyKV:
     """A KV that refuses every write: what a check reads through (`KvMeta.open`)."""
 
@@ -1308,6 +1467,9 @@ class ReadOnlyKV:
         if puts or deletes:
             raise ReadOnly(f"{self.name} is opened read-only: nothing may be written")
         return self.kv.commit(checks, {}, (), None, None)
+
+    def snapshot(self) -> AbstractContextManager[KVReader]:
+        return self.kv.snapshot()
 
     def lease_grant(self, ttl_s: float) -> int:
         raise ReadOnly(f"{self.name} is opened read-only: no lease may be taken")

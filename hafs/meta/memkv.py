@@ -3,7 +3,8 @@
 An ordered map (a sorted list of keys beside a dict), one global revision
 counter, and leases that end lazily: every call first ends the leases whose
 ttl has passed by `clock` (injectable, so tests end a lease by moving it on),
-deleting their keys in one revision, as etcd does.
+deleting their keys in one revision, as etcd does.  It keeps no history: a
+`snapshot` is a copy of the map (it is all in memory anyway).
 
 Concurrency: KvMeta calls a KV from worker threads; every method holds one
 threading.Lock for its whole duration, so each call is atomic.
@@ -14,7 +15,8 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .kv import LeaseNotFound
@@ -72,14 +74,14 @@ class MemKV:
     def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
         with self._lock:
             self._expire()
-            i = bisect.bisect_left(self._keys, start)
-            out = []
-            while i < len(self._keys) and self._keys[i] < end and len(out) < limit:
-                key = self._keys[i]
-                value, rev, _ = self._data[key]
-                out.append((key, value, rev))
-                i += 1
-            return out
+            return _scan(self._keys, self._data, start, end, limit)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[_Frozen]:
+        with self._lock:
+            self._expire()
+            frozen = _Frozen(list(self._keys), dict(self._data))
+        yield frozen
 
     def commit(
         self,
@@ -144,3 +146,31 @@ class MemKV:
 
     def close(self) -> None:
         pass
+
+
+class _Frozen:
+    """A copy of a MemKV's keys: reads of one moment (`MemKV.snapshot`)."""
+
+    def __init__(self, keys: list[bytes], data: dict[bytes, tuple]) -> None:
+        self._keys = keys
+        self._data = data
+
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        row = self._data.get(key)
+        return None if row is None else (row[0], row[1])
+
+    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
+        return _scan(self._keys, self._data, start, end, limit)
+
+
+def _scan(
+    keys: list[bytes], data: dict[bytes, tuple], start: bytes, end: bytes, limit: int
+) -> list[tuple[bytes, bytes, int]]:
+    """Up to `limit` (key, value, revision) with start <= key < end of a sorted key list."""
+    i = bisect.bisect_left(keys, start)
+    out = []
+    while i < len(keys) and keys[i] < end and len(out) < limit:
+        value, rev, _ = data[keys[i]]
+        out.append((keys[i], value, rev))
+        i += 1
+    return out

@@ -171,7 +171,7 @@ def test_damage_is_told_from_a_busy_database_and_integrity_is_checked(meta, tmp_
     why = meta.damaged(sqlite3.DatabaseError("database disk image is malformed"))
     assert "is damaged" in why and "malformed" in why
     assert meta.damaged(OSError(5, "EIO")) is None
-    assert meta.check_storage(10) == [] and ".recover" in meta.describe()["recover"]
+    assert meta.check_storage(10) == [] and "--salvage" in meta.describe()["recover"]
     meta.db.execute("PRAGMA writable_schema = ON")  # an index that disagrees with its table
     meta.db.execute(
         "UPDATE sqlite_master SET sql = 'CREATE INDEX dentries_inode ON dentries(parent)'"
