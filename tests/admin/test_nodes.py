@@ -56,7 +56,7 @@ def test_node_parses_both_serving_and_managing():
 
 def test_node_help_explains_both():
     p = hafs("node", "--help")
-    assert "--data DIR" in p.stdout and "{list,add,remove,set}" in p.stdout
+    assert "--data DIR" in p.stdout and "{list,add,remove,set,token,ca}" in p.stdout
     for sub in ("list", "add", "remove", "set"):
         hafs("node", sub, "--help")
 
@@ -113,7 +113,7 @@ def test_list_add_remove_set_through_the_cli(h, tmp_path):
         (["add", "{tmp}/d5", "--id", "bad/id"], "node id 'bad/id'"),
         (["add", "{tmp}/d5", "--weight", "0"], "needs a weight above 0"),
         (["add", "{tmp}/full"], "is not empty"),
-        (["add", "ftp://host:1"], "only http://HOST:PORT"),
+        (["add", "ftp://host:1"], "expected http://HOST:PORT or https://HOST:PORT"),
     ],
 )
 def test_refusals_change_nothing(h, tmp_path, args, message):
