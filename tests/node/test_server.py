@@ -36,8 +36,8 @@ from hafs.store import remote as remote_module
 from hafs.store.chunker import MAX_SIZE
 from hafs.store.dirstore import DirStore, block_id, read_identity
 from hafs.store.remote import (
-    NodeCertificateError,
     NodeAuthError,
+    NodeCertificateError,
     NodeError,
     NodeIdentityMismatch,
     NodeProtocolError,
