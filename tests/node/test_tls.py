@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from nodeproc import FS, ca_file, run_node, running, start_node, tls_files
+from nodeproc import FS, run_node, running, start_node, tls_files
 from prometheus_client.parser import text_string_to_metric_families
 
 from hafs.store.dirstore import block_id
