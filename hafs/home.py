@@ -259,8 +259,8 @@ def check_new_node(spec: NodeSpec, auth: NodeAuth) -> None:
                 f"node {spec.id} at {spec.address} refuses the token ({e}): give the node and"
                 " the filesystem the same token (--token-file)"
             ) from None
-        except NodeCertificateError as e:
-            raise UserError(str(e)) from None
+        except NodeCertificateError as e:  # probed before it has an id: name it here
+            raise UserError(f"node {spec.id} ({spec.address}): {e.message}") from None
         except NodeError as e:
             raise UserError(
                 f"node {spec.id} at {spec.address}: {e}; start 'hafs node --data DIR --listen"

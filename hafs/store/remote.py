@@ -143,6 +143,7 @@ class NodeError(StorageError, OSError):
         status: int | None = None,
     ) -> None:
         super().__init__(err, f"node {node_id} ({address}): {message}")
+        self.message = message  # without the node's name and address
         self.address = address
         self.node_id = node_id
         self.status = status
@@ -153,7 +154,7 @@ class NodeError(StorageError, OSError):
     def __reduce__(self):
         return (
             type(self),
-            (self.address, self.node_id, self.strerror, self.errno, self.status),
+            (self.address, self.node_id, self.message, self.errno, self.status),
         )
 
 

@@ -65,7 +65,7 @@ def test_a_node_whose_certificate_another_ca_signed_is_refused(ca, tmp_path):
         args = ["mkfs", "--home", c.mount.home, "--ca-file", ca_pem]
         p = hafs(*args, *[a for n in c.nodes for a in ("--node", n.url)], check=False)
         assert p.returncode == 2
-        assert p.stderr.startswith(f"hafs: node ? ({c.nodes[1].url}): its certificate is not")
+        assert p.stderr.startswith(f"hafs: node n2 ({c.nodes[1].url}): its certificate is not")
         assert "signed by the filesystem's CA" in p.stderr and "--ca-file" in p.stderr
         assert not (c.mount.home / "meta.db").exists()
         assert not (c.nodes[0].data / "hafs-node.json").exists(), "no node was claimed"
