@@ -97,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ADDRESS",
         default=None,
-        help="a node: a backing directory (empty or new) or the http://HOST:PORT of a 'hafs"
-        " node' serving an empty directory; repeat for each node (ids n1, n2, ... in this"
-        " order). Directories and remote nodes can be mixed.",
+        help="a node: a backing directory (empty or new) or the http://HOST:PORT (https://"
+        " with --tls-cert on the node) of a 'hafs node' serving an empty directory; repeat for"
+        " each node (ids n1, n2, ... in this order). Directories and remote nodes can be mixed.",
     )
     p.add_argument(
         "--write-quorum",
@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the bearer token the remote nodes were started with (their --token-file); it is"
         " kept in the filesystem's metadata",
+    )
+    p.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="FILE",
+        help="the CA certificate (PEM) that signed the https nodes' certificates; it is kept in"
+        " the filesystem's metadata (default: the system's CAs check them)",
     )
 
     p = sub.add_parser(
@@ -214,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         " only. Ctrl-C or SIGTERM stops it cleanly. With a subcommand instead, manage the"
         " nodes of a filesystem's ring: 'hafs node list|add|remove|set ... [--home DIR]'"
         " ('hafs node SUBCOMMAND --help'); each change makes a new ring version that running"
-        " mounts pick up within a second, and 'hafs rebalance' then moves the blocks.",
+        " mounts pick up within a second, and 'hafs rebalance' then moves the blocks. 'hafs node"
+        " token|ca' change the token or the CA the clients use for every node.",
     )
     node_mod.add_arguments(p)
     nodeadmin.add_subcommands(p, _home_arg)
@@ -339,6 +347,7 @@ def cmd_mkfs(args) -> int:
         args.replicas,
         args.node,
         token=home_mod.read_token_file(args.token_file),
+        ca_pem=home_mod.read_ca_file(args.ca_file),
         quorum=args.write_quorum,
     )
     print(f"created hafs filesystem {fs_uuid} in {args.meta or home}")
@@ -451,7 +460,7 @@ def cmd_node(args) -> int:
     if getattr(args, "data", None) is None:
         raise UserError(
             "give 'hafs node' --data DIR to serve a directory, or a subcommand (list, add,"
-            " remove, set) to manage a filesystem's nodes; see 'hafs node --help'"
+            " remove, set, token, ca) to manage a filesystem's nodes; see 'hafs node --help'"
         )
     from .node import server as node_mod
 

@@ -2,7 +2,7 @@
 
 Layout of HOME:
 
-    meta.db        SQLite metadata (WAL): the ring, R, W and the nodes' token live in it
+    meta.db        SQLite metadata (WAL): the ring, R, W, the nodes' token and CA live in it
     meta.url       instead of meta.db, in cluster mode: the etcd URL of the metadata
                    (HOME is then only this client's local state: log, pid files)
     nodes/n1 ...   the default backing directories (mkfs without --node)
@@ -17,7 +17,9 @@ the URL in it, so the same code serves the embedded and the cluster mode.
 dump instead of new); `open_fs` checks everything a mount needs and modifies
 nothing when it refuses.  `open_store` is the one place that turns a
 node of the ring into a block store: a backing directory (DirStore) or, for an
-http:// address, the client of a `hafs node` server (RemoteStore).
+http:// or https:// address, the client of a `hafs node` server (RemoteStore),
+with the filesystem's credentials (`node_auth`: the token and the CA, re-read
+from the metadata when a node refuses them).
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from .errors import MetaDamaged, UserError
 from .meta import FsConfig, FsState, MetaStore, Record, now_ns
 from .meta.sqlite import SqliteMeta
 from .store.dirstore import DirStore
-from .store.remote import NodeAuthError, NodeError, RemoteStore
+from .store.remote import (
+    NodeAuth,
+    NodeAuthError,
+    NodeCertificateError,
+    NodeError,
+    RemoteStore,
+    check_token,
+    tls_context,
+)
 from .store.ring import NodeSpec, Ring
 
 DEFAULT_REPLICAS = 2
@@ -101,15 +111,57 @@ def is_remote(address: str) -> bool:
 
 
 def read_token_file(path: Path | None) -> str | None:
+    """The token in `path` (None: no file given); UserError if it holds none, or several."""
     if path is None:
         return None
     try:
-        token = Path(path).read_text().strip()
-    except OSError as e:
-        raise UserError(f"cannot read the token file {path}: {e.strerror}") from None
-    if not token:
-        raise UserError(f"the token file {path} is empty: put the nodes' bearer token in it")
-    return token
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the token file {path}: {getattr(e, 'strerror', e)}") from None
+    if len(lines) != 1:
+        raise UserError(
+            f"the token file {path} holds {'no token' if not lines else f'{len(lines)} lines'}:"
+            " give a file with the nodes' bearer token on one line"
+        )
+    try:
+        return check_token(lines[0])
+    except UserError:
+        raise UserError(
+            f"the token in {path} must be printable ASCII without spaces (e.g. the output of"
+            " 'openssl rand -hex 32')"
+        ) from None
+
+
+def read_ca_file(path: Path | None) -> str | None:
+    """The PEM text of the CA certificate(s) in `path` (None: no file given); UserError
+    if it holds no certificate."""
+    if path is None:
+        return None
+    try:
+        pem = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the CA file {path}: {getattr(e, 'strerror', e)}") from None
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise UserError(
+            f"the CA file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----): give"
+            " the certificate of the CA that signed the nodes' --tls-cert"
+        )
+    try:
+        tls_context(pem)
+    except UserError as e:
+        raise UserError(f"the CA file {path}: {e}") from None
+    return pem
+
+
+def node_auth(meta: MetaStore) -> NodeAuth:
+    """The credentials of the filesystem's nodes, re-read from `meta` when one refuses them."""
+    config = meta.config()
+
+    def reload() -> tuple[str | None, str | None]:
+        fresh = meta.fresh_config()
+        return fresh.node_token, fresh.ca_pem
+
+    return NodeAuth(config.node_token, config.ca_pem, reload)
 
 
 def write_quorum(replicas: int) -> int:
@@ -123,13 +175,16 @@ def create(
     nodes: list[str] | None = None,
     *,
     token: str | None = None,
+    ca_pem: str | None = None,
     quorum: int | None = None,
 ) -> str:
     """Create a filesystem in `home`; returns its uuid.  Refuses to touch an existing one.
 
-    A node is a backing directory (empty or new) or the http:// address of a
-    `hafs node` serving an unclaimed directory; mkfs claims it (writes the node's
-    identity) once every node has been checked.
+    A node is a backing directory (empty or new) or the http:// (https://) address
+    of a `hafs node` serving an unclaimed directory; mkfs claims it (writes the
+    node's identity) once every node has been checked.  `token`: the nodes' bearer
+    token; `ca_pem`: the CA their certificates are checked against (None: the
+    system's CAs); both are kept in the configuration.
     """
     home = home.absolute()
     url = meta_url(home)
@@ -154,22 +209,30 @@ def create(
     fs_uuid = str(uuid.uuid4())
     specs = [NodeSpec(id=f"n{i + 1}", address=a) for i, a in enumerate(addresses)]
     # Check every node before creating anything.
+    auth = NodeAuth(token, ca_pem)
     for spec in specs:
-        check_new_node(spec, token)
+        check_new_node(spec, auth)
     home.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        init_node(spec, fs_uuid, token)
+        init_node(spec, fs_uuid, auth)
     ring = Ring(specs, version=1)
-    config = FsConfig(fs_uuid, replicas, quorum, token, now_ns())
+    config = FsConfig(fs_uuid, replicas, quorum, token, now_ns(), ca_pem)
     if url is not None:
         from .meta.etcd import create_etcd
 
         create_etcd(url, config, ring.to_json(), os.getuid(), os.getgid()).close()
         return fs_uuid
     SqliteMeta.create(meta_path(home), config, ring.to_json(), os.getuid(), os.getgid()).close()
-    if token is not None:  # the token is a secret: SQLite gives -wal and -shm the same mode
-        os.chmod(meta_path(home), 0o600)
+    if token is not None:
+        keep_secret(home)
     return fs_uuid
+
+
+def keep_secret(home: Path) -> None:
+    """Make an embedded filesystem's database readable by its owner only (it holds the
+    token); SQLite gives -wal and -shm the same mode."""
+    if meta_path(home).exists():
+        os.chmod(meta_path(home), 0o600)
 
 
 def load(home: Path, state: FsState, records: Iterable[Record]) -> str:
@@ -197,6 +260,8 @@ def load(home: Path, state: FsState, records: Iterable[Record]) -> str:
         if made:
             home.rmdir()
         raise
+    if state.config.node_token is not None:
+        keep_secret(home)
     return str(meta_path(home))
 
 
@@ -220,16 +285,18 @@ def _check_new_etcd(url: str) -> None:
         kv.close()
 
 
-def check_new_node(spec: NodeSpec, token: str | None) -> None:
+def check_new_node(spec: NodeSpec, auth: NodeAuth) -> None:
     """Refuse (UserError) a node that cannot become `spec.id` of a new filesystem."""
     if is_remote(spec.address):
         try:
-            node_id, fs_uuid = RemoteStore.probe(spec.address, token=token)
+            node_id, fs_uuid = RemoteStore.probe(spec.address, auth=auth)
         except NodeAuthError as e:
             raise UserError(
                 f"node {spec.id} at {spec.address} refuses the token ({e}): give the node and"
                 " the filesystem the same token (--token-file)"
             ) from None
+        except NodeCertificateError as e:  # probed before it has an id: name it here
+            raise UserError(f"node {spec.id} ({spec.address}): {e.message}") from None
         except NodeError as e:
             raise UserError(
                 f"node {spec.id} at {spec.address}: {e}; start 'hafs node --data DIR --listen"
@@ -248,11 +315,11 @@ def check_new_node(spec: NodeSpec, token: str | None) -> None:
         )
 
 
-def init_node(spec: NodeSpec, fs_uuid: str, token: str | None) -> None:
+def init_node(spec: NodeSpec, fs_uuid: str, auth: NodeAuth) -> None:
     """Make the node `spec.id` of filesystem `fs_uuid` (after `check_new_node`)."""
     if is_remote(spec.address):
         try:
-            RemoteStore.claim(spec.address, spec.id, fs_uuid, token=token)
+            RemoteStore.claim(spec.address, spec.id, fs_uuid, auth=auth)
         except NodeError as e:
             raise UserError(f"node {spec.id} at {spec.address}: claiming it failed: {e}") from None
     else:
@@ -260,9 +327,9 @@ def init_node(spec: NodeSpec, fs_uuid: str, token: str | None) -> None:
 
 
 def open_store(
-    spec: NodeSpec, fs_uuid: str, token: str | None = None, timeout: float | None = None
+    spec: NodeSpec, fs_uuid: str, auth: NodeAuth | None = None, timeout: float | None = None
 ) -> DirStore | RemoteStore:
-    """The block store of one node of the ring.
+    """The block store of one node of the ring (`auth`: the filesystem's `node_auth`).
 
     A backing directory is opened and its identity checked here (UserError when it
     is missing or foreign).  A remote node is not contacted: it may be down now and
@@ -270,7 +337,7 @@ def open_store(
     """
     if is_remote(spec.address):
         kwargs = {} if timeout is None else {"timeout": timeout}
-        return RemoteStore(spec.address, spec.id, fs_uuid, token=token, **kwargs)
+        return RemoteStore(spec.address, spec.id, fs_uuid, auth=auth, **kwargs)
     return DirStore.open(spec.address, spec.id, fs_uuid)
 
 
@@ -281,6 +348,7 @@ class Filesystem:
     config: FsConfig
     ring: Ring
     stores: dict[str, DirStore | RemoteStore]
+    auth: NodeAuth  # shared by the remote stores: a node joining the ring gets it too
 
     @property
     def replicas(self) -> int:
@@ -344,8 +412,9 @@ def open_fs(
     try:
         config = meta.config()
         ring = Ring.from_json(meta.ring())
+        auth = node_auth(meta)
         stores = {
-            spec.id: open_store(spec, config.fs_uuid, config.node_token, node_timeout)
+            spec.id: open_store(spec, config.fs_uuid, auth, node_timeout)
             for spec in ring.nodes.values()
         }
     except MetaDamaged as e:
@@ -354,15 +423,16 @@ def open_fs(
     except BaseException:
         meta.close()
         raise
-    return Filesystem(home, meta, config, ring, stores)
+    return Filesystem(home, meta, config, ring, stores, auth)
 
 
 def check_remote_nodes(fs: Filesystem) -> dict[str, str]:
     """Ask every remote node who it is (in parallel); returns {node id: why} of unreachable ones.
 
-    A node that answers as another node or filesystem, or refuses the token, is a
-    configuration error: UserError.  An unreachable one is only down (invariant 4:
-    the mount works while up to R-1 nodes are down).
+    A node that answers as another node or filesystem, refuses the token or shows a
+    certificate the CA does not sign, is a configuration error: UserError.  An
+    unreachable one is only down (invariant 4: the mount works while up to R-1 nodes
+    are down).
     """
     remote = [s for s in fs.stores.values() if isinstance(s, RemoteStore)]
     down: dict[str, str] = {}
@@ -372,9 +442,10 @@ def check_remote_nodes(fs: Filesystem) -> dict[str, str]:
             store.check_identity()
         except NodeAuthError as e:
             raise UserError(
-                f"node {store.node_id} at {store.address} refuses the filesystem's token ({e}):"
-                " give the node and the filesystem the same token"
+                f"node {store.node_id} at {store.address} refuses the filesystem's token ({e})"
             ) from None
+        except NodeCertificateError as e:
+            raise UserError(str(e)) from None
         except NodeError as e:
             down[store.node_id] = str(e)
 

@@ -387,7 +387,13 @@ async def _serve(
     )
     for node_id, why in down.items():
         placement.health.mark_down(node_id, why)
-    vfs = Vfs(fs.meta, placement, opts, read_only=read_only)
+    vfs = Vfs(
+        fs.meta,
+        placement,
+        opts,
+        lambda spec: home_mod.open_store(spec, fs.fs_uuid, fs.auth, opts.node_timeout_s),
+        read_only=read_only,
+    )
     ops = FuseOps(vfs)
     options = set(pyfuse3.default_options) | {f"fsname=hafs:{fs.home}", "subtype=hafs"}
     options |= fuse_opts

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HafsError, UserError
-from ..home import holds_fs, open_meta, open_store
+from ..home import holds_fs, node_auth, open_meta, open_store
 from ..meta import MetaStore
 from ..store.dirstore import DirStore
 from ..store.placement import NodeHealth
@@ -356,7 +356,7 @@ class Rebalancer:
         self.dry_run = report.dry_run
         config = meta.config()
         self.fs_uuid = config.fs_uuid
-        self.token = config.node_token
+        self.auth = node_auth(meta)
         self.replicas = config.replicas
         self.stores: dict[str, Store | None] = {}  # None: could not be opened
         self._addresses: dict[str, str] = {}
@@ -414,7 +414,7 @@ class Rebalancer:
                 continue
             self._addresses[spec.id] = spec.address
             try:
-                store = open_store(spec, self.fs_uuid, self.token, NODE_TIMEOUT_S)
+                store = open_store(spec, self.fs_uuid, self.auth, NODE_TIMEOUT_S)
                 if isinstance(store, RemoteStore):
                     store.check_identity()
             except (HafsError, OSError) as e:

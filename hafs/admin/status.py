@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .. import home as home_mod
 from ..errors import HafsError
+from ..store.remote import NodeAuth
 from ..store.ring import Ring
 
 NODE_TIMEOUT_S = 5.0  # a remote node that does not answer within this is shown down
@@ -41,7 +42,7 @@ def ring_shares(ring: Ring, replicas: int, samples: int = SHARE_SAMPLES) -> dict
 
 
 def node_table(
-    ring: Ring, fs_uuid: str, token: str | None, replicas: int, timeout: float = NODE_TIMEOUT_S
+    ring: Ring, fs_uuid: str, auth: NodeAuth, replicas: int, timeout: float = NODE_TIMEOUT_S
 ) -> list[dict]:
     """One row per node of `ring`: its spec, state, what it holds, its shares.
 
@@ -52,7 +53,7 @@ def node_table(
 
     def usage(spec):
         try:
-            store = home_mod.open_store(spec, fs_uuid, token, timeout)
+            store = home_mod.open_store(spec, fs_uuid, auth, timeout)
         except (HafsError, OSError) as e:
             return None, str(e)
         try:
@@ -96,7 +97,8 @@ def gather(home: Path) -> dict:
     meta = home_mod.open_meta(home)
     try:
         config = meta.config()
-        fs_uuid, replicas, node_token = config.fs_uuid, config.replicas, config.node_token
+        fs_uuid, replicas = config.fs_uuid, config.replicas
+        auth = NodeAuth(config.node_token, config.ca_pem)  # the metadata is closed when used
         ring = Ring.from_json(meta.ring())
         usage = meta.usage()
         logical, stored, count, files = (
@@ -143,7 +145,7 @@ def gather(home: Path) -> dict:
         "unique_blocks": count,
         "dedup_ratio": round(logical / stored, 3) if stored else None,
         "degraded_blocks": degraded,
-        "nodes": node_table(ring, fs_uuid, node_token, replicas),
+        "nodes": node_table(ring, fs_uuid, auth, replicas),
         "locks": locks,
     }
 

@@ -88,7 +88,8 @@ class Vfs:
     ) -> None:
         """meta: the metadata engine (its lock service and sessions are the mount's).
         open_store(spec): the block store of a node that joins the ring while mounted
-        (default: `home.open_store` with the filesystem's uuid and node token).
+        (default: `home.open_store` with the filesystem's uuid and credentials: pass the
+        `home.node_auth` the other stores share, so that all follow a change at once).
         read_only: a `-o ro` mount (the kernel refuses writes): no background loop
         that writes runs (garbage collection, repair, the purge of unlinked inodes)."""
         self.engine = meta
@@ -254,13 +255,11 @@ class Vfs:
 
     async def _store_opener(self) -> Callable[[NodeSpec], object]:
         if self._open_store is None:
-            from ..home import open_store  # the mount's default; tests may pass their own
+            from ..home import node_auth, open_store  # tests may pass their own
 
             config = await self.meta.config()
-            timeout = self.opts.node_timeout_s
-            self._open_store = lambda spec: open_store(
-                spec, config.fs_uuid, config.node_token, timeout
-            )
+            auth, timeout = node_auth(self.engine), self.opts.node_timeout_s
+            self._open_store = lambda spec: open_store(spec, config.fs_uuid, auth, timeout)
         return self._open_store
 
     def _note_degraded(self, block_id: str, nodes: list[str]) -> None:

@@ -121,6 +121,18 @@ class FsConfig:
     write_quorum: int  # W
     node_token: str | None  # bearer token of the block nodes
     created_ns: int
+    ca_pem: str | None = None  # the CA (PEM) the nodes' TLS certificates are checked against;
+    # None: the system's CAs (a configuration written before this field reads as None)
+
+
+CHANGEABLE_CONFIG = ("node_token", "ca_pem")  # what `MetaStore.update_config` may change
+
+
+def check_config_changes(changes: dict) -> None:
+    """Refuse (ValueError) a change of a configuration field that never changes."""
+    fixed = sorted(set(changes) - set(CHANGEABLE_CONFIG))
+    if fixed:
+        raise ValueError(f"the configuration's {', '.join(fixed)} cannot be changed")
 
 
 @dataclass(frozen=True)
@@ -241,7 +253,16 @@ class MetaStore(Protocol):
         """Make every committed transaction durable (fsync, or a no-op where commits are)."""
 
     # configuration and ring
-    def config(self) -> FsConfig: ...
+    def config(self) -> FsConfig:
+        """The configuration, read once (cached)."""
+
+    def fresh_config(self) -> FsConfig:
+        """The configuration as stored now (not cached); callable from any thread (a
+        node client that was refused re-reads the token and CA with it)."""
+
+    def update_config(self, **changes: str | None) -> FsConfig:
+        """Change the fields of CHANGEABLE_CONFIG (`hafs node token`, `hafs node ca`) in
+        one transaction; returns the new configuration.  The others never change."""
     def ring(self) -> dict:
         """The ring description: {"version": N, "nodes": [{id, address, weight, zone, state}]}."""
 

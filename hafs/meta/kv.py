@@ -8,7 +8,8 @@ Key layout (LAYOUT_VERSION 1).  Integers are 8-byte big-endian, so key order
 is numeric order; `+` is concatenation; names and block ids are raw bytes.
 
     Mversion                  layout version (ASCII int); absent: no hafs filesystem here
-    Mconfig                   FsConfig as JSON
+    Mconfig                   FsConfig as JSON (ca_pem left out while None: an older hafs
+                              reads it)
     Mring                     the ring description as JSON ({"version": N, "nodes": [...]})
     Mring_changed             when the ring last got a new version (ASCII ns; absent: 0)
     Mnext_ino                 the lowest inode number never handed out (clients take 64 at once)
@@ -91,7 +92,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from ..errors import FsError, HafsError, LockLost, UserError
@@ -111,6 +112,7 @@ from . import (
     Record,
     Usage,
     Xattr,
+    check_config_changes,
     check_name,
     check_xattr,
     now_ns,
@@ -212,6 +214,13 @@ K_RING = b"Mring"
 K_RING_CHANGED = b"Mring_changed"
 K_NEXT_INO = b"Mnext_ino"
 K_LOADING = b"Mloading"
+
+
+def _config_json(config: FsConfig) -> bytes:
+    fields = asdict(config)
+    if fields["ca_pem"] is None:
+        del fields["ca_pem"]
+    return json.dumps(fields).encode()
 
 
 def k_inode(ino: int) -> bytes:
@@ -446,7 +455,7 @@ class KvMeta:
         root = Inode(ROOT_INODE, 0o40755, root_uid, root_gid, 2, 0, t, t, t, 0, None)
         puts = {
             K_VERSION: str(LAYOUT_VERSION).encode(),
-            K_CONFIG: json.dumps(asdict(config)).encode(),
+            K_CONFIG: _config_json(config),
             K_RING: json.dumps(ring).encode(),
             K_NEXT_INO: u64(ROOT_INODE + 1),
             k_inode(ROOT_INODE): _enc_inode(_Rec(root, 0)),
@@ -547,7 +556,21 @@ class KvMeta:
 
     def config(self) -> FsConfig:
         if self._config is None:
-            self._config = FsConfig(**json.loads(self.kv.get(K_CONFIG)[0]))
+            self._config = self.fresh_config()
+        return self._config
+
+    def fresh_config(self) -> FsConfig:
+        return FsConfig(**json.loads(self.kv.get(K_CONFIG)[0]))  # an older one lacks ca_pem
+
+    def update_config(self, **changes: str | None) -> FsConfig:
+        check_config_changes(changes)
+
+        def op(t: Txn) -> FsConfig:
+            config = replace(FsConfig(**json.loads(t.get(K_CONFIG))), **changes)
+            t.put(K_CONFIG, _config_json(config))
+            return config
+
+        self._config = self._run(op)
         return self._config
 
     def ring(self) -> dict:
@@ -1238,7 +1261,7 @@ class KvMeta:
                 kv.commit({}, puts, ())
             settings = {
                 K_VERSION: str(LAYOUT_VERSION).encode(),
-                K_CONFIG: json.dumps(asdict(state.config)).encode(),
+                K_CONFIG: _config_json(state.config),
                 K_RING: json.dumps(state.ring).encode(),
                 K_NEXT_INO: u64(state.next_ino),
             }

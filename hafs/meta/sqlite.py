@@ -48,6 +48,7 @@ from . import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     ROOT_INODE,
+    CHANGEABLE_CONFIG,
     BlockRow,
     Degraded,
     Dentry,
@@ -61,6 +62,7 @@ from . import (
     SessionInfo,
     Usage,
     Xattr,
+    check_config_changes,
     check_name,
     check_xattr,
     now_ns,
@@ -81,9 +83,11 @@ RECOVER_HINT = (
 
 SCHEMA = """
 -- Key/value settings of the filesystem.  Keys: fs_uuid, replicas (R),
--- ring (JSON: {"version": N, "nodes": [{id, address, weight, zone, state}]}),
--- ring_changed_ns (when the ring last got a new version; absent: at mkfs),
--- created_ns.
+-- write_quorum (W; absent: a majority of R), node_token (the nodes' bearer
+-- token; absent: none), ca_pem (the CA, PEM, the nodes' TLS certificates are
+-- checked against; absent: the system's CAs), ring (JSON: {"version": N,
+-- "nodes": [{id, address, weight, zone, state}]}), ring_changed_ns (when the
+-- ring last got a new version; absent: at mkfs), created_ns.
 CREATE TABLE settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -310,8 +314,9 @@ def settings_of(config: FsConfig, ring: dict, ring_changed_ns: int = 0) -> dict[
         "ring": json.dumps(ring),
         "created_ns": str(config.created_ns),
     }
-    if config.node_token is not None:
-        settings["node_token"] = config.node_token
+    for key in CHANGEABLE_CONFIG:  # absent: None
+        if getattr(config, key) is not None:
+            settings[key] = getattr(config, key)
     if ring_changed_ns:
         settings["ring_changed_ns"] = str(ring_changed_ns)
     return settings
@@ -326,6 +331,7 @@ def config_of(settings: dict[str, str]) -> FsConfig:
         write_quorum=int(settings.get("write_quorum", replicas // 2 + 1)),
         node_token=settings.get("node_token"),
         created_ns=int(settings.get("created_ns", 0)),
+        ca_pem=settings.get("ca_pem"),
     )
 
 
@@ -561,14 +567,36 @@ class SqliteMeta:
 
     def config(self) -> FsConfig:
         if self._config is None:
-            values = dict(self.db.execute("SELECT key, value FROM settings"))
-            try:
-                self._config = config_of(values)
-            except (KeyError, ValueError) as e:
-                raise UserError(
-                    f"metadata database {self.path} lacks a valid setting {e}: run 'hafs fsck'"
-                ) from None
+            self._config = self._config_of(self.db)
         return self._config
+
+    def _config_of(self, db: sqlite3.Connection) -> FsConfig:
+        values = dict(db.execute("SELECT key, value FROM settings"))
+        try:
+            return config_of(values)
+        except (KeyError, ValueError) as e:
+            raise UserError(
+                f"metadata database {self.path} lacks a valid setting {e}: run 'hafs fsck'"
+            ) from None
+
+    def fresh_config(self) -> FsConfig:
+        """Read through a connection of its own: the main one belongs to the caller's thread."""
+        db = _connect(self.path, read_only=True)
+        try:
+            return self._config_of(db)
+        finally:
+            db.close()
+
+    def update_config(self, **changes: str | None) -> FsConfig:
+        check_config_changes(changes)
+        with self.txn():
+            for key, value in changes.items():
+                if value is None:
+                    self.db.execute("DELETE FROM settings WHERE key = ?", (key,))
+                else:
+                    self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+        self._config = None
+        return self.config()
 
     def ring(self) -> dict:
         text = self._setting("ring")

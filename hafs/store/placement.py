@@ -44,8 +44,9 @@ timeout) is tried once more after a jittered backoff, if no other node served
 the read or the write still lacks its quorum.
 
 Node health (`NodeHealth`, the one place it is kept): a node that refuses
-connections, or answers as another node, is down at once; a timeout or another
-failure is a strike, and STRIKES in a row make it down, as does a timeout of a
+connections or our token, shows a certificate we do not trust, or answers as
+another node, is down at once; a timeout or another failure is a strike, and
+STRIKES in a row make it down, as does a timeout of a
 call during which no other call to the node succeeded (it hangs); any answer (a
 success, a missing block, a full disk) clears the strikes.  `probe_loop` pings the down
 nodes every few seconds in its own threads and brings back those that answer
@@ -85,7 +86,14 @@ from ..errors import BlockCorrupt, BlockMissing, NoSpace, QuorumLost, one_error
 from ..metrics import MountMetrics
 from .chunker import MAX_SIZE
 from .dirstore import DirStore
-from .remote import DEFAULT_TIMEOUT_S, NodeRefused, NodeTimeout, NodeUnavailable, RemoteStore
+from .remote import (
+    DEFAULT_TIMEOUT_S,
+    NodeCertificateError,
+    NodeRefused,
+    NodeTimeout,
+    NodeUnavailable,
+    RemoteStore,
+)
 from .restore import DropResult, RestoreResult, drop_extra, restore
 from .ring import Ring
 
@@ -147,9 +155,9 @@ class NodeHealth:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             self.success(node_id)  # a full disk: the node answers, it is not failing
             return
-        immediate = isinstance(exc, NodeUnavailable | NodeRefused) and not isinstance(
-            exc, NodeTimeout
-        )
+        immediate = isinstance(
+            exc, NodeUnavailable | NodeRefused | NodeCertificateError
+        ) and not isinstance(exc, NodeTimeout)
         if isinstance(exc, NodeRefused) and exc.status not in (401, 409, None):
             immediate = False  # a disk error or a refused body: the node itself answers
         with self._lock:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import trio
@@ -149,6 +149,26 @@ def test_config_and_ring_compare_and_set(engine):
     assert m.ring() == new and m.ring_changed_ns() > 0
     assert not m.replace_ring({**RING, "version": 3}, expect_version=1)
     assert m.ring() == new
+
+
+def test_the_token_and_ca_change_and_other_clients_read_them_fresh(engine):
+    m = engine.meta
+    other = engine.client("b")
+    assert other.config() == CONFIG and CONFIG.ca_pem is None  # written without one: None
+    new = m.update_config(node_token="tok2", ca_pem="PEM")
+    assert new == replace(CONFIG, node_token="tok2", ca_pem="PEM") == m.config()
+    assert other.config() == CONFIG  # read once
+    assert other.fresh_config() == new
+    got = []  # from another thread, as a refused node client re-reads it
+    t = threading.Thread(target=lambda: got.append(other.fresh_config()))
+    t.start()
+    t.join()
+    assert got == [new]
+    assert m.update_config(node_token=None).node_token is None
+    assert other.fresh_config() == replace(new, node_token=None)
+    with pytest.raises(ValueError):
+        m.update_config(replicas=3)
+    assert other.fresh_config().replicas == CONFIG.replicas
 
 
 def test_root_and_new_inodes(engine):

@@ -37,6 +37,7 @@ from hafs.store.chunker import MAX_SIZE
 from hafs.store.dirstore import DirStore, block_id, read_identity
 from hafs.store.remote import (
     NodeAuthError,
+    NodeCertificateError,
     NodeError,
     NodeIdentityMismatch,
     NodeProtocolError,
@@ -1087,7 +1088,7 @@ def test_https(tmp_path: Path, monkeypatch) -> None:
         assert server.connections == 1
         monkeypatch.delenv("SSL_CERT_FILE")
         with RemoteStore(server.url, "n1", FS, timeout=5) as store:
-            with pytest.raises(NodeUnavailable, match="certificate"):
+            with pytest.raises(NodeCertificateError, match="not signed by the system's CAs"):
                 store.get(block_id(good))
 
 
