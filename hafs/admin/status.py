@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .. import home as home_mod
 from ..errors import HafsError
+from ..meta import LEAD_ROLE
 from ..store.ring import Ring
 
 NODE_TIMEOUT_S = 5.0  # a remote node that does not answer within this is shown down
@@ -118,6 +119,7 @@ def gather(home: Path) -> dict:
             }
             for lock in meta.locks.held()
         ]
+        leader = meta.sessions.leader(LEAD_ROLE)  # None: every mount runs gc and repair
         sessions = [
             {
                 "host": s.host,
@@ -125,6 +127,7 @@ def gather(home: Path) -> dict:
                 "pid": s.pid,
                 "version": s.version,
                 "since_s": round((now - s.since_ns) / 1e9, 1),
+                "leader": leader is None or leader == s.id,  # runs gc and repair
             }
             for s in meta.sessions.alive()
             if s.kind == "mount"
@@ -202,7 +205,7 @@ def render(r: dict) -> str:
     for m in r["mounts"]:
         lines.append(
             f"  {m['host']}:{m['mountpoint']}  pid {m['pid']}  hafs {m['version']}"
-            f"  for {m['since_s']} s"
+            f"  for {m['since_s']} s{'  (runs gc and repair)' if m['leader'] else ''}"
         )
     lines += ["", f"write locks held: {len(r['locks'])}"]
     for lk in r["locks"]:
