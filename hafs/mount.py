@@ -416,13 +416,16 @@ async def _serve(
 
 
 async def _session_loop(vfs: Vfs, session, ttl_s: float) -> None:
-    """Renew this mount's session a few times per lease; reap the sessions of mounts that
-    died (the engine deletes the files they kept open after their unlink)."""
+    """Renew this mount's session (and so its lease) a few times per lease; while this
+    mount leads, reap the sessions of mounts that died (the engine deletes the files they
+    kept open after their unlink)."""
     sessions = vfs.meta.sessions
     while True:
         await trio.sleep(ttl_s / 4)
         try:
             session = await sessions.renew(session)
+            if not await vfs.lead():
+                continue
             for dead in await sessions.reap():
                 log.warning(
                     "SESSION-ENDED of the mount at %s:%s (pid %d): it stopped renewing its lease",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .. import home as home_mod
 from ..errors import HafsError
+from ..meta import LEAD_ROLE
 from ..store.remote import NodeAuth
 from ..store.ring import Ring
 
@@ -120,6 +121,7 @@ def gather(home: Path) -> dict:
             }
             for lock in meta.locks.held()
         ]
+        leader = meta.sessions.leader(LEAD_ROLE)  # None: every mount runs gc and repair
         sessions = [
             {
                 "host": s.host,
@@ -127,6 +129,7 @@ def gather(home: Path) -> dict:
                 "pid": s.pid,
                 "version": s.version,
                 "since_s": round((now - s.since_ns) / 1e9, 1),
+                "leader": leader is None or leader == s.id,  # runs gc and repair
             }
             for s in meta.sessions.alive()
             if s.kind == "mount"
@@ -204,7 +207,7 @@ def render(r: dict) -> str:
     for m in r["mounts"]:
         lines.append(
             f"  {m['host']}:{m['mountpoint']}  pid {m['pid']}  hafs {m['version']}"
-            f"  for {m['since_s']} s"
+            f"  for {m['since_s']} s{'  (runs gc and repair)' if m['leader'] else ''}"
         )
     lines += ["", f"write locks held: {len(r['locks'])}"]
     for lk in r["locks"]:

@@ -226,15 +226,21 @@ class FileState:
             await self.lose_lock(str(e))
             self._raise_error()
 
-    def _token(self) -> int | None:
-        return self.lease.token if self.lease is not None else None
+    def _token(self) -> int:
+        """The token of the write lock the file's changes are made under.  Without one
+        (lost while a flush or truncate waited) nothing may be committed: an unfenced
+        commit would overwrite the next writer's data."""
+        if self.lease is None:
+            raise LockLost(f"inode {self.ino}: its write lock was lost")
+        return self.lease.token
 
     async def lose_lock(self, why: str) -> None:
-        """The lease is gone: drop the uncommitted changes; fsync and close report EIO."""
+        """The lease is gone: drop the uncommitted changes; fsync and close report EIO.
+        The error is set before the await for the path: an fsync meanwhile reports it."""
         self._drop_changes()
+        self.error = LockLost(f"write lock of inode {self.ino} lost: {why}")
         path = await self.s.meta.path_of(self.ino)
         log.error("LOCK-LOST %s: %s; its uncommitted writes are dropped", path, why)
-        self.error = LockLost(f"write lock of {path} lost: {why}")
 
     def _drop_changes(self) -> None:
         self.s.page_versions.pop(self.ino, None)  # the kernel has bytes that were not committed
@@ -319,6 +325,7 @@ class FileState:
         False if nothing could be flushed yet (one growing block of a stream).
         Runs under `lock`.
         """
+        token = self._token()  # the lease the bytes were written under, even if lost meanwhile
         start, end, exts = await self._widen(seg_start, seg_end)
         # a region still being stored must be committed before this one reads its extents
         await self._wait_pending(
@@ -351,7 +358,7 @@ class FileState:
             self._finish_region(pieces, failed=True)
             raise
         self.pending.append((start, end))
-        self.s.nursery.start_soon(self._store_and_commit, start, end, blocks, pieces, self._token())
+        self.s.nursery.start_soon(self._store_and_commit, start, end, blocks, pieces, token)
         return True
 
     def _finish_region(self, pieces: list[tuple[int, bytes]], failed: bool) -> None:
@@ -362,7 +369,7 @@ class FileState:
         self.s.budget.release(sum(len(d) for _, d in pieces))
 
     async def _store_and_commit(
-        self, start: int, end: int, blocks: list, pieces: list, token: int | None
+        self, start: int, end: int, blocks: list, pieces: list, token: int
     ) -> None:
         new = [
             Extent(start + off, length, bid) for off, length, bid, _ in blocks if bid is not None

@@ -16,10 +16,13 @@ Concurrency rules (trio, one thread):
   whose last name is gone is deleted only once the kernel forgot it and no
   handle has it open (then its blocks are released).
 - Background work (flushes, read-ahead, garbage collection, ring reloads)
-  runs in the nursery given to `run`.
+  runs in the nursery given to `run`.  Garbage collection and repair run only
+  while this mount is elected to LEAD_ROLE (`lead`: on etcd one client at a
+  time; the embedded engine elects every mount).
 - A new ring version (from `hafs node` or `hafs rebalance`) is swapped into
   the placement between two awaits (`reload_ring`); a put, get or delete that
-  began on the previous version goes on with the stores it started with.
+  began on the previous version goes on with the stores it started with.  The
+  engine says when to look (`wait_ring`: a watch on etcd, a poll otherwise).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import dataclass, replace
 import trio
 
 from ..errors import BlockMissing, FsError, HafsError, LockLost
-from ..meta import NAME_MAX, AsyncMeta, Dentry, Inode, MetaStore, now_ns
+from ..meta import LEAD_ROLE, NAME_MAX, AsyncMeta, Dentry, Inode, MetaStore, now_ns
 from ..store.chunker import MiB
 from ..store.dirstore import DirStore, disk_id
 from ..store.placement import Placement, writable_bytes
@@ -113,6 +116,7 @@ class Vfs:
         self.dir_handles: dict[int, int] = {}
         self._next_fh = 1
         self.shared: Shared | None = None
+        self.leading = False  # elected to LEAD_ROLE at the last look (`lead`)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -146,14 +150,15 @@ class Vfs:
             )
             self.metrics.buffer_limit.set(self.shared.budget.limit)
             if not self.read_only:
-                nursery.start_soon(self._every, self.opts.gc_interval_s, self.collect_garbage)
+                gc = self._when_leading(self.collect_garbage)
+                nursery.start_soon(self._every, self.opts.gc_interval_s, gc)
                 nursery.start_soon(self._every, 1.0, self.record_degraded)
                 if self.opts.repair_interval_s > 0:
                     every = self.opts.repair_interval_s
-                    nursery.start_soon(self._every, every, self.repair_degraded)
+                    nursery.start_soon(self._every, every, self._when_leading(self.repair_degraded))
             nursery.start_soon(self._every, self.opts.lock_ttl_s / 4, self._keepalive)
             nursery.start_soon(self.placement.probe_loop, self.opts.probe_interval_s)
-            nursery.start_soon(self._every, RING_RELOAD_S, self.reload_ring)
+            nursery.start_soon(self._every, 0.1, self._follow_ring)  # it waits in the engine
             nursery.start_soon(self._every, 1.0, self.sample_metrics)
             task_status.started()
 
@@ -184,6 +189,38 @@ class Vfs:
                     e,
                     exc_info=not isinstance(e, HafsError | OSError),
                 )
+
+    async def lead(self) -> bool:
+        """Whether this mount has LEAD_ROLE now (taking it if no live mount has it);
+        LEADER / LEADER-LOST logged when that changes."""
+        leading = await self.meta.sessions.elect(LEAD_ROLE)
+        if leading != self.leading:
+            self.leading = leading
+            if leading:
+                log.info("LEADER %s: this mount runs garbage collection and repair", LEAD_ROLE)
+            else:
+                log.warning("LEADER-LOST %s: another mount runs them now", LEAD_ROLE)
+        return leading
+
+    def _when_leading(self, work: Callable) -> Callable:
+        """`work`, run only while this mount leads (a leader paused past its lease may
+        finish the round it was in beside the new one: each step is its own transaction)."""
+
+        async def run() -> None:
+            if await self.lead():
+                await work()
+
+        run.__name__ = work.__name__
+        return run
+
+    async def _follow_ring(self) -> None:
+        """Reload the ring each time the engine says it may have changed (etcd: a watch;
+        sqlite: every RING_RELOAD_S)."""
+        version = self.placement.ring.version
+        await trio.to_thread.run_sync(
+            self.engine.wait_ring, version, RING_RELOAD_S, abandon_on_cancel=True
+        )
+        await self.reload_ring()
 
     async def sample_metrics(self) -> None:
         """Set the gauges of state the trio thread owns (a scrape only reads them)."""

@@ -46,6 +46,7 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 64 * 1024
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+LEAD_ROLE = "gc"  # the elected role: garbage collection, repair, the cleanup after dead mounts
 
 
 def now_ns() -> int:
@@ -272,6 +273,11 @@ class MetaStore(Protocol):
     def replace_ring(self, ring: dict, expect_version: int) -> bool:
         """Store `ring` if the stored one still has `expect_version` (else False)."""
 
+    def wait_ring(self, version: int, poll_s: float) -> None:
+        """Block until the stored ring may have a version other than `version`: an engine
+        with a watch (etcd) returns as soon as it is written (and every so often anyway),
+        one without (sqlite) after poll_s.  Called from a worker thread of its own."""
+
     # inodes and entries
     def getattr(self, ino: int) -> Inode | None: ...
     def lookup(self, parent: int, name: bytes) -> Inode | None:
@@ -494,7 +500,18 @@ class Sessions(Protocol):
     def end(self, session: SessionInfo) -> None: ...
     def alive(self) -> list[SessionInfo]: ...
     def reap(self) -> list[SessionInfo]:
-        """End the sessions whose lease ran out (their mounts died); returns them."""
+        """End the sessions whose lease ran out (their mounts died) and delete the inodes
+        that only sessions that are over kept (unlinked while open there); returns the
+        sessions ended."""
+
+    def elect(self, role: str) -> bool:
+        """Whether this client has `role` now (taking it if no live client has it): the
+        background work that runs on one client at a time (LEAD_ROLE).  The role is bound
+        to the client's lease, so it moves on when that client dies.  An engine without an
+        election answers True (every client has it)."""
+
+    def leader(self, role: str) -> str | None:
+        """The session id of the client that has `role` (None: no election, or no one)."""
 
 
 # ------------------------------------------------------------ trio access

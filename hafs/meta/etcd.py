@@ -10,6 +10,8 @@ gateway (etcd >= 3.4, path /v3/), sent with etcd3gw's HTTP client:
     commit     POST /v3/kv/txn   {compare: mod_revision == N (0: absent), success: puts
                                   (each with its lease or none) and deletes}
     lease_*    POST /v3/lease/grant | keepalive | revoke | timetolive
+    watch      POST /v3/watch    {create_request: {key, start_revision}}, a stream read
+                                  until its first event or a read timeout
 
 Keys and values travel base64-encoded.  Every key is stored under the
 filesystem's prefix (b"/hafs/NAME/"), added on the way in and stripped on
@@ -50,6 +52,7 @@ only change which member is asked.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -283,20 +286,26 @@ class EtcdKV:
 
     # ------------------------------------------------------------ transport
 
-    def _post(self, i: int, path: str, body: dict, timeout: float) -> dict:
-        """One request to member i, on an idle client of that member (or a new one)."""
+    @contextlib.contextmanager
+    def _client(self, i: int) -> Iterator[etcd3gw.Etcd3Client]:
+        """An idle client of member i (or a new one), given back after."""
         with self._pool_lock:
             c = self._idle[i].pop() if self._idle[i] else None
         if c is None:
             host, port = self._members[i]
             c = etcd3gw.Etcd3Client(host=host, port=port, api_path="/v3/")
             c.session.trust_env = False  # no proxy from the environment for etcd
-        c.timeout = timeout
         try:
-            return c.post(c.get_url(path), json=body)
+            yield c
         finally:
             with self._pool_lock:
                 self._idle[i].append(c)
+
+    def _post(self, i: int, path: str, body: dict, timeout: float) -> dict:
+        """One request to member i."""
+        with self._client(i) as c:
+            c.timeout = timeout
+            return c.post(c.get_url(path), json=body)
 
     def _call(self, path: str, body: dict) -> dict:
         """POST one gateway request, failing over between members until `timeout_s`."""
@@ -409,6 +418,38 @@ class EtcdKV:
     def lease_ttl(self, lease: int) -> float | None:
         ttl = int(self._call("lease/timetolive", {"ID": lease}).get("TTL", 0))
         return None if ttl < 0 else float(ttl)
+
+    def watch(self, key: bytes, revision: int, timeout_s: float) -> bool:
+        """Wait for a change of `key` after `revision`: True at its first event (or when
+        etcd compacted past `revision` or cancelled the watch: read it again), False after
+        timeout_s without one, or at once if the member that answered last does not take
+        the watch (the caller polls then; its next read fails over).
+
+        One streaming request, read here with a read timeout: etcd3gw's watch helpers
+        post theirs without a timeout (a member that hangs would hold the thread for
+        good) and start a thread pool per watch."""
+        body = {"create_request": {"key": _b64(self.prefix + key), "start_revision": revision + 1}}
+        i = self._first
+        with self._client(i) as c:
+            try:
+                with c.session.post(
+                    c.get_url("watch"),
+                    json=body,
+                    stream=True,
+                    timeout=(self.request_timeout_s, timeout_s),
+                ) as resp:
+                    if resp.status_code != 200:
+                        return False
+                    for line in resp.iter_lines():
+                        result = json.loads(line).get("result", {}) if line.strip() else {}
+                        if result.get("events") or result.get("compact_revision"):
+                            return True
+                        if result.get("canceled"):
+                            return True
+            except (OSError, ValueError) as e:  # requests' errors are OSErrors
+                host, port = self._members[i]
+                log.debug("etcd watch on %s:%d ended: %s", host, port, e)
+        return False
 
     def close(self) -> None:
         with self._pool_lock:

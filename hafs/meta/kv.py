@@ -16,12 +16,15 @@ is numeric order; `+` is concatenation; names and block ids are raw bytes.
     Mloading                  a load ("hafs meta load") is writing here: {host, pid, since_ns};
                               the load's last transaction writes Mversion and deletes it
     Msessions                 guard of the session keys (see kvlocks.py)
+    Mleader_<role>            the session id of the client elected to `role`; bound to its lease
     I + ino                   inode: mode, uid, gid, nlink, size, atime/mtime/ctime ns, rdev,
                               fence token (newest write token; older ones are refused), target
     D + parent + hash + name  directory entry -> ino.  hash: 63-bit BLAKE2b of the name, > 0,
                               the readdir cursor (an off_t, like ext4's htree hash)
     P + ino + parent + name   reverse entry (parent_of, path_of; one per hard link)
-    N + ino                   the inode has nlink 0 (unlinked_inodes)
+    N + ino                   the inode has nlink 0 (unlinked_inodes) -> the id of the session
+                              that removed its last name, which may hold it open (empty: none);
+                              deleted by `reap` once that session is over (kvlocks.py)
     X + ino + name            xattr value
     E + ino + end             extent covering [end - length, end) -> length + block id.  Keyed by
                               its end, so the extents overlapping [a, b) are one forward scan from
@@ -30,7 +33,8 @@ is numeric order; `+` is concatenation; names and block ids are raw bytes.
     U + block + 0x00 + ino + offset   the extent at (ino, offset) uses the block (block_users)
     Z + zero_since + block    the block's refcount is 0 since then (garbage_blocks)
     G + block                 degraded: since_ns + space-separated node ids
-    L + lock name             a held write lock -> holder; bound to the holder's lease; its
+    L + lock name             a held write lock -> holder; bound to the holder's lease (one
+                              per client: its locks, session and roles; kvlocks.py); its
                               mod_revision is the fencing token (kvlocks.py)
     l + lock name             last grant not released (holder), to log LOCK-TAKEOVER
     S + id / s + id           a live session (bound to its lease) / its record (kvlocks.py)
@@ -117,7 +121,7 @@ from . import (
     check_xattr,
     now_ns,
 )
-from .kvlocks import KvLocks, KvSessions, lock_key
+from .kvlocks import ClientLease, KvLocks, KvSessions, lock_key
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,7 @@ INO_BATCH = 64
 PAGE = 512  # keys per scan request
 LOAD_OPS = 1000  # keys per transaction of a load (etcd: --max-txn-ops 4096)
 LOAD_BYTES = 4 << 20  # bytes of keys and values per load transaction (base64: < 16 MiB)
+WATCH_S = 10.0  # a watch of the ring is made again this often while the ring stays
 
 T = TypeVar("T")
 
@@ -186,6 +191,10 @@ class KV(KVReader, Protocol):
     def lease_revoke(self, lease: int) -> None: ...
     def lease_ttl(self, lease: int) -> float | None:
         """Seconds the lease has left, None if it has ended."""
+
+    def watch(self, key: bytes, revision: int, timeout_s: float) -> bool:
+        """Wait until `key` changes after `revision` (its mod_revision then): True once it
+        has, False after timeout_s without a change or when no watch can be made."""
 
     def close(self) -> None: ...
 
@@ -436,7 +445,8 @@ class KvMeta:
         self._mutex = threading.Lock()
         self._inos: Iterator[int] = iter(())
         self._config: FsConfig | None = None
-        self.locks = KvLocks(self, holder, lock_ttl_s)
+        self.lease = ClientLease(kv, lock_ttl_s, clock)  # the client's: its locks and session
+        self.locks = KvLocks(self, holder)
         self.sessions = KvSessions(self)
 
     # ---------------------------------------------------------------- opening
@@ -490,8 +500,11 @@ class KvMeta:
         return cls(ReadOnlyKV(kv) if read_only else kv, **opts)
 
     def close(self) -> None:
-        self.locks.close()
-        self.kv.close()
+        """End the client's lease (its locks, session and roles are free at once)."""
+        try:
+            self.lease.revoke()
+        finally:
+            self.kv.close()
 
     def sync(self) -> None:
         """A no-op: a KV acknowledges a commit once it is durable."""
@@ -579,6 +592,17 @@ class KvMeta:
     def ring_changed_ns(self) -> int:
         row = self.kv.get(K_RING_CHANGED)
         return 0 if row is None else int(row[0])
+
+    def wait_ring(self, version: int, poll_s: float) -> None:
+        """Return once the ring may have a version other than `version`: at once if it
+        has, as soon as a watch of Mring sees it written, or after WATCH_S; while no
+        watch can be made (no member takes it), after poll_s."""
+        start = time.monotonic()
+        value, rev = self.kv.get(K_RING)
+        if json.loads(value).get("version") != version:
+            return
+        if not self.kv.watch(K_RING, rev, WATCH_S):
+            time.sleep(max(0.0, poll_s - (time.monotonic() - start)))
 
     def replace_ring(self, ring: dict, expect_version: int) -> bool:
         def op(t: Txn) -> bool:
@@ -687,21 +711,25 @@ class KvMeta:
     def _has_entries(t: Txn, ino: int) -> bool:
         return bool(t.scan(k_dir(ino), prefix_end(k_dir(ino)), 1))
 
-    @staticmethod
-    def _add_nlink(t: Txn, rec: _Rec, delta: int, ts: int) -> None:
+    def _add_nlink(self, t: Txn, rec: _Rec, delta: int, ts: int) -> None:
         rec.inode.nlink += delta
         rec.inode.ctime_ns = ts
         if rec.inode.nlink == 0:
-            t.put(k_unlinked(rec.inode.id), b"")
+            self._mark_unlinked(t, rec.inode.id)
         t.save(rec)
 
-    @staticmethod
-    def _orphan(t: Txn, rec: _Rec, ts: int) -> None:
+    def _orphan(self, t: Txn, rec: _Rec, ts: int) -> None:
         """A removed directory: nlink 0 (its "." and its name are gone)."""
         rec.inode.nlink = 0
         rec.inode.ctime_ns = ts
-        t.put(k_unlinked(rec.inode.id), b"")
+        self._mark_unlinked(t, rec.inode.id)
         t.save(rec)
+
+    def _mark_unlinked(self, t: Txn, ino: int) -> None:
+        """The inode lost its last name: this client's session keeps it until it lets go of
+        it (or is over: `reap`)."""
+        session = self.sessions.current
+        t.put(k_unlinked(ino), b"" if session is None else session.id.encode())
 
     @staticmethod
     def _touch(t: Txn, rec: _Rec, ts: int) -> None:
@@ -904,18 +932,18 @@ class KvMeta:
         return self._run(op)
 
     def delete_inode(self, ino: int) -> bool:
-        def op(t: Txn) -> bool:
-            rec = t.inode(ino)
-            if rec is None or rec.inode.nlink > 0:
-                return False
-            self._drop_extents(t, ino, 0, None)
-            for key, _ in t.scan(k_xattr(ino, b""), prefix_end(k_xattr(ino, b""))):
-                t.delete(key)
-            t.delete(k_inode(ino))
-            t.delete(k_unlinked(ino))
-            return True
+        return self._run(lambda t: self._drop_inode(t, ino))
 
-        return self._run(op)
+    def _drop_inode(self, t: Txn, ino: int) -> bool:
+        rec = t.inode(ino)
+        if rec is None or rec.inode.nlink > 0:
+            return False
+        self._drop_extents(t, ino, 0, None)
+        for key, _ in t.scan(k_xattr(ino, b""), prefix_end(k_xattr(ino, b""))):
+            t.delete(key)
+        t.delete(k_inode(ino))
+        t.delete(k_unlinked(ino))
+        return True
 
     def unlinked_inodes(self) -> list[int]:
         return [int.from_bytes(k[1:9], "big") for k, _, _ in self._scan(b"N", b"O")]
@@ -1505,6 +1533,9 @@ class ReadOnlyKV:
 
     def lease_ttl(self, lease: int) -> float | None:
         return self.kv.lease_ttl(lease)
+
+    def watch(self, key: bytes, revision: int, timeout_s: float) -> bool:
+        return self.kv.watch(key, revision, timeout_s)
 
     def close(self) -> None:
         self.kv.close()

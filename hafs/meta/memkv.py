@@ -34,6 +34,7 @@ class MemKV:
         self.name = name
         self.clock = clock
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified by every write (watch)
         self._keys: list[bytes] = []  # sorted
         self._data: dict[bytes, tuple[bytes, int, int | None]] = {}  # value, mod_revision, lease
         self._rev = 0
@@ -54,6 +55,7 @@ class MemKV:
             self._rev += 1
             for key in lease.keys:
                 self._remove(key)
+            self._changed.notify_all()
 
     def _remove(self, key: bytes) -> None:
         old = self._data.pop(key, None)
@@ -112,6 +114,7 @@ class MemKV:
                 self._data[key] = (value, self._rev, bound)
                 if bound is not None:
                     self._leases[bound].keys.add(key)
+            self._changed.notify_all()
             return self._rev
 
     def lease_grant(self, ttl_s: float) -> int:
@@ -143,6 +146,19 @@ class MemKV:
             self._expire()
             le = self._leases.get(lease)
             return None if le is None else (le.deadline_ns - self.clock()) / 1e9
+
+    def watch(self, key: bytes, revision: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                self._expire()
+                row = self._data.get(key)
+                if (0 if row is None else row[1]) != revision:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
 
     def close(self) -> None:
         pass

@@ -607,6 +607,10 @@ class SqliteMeta:
     def ring_changed_ns(self) -> int:
         return int(self._setting("ring_changed_ns", "0"))
 
+    def wait_ring(self, version: int, poll_s: float) -> None:
+        """A poll: SQLite has no watch (the caller reads the ring after poll_s)."""
+        time.sleep(poll_s)
+
     def replace_ring(self, ring: dict, expect_version: int) -> bool:
         with self.txn():
             if self.ring().get("version") != expect_version:
@@ -1570,6 +1574,14 @@ class SqliteSessions:
     def reap(self) -> list[SessionInfo]:
         with transaction(self.db):
             return self._reap()
+
+    def elect(self, role: str) -> bool:
+        """Always: the mounts of an embedded filesystem share one host, and each runs the
+        background work (its transactions keep them from harming each other)."""
+        return True
+
+    def leader(self, role: str) -> str | None:
+        return None  # no election: every mount has every role
 
 
 def _quick_check(db: sqlite3.Connection, budget_s: float) -> str | None:

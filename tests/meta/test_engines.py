@@ -620,6 +620,95 @@ def test_sessions(engine):
     b.sessions.register("mount", "/mnt/two", ttl_s=engine.ttl)
 
 
+def outlive(engine, client, session):
+    """Let every other client's lease run out while `client` renews `session`; returns it
+    renewed."""
+    for _ in range(6):
+        engine.advance((engine.ttl + engine.expiry_lag) / 4)
+        session = client.sessions.renew(session)
+    return session
+
+
+async def test_a_client_paused_past_its_lease_loses_its_locks_and_registers_again(engine):
+    a, b = engine.meta, engine.client("b")
+    sa = a.sessions.register("mount", "/mnt/a", ttl_s=engine.ttl)
+    sb = b.sessions.register("mount", "/mnt/b", ttl_s=engine.ttl)
+    f = mkfile(a, ROOT_INODE, b"f")
+    la = await a.locks.acquire(f"inode:{f.id}", wait_s=1)
+    a.fence(f.id, la.token)
+    sb = outlive(engine, b, sb)  # a is paused: it renews nothing
+    assert [s.id for s in b.sessions.alive()] == [sb.id] and b.locks.held() == []
+    lb = await b.locks.acquire(f"inode:{f.id}", wait_s=1)
+    b.fence(f.id, lb.token)
+    b.commit(f.id, 0, 10, [Extent(0, 10, "from-b")], {"from-b": 10}, 10, 1, lb.token)
+    with pytest.raises(LockLost):  # a wakes up: its lock went with its lease
+        await a.locks.keepalive(la)
+    with pytest.raises(LockLost):  # and the fence refuses what it buffered
+        a.commit(f.id, 0, 10, [Extent(0, 10, "from-a")], {"from-a": 10}, 10, 2, la.token)
+    assert b.extents(f.id, 0, 100) == [Extent(0, 10, "from-b")]
+    sa = a.sessions.renew(sa)  # a goes on: its session is registered again
+    assert {s.id for s in b.sessions.alive()} == {sa.id, sb.id}
+    la2 = await a.locks.acquire("inode:12345", wait_s=1)  # and it takes new locks
+    assert a.locks.valid(la2) and [h.holder for h in b.locks.held()] == [la.holder, lb.holder]
+    await a.locks.keepalive(la2)
+    await b.locks.release(lb)
+
+
+def test_a_dead_clients_unlinked_open_files_are_deleted_by_the_reaper(engine):
+    a, b = engine.meta, engine.client("b")
+    a.sessions.register("mount", "/mnt/a", ttl_s=engine.ttl)
+    sb = b.sessions.register("mount", "/mnt/b", ttl_s=engine.ttl)
+    f = mkfile(a, ROOT_INODE, b"f")
+    a.commit(f.id, 0, 10, [Extent(0, 10, "kept")], {"kept": 10}, 10, 1, None)
+    a.unlink(ROOT_INODE, b"f")  # while open on a
+    d = mkdir(a, ROOT_INODE, b"d")
+    a.rmdir(ROOT_INODE, b"d")  # a's shell still in it
+    g = mkfile(b, ROOT_INODE, b"g")
+    b.unlink(ROOT_INODE, b"g")  # while open on b
+    assert b.sessions.reap() == [] and a.sessions.reap() == []
+    assert None not in (b.getattr(f.id), b.getattr(d.id), b.getattr(g.id))
+    sb = outlive(engine, b, sb)  # a dies
+    assert [s.mountpoint for s in b.sessions.reap()] == ["/mnt/a"]
+    assert b.getattr(f.id) is None and b.getattr(d.id) is None
+    assert b.getattr(g.id) is not None  # b's own: b lives
+    assert b.unlinked_inodes() == [g.id]
+    assert b.garbage_blocks(2**62, 10) == ["kept"]  # collected after the grace
+    assert b.sessions.reap() == []
+
+
+def test_one_client_at_a_time_is_elected_and_the_role_moves_when_it_dies(engine):
+    a, b = engine.meta, engine.client("b")
+    sa = a.sessions.register("mount", "/mnt/a", ttl_s=engine.ttl)
+    sb = b.sessions.register("mount", "/mnt/b", ttl_s=engine.ttl)
+    if engine.name == "sqlite":  # embedded: one host, every mount has the role
+        assert a.sessions.elect("gc") and b.sessions.elect("gc")
+        assert a.sessions.leader("gc") is None
+        return
+    assert a.sessions.elect("gc") and not b.sessions.elect("gc")
+    assert a.sessions.elect("gc") and not b.sessions.elect("gc")
+    assert b.sessions.leader("gc") == sa.id
+    assert b.sessions.elect("repair") and not a.sessions.elect("repair")  # roles are apart
+    sb = outlive(engine, b, sb)  # a dies
+    assert b.sessions.leader("gc") is None
+    assert b.sessions.elect("gc") and b.sessions.leader("gc") == sb.id
+    a.sessions.renew(sa)  # a comes back: the role stays where it is
+    assert not a.sessions.elect("gc") and b.sessions.elect("gc")
+    b.close()  # b unmounts: its lease is revoked, the role free at once
+    assert a.sessions.elect("gc") and a.sessions.leader("gc") == sa.id
+
+
+def test_wait_ring_returns_once_the_ring_changes(engine):
+    m, other = engine.meta, engine.client("b")
+    poll = 0.1 if engine.name == "sqlite" else 60  # sqlite polls; the kv engines watch
+    m.wait_ring(0, 0)  # the stored version is another: at once
+    waiter = threading.Thread(target=m.wait_ring, args=(1, poll))
+    waiter.start()
+    time.sleep(0.2)
+    assert other.replace_ring({**RING, "version": 2}, 1)
+    waiter.join(8)  # before the watch would be made again (WATCH_S), so the watch saw it
+    assert not waiter.is_alive()
+
+
 # -------------------------------------------------------------------- race
 
 RACE_ERRNOS = {errno.EEXIST, errno.ENOENT, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
