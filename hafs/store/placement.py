@@ -366,14 +366,12 @@ class Placement:
 
         async def run(node_id: str) -> None:
             nonlocal succeeded
-            ok = False
             try:
                 ok = await attempt(node_id)  # (not `succeeded += await ...`: read after the await)
                 succeeded += ok
             finally:
                 del late_at[node_id]
-                if not ok or succeeded >= want:  # a success alone needs nothing of the loop
-                    changed.set()
+                changed.set()
 
         with one_error():
             async with trio.open_nursery() as nursery:
