@@ -509,9 +509,10 @@ class Vfs:
     async def unlink(self, parent: int, name: bytes) -> None:
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        inode = await self.meta.unlink(parent, name)
+        # not open here: deleted with its last name, in the same transaction
+        inode = await self.meta.unlink(parent, name, self.files)
         if inode.nlink == 0:
-            await self._maybe_free(inode.id)
+            await self._maybe_free(inode.id)  # (or once the kernel and its handles let go)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         if len(name) > NAME_MAX:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import errno
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -301,8 +301,10 @@ class MetaStore(Protocol):
         ENOTDIR.  A setgid parent gives its group (and setgid to a directory)."""
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode: ...
-    def unlink(self, parent: int, name: bytes) -> Inode:
-        """Remove a non-directory's name; returns the inode as left (nlink 0: no name)."""
+    def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:
+        """Remove a non-directory's name; returns the inode as left (nlink 0: no name).
+        An inode that lost its last name is deleted in the same transaction unless it is
+        in `open_here` (the caller's open files): then it stays, kept for this session."""
 
     def rmdir(self, parent: int, name: bytes) -> int:
         """Remove an empty directory; returns its inode number."""

@@ -94,7 +94,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Container, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TypeVar
@@ -796,7 +796,7 @@ class KvMeta:
 
         return self._run(op)
 
-    def unlink(self, parent: int, name: bytes) -> Inode:
+    def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:
         def op(t: Txn) -> Inode:
             p = self._dir(t, parent)
             ino = self._entry(t, parent, name)
@@ -809,6 +809,8 @@ class KvMeta:
             self._del_entry(t, parent, name, ino)
             self._add_nlink(t, rec, -1, ts)
             self._touch(t, p, ts)
+            if rec.inode.nlink == 0 and ino not in open_here:
+                self._drop_inode(t, ino)
             return rec.inode
 
         return self._run(op)

@@ -37,7 +37,7 @@ import socket
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -745,7 +745,7 @@ class SqliteMeta:
             self._touch(parent, t)
             return self._need(ino)
 
-    def unlink(self, parent: int, name: bytes) -> Inode:
+    def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:
         with self.txn():
             self._need_dir(parent)
             ino = self._entry(parent, name)
@@ -759,7 +759,10 @@ class SqliteMeta:
             self._touch(parent, t)
             inode = self._need(ino)
             if inode.nlink == 0:
-                self._orphan(ino)
+                if ino in open_here:
+                    self._orphan(ino)
+                else:
+                    self._drop_inode(ino)
             return inode
 
     def _has_entries(self, ino: int) -> bool:
@@ -891,11 +894,14 @@ class SqliteMeta:
             inode = self.getattr(ino)
             if inode is None or inode.nlink > 0:
                 return False
-            self._drop_extents(ino, 0, None)
-            self.db.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
+            self._drop_inode(ino)
             self.db.execute("DELETE FROM orphans WHERE inode = ?", (ino,))
-            self.db.execute("DELETE FROM inodes WHERE id = ?", (ino,))
             return True
+
+    def _drop_inode(self, ino: int) -> None:
+        self._drop_extents(ino, 0, None)
+        self.db.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
+        self.db.execute("DELETE FROM inodes WHERE id = ?", (ino,))
 
     def unlinked_inodes(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink = 0")]

@@ -68,7 +68,7 @@ async def build(m) -> dict[str, int]:
     m.record_degraded("b1", ["n2", "n1"])
     u = mkfile(m, ROOT_INODE, b"u")  # unlinked while "open": kept with nlink 0
     m.commit(u.id, 0, 5, [Extent(0, 5, "b4")], {"b4": 5}, 5, 1, None)
-    m.unlink(ROOT_INODE, b"u")
+    m.unlink(ROOT_INODE, b"u", open_here={u.id})
     assert m.replace_ring({**m.ring(), "version": 2}, expect_version=1)
     return {"d": d.id, "f": f.id, "s": s.id, "c": c.id, "g": g.id, "u": u.id}
 

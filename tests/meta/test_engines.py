@@ -232,6 +232,18 @@ def test_lookup_parent_and_path(engine):
 # ------------------------------------------------------- link and unlink
 
 
+def test_unlink_of_the_last_name_deletes_a_file_not_open_here(engine):
+    m = engine.meta
+    f = mkfile(m, ROOT_INODE, b"f")
+    m.commit(f.id, 0, 10, [Extent(0, 10, "b1")], {"b1": 10}, 10, 1, None)
+    m.set_xattr(f.id, b"user.a", b"1")
+    assert m.unlink(ROOT_INODE, b"f", open_here={f.id + 1}).nlink == 0
+    assert m.getattr(f.id) is None and f.id not in m.unlinked_inodes()  # in one transaction
+    assert m.list_xattrs(f.id) == [] and m.extents(f.id, 0, 10) == []
+    assert refcounts(m)["b1"][0] == 0  # its block is garbage
+    assert not m.delete_inode(f.id)
+
+
 def test_link_and_unlink(engine):
     m = engine.meta
     d = mkdir(m, ROOT_INODE, b"d")
@@ -248,7 +260,7 @@ def test_link_and_unlink(engine):
     left = m.unlink(ROOT_INODE, b"f")
     assert left.id == f.id and left.nlink == 1 and f.id not in m.unlinked_inodes()
     assert m.path_of(f.id) == "/d/g"
-    left = m.unlink(d.id, b"g")
+    left = m.unlink(d.id, b"g", open_here={f.id})  # kept while open
     assert left.nlink == 0 and f.id in m.unlinked_inodes()
     err(errno.ENOENT, m.link, f.id, ROOT_INODE, b"again")  # no name left: no new one
     err(errno.ENOENT, m.unlink, ROOT_INODE, b"f")
@@ -372,7 +384,7 @@ def test_xattrs(engine):
     m.remove_xattr(f.id, b"user.a")
     err(errno.ENODATA, m.remove_xattr, f.id, b"user.a")
     assert m.list_xattrs(f.id) == [b"user.b"]
-    m.unlink(ROOT_INODE, b"f")
+    m.unlink(ROOT_INODE, b"f", open_here={f.id})
     assert m.delete_inode(f.id) and m.list_xattrs(f.id) == []
 
 
@@ -454,7 +466,7 @@ def test_commit_extents_refcounts_and_garbage(engine):
     m.commit(g.id, 0, 100, [Extent(0, 100, "b2")], {"b2": 50}, 100, 2, None)  # b2 used again
     assert refcounts(m)["b2"] == (1, None) and m.garbage_blocks(time.time_ns() + 1, 10) == []
     assert refcounts(m)["b1"] == (2, None)
-    m.unlink(ROOT_INODE, b"g")
+    m.unlink(ROOT_INODE, b"g", open_here={g.id})
     assert m.delete_inode(g.id)
     assert refcounts(m)["b2"][0] == 0 and m.block_users("b2", 10) == []
     assert m.forget_block("b2") and "b2" not in refcounts(m)
@@ -660,11 +672,11 @@ def test_a_dead_clients_unlinked_open_files_are_deleted_by_the_reaper(engine):
     sb = b.sessions.register("mount", "/mnt/b", ttl_s=engine.ttl)
     f = mkfile(a, ROOT_INODE, b"f")
     a.commit(f.id, 0, 10, [Extent(0, 10, "kept")], {"kept": 10}, 10, 1, None)
-    a.unlink(ROOT_INODE, b"f")  # while open on a
+    a.unlink(ROOT_INODE, b"f", open_here={f.id})  # while open on a
     d = mkdir(a, ROOT_INODE, b"d")
     a.rmdir(ROOT_INODE, b"d")  # a's shell still in it
     g = mkfile(b, ROOT_INODE, b"g")
-    b.unlink(ROOT_INODE, b"g")  # while open on b
+    b.unlink(ROOT_INODE, b"g", open_here={g.id})  # while open on b
     assert b.sessions.reap() == [] and a.sessions.reap() == []
     assert None not in (b.getattr(f.id), b.getattr(d.id), b.getattr(g.id))
     sb = outlive(engine, b, sb)  # a dies
@@ -852,7 +864,7 @@ def test_kv_inode_numbers_are_never_reused_across_clients():
         ino = mkfile(m, ROOT_INODE, f"f{i}".encode()).id
         assert ino not in seen
         seen.add(ino)
-        m.unlink(ROOT_INODE, f"f{i}".encode())
+        m.unlink(ROOT_INODE, f"f{i}".encode(), open_here={ino})
         assert m.delete_inode(ino)
     c = KvMeta.open(kv)  # a new client starts past every batch handed out
     assert mkfile(c, ROOT_INODE, b"new").id > max(seen)

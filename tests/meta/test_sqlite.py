@@ -54,7 +54,7 @@ def test_root_and_settings(meta):
 
 def test_inode_numbers_are_never_reused(meta):
     first = new_file(meta)
-    meta.unlink(ROOT_INODE, b"f%d" % (next(_names) - 1))
+    meta.unlink(ROOT_INODE, b"f%d" % (next(_names) - 1), open_here={first})
     assert meta.delete_inode(first)
     assert new_file(meta) > first
 
