@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import __version__, logs
 from . import home as home_mod
-from .errors import UserError
+from .errors import HafsError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ADDRESS",
         default=None,
-        help="a node: a backing directory (empty or new) or the http://HOST:PORT of a 'hafs"
-        " node' serving an empty directory; repeat for each node (ids n1, n2, ... in this"
-        " order). Directories and remote nodes can be mixed.",
+        help="a node: a backing directory (empty or new) or the http://HOST:PORT (https://"
+        " with --tls-cert on the node) of a 'hafs node' serving an empty directory; repeat for"
+        " each node (ids n1, n2, ... in this order). Directories and remote nodes can be mixed.",
     )
     p.add_argument(
         "--write-quorum",
@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the bearer token the remote nodes were started with (their --token-file); it is"
         " kept in the filesystem's metadata",
+    )
+    p.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="FILE",
+        help="the CA certificate (PEM) that signed the https nodes' certificates; it is kept in"
+        " the filesystem's metadata (default: the system's CAs check them)",
     )
 
     p = sub.add_parser(
@@ -214,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         " only. Ctrl-C or SIGTERM stops it cleanly. With a subcommand instead, manage the"
         " nodes of a filesystem's ring: 'hafs node list|add|remove|set|adopt ... [--home DIR]'"
         " ('hafs node SUBCOMMAND --help'); each change makes a new ring version that running"
-        " mounts pick up within a second, and 'hafs rebalance' then moves the blocks.",
+        " mounts pick up within a second, and 'hafs rebalance' then moves the blocks. 'hafs node"
+        " token|ca' change the token or the CA the clients use for every node.",
     )
     node_mod.add_arguments(p)
     nodeadmin.add_subcommands(p, _home_arg)
@@ -241,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
         " garbage older than --grace (refused while mounted)",
     )
     p.add_argument(
+        "--salvage",
+        action="store_true",
+        help="embedded filesystems: if the SQLite database (meta.db) is damaged, rebuild it"
+        " from what can be read of it, keeping the damaged file as meta.db.damaged-TIME; then"
+        " repair as --repair does (refused while mounted)",
+    )
+    p.add_argument(
         "--deep",
         action="store_true",
         help="read every replica and verify its hash (default: check presence and size)",
@@ -259,6 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="unreferenced blocks younger than this are left for writers (default: %(default)g)",
     )
+
+    p = sub.add_parser(
+        "meta",
+        help="dump or load a filesystem's whole metadata (backup; embedded <-> cluster)",
+        description="'hafs meta dump' writes the whole metadata of a filesystem (inodes,"
+        " names, xattrs, extents, blocks, the ring and settings) to stdout as JSON lines, read"
+        " from one state of it (safe while mounted); 'hafs meta load' makes a new filesystem"
+        " of such a dump, read from stdin, in an empty engine: a new --home (SQLite) or a new"
+        " --meta NAME (etcd). The blocks stay where they are: the loaded filesystem uses the"
+        " dump's nodes and becomes their owner, so the metadata the dump came from can no"
+        " longer change them (only a read-only mount of it works).",
+    )
+    msub = p.add_subparsers(dest="meta_command", metavar="SUBCOMMAND", required=True)
+    for name, what in (
+        ("dump", "write the metadata to stdout (hafs meta dump --home H > fs.json)"),
+        ("load", "make a new filesystem of a dump read from stdin (hafs meta load ... < fs.json)"),
+    ):
+        _home_arg(msub.add_parser(name, help=what, description=what[0].upper() + what[1:] + "."))
 
     p = sub.add_parser(
         "rebalance",
@@ -315,6 +348,7 @@ def cmd_mkfs(args) -> int:
         args.replicas,
         args.node,
         token=home_mod.read_token_file(args.token_file),
+        ca_pem=home_mod.read_ca_file(args.ca_file),
         quorum=args.write_quorum,
     )
     print(f"created hafs filesystem {fs_uuid} in {args.meta or home}")
@@ -427,7 +461,8 @@ def cmd_node(args) -> int:
     if getattr(args, "data", None) is None:
         raise UserError(
             "give 'hafs node' --data DIR to serve a directory, or a subcommand (list, add,"
-            " remove, set, adopt) to manage a filesystem's nodes; see 'hafs node --help'"
+            " remove, set, token, ca, adopt) to manage a filesystem's nodes; see 'hafs node"
+            " --help'"
         )
     from .node import server as node_mod
 
@@ -446,12 +481,40 @@ def cmd_rebalance(args) -> int:
     return report.exit_code
 
 
+def cmd_meta(args) -> int:
+    from .admin import dump
+
+    home = _home(args)
+    try:
+        if args.meta_command == "dump":
+            if sys.stdout.isatty():
+                raise UserError("hafs meta dump writes to stdout: redirect it (> fs.json)")
+            print(dump.run_dump(home, sys.stdout.buffer), file=sys.stderr)
+            return 0
+        if sys.stdin.isatty():
+            raise UserError("hafs meta load reads a dump from stdin: hafs meta load ... < fs.json")
+        print(dump.run_load(home, sys.stdin.buffer, "stdin"))
+        print(
+            "note: it uses the nodes of the filesystem the dump came from and owns them now:"
+            " the metadata the dump came from can no longer change them (read-only mounts"
+            " still read; README, 'Backups and damaged metadata')",
+            file=sys.stderr,
+        )
+        return 0
+    except UserError:
+        raise
+    except HafsError as e:
+        print(f"hafs meta {args.meta_command}: {e}", file=sys.stderr)
+        return 1
+
+
 def cmd_fsck(args) -> int:
     from .admin import fsck
 
     home = _home(args)
+    salvage = getattr(args, "salvage", False)
     audit = None  # repairs are logged (FSCK-REPAIR ...) to HOME/hafs.log beside the mounts'
-    if args.repair and home_mod.holds_fs(home):
+    if (args.repair or salvage) and home_mod.holds_fs(home):
         try:
             audit = logging.FileHandler(home / "hafs.log")
         except OSError:
@@ -462,15 +525,16 @@ def cmd_fsck(args) -> int:
             )
             logging.getLogger("hafs").addHandler(audit)
             logging.getLogger("hafs").setLevel(logging.INFO)
+    opts = {"deep": args.deep, "rate_mib": args.rate, "grace_s": args.grace}
     try:
-        report = fsck.run(
-            home,
-            repair=args.repair,
-            deep=args.deep,
-            rate_mib=args.rate,
-            grace_s=args.grace,
-            progress=fsck.Progress(),
-        )
+        if salvage:
+            from . import mount
+            from .admin import salvage as salvage_mod
+
+            daemons = mount.live_daemons(home)
+            report = salvage_mod.run(home, daemons=daemons, progress=fsck.Progress(), **opts)
+        else:
+            report = fsck.run(home, repair=args.repair, progress=fsck.Progress(), **opts)
         log.info("FSCK-DONE exit %d: %s", report.exit_code, report.error or dict(report.fixed))
     except KeyboardInterrupt:
         print("hafs fsck: interrupted", file=sys.stderr)
@@ -542,4 +606,5 @@ COMMANDS = {
     "fsck": cmd_fsck,
     "node": cmd_node,
     "rebalance": cmd_rebalance,
+    "meta": cmd_meta,
 }

@@ -166,7 +166,8 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def open(self, inode, flags, ctx):
-        return pyfuse3.FileInfo(fh=await self.vfs.open(inode, flags), keep_cache=False)
+        fh, keep_cache = await self.vfs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @_errors_to_fuse
     async def create(self, parent_inode, name, mode, flags, ctx):

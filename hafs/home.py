@@ -2,7 +2,7 @@
 
 Layout of HOME:
 
-    meta.db        SQLite metadata (WAL): the ring, R, W and the nodes' token live in it
+    meta.db        SQLite metadata (WAL): the ring, R, W, the nodes' token and CA live in it
     meta.url       instead of meta.db, in cluster mode: the etcd URL of the metadata
                    (HOME is then only this client's local state: log, pid files)
     nodes/n1 ...   the default backing directories (mkfs without --node)
@@ -13,15 +13,21 @@ Every tool finds the metadata through HOME: `--meta URL` (or $HAFS_META) picks
 the state directory of that URL (`--home`, else `state_home(URL)`) and records
 the URL in it, so the same code serves the embedded and the cluster mode.
 
-`create` is `hafs mkfs`; `open_fs` checks everything a mount needs and
-modifies nothing when it refuses.  `open_store` is the one place that turns a
+`create` is `hafs mkfs`, `load` is `hafs meta load` (a filesystem made from a
+dump instead of new); `open_fs` checks everything a mount needs and modifies
+nothing when it refuses.  `open_store` is the one place that turns a
 node of the ring into a block store: a backing directory (DirStore) or, for an
-http:// address, the client of a `hafs node` server (RemoteStore).
+http:// or https:// address, the client of a `hafs node` server (RemoteStore),
+with the filesystem's credentials (`node_auth`: the token and the CA, re-read
+from the metadata when a node refuses them).
 
 `owner_claim` is the one check that the metadata store may change its nodes
 (hafs.store.owner): every command that does (a read-write mount, fsck
 --repair, rebalance, the node changes) asks it first and opens the nodes with
-the claim it returns; a copy of a home (`cp -a`) is refused there.
+the claim it returns; a copy of a home (`cp -a`) is refused there.  A store made
+from a dump (`load`) gets a new owner token and takes the nodes from the store it
+came from (`take_nodes`, as `hafs node adopt`); a salvaged database keeps its
+token (`SqliteMeta.load`).
 """
 
 from __future__ import annotations
@@ -30,17 +36,25 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import MetaDamaged, NodeOwnedElsewhere, UserError
-from .meta import FsConfig, MetaStore, now_ns
+from .errors import HafsError, MetaDamaged, NodeOwnedElsewhere, UserError
+from .meta import FsConfig, FsState, MetaStore, Record, now_ns
 from .meta.sqlite import SqliteMeta
 from .store.dirstore import DirStore, read_identity
 from .store.owner import OwnerClaim, new_token
-from .store.remote import NodeAuthError, NodeError, RemoteStore
+from .store.remote import (
+    NodeAuth,
+    NodeAuthError,
+    NodeCertificateError,
+    NodeError,
+    RemoteStore,
+    check_token,
+    tls_context,
+)
 from .store.ring import NodeSpec, Ring
 
 log = logging.getLogger(__name__)
@@ -111,15 +125,57 @@ def is_remote(address: str) -> bool:
 
 
 def read_token_file(path: Path | None) -> str | None:
+    """The token in `path` (None: no file given); UserError if it holds none, or several."""
     if path is None:
         return None
     try:
-        token = Path(path).read_text().strip()
-    except OSError as e:
-        raise UserError(f"cannot read the token file {path}: {e.strerror}") from None
-    if not token:
-        raise UserError(f"the token file {path} is empty: put the nodes' bearer token in it")
-    return token
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the token file {path}: {getattr(e, 'strerror', e)}") from None
+    if len(lines) != 1:
+        raise UserError(
+            f"the token file {path} holds {'no token' if not lines else f'{len(lines)} lines'}:"
+            " give a file with the nodes' bearer token on one line"
+        )
+    try:
+        return check_token(lines[0])
+    except UserError:
+        raise UserError(
+            f"the token in {path} must be printable ASCII without spaces (e.g. the output of"
+            " 'openssl rand -hex 32')"
+        ) from None
+
+
+def read_ca_file(path: Path | None) -> str | None:
+    """The PEM text of the CA certificate(s) in `path` (None: no file given); UserError
+    if it holds no certificate."""
+    if path is None:
+        return None
+    try:
+        pem = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the CA file {path}: {getattr(e, 'strerror', e)}") from None
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise UserError(
+            f"the CA file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----): give"
+            " the certificate of the CA that signed the nodes' --tls-cert"
+        )
+    try:
+        tls_context(pem)
+    except UserError as e:
+        raise UserError(f"the CA file {path}: {e}") from None
+    return pem
+
+
+def node_auth(meta: MetaStore) -> NodeAuth:
+    """The credentials of the filesystem's nodes, re-read from `meta` when one refuses them."""
+    config = meta.config()
+
+    def reload() -> tuple[str | None, str | None]:
+        fresh = meta.fresh_config()
+        return fresh.node_token, fresh.ca_pem
+
+    return NodeAuth(config.node_token, config.ca_pem, reload)
 
 
 def write_quorum(replicas: int) -> int:
@@ -133,13 +189,16 @@ def create(
     nodes: list[str] | None = None,
     *,
     token: str | None = None,
+    ca_pem: str | None = None,
     quorum: int | None = None,
 ) -> str:
     """Create a filesystem in `home`; returns its uuid.  Refuses to touch an existing one.
 
-    A node is a backing directory (empty or new) or the http:// address of a
-    `hafs node` serving an unclaimed directory; mkfs claims it (writes the node's
-    identity) once every node has been checked.
+    A node is a backing directory (empty or new) or the http:// (https://) address
+    of a `hafs node` serving an unclaimed directory; mkfs claims it (writes the
+    node's identity) once every node has been checked.  `token`: the nodes' bearer
+    token; `ca_pem`: the CA their certificates are checked against (None: the
+    system's CAs); both are kept in the configuration.
     """
     home = home.absolute()
     url = meta_url(home)
@@ -147,8 +206,7 @@ def create(
         raise UserError(f"{home} already holds a hafs filesystem: use it, or choose another --home")
     if url is not None:
         _check_new_etcd(url)
-    if "," in str(home):
-        raise UserError(f"home directory {home} contains a comma, which mount options cannot carry")
+    _check_home_name(home)
     addresses = nodes or [str(home / "nodes" / f"n{i + 1}") for i in range(DEFAULT_NODES)]
     addresses = [
         a.rstrip("/") if is_remote(a) else str(Path(a).expanduser().absolute()) for a in addresses
@@ -165,14 +223,15 @@ def create(
     fs_uuid = str(uuid.uuid4())
     specs = [NodeSpec(id=f"n{i + 1}", address=a) for i, a in enumerate(addresses)]
     # Check every node before creating anything.
+    auth = NodeAuth(token, ca_pem)
     for spec in specs:
-        check_new_node(spec, token)
+        check_new_node(spec, auth)
     home.mkdir(parents=True, exist_ok=True)
     owner = OwnerClaim(new_token(), url or f"{socket.gethostname()}:{meta_path(home)}")
     for spec in specs:
-        init_node(spec, fs_uuid, token, owner)
+        init_node(spec, fs_uuid, auth, owner)
     ring = Ring(specs, version=1)
-    config = FsConfig(fs_uuid, replicas, quorum, token, now_ns())
+    config = FsConfig(fs_uuid, replicas, quorum, token, now_ns(), ca_pem)
     uid, gid = os.getuid(), os.getgid()
     if url is not None:
         from .meta.etcd import create_etcd
@@ -180,9 +239,61 @@ def create(
         create_etcd(url, config, ring.to_json(), uid, gid, owner=owner.token).close()
         return fs_uuid
     SqliteMeta.create(meta_path(home), config, ring.to_json(), uid, gid, owner=owner.token).close()
-    if token is not None:  # the token is a secret: SQLite gives -wal and -shm the same mode
-        os.chmod(meta_path(home), 0o600)
+    if token is not None:
+        keep_secret(home)
     return fs_uuid
+
+
+def keep_secret(home: Path) -> None:
+    """Make an embedded filesystem's database readable by its owner only (it holds the
+    token); SQLite gives -wal and -shm the same mode."""
+    if meta_path(home).exists():
+        os.chmod(meta_path(home), 0o600)
+
+
+def load(home: Path, state: FsState, records: Iterable[Record]) -> tuple[str, dict[str, str]]:
+    """Make the filesystem of `home` from a dump's state and records (`hafs meta load`):
+    its SQLite database, or for a cluster home its etcd prefix, which must hold nothing.
+    The nodes are the ring's, as they are; the new store becomes their owner
+    (`take_nodes`), so the store the dump came from can no longer delete on them.
+    Returns where it went and {node id: why it was not taken} (see `take_nodes`)."""
+    where = _load(home.absolute(), state, records)
+    meta = open_meta(home)
+    try:
+        return where, take_nodes(meta)[1]
+    finally:
+        meta.close()
+
+
+def _load(home: Path, state: FsState, records: Iterable[Record]) -> str:
+    url = meta_url(home)
+    if url is not None:
+        from .meta.etcd import load_etcd
+
+        load_etcd(url, state, records)
+        return url
+    if meta_path(home).exists():
+        raise UserError(
+            f"{home} already holds a hafs filesystem: a load needs an empty home (give another"
+            " --home)"
+        )
+    _check_home_name(home)
+    made = not home.exists()
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        SqliteMeta.load(meta_path(home), state, records)
+    except BaseException:
+        if made:
+            home.rmdir()
+        raise
+    if state.config.node_token is not None:
+        keep_secret(home)
+    return str(meta_path(home))
+
+
+def _check_home_name(home: Path) -> None:
+    if "," in str(home):
+        raise UserError(f"home directory {home} contains a comma, which mount options cannot carry")
 
 
 def _check_new_etcd(url: str) -> None:
@@ -200,16 +311,18 @@ def _check_new_etcd(url: str) -> None:
         kv.close()
 
 
-def check_new_node(spec: NodeSpec, token: str | None) -> None:
+def check_new_node(spec: NodeSpec, auth: NodeAuth) -> None:
     """Refuse (UserError) a node that cannot become `spec.id` of a new filesystem."""
     if is_remote(spec.address):
         try:
-            node_id, fs_uuid = RemoteStore.probe(spec.address, token=token)
+            node_id, fs_uuid = RemoteStore.probe(spec.address, auth=auth)
         except NodeAuthError as e:
             raise UserError(
                 f"node {spec.id} at {spec.address} refuses the token ({e}): give the node and"
                 " the filesystem the same token (--token-file)"
             ) from None
+        except NodeCertificateError as e:  # probed before it has an id: name it here
+            raise UserError(f"node {spec.id} ({spec.address}): {e.message}") from None
         except NodeError as e:
             raise UserError(
                 f"node {spec.id} at {spec.address}: {e}; start 'hafs node --data DIR --listen"
@@ -231,7 +344,7 @@ def check_new_node(spec: NodeSpec, token: str | None) -> None:
 def check_node(
     spec: NodeSpec,
     fs_uuid: str,
-    token: str | None,
+    auth: NodeAuth,
     timeout: float = 5.0,
     owner: OwnerClaim | None = None,
 ) -> None:
@@ -244,12 +357,14 @@ def check_node(
         if not is_remote(spec.address):
             DirStore.open(spec.address, spec.id, fs_uuid, owner)
             return
-        node_id, node_fs = RemoteStore.probe(spec.address, token=token, timeout=timeout)
+        node_id, node_fs = RemoteStore.probe(spec.address, auth=auth, timeout=timeout)
         if (node_id, node_fs) == (spec.id, fs_uuid) and owner is not None:
-            with open_store(spec, fs_uuid, token, timeout, owner) as store:
+            with open_store(spec, fs_uuid, auth, timeout, owner) as store:
                 store.check_identity()
     except NodeAuthError as e:
         raise UserError(f"node {spec.id} at {spec.address} refuses the token ({e})") from None
+    except NodeCertificateError as e:  # probed without its id: name it here
+        raise UserError(f"node {spec.id} ({spec.address}): {e.message}") from None
     except NodeError as e:
         raise UserError(f"node {spec.id} does not answer at {spec.address} ({e})") from None
     except NodeOwnedElsewhere:
@@ -264,13 +379,13 @@ def check_node(
         )
 
 
-def init_node(spec: NodeSpec, fs_uuid: str, token: str | None, owner: OwnerClaim) -> None:
+def init_node(spec: NodeSpec, fs_uuid: str, auth: NodeAuth, owner: OwnerClaim) -> None:
     """Make the node `spec.id` of filesystem `fs_uuid`, owned by the metadata store
     `owner` (after `check_new_node`)."""
     if is_remote(spec.address):
         try:
-            RemoteStore.claim(spec.address, spec.id, fs_uuid, token=token)
-            with open_store(spec, fs_uuid, token, owner=owner) as store:
+            RemoteStore.claim(spec.address, spec.id, fs_uuid, auth=auth)
+            with open_store(spec, fs_uuid, auth, owner=owner) as store:
                 store.check_identity()  # takes it for the owner
         except NodeError as e:
             raise UserError(f"node {spec.id} at {spec.address}: claiming it failed: {e}") from None
@@ -281,12 +396,13 @@ def init_node(spec: NodeSpec, fs_uuid: str, token: str | None, owner: OwnerClaim
 def open_store(
     spec: NodeSpec,
     fs_uuid: str,
-    token: str | None = None,
+    auth: NodeAuth | None = None,
     timeout: float | None = None,
     owner: OwnerClaim | None = None,
 ) -> DirStore | RemoteStore:
-    """The block store of one node of the ring; with `owner`, for a command that changes
-    the node (`owner_claim`): it deletes only while the node is that store's.
+    """The block store of one node of the ring (`auth`: the filesystem's `node_auth`);
+    with `owner`, for a command that changes the node (`owner_claim`): it deletes only
+    while the node is that store's.
 
     A backing directory is opened and its identity (and owner) checked here
     (UserError when it is missing or foreign).  A remote node is not contacted: it
@@ -294,7 +410,7 @@ def open_store(
     """
     if is_remote(spec.address):
         kwargs = {} if timeout is None else {"timeout": timeout}
-        return RemoteStore(spec.address, spec.id, fs_uuid, token=token, owner=owner, **kwargs)
+        return RemoteStore(spec.address, spec.id, fs_uuid, auth=auth, owner=owner, **kwargs)
     return DirStore.open(spec.address, spec.id, fs_uuid, owner)
 
 
@@ -348,6 +464,39 @@ def owner_claim(meta: MetaStore, home: Path) -> OwnerClaim:
     return OwnerClaim(own.token, own.where, frozenset(own.previous))
 
 
+def take_nodes(meta: MetaStore, timeout: float = 5.0) -> tuple[OwnerClaim, dict[str, str]]:
+    """Give the metadata store `meta` a new owner token and make every node of its ring
+    record it, whatever owner it had (`hafs node adopt`, `hafs meta load`): every other
+    store of these nodes is refused by them from then on (hafs.store.owner).
+
+    Returns the claim and {node id: why it was not switched}; a node that was down
+    takes the new token when this store next opens it if it records one the store
+    held before (`Owner.previous`: its token before, or the dumped store's)."""
+    meta.adopt(new_token())
+    own = meta.owner()
+    claim = OwnerClaim(own.token, own.where, frozenset(own.previous))
+    fs_uuid, auth = meta.config().fs_uuid, node_auth(meta)
+    failed: dict[str, str] = {}
+    for spec in Ring.from_json(meta.ring()).nodes.values():
+        store = None
+        try:
+            store = open_store(spec, fs_uuid, auth, timeout)
+            if isinstance(store, RemoteStore):
+                store.check_identity()
+            store.set_owner(claim)
+        except (HafsError, OSError) as e:
+            failed[spec.id] = str(e)
+        finally:
+            if isinstance(store, RemoteStore):
+                store.close()
+    log.warning(
+        "NODE-ADOPT the metadata at %s owns its nodes now%s",
+        own.where,
+        f" (not switched: {', '.join(failed)})" if failed else "",
+    )
+    return claim, failed
+
+
 def follow_home(meta: MetaStore, was: Path, home: Path) -> Ring:
     """After `mv` of the home from `was` to `home`: the backing directories the ring
     names inside the old home, gone from there and found at the same place in the new
@@ -385,12 +534,13 @@ class Filesystem:
     config: FsConfig
     ring: Ring
     stores: dict[str, DirStore | RemoteStore]
+    auth: NodeAuth  # shared by the remote stores: a node joining the ring gets it too
     owner: OwnerClaim | None = None  # None: opened read-only, changes no node
     node_timeout: float | None = None
 
     def open_store(self, spec: NodeSpec) -> DirStore | RemoteStore:
         """The store of a node of this filesystem (one that joins the ring while mounted)."""
-        return open_store(spec, self.fs_uuid, self.token, self.node_timeout, self.owner)
+        return open_store(spec, self.fs_uuid, self.auth, self.node_timeout, self.owner)
 
     @property
     def replicas(self) -> int:
@@ -455,7 +605,7 @@ def open_fs(
         owner = None if read_only else owner_claim(meta, home)  # (it may follow a moved home)
         config = meta.config()
         ring = Ring.from_json(meta.ring())
-        fs = Filesystem(home, meta, config, ring, {}, owner, node_timeout)
+        fs = Filesystem(home, meta, config, ring, {}, node_auth(meta), owner, node_timeout)
         fs.stores = {spec.id: fs.open_store(spec) for spec in ring.nodes.values()}
     except MetaDamaged as e:
         meta.close()
@@ -469,9 +619,10 @@ def open_fs(
 def check_remote_nodes(fs: Filesystem) -> dict[str, str]:
     """Ask every remote node who it is (in parallel); returns {node id: why} of unreachable ones.
 
-    A node that answers as another node or filesystem, or refuses the token, is a
-    configuration error: UserError.  An unreachable one is only down (invariant 4:
-    the mount works while up to R-1 nodes are down).
+    A node that answers as another node or filesystem, refuses the token or shows a
+    certificate the CA does not sign, is a configuration error: UserError.  An
+    unreachable one is only down (invariant 4: the mount works while up to R-1 nodes
+    are down).
     """
     remote = [s for s in fs.stores.values() if isinstance(s, RemoteStore)]
     down: dict[str, str] = {}
@@ -481,9 +632,10 @@ def check_remote_nodes(fs: Filesystem) -> dict[str, str]:
             store.check_identity()
         except NodeAuthError as e:
             raise UserError(
-                f"node {store.node_id} at {store.address} refuses the filesystem's token ({e}):"
-                " give the node and the filesystem the same token"
+                f"node {store.node_id} at {store.address} refuses the filesystem's token ({e})"
             ) from None
+        except NodeCertificateError as e:
+            raise UserError(str(e)) from None
         except NodeError as e:
             down[store.node_id] = str(e)
 

@@ -7,20 +7,31 @@ metrics=HOST:PORT` the mount serves the registry over HTTP (`serve`:
 prometheus_client's server, in a daemon thread of its own, so a scrape never
 blocks the trio loop).
 
-Concurrency: prometheus_client's metric objects are thread-safe; counters and
-histograms are updated where things happen (the trio thread, and placement's
-worker threads for block calls).  Gauges of state owned by the trio thread
-(write locks held, write-buffer fill, nodes up and down, degraded blocks) are
-set by the mount's `sample` round once a second from the trio thread; a scrape
-only reads them.
+Counting is on every FUSE operation and block call, so it is plain Python
+(`Family`: numbers in dicts and lists, a lock per series), about a tenth of
+the cost of prometheus_client's own metric objects there; the registry reads
+them through a collector only when scraped.  Counters and histograms are
+updated where things happen (the trio thread, and placement's worker threads
+for block calls).  Gauges of state owned by the trio thread (write locks held,
+write-buffer fill, nodes up and down, degraded blocks) are set by the mount's
+`sample` round once a second from the trio thread; a scrape only reads them.
 """
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import math
 import threading
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from .errors import UserError
 
@@ -31,80 +42,158 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+class Series:
+    """One series of a family (one set of label values): a value, or a histogram's
+    bucket counts (the last one +Inf) and sum.  Thread-safe."""
+
+    __slots__ = ("_lock", "value", "counts", "sum")
+
+    def __init__(self, histogram: bool) -> None:
+        self._lock = threading.Lock()
+        self.value = 0.0
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1) if histogram else []
+        self.sum = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            self.sum += seconds
+
+    def snapshot(self) -> tuple[float, list[int], float]:
+        with self._lock:
+            return self.value, list(self.counts), self.sum
+
+
+class Family:
+    """A metric by name: a counter, gauge or (LATENCY_BUCKETS) histogram, with labels.
+
+    `labels(*values)` is its series for those values (made once); a family without
+    labels is used directly (`inc`, `set`, `observe`).
+    """
+
+    def __init__(self, kind: str, name: str, doc: str, labels: tuple[str, ...] = ()) -> None:
+        self.kind, self.name, self.doc, self.label_names = kind, name, doc, labels
+        self._series: dict[tuple[str, ...], Series] = {}
+        self._make = threading.Lock()
+        if not labels:
+            self._plain = self.labels()
+            self.inc, self.set, self.observe = (
+                self._plain.inc,
+                self._plain.set,
+                self._plain.observe,
+            )
+
+    def labels(self, *values: str) -> Series:
+        series = self._series.get(values)
+        if series is None:
+            with self._make:
+                series = self._series.setdefault(values, Series(self.kind == "histogram"))
+        return series
+
+    def metric(self) -> Metric:
+        """The family as prometheus_client exposes it, as of now."""
+        names = list(self.label_names)
+        if self.kind == "counter":
+            m: Metric = CounterMetricFamily(self.name, self.doc, labels=names)
+        elif self.kind == "gauge":
+            m = GaugeMetricFamily(self.name, self.doc, labels=names)
+        else:
+            m = HistogramMetricFamily(self.name, self.doc, labels=names)
+        for values, series in list(self._series.items()):
+            value, counts, total = series.snapshot()
+            if self.kind != "histogram":
+                m.add_metric(list(values), value)
+                continue
+            cumulative, running = [], 0
+            for le, n in zip((*LATENCY_BUCKETS, math.inf), counts):
+                running += n
+                cumulative.append(("+Inf" if le == math.inf else repr(le), running))
+            m.add_metric(list(values), cumulative, total)
+        return m
+
+
 class MountMetrics:
-    """The metric objects of one mount, registered in `self.registry`."""
+    """The figures of one mount, exposed by `self.registry`."""
 
     def __init__(self) -> None:
-        self._op: dict[str, object] = {}  # op name -> its histogram child (labels() costs)
-        r = self.registry = CollectorRegistry()
-        self.op_seconds = Histogram(
+        families = []
+
+        def family(kind: str, name: str, doc: str, *labels: str) -> Family:
+            families.append(Family(kind, name, doc, labels))
+            return families[-1]
+
+        self.op_seconds = family(
+            "histogram",
             "hafs_fuse_op_seconds",
             "FUSE operations answered, by kind, and how long they took.",
-            ["op"],
-            registry=r,
-            buckets=LATENCY_BUCKETS,
+            "op",
         )
-        self.op_errors = Counter(
-            "hafs_fuse_op_errors",
-            "FUSE operations answered with an error, by kind.",
-            ["op"],
-            registry=r,
+        self.op_errors = family(
+            "counter", "hafs_fuse_op_errors", "FUSE operations answered with an error, by kind.", "op"
         )
-        self.read_bytes = Counter("hafs_read_bytes", "Bytes returned by read.", registry=r)
-        self.written_bytes = Counter("hafs_written_bytes", "Bytes taken by write.", registry=r)
-        self.cache_hits = Counter(
-            "hafs_block_cache_hits", "Block reads answered by the block cache.", registry=r
+        self.read_bytes = family("counter", "hafs_read_bytes", "Bytes returned by read.")
+        self.written_bytes = family("counter", "hafs_written_bytes", "Bytes taken by write.")
+        self.cache_hits = family(
+            "counter", "hafs_block_cache_hits", "Block reads answered by the block cache."
         )
-        self.cache_misses = Counter(
+        self.cache_misses = family(
+            "counter",
             "hafs_block_cache_misses",
             "Block reads that fetched the block from the nodes.",
-            registry=r,
         )
-        self.block_seconds = Histogram(
+        self.block_seconds = family(
+            "histogram",
             "hafs_block_call_seconds",
             "Block calls (get, put, ...) to each node that ended, and how long they took.",
-            ["node", "call"],
-            registry=r,
-            buckets=LATENCY_BUCKETS,
+            "node",
+            "call",
         )
-        self.block_errors = Counter(
+        self.block_errors = family(
+            "counter",
             "hafs_block_call_errors",
             "Block calls to each node that failed (a missing block is no error).",
-            ["node", "call"],
-            registry=r,
+            "node",
+            "call",
         )
-        self.nodes = Gauge(
-            "hafs_nodes", "Nodes of the ring, by state (up, down).", ["state"], registry=r
-        )
-        self.degraded_blocks = Gauge(
+        self.nodes = family("gauge", "hafs_nodes", "Nodes of the ring, by state (up, down).", "state")
+        self.degraded_blocks = family(
+            "gauge",
             "hafs_degraded_blocks",
             "Blocks recorded with fewer than R copies or off their ring nodes (awaiting repair).",
-            registry=r,
         )
-        self.locks_held = Gauge(
-            "hafs_write_locks_held", "Write locks (one per file being changed) held.", registry=r
+        self.locks_held = family(
+            "gauge", "hafs_write_locks_held", "Write locks (one per file being changed) held."
         )
-        self.lock_wait_seconds = Histogram(
+        self.lock_wait_seconds = family(
+            "histogram",
             "hafs_write_lock_wait_seconds",
             "Write locks taken, and how long taking each one waited.",
-            registry=r,
-            buckets=LATENCY_BUCKETS,
         )
-        self.buffer_bytes = Gauge(
-            "hafs_write_buffer_bytes", "Written bytes buffered, not yet stored.", registry=r
+        self.buffer_bytes = family(
+            "gauge", "hafs_write_buffer_bytes", "Written bytes buffered, not yet stored."
         )
-        self.buffer_limit = Gauge(
-            "hafs_write_buffer_limit_bytes",
-            "The write buffer's size (write_buffer_mb).",
-            registry=r,
+        self.buffer_limit = family(
+            "gauge", "hafs_write_buffer_limit_bytes", "The write buffer's size (write_buffer_mb)."
         )
+        self._families = families
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
 
-    def op(self, name: str):
-        """The latency histogram of FUSE operation `name` (made once per name)."""
-        child = self._op.get(name)
-        if child is None:
-            child = self._op[name] = self.op_seconds.labels(name)
-        return child
+    def collect(self) -> Iterator[Metric]:
+        """The registry's view (prometheus_client's collector protocol)."""
+        for f in self._families:
+            yield f.metric()
+
+    def op(self, name: str) -> Series:
+        """The latency histogram of FUSE operation `name`."""
+        return self.op_seconds.labels(name)
 
     def block_call(self, node: str, call: str, seconds: float, failed: bool) -> None:
         """One block call to `node` ended (from any thread)."""

@@ -122,8 +122,23 @@ def _unescape(field: str) -> str:
 
 def hafs_daemon(home: Path, mountpoint: Path) -> int | None:
     """The pid of the live daemon serving `home` at `mountpoint` (its pid file), else None."""
+    return _daemon(pid_file(home, mountpoint))
+
+
+def live_daemons(home: Path) -> list[tuple[int, str]]:
+    """(pid, mountpoint) of every mount daemon of `home` that is running (by its pid file)."""
+    out = []
+    for pidf in sorted((home / "run").glob("*.pid")):
+        pid = _daemon(pidf)
+        if pid is not None:
+            out.append((pid, pidf.read_text().split(maxsplit=1)[-1].strip()))
+    return out
+
+
+def _daemon(pidf: Path) -> int | None:
+    """The pid a pid file names if it is a live hafs mount daemon, else None."""
     try:
-        pid = int(pid_file(home, mountpoint).read_text().split()[0])
+        pid = int(pidf.read_text().split()[0])
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
     except (OSError, ValueError, IndexError):
@@ -397,13 +412,16 @@ async def _serve(
 
 
 async def _session_loop(vfs: Vfs, session, ttl_s: float) -> None:
-    """Renew this mount's session a few times per lease; reap the sessions of mounts that
-    died (the engine deletes the files they kept open after their unlink)."""
+    """Renew this mount's session (and so its lease) a few times per lease; while this
+    mount leads, reap the sessions of mounts that died (the engine deletes the files they
+    kept open after their unlink)."""
     sessions = vfs.meta.sessions
     while True:
         await trio.sleep(ttl_s / 4)
         try:
             session = await sessions.renew(session)
+            if not await vfs.lead():
+                continue
             for dead in await sessions.reap():
                 log.warning(
                     "SESSION-ENDED of the mount at %s:%s (pid %d): it stopped renewing its lease",

@@ -25,6 +25,12 @@ HAFS = [sys.executable, "-m", "hafs"]
 BAD_LOG = re.compile(r"Traceback|unexpected error| ERROR ")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "log_allows(*texts): log lines with these texts are expected in a mount's log"
+    )
+
+
 def hafs(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     p = subprocess.run([*HAFS, *map(str, args)], capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
@@ -79,6 +85,24 @@ class Mount:
             for line in self.log.read_text(errors="replace").splitlines()
             if BAD_LOG.search(line) and not any(a in line for a in allowed)
         ]
+
+
+def fsync_and_close_errno(fd: int) -> int | None:
+    """fsync(fd), then close(fd) (closed in any case): the errno of the first that failed
+    (None: neither did)."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        return e.errno
+    try:
+        os.close(fd)
+    except OSError as e:
+        return e.errno
+    return None
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run the shared fsbench yardstick on hafs, a plain directory and bindfs, side by side.
+"""Run one filesystem yardstick on hafs, a plain directory and bindfs, side by side.
 
     python3 tools/bench.py [--quick] [--reps N] [--only seqwrite,...]
                            [--targets hafs,hafs-nodes,plain,bindfs] [-o cache_mb=256,...]
@@ -21,14 +21,20 @@ on the same disk):
           bindfs is not installed), the cost of FUSE itself.
 
 On each it runs `python3 FSBENCH DIR LABEL --unique-data [--quick] [--reps N]
-[--only ...]` (fsbench syncs and drops the kernel caches itself), collects its
-JSON lines and prints one table: a row per workload, a column per target, each
+[--only ...]` (the yardstick syncs and drops the kernel caches itself), collects
+its JSON lines and prints one table: a row per workload, a column per target, each
 cell the median rate over the repetitions and, with --reps >= 2, the spread
 (half of max - min of the per-repetition rates, relative to the median).
 
 Whatever happens (a failure, a hang past --timeout, Ctrl-C, SIGTERM) every
 mount made here is unmounted before exit: `hafs umount MNT` (or `fusermount3
 -u MNT` for bindfs), falling back to `fusermount3 -u -z MNT`.
+
+FSBENCH, the yardstick: `--fsbench PATH` (any script with that interface and
+its JSON lines), else the shared fsbench.py of the workspace when a checkout
+has one beside it (../shared/bench/fsbench.py), else the built-in one,
+tools/fsbench_builtin.py (the same workloads, standard library only), so a
+bare clone runs as it is; `--fsbench builtin` picks the built-in one always.
 
 Exit code: 0 all targets ran, 1 a target failed or hung, 2 bad input, 130
 interrupted.  Standard library only (plus the `hafs` command and bindfs).
@@ -53,7 +59,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_FSBENCH = REPO.parent / "shared" / "bench" / "fsbench.py"
+BUILTIN_FSBENCH = REPO / "tools" / "fsbench_builtin.py"
+SHARED_FSBENCH = REPO.parent / "shared" / "bench" / "fsbench.py"  # used when present
 ALL_TARGETS = ["hafs", "hafs-nodes", "plain", "bindfs"]
 ALL_WORKLOADS = ["seqwrite", "seqread", "cp", "smallfiles", "tree", "randwrite"]
 # Table rows: (row name, fsbench workload, field of the record holding the rate)
@@ -807,12 +814,14 @@ def sizes_note(targets: list[TargetRun]) -> list[str]:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(
-        description="Compare hafs with a plain directory and bindfs using the shared fsbench.",
+        description="Compare hafs with a plain directory and bindfs on one yardstick.",
         epilog="Cells: median rate over --reps repetitions; '±N%' is half the range of the"
         " per-repetition rates relative to the median.  hafs/plain and hafs/bindfs are ratios"
         " of the medians (above 1 = hafs faster).",
     )
-    ap.add_argument("--quick", action="store_true", help="pass --quick to fsbench (~10x smaller)")
+    ap.add_argument(
+        "--quick", action="store_true", help="pass --quick to the yardstick (~10x smaller)"
+    )
     ap.add_argument("--reps", type=int, default=3, help="repetitions per timing (default 3)")
     ap.add_argument(
         "--only",
@@ -858,9 +867,11 @@ def parse_args(argv):
     )
     ap.add_argument(
         "--fsbench",
-        type=Path,
-        default=DEFAULT_FSBENCH,
-        help="path of fsbench.py (default: %(default)s)",
+        metavar="PATH|builtin",
+        default=None,
+        help="the yardstick: a script taking fsbench.py's arguments, or 'builtin' for"
+        " tools/fsbench_builtin.py (default: ../shared/bench/fsbench.py beside the checkout"
+        " when there is one, else the built-in one)",
     )
     ap.add_argument(
         "--timeout",
@@ -882,9 +893,11 @@ def parse_args(argv):
         ap.error("--reps must be at least 1")
     if args.timeout is None:
         args.timeout = 600.0 if args.quick else 3600.0
-    args.fsbench = args.fsbench.resolve()
+    if args.fsbench == "builtin" or (args.fsbench is None and not SHARED_FSBENCH.is_file()):
+        args.fsbench = BUILTIN_FSBENCH
+    args.fsbench = Path(args.fsbench or SHARED_FSBENCH).resolve()
     if not args.fsbench.is_file():
-        ap.error(f"fsbench not found at {args.fsbench} (use --fsbench PATH)")
+        ap.error(f"no yardstick at {args.fsbench}: give --fsbench PATH, or --fsbench builtin")
     if not args.workdir.is_dir():
         ap.error(f"--workdir {args.workdir} is not a directory")
     if fs_of(args.workdir)[1] == "tmpfs":
@@ -915,7 +928,8 @@ def main(argv=None) -> int:
         f"hafs    : revision {info['hafs_revision']}; mkfs defaults (R=2, 3 backing dirs on"
         f" this disk; hafs-nodes: {NODES} hafs node processes on loopback, R=2, W=2);"
         f" mount options: {args.options or 'defaults'}",
-        f"fsbench : {args.fsbench} --unique-data",
+        f"fsbench : {args.fsbench}"
+        f"{' (built in)' if args.fsbench == BUILTIN_FSBENCH else ''} --unique-data",
     ]
     if "bindfs" in args.targets:
         header.append(f"bindfs  : {_bindfs_version()}, arguments: {args.bindfs_args or 'none'}")

@@ -49,6 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (tools/bench.py: mount/unmount helpers)
+from fsbench_builtin import drop_caches  # noqa: E402  (sync, then drop the kernel caches)
 
 try:
     import psutil
@@ -86,16 +87,6 @@ def configured_limits(options: str | None) -> tuple[int, int]:
             if k in vals:
                 vals[k] = int(v)
         return vals["cache_mb"], vals["write_buffer_mb"]
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 class Sampler(threading.Thread):

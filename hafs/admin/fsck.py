@@ -86,7 +86,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import BlockCorrupt, BlockMissing, HafsError, NodeOwnedElsewhere, UserError
-from ..home import is_remote, open_meta, open_store, owner_claim
+from ..home import is_remote, node_auth, open_meta, open_store, owner_claim
 from ..meta import ROOT_INODE, BlockRow, Inode, MetaStore, now_ns
 from ..store.dirstore import BLOCK_ID_RE, DirStore, read_identity
 from ..store.owner import OwnerClaim
@@ -664,14 +664,14 @@ class Checker:
     def _open_nodes(self) -> None:
         try:
             config = self.meta.config()
-            fs_uuid, token, self.replicas = config.fs_uuid, config.node_token, config.replicas
+            fs_uuid, auth, self.replicas = config.fs_uuid, node_auth(self.meta), config.replicas
             self.ring = Ring.from_json(self.meta.ring())
         except (HafsError, ValueError) as e:
             raise FsckError(f"the metadata's settings are unusable: {e}") from None
         for spec in self.ring.nodes.values():
             try:
                 if is_remote(spec.address):
-                    store = open_store(spec, fs_uuid, token, owner=self.owner)
+                    store = open_store(spec, fs_uuid, auth, owner=self.owner)
                     store.check_identity()
                 elif self.repair:
                     store = DirStore.open(spec.address, spec.id, fs_uuid, self.owner)

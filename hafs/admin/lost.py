@@ -161,11 +161,12 @@ def remove_lost(
     try:
         owner = home_mod.owner_claim(meta, home)  # refuses a copy of a home
         config = meta.config()
+        auth = home_mod.node_auth(meta)
         report.replicas = config.replicas
         before = Ring.from_json(meta.ring())
         spec = known_node(before, node_id)
         try:
-            home_mod.check_node(spec, config.fs_uuid, config.node_token, PROBE_TIMEOUT_S)
+            home_mod.check_node(spec, config.fs_uuid, auth, PROBE_TIMEOUT_S)
         except UserError as e:
             why = str(e)
         else:
@@ -177,7 +178,7 @@ def remove_lost(
         # The others, opened (and taken for this store) before anything changes: nodes of
         # another metadata store refuse the whole removal (NodeOwnedElsewhere).
         others = [s for s in before.nodes.values() if s.id != node_id]
-        stores, report.unavailable = open_stores(others, config.fs_uuid, config.node_token, owner)
+        stores, report.unavailable = open_stores(others, config.fs_uuid, auth, owner)
         session = meta.sessions.register("rebalance", "", SESSION_S)
 
         def drop(current: Ring) -> list:

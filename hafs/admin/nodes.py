@@ -1,4 +1,5 @@
-"""`hafs node list|add|remove|set|adopt`: the nodes of a filesystem's ring.
+"""`hafs node list|add|remove|set|adopt|token|ca`: the nodes of a filesystem's ring, and
+the credentials clients present to them.
 
 Every change writes a new ring version (version + 1) into the metadata in one
 transaction (`MetaStore.replace_ring`, a compare-and-set on the version, so two
@@ -22,6 +23,13 @@ Running mounts switch to the new version within about a second
   address of a node that moved (another host or path): the node must answer
   there as itself (`home.check_node`: its directory's identity, or the `hafs
   node` serving it), so the ring never names another node's directory.
+- token, ca: store a new bearer token, or a new CA for the nodes' certificates, in
+  the configuration, once every remote node that answers accepts it (a node that
+  refuses it: UserError, nothing changed; one that is down is named and left).
+  Running mounts and tools re-read the configuration when a node refuses their
+  credentials, and retry with the new ones (hafs.store.remote, NodeAuth).  `add`
+  with --token-file or --ca-file stores them the same way when the filesystem has
+  none yet; another token or CA than the filesystem's is refused.
 
 Refused with a clear message (UserError, exit 2, nothing changed): an unknown
 id, an address or id the ring already has, any change that would leave fewer
@@ -37,16 +45,18 @@ import argparse
 import json
 import logging
 import re
+import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from .. import home as home_mod
+from ..errors import UserError
 from ..home import change_ring
-from ..errors import HafsError, UserError
-from ..meta import MetaStore
-from ..store.owner import OwnerClaim, new_token
-from ..store.remote import RemoteStore
+from ..meta import FsConfig, MetaStore
+from ..store.owner import OwnerClaim
+from ..store.remote import NodeAuth, NodeAuthError, NodeCertificateError, NodeError, RemoteStore
 from ..store.ring import NODE_STATES, NodeSpec, Ring
 from .status import node_table, render_nodes
 
@@ -54,13 +64,14 @@ log = logging.getLogger(__name__)
 
 NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ADOPT_SESSION_S = 600.0  # the "repair" session of an adopt (a dead one is seen by its pid)
+CHECK_TIMEOUT_S = 5.0  # how long a node is given to answer (new credentials, an adopt)
 
 
 def add_subcommands(p: argparse.ArgumentParser, home_arg: Callable) -> None:
     """Add `list`, `add`, `remove`, `set`, `adopt` under the `hafs node` parser `p`."""
     sub = p.add_subparsers(
         dest="node_command",
-        metavar="{list,add,remove,set,adopt}",
+        metavar="{list,add,remove,set,adopt,token,ca}",
         required=False,
         title="managing the nodes of a filesystem (instead of serving one)",
     )
@@ -83,7 +94,9 @@ def add_subcommands(p: argparse.ArgumentParser, home_arg: Callable) -> None:
         " node at once; run 'hafs rebalance' to move its share of the existing blocks.",
     )
     home_arg(q)
-    q.add_argument("address", metavar="ADDRESS", help="a directory or http://HOST:PORT")
+    q.add_argument(
+        "address", metavar="ADDRESS", help="a directory, http://HOST:PORT or https://HOST:PORT"
+    )
     q.add_argument("--id", dest="node_id", help="the node's id (default: the next free nK)")
     q.add_argument(
         "--weight",
@@ -92,6 +105,21 @@ def add_subcommands(p: argparse.ArgumentParser, home_arg: Callable) -> None:
         help="its share of the blocks relative to the others (default: %(default)g)",
     )
     q.add_argument("--zone", help="failure zone: replicas go to distinct zones where possible")
+    q.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="the bearer token the node was started with: the filesystem's (the default), or"
+        " the first token of a filesystem that has none yet (then kept in its configuration)",
+    )
+    q.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="FILE",
+        help="the CA (PEM) that signed an https node's certificate: the filesystem's (the"
+        " default), or the first CA of a filesystem that has none yet (then kept for all its"
+        " https nodes; until then they are checked against the system's CAs)",
+    )
 
     q = sub.add_parser(
         "remove",
@@ -129,7 +157,8 @@ def add_subcommands(p: argparse.ArgumentParser, home_arg: Callable) -> None:
     home_arg(q)
     q.add_argument("node_id", metavar="ID")
     q.add_argument(
-        "--address", help="the node's new address: its directory or http://HOST:PORT"
+        "--address",
+        help="the node's new address: its directory, http://HOST:PORT or https://HOST:PORT",
     )
     q.add_argument("--weight", type=float, help="new weight (0: takes no new blocks)")
     q.add_argument("--zone", help="new zone ('' for none)")
@@ -141,15 +170,38 @@ def add_subcommands(p: argparse.ArgumentParser, home_arg: Callable) -> None:
         description="Make this filesystem's metadata the owner of every node of its ring. A"
         " copy of a home (cp -a) names the original's nodes and is refused by every command"
         " that would change them; so is a home whose meta.db is another file now: moved to"
-        " another disk, restored from a backup, salvaged. If this IS the filesystem and the"
-        " original is gone for good, adopt it: it gets a new owner token, every node records"
-        " it, and every other copy of the metadata is refused by the nodes from then on."
+        " another disk, restored from a backup. If this IS the filesystem and the original is"
+        " gone for good, adopt it: it gets a new owner token, every node records it, and every"
+        " other copy of the metadata is refused by the nodes from then on."
         " Runs alone (no mount, rebalance or repair meanwhile).",
         epilog="exit codes: 0 every node records this metadata as its owner, 1 some nodes"
         " did not answer (they take it when this metadata next opens them; run it again once"
         " they answer), 2 bad input.",
     )
     home_arg(q)
+
+    q = sub.add_parser(
+        "token",
+        help="change the bearer token of the filesystem's nodes (a rotation: see the README)",
+        description="Store a new bearer token for the nodes in the filesystem's configuration."
+        " First put the new token as a line of every node's --token-file, beside the old one,"
+        " and send each node SIGHUP; this command checks that every node that answers accepts"
+        " it (else it changes nothing). Running mounts take the new token the first time a node"
+        " refuses the old one. Then remove the old line from the nodes' files and send SIGHUP.",
+    )
+    home_arg(q)
+    q.add_argument("--token-file", type=Path, metavar="FILE", required=True, help="the new token")
+
+    q = sub.add_parser(
+        "ca",
+        help="change the CA the nodes' TLS certificates are checked against",
+        description="Store a new CA certificate (PEM; several certificates in one file are all"
+        " trusted, for a change of CA) in the filesystem's configuration, once every https node"
+        " that answers shows a certificate it signs (else nothing is changed). Running mounts"
+        " take it the first time a node's certificate is refused.",
+    )
+    home_arg(q)
+    q.add_argument("--ca-file", type=Path, metavar="FILE", required=True, help="the new CA")
 
 
 def run(args: argparse.Namespace, home: Path) -> int:
@@ -163,7 +215,15 @@ def run(args: argparse.Namespace, home: Path) -> int:
             print("\n".join(render_nodes(report["nodes"])))
         return 0 if all(n["up"] for n in report["nodes"]) else 1
     if args.node_command == "add":
-        spec, ring = add_node(home, args.address, args.node_id, args.weight, args.zone)
+        spec, ring = add_node(
+            home,
+            args.address,
+            args.node_id,
+            args.weight,
+            args.zone,
+            token=home_mod.read_token_file(args.token_file),
+            ca_pem=home_mod.read_ca_file(args.ca_file),
+        )
         print(
             f"added node {spec.id} ({spec.address}, weight {spec.weight:g}"
             f"{', zone ' + spec.zone if spec.zone else ''}): ring version {ring.version}."
@@ -211,6 +271,29 @@ def run(args: argparse.Namespace, home: Path) -> int:
         for node_id, why in failed.items():
             print(f"node {node_id} was not switched (it will be once it answers): {why}")
         return 1 if failed else 0
+    if args.node_command in ("token", "ca"):
+        if args.node_command == "token":
+            changes = {"node_token": home_mod.read_token_file(args.token_file)}
+        else:
+            changes = {"ca_pem": home_mod.read_ca_file(args.ca_file)}
+        changed, down = change_credentials(home, **changes)
+        for node_id, why in down.items():
+            print(f"hafs: warning: node {node_id} could not be asked: {why}", file=sys.stderr)
+        what = "token" if args.node_command == "token" else "CA"
+        if not changed:
+            print(f"the nodes' {what} is already that one: nothing to change")
+        elif what == "token":
+            print(
+                "the nodes' token is changed; running mounts take it the first time a node"
+                " refuses the old one. Now remove the old token from every node's --token-file"
+                " and send the node SIGHUP."
+            )
+        else:
+            print(
+                "the nodes' CA is changed; running mounts take it the first time a node's"
+                " certificate is refused."
+            )
+        return 0
     raise AssertionError(args.node_command)
 
 
@@ -233,8 +316,10 @@ def _open_to_change(home: Path) -> tuple[MetaStore, OwnerClaim]:
 
 def _normalise(address: str) -> str:
     if home_mod.is_remote(address):
-        if not address.startswith("http://"):
-            raise UserError(f"node address {address!r}: only http://HOST:PORT nodes are known")
+        if not address.startswith(("http://", "https://")):
+            raise UserError(
+                f"node address {address!r}: expected http://HOST:PORT or https://HOST:PORT"
+            )
         return address.rstrip("/")
     return str(Path(address).expanduser().absolute())
 
@@ -270,16 +355,16 @@ def list_nodes(home: Path) -> dict:
     meta = _open(home)
     try:
         ring = Ring.from_json(meta.ring())
-        replicas = meta.config().replicas
-        fs_uuid = meta.config().fs_uuid
-        token = meta.config().node_token
+        config = meta.config()
     finally:
         meta.close()
     return {
         "home": str(home),
         "ring_version": ring.version,
-        "replicas": replicas,
-        "nodes": node_table(ring, fs_uuid, token, replicas),
+        "replicas": config.replicas,
+        "nodes": node_table(
+            ring, config.fs_uuid, NodeAuth(config.node_token, config.ca_pem), config.replicas
+        ),
     }
 
 
@@ -295,13 +380,22 @@ def add_node(
     node_id: str | None = None,
     weight: float = 1.0,
     zone: str | None = None,
+    *,
+    token: str | None = None,
+    ca_pem: str | None = None,
 ) -> tuple[NodeSpec, Ring]:
-    """Check, claim and add a node; returns its spec and the new ring."""
+    """Check, claim and add a node; returns its spec and the new ring.
+
+    `token`, `ca_pem`: what the node wants and shows, if not the filesystem's (which
+    then has none, and keeps these: module docstring).
+    """
     address = _normalise(address)
     meta, owner = _open_to_change(home)
     try:
-        fs_uuid = meta.config().fs_uuid
-        token = meta.config().node_token
+        config = meta.config()
+        fs_uuid = config.fs_uuid
+        changes = _first_credentials(config, token, ca_pem)
+        auth = NodeAuth(token or config.node_token, ca_pem or config.ca_pem)
         ring = Ring.from_json(meta.ring())
         if node_id is None:
             node_id = next_node_id(ring)
@@ -333,8 +427,10 @@ def add_node(
                     raise UserError(f"{spec.address} already is node {other.id}{hint}")
 
         check(ring)
-        home_mod.check_new_node(spec, token)
-        home_mod.init_node(spec, fs_uuid, token, owner)
+        home_mod.check_new_node(spec, auth)
+        if changes:
+            _store_credentials(home, meta, ring, changes)
+        home_mod.init_node(spec, fs_uuid, auth, owner)
 
         def change(current: Ring) -> list[NodeSpec]:
             check(current)
@@ -350,6 +446,87 @@ def add_node(
             ring.version,
         )
         return spec, ring
+    finally:
+        meta.close()
+
+
+def _first_credentials(config: FsConfig, token: str | None, ca_pem: str | None) -> dict:
+    """The credentials `node add` stores: those given that the filesystem lacks; UserError
+    for one that differs from the filesystem's."""
+    changes = {}
+    for key, given, what, command in (
+        ("node_token", token, "token", "hafs node token --token-file"),
+        ("ca_pem", ca_pem, "CA", "hafs node ca --ca-file"),
+    ):
+        have = getattr(config, key)
+        if given is not None and have is not None and given != have:
+            raise UserError(
+                f"the filesystem's nodes use another {what}: give the new node the filesystem's"
+                f" {what} (and drop the option), or change it for every node first ('{command}"
+                " FILE': see the README)"
+            )
+        if given is not None and have is None:
+            changes[key] = given
+    return changes
+
+
+def _ask_nodes(ring: Ring, fs_uuid: str, auth: NodeAuth) -> dict[str, str]:
+    """Check that every remote node of `ring` accepts `auth` (a ping with it).
+
+    Returns {node id: why} of those that could not be asked (down); UserError if one
+    refuses the token or shows a certificate the CA does not sign.
+    """
+    remote = [s for s in ring.nodes.values() if home_mod.is_remote(s.address)]
+    down: dict[str, str] = {}
+
+    def ask(spec: NodeSpec) -> None:
+        with RemoteStore(spec.address, spec.id, fs_uuid, auth=auth, timeout=CHECK_TIMEOUT_S) as s:
+            try:
+                s.ping()
+            except NodeAuthError as e:
+                raise UserError(
+                    f"{e}: the node does not take the new token yet; add it as a line of the"
+                    " node's --token-file and send the node SIGHUP, then try again (nothing"
+                    " was changed)"
+                ) from None
+            except NodeCertificateError as e:
+                raise UserError(f"{e} (nothing was changed)") from None
+            except NodeError as e:
+                down[spec.id] = str(e)
+
+    if remote:
+        with ThreadPoolExecutor(min(16, len(remote))) as pool:
+            for future in [pool.submit(ask, s) for s in remote]:
+                future.result()
+    return down
+
+
+def _store_credentials(home: Path, meta: MetaStore, ring: Ring, changes: dict) -> dict[str, str]:
+    """Store new credentials once every remote node that answers takes them; returns the
+    nodes that could not be asked (see `_ask_nodes`)."""
+    config = replace(meta.config(), **changes)
+    down = _ask_nodes(ring, config.fs_uuid, NodeAuth(config.node_token, config.ca_pem))
+    meta.update_config(**changes)
+    if config.node_token is not None:
+        home_mod.keep_secret(home)
+    log.info(
+        "NODE-CREDENTIALS changed: %s%s",
+        " and ".join("token" if k == "node_token" else "CA" for k in changes),
+        f" (not asked, down: {', '.join(down)})" if down else "",
+    )
+    return down
+
+
+def change_credentials(home: Path, **changes: str) -> tuple[bool, dict[str, str]]:
+    """`hafs node token` / `hafs node ca`: store a new node_token or ca_pem once the nodes
+    take it; (whether it changed, {node id: why} of nodes that could not be asked)."""
+    meta = _open(home)
+    try:
+        config = meta.config()
+        changes = {k: v for k, v in changes.items() if getattr(config, k) != v}
+        if not changes:
+            return False, {}
+        return True, _store_credentials(home, meta, Ring.from_json(meta.ring()), changes)
     finally:
         meta.close()
 
@@ -425,7 +602,7 @@ def set_node(
         spec = known_node(Ring.from_json(meta.ring()), node_id)
         if address is not None and not _same_address(spec.address, changes["address"]):
             moved = replace(spec, **changes)
-            home_mod.check_node(moved, config.fs_uuid, config.node_token, owner=owner)
+            home_mod.check_node(moved, config.fs_uuid, home_mod.node_auth(meta), owner=owner)
         ring, changed = change_ring(meta, change)
         if changed:
             log.info("NODE-SET %s %s: ring version %d", node_id, changes, ring.version)
@@ -440,39 +617,15 @@ def adopt(home: Path) -> tuple[OwnerClaim, dict[str, str]]:
     The store gets a new owner token (its file recorded as its own: a home moved to
     another disk, or a database put back from a backup, is then accepted), and each
     node records it whatever owner it had, so every other store of these nodes (the
-    original of a copy, another copy) is refused from then on (hafs.store.owner).
+    original of a copy, another copy) is refused from then on (`home.take_nodes`).
     Runs alone (a "repair" session: no mount, rebalance or repair of this store).
-    Returns the claim and {node id: why it was not switched}; a node that was down
-    takes the new token when this store next opens it (it records a previous one).
+    Returns the claim and {node id: why it was not switched}.
     """
     meta = _open(home)
     try:
-        config = meta.config()
-        ring = Ring.from_json(meta.ring())
         session = meta.sessions.register("repair", "", ADOPT_SESSION_S)
         try:
-            meta.adopt(new_token())
-            own = meta.owner()
-            claim = OwnerClaim(own.token, own.where, frozenset(own.previous))
-            failed: dict[str, str] = {}
-            for spec in ring.nodes.values():
-                store = None
-                try:
-                    store = home_mod.open_store(spec, config.fs_uuid, config.node_token, 5.0)
-                    if isinstance(store, RemoteStore):
-                        store.check_identity()
-                    store.set_owner(claim)
-                except (HafsError, OSError) as e:
-                    failed[spec.id] = str(e)
-                finally:
-                    if isinstance(store, RemoteStore):
-                        store.close()
-            log.warning(
-                "NODE-ADOPT the metadata at %s owns its nodes now%s",
-                own.where,
-                f" (not switched: {', '.join(failed)})" if failed else "",
-            )
-            return claim, failed
+            return home_mod.take_nodes(meta, CHECK_TIMEOUT_S)
         finally:
             meta.sessions.end(session)
     finally:

@@ -74,12 +74,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HafsError, NodeOwnedElsewhere, UserError
-from ..home import holds_fs, open_meta, open_store, owner_claim
+from ..home import holds_fs, node_auth, open_meta, open_store, owner_claim
 from ..meta import MetaStore
 from ..store.dirstore import DirStore
 from ..store.owner import OwnerClaim
 from ..store.placement import NodeHealth
-from ..store.remote import RemoteStore
+from ..store.remote import NodeAuth, RemoteStore
 from ..store.restore import drop_extra, restore
 from ..store.ring import RING_SETTLE_S, NodeSpec, Ring
 from .fsck import Progress, Throttle
@@ -318,7 +318,7 @@ def settle(meta: MetaStore, version: int, settle_s: float, progress: Progress) -
 def open_stores(
     specs: list[NodeSpec],
     fs_uuid: str,
-    token: str | None,
+    auth: NodeAuth,
     owner: OwnerClaim | None,
     timeout: float = NODE_TIMEOUT_S,
 ) -> tuple[dict[str, Store | None], dict[str, str]]:
@@ -331,7 +331,7 @@ def open_stores(
     for spec in specs:
         store = None
         try:
-            store = open_store(spec, fs_uuid, token, timeout, owner)
+            store = open_store(spec, fs_uuid, auth, timeout, owner)
             if isinstance(store, RemoteStore):
                 store.check_identity()
         except (HafsError, OSError) as e:
@@ -403,7 +403,7 @@ class Rebalancer:
         self.dry_run = report.dry_run
         config = meta.config()
         self.fs_uuid = config.fs_uuid
-        self.token = config.node_token
+        self.auth = node_auth(meta)
         self.replicas = config.replicas
         self.owner = owner  # None: a dry run, which changes nothing
         self.stores: dict[str, Store | None] = {}  # None: could not be opened
@@ -452,7 +452,7 @@ class Rebalancer:
 
     def _open_stores(self, ring: Ring) -> None:
         specs = [s for s in ring.nodes.values() if self._addresses.get(s.id) != s.address]
-        stores, problems = open_stores(specs, self.fs_uuid, self.token, self.owner)
+        stores, problems = open_stores(specs, self.fs_uuid, self.auth, self.owner)
         self.stores.update(stores)
         self._addresses.update((s.id, s.address) for s in specs)
         for node_id, why in problems.items():

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from .. import home as home_mod
 from ..errors import HafsError
+from ..meta import LEAD_ROLE
+from ..store.remote import NodeAuth
 from ..store.ring import Ring
 
 NODE_TIMEOUT_S = 5.0  # a remote node that does not answer within this is shown down
@@ -41,7 +43,7 @@ def ring_shares(ring: Ring, replicas: int, samples: int = SHARE_SAMPLES) -> dict
 
 
 def node_table(
-    ring: Ring, fs_uuid: str, token: str | None, replicas: int, timeout: float = NODE_TIMEOUT_S
+    ring: Ring, fs_uuid: str, auth: NodeAuth, replicas: int, timeout: float = NODE_TIMEOUT_S
 ) -> list[dict]:
     """One row per node of `ring`: its spec, state, what it holds, its shares.
 
@@ -52,7 +54,7 @@ def node_table(
 
     def usage(spec):
         try:
-            store = home_mod.open_store(spec, fs_uuid, token, timeout)
+            store = home_mod.open_store(spec, fs_uuid, auth, timeout)
         except (HafsError, OSError) as e:
             return None, str(e)
         try:
@@ -96,7 +98,8 @@ def gather(home: Path) -> dict:
     meta = home_mod.open_meta(home)
     try:
         config = meta.config()
-        fs_uuid, replicas, node_token = config.fs_uuid, config.replicas, config.node_token
+        fs_uuid, replicas = config.fs_uuid, config.replicas
+        auth = NodeAuth(config.node_token, config.ca_pem)  # the metadata is closed when used
         ring = Ring.from_json(meta.ring())
         usage = meta.usage()
         logical, stored, count, files = (
@@ -118,6 +121,7 @@ def gather(home: Path) -> dict:
             }
             for lock in meta.locks.held()
         ]
+        leader = meta.sessions.leader(LEAD_ROLE)  # None: every mount runs gc and repair
         sessions = [
             {
                 "host": s.host,
@@ -125,6 +129,7 @@ def gather(home: Path) -> dict:
                 "pid": s.pid,
                 "version": s.version,
                 "since_s": round((now - s.since_ns) / 1e9, 1),
+                "leader": leader is None or leader == s.id,  # runs gc and repair
             }
             for s in meta.sessions.alive()
             if s.kind == "mount"
@@ -143,7 +148,7 @@ def gather(home: Path) -> dict:
         "unique_blocks": count,
         "dedup_ratio": round(logical / stored, 3) if stored else None,
         "degraded_blocks": degraded,
-        "nodes": node_table(ring, fs_uuid, node_token, replicas),
+        "nodes": node_table(ring, fs_uuid, auth, replicas),
         "locks": locks,
     }
 
@@ -202,7 +207,7 @@ def render(r: dict) -> str:
     for m in r["mounts"]:
         lines.append(
             f"  {m['host']}:{m['mountpoint']}  pid {m['pid']}  hafs {m['version']}"
-            f"  for {m['since_s']} s"
+            f"  for {m['since_s']} s{'  (runs gc and repair)' if m['leader'] else ''}"
         )
     lines += ["", f"write locks held: {len(r['locks'])}"]
     for lk in r["locks"]:

@@ -92,6 +92,9 @@ class Shared:
     locks: LockService  # write locks, shared with the other mounts of the filesystem
     lock_wait_s: float  # how long a writer waits for another mount's lock
     open_files: dict  # inode -> FileState of every open file (owned by the vfs)
+    # inode -> content_version of what the kernel's page cache holds of it (owned by the
+    # vfs, see Vfs.open); a writer that finds the file changed under it drops the entry
+    page_versions: dict
     record_degraded: Callable[[], Awaitable[None]]  # writes placement's degraded reports
     metrics: MountMetrics  # the mount's (write-lock waits are counted here)
 
@@ -108,6 +111,12 @@ def _cut_and_hash(buf: bytearray) -> list[tuple[int, int, str | None]]:
         )
         start = end
     return out
+
+
+def content_version(inode: Inode) -> tuple[int, int, int]:
+    """What tells whether a file's bytes changed: every commit and truncate, by any
+    mount, sets its ctime to the time of the change (and its size and mtime)."""
+    return inode.size, inode.mtime_ns, inode.ctime_ns
 
 
 class FileState:
@@ -198,7 +207,12 @@ class FileState:
                 raise FsError(errno.ENOLCK, str(e)) from None
             try:
                 await self.s.meta.fence(self.ino, lease.token)
-                await self.refresh()  # the last writer's size, before this mount changes anything
+                inode = await self.s.meta.getattr(self.ino)
+                await self.refresh(inode)  # the last writer's size, before this mount changes anything
+                if inode is None or self.s.page_versions.get(self.ino) != content_version(inode):
+                    # changed since the kernel cached it: what this mount writes now does not
+                    # make those pages current (the next open drops them)
+                    self.s.page_versions.pop(self.ino, None)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self.s.locks.release(lease)
@@ -212,17 +226,24 @@ class FileState:
             await self.lose_lock(str(e))
             self._raise_error()
 
-    def _token(self) -> int | None:
-        return self.lease.token if self.lease is not None else None
+    def _token(self) -> int:
+        """The token of the write lock the file's changes are made under.  Without one
+        (lost while a flush or truncate waited) nothing may be committed: an unfenced
+        commit would overwrite the next writer's data."""
+        if self.lease is None:
+            raise LockLost(f"inode {self.ino}: its write lock was lost")
+        return self.lease.token
 
     async def lose_lock(self, why: str) -> None:
-        """The lease is gone: drop the uncommitted changes; fsync and close report EIO."""
+        """The lease is gone: drop the uncommitted changes; fsync and close report EIO.
+        The error is set before the await for the path: an fsync meanwhile reports it."""
         self._drop_changes()
+        self.error = LockLost(f"write lock of inode {self.ino} lost: {why}")
         path = await self.s.meta.path_of(self.ino)
         log.error("LOCK-LOST %s: %s; its uncommitted writes are dropped", path, why)
-        self.error = LockLost(f"write lock of {path} lost: {why}")
 
     def _drop_changes(self) -> None:
+        self.s.page_versions.pop(self.ino, None)  # the kernel has bytes that were not committed
         before = self.dirty.nbytes
         self.dirty.truncate_range(0)
         self.s.budget.release(before)
@@ -304,6 +325,7 @@ class FileState:
         False if nothing could be flushed yet (one growing block of a stream).
         Runs under `lock`.
         """
+        token = self._token()  # the lease the bytes were written under, even if lost meanwhile
         start, end, exts = await self._widen(seg_start, seg_end)
         # a region still being stored must be committed before this one reads its extents
         await self._wait_pending(
@@ -336,7 +358,7 @@ class FileState:
             self._finish_region(pieces, failed=True)
             raise
         self.pending.append((start, end))
-        self.s.nursery.start_soon(self._store_and_commit, start, end, blocks, pieces, self._token())
+        self.s.nursery.start_soon(self._store_and_commit, start, end, blocks, pieces, token)
         return True
 
     def _finish_region(self, pieces: list[tuple[int, bytes]], failed: bool) -> None:
@@ -347,7 +369,7 @@ class FileState:
         self.s.budget.release(sum(len(d) for _, d in pieces))
 
     async def _store_and_commit(
-        self, start: int, end: int, blocks: list, pieces: list, token: int | None
+        self, start: int, end: int, blocks: list, pieces: list, token: int
     ) -> None:
         new = [
             Extent(start + off, length, bid) for off, length, bid, _ in blocks if bid is not None

@@ -16,10 +16,13 @@ Concurrency rules (trio, one thread):
   whose last name is gone is deleted only once the kernel forgot it and no
   handle has it open (then its blocks are released).
 - Background work (flushes, read-ahead, garbage collection, ring reloads)
-  runs in the nursery given to `run`.
+  runs in the nursery given to `run`.  Garbage collection and repair run only
+  while this mount is elected to LEAD_ROLE (`lead`: on etcd one client at a
+  time; the embedded engine elects every mount).
 - A new ring version (from `hafs node` or `hafs rebalance`) is swapped into
   the placement between two awaits (`reload_ring`); a put, get or delete that
-  began on the previous version goes on with the stores it started with.
+  began on the previous version goes on with the stores it started with.  The
+  engine says when to look (`wait_ring`: a watch on etcd, a poll otherwise).
 """
 
 from __future__ import annotations
@@ -35,13 +38,13 @@ from dataclasses import dataclass, replace
 import trio
 
 from ..errors import BlockMissing, FsError, HafsError, LockLost
-from ..meta import NAME_MAX, AsyncMeta, Dentry, Inode, MetaStore, now_ns
+from ..meta import LEAD_ROLE, NAME_MAX, AsyncMeta, Dentry, Inode, MetaStore, now_ns
 from ..store.chunker import MiB
 from ..store.dirstore import DirStore, disk_id
 from ..store.placement import Placement, writable_bytes
 from ..store.ring import RING_RELOAD_S, NodeSpec, Ring
 from .cache import BlockCache
-from .files import FileState, Shared, WriteBudget
+from .files import FileState, Shared, WriteBudget, content_version
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,9 @@ class Vfs:
     ) -> None:
         """meta: the metadata engine (its lock service and sessions are the mount's).
         open_store(spec): the block store of a node that joins the ring while mounted
-        (the mount's: `home.Filesystem.open_store`, with its owner claim; default:
-        `home.open_store` with the filesystem's uuid and node token).
+        (the mount's: `home.Filesystem.open_store`, with its credentials and owner claim;
+        default: `home.open_store` with the filesystem's uuid and credentials, the
+        `home.node_auth` the other stores should share, so that all follow a change at once).
         read_only: a `-o ro` mount (the kernel refuses writes): no background loop
         that writes runs (garbage collection, repair, the purge of unlinked inodes)."""
         self.engine = meta
@@ -105,11 +109,15 @@ class Vfs:
         self._repair_after = ""  # where the next repair round goes on in the degraded table
         self.opts = opts
         self.lookups: Counter[int] = Counter()
+        # inode -> content_version of the bytes the kernel's page cache holds of it: an open
+        # that finds the same version keeps those pages (keep_cache); see open()
+        self.page_versions: dict[int, tuple[int, int, int]] = {}
         self.files: dict[int, FileState] = {}
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, int] = {}
         self._next_fh = 1
         self.shared: Shared | None = None
+        self.leading = False  # elected to LEAD_ROLE at the last look (`lead`)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -135,6 +143,7 @@ class Vfs:
                 readahead_blocks=self.opts.readahead_blocks,
                 uncommitted=Counter(),
                 open_files=self.files,
+                page_versions=self.page_versions,
                 locks=self.locks,
                 lock_wait_s=self.opts.lock_wait_s,
                 record_degraded=self.record_degraded,
@@ -142,14 +151,15 @@ class Vfs:
             )
             self.metrics.buffer_limit.set(self.shared.budget.limit)
             if not self.read_only:
-                nursery.start_soon(self._every, self.opts.gc_interval_s, self.collect_garbage)
+                gc = self._when_leading(self.collect_garbage)
+                nursery.start_soon(self._every, self.opts.gc_interval_s, gc)
                 nursery.start_soon(self._every, 1.0, self.record_degraded)
                 if self.opts.repair_interval_s > 0:
                     every = self.opts.repair_interval_s
-                    nursery.start_soon(self._every, every, self.repair_degraded)
+                    nursery.start_soon(self._every, every, self._when_leading(self.repair_degraded))
             nursery.start_soon(self._every, self.opts.lock_ttl_s / 4, self._keepalive)
             nursery.start_soon(self.placement.probe_loop, self.opts.probe_interval_s)
-            nursery.start_soon(self._every, RING_RELOAD_S, self.reload_ring)
+            nursery.start_soon(self._every, 0.1, self._follow_ring)  # it waits in the engine
             nursery.start_soon(self._every, 1.0, self.sample_metrics)
             task_status.started()
 
@@ -180,6 +190,38 @@ class Vfs:
                     e,
                     exc_info=not isinstance(e, HafsError | OSError),
                 )
+
+    async def lead(self) -> bool:
+        """Whether this mount has LEAD_ROLE now (taking it if no live mount has it);
+        LEADER / LEADER-LOST logged when that changes."""
+        leading = await self.meta.sessions.elect(LEAD_ROLE)
+        if leading != self.leading:
+            self.leading = leading
+            if leading:
+                log.info("LEADER %s: this mount runs garbage collection and repair", LEAD_ROLE)
+            else:
+                log.warning("LEADER-LOST %s: another mount runs them now", LEAD_ROLE)
+        return leading
+
+    def _when_leading(self, work: Callable) -> Callable:
+        """`work`, run only while this mount leads (a leader paused past its lease may
+        finish the round it was in beside the new one: each step is its own transaction)."""
+
+        async def run() -> None:
+            if await self.lead():
+                await work()
+
+        run.__name__ = work.__name__
+        return run
+
+    async def _follow_ring(self) -> None:
+        """Reload the ring each time the engine says it may have changed (etcd: a watch;
+        sqlite: every RING_RELOAD_S)."""
+        version = self.placement.ring.version
+        await trio.to_thread.run_sync(
+            self.engine.wait_ring, version, RING_RELOAD_S, abandon_on_cancel=True
+        )
+        await self.reload_ring()
 
     async def sample_metrics(self) -> None:
         """Set the gauges of state the trio thread owns (a scrape only reads them)."""
@@ -251,13 +293,11 @@ class Vfs:
 
     async def _store_opener(self) -> Callable[[NodeSpec], object]:
         if self._open_store is None:
-            from ..home import open_store  # the mount's default; tests may pass their own
+            from ..home import node_auth, open_store  # tests may pass their own
 
             config = await self.meta.config()
-            timeout = self.opts.node_timeout_s
-            self._open_store = lambda spec: open_store(
-                spec, config.fs_uuid, config.node_token, timeout
-            )
+            auth, timeout = node_auth(self.engine), self.opts.node_timeout_s
+            self._open_store = lambda spec: open_store(spec, config.fs_uuid, auth, timeout)
         return self._open_store
 
     def _note_degraded(self, block_id: str, nodes: list[str]) -> None:
@@ -372,6 +412,7 @@ class Vfs:
         self.lookups[ino] -= n
         if self.lookups[ino] <= 0:
             del self.lookups[ino]
+            self.page_versions.pop(ino, None)  # the kernel dropped the inode, its pages too
             await self._maybe_free(ino)
 
     # ---------------------------------------------------------------- setattr
@@ -452,6 +493,7 @@ class Vfs:
         self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Inode]:
         inode = await self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        self.page_versions[inode.id] = content_version(inode)  # (empty: nothing cached)
         return await self._open_handle(inode, flags), inode
 
     async def readlink(self, ino: int) -> bytes:
@@ -468,9 +510,10 @@ class Vfs:
     async def unlink(self, parent: int, name: bytes) -> None:
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        inode = await self.meta.unlink(parent, name)
+        # not open here: deleted with its last name, in the same transaction
+        inode = await self.meta.unlink(parent, name, self.files)
         if inode.nlink == 0:
-            await self._maybe_free(inode.id)
+            await self._maybe_free(inode.id)  # (or once the kernel and its handles let go)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         if len(name) > NAME_MAX:
@@ -515,12 +558,19 @@ class Vfs:
         self.handles[fh] = Handle(inode.id, bool(flags & os.O_APPEND), writer, fs)
         return fh
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """A handle of the file, and whether the kernel may keep the pages it caches of
+        it (close-to-open: only if they are of the version open finds in the metadata;
+        otherwise the kernel drops them, and caches this version from now on)."""
         inode = await self.meta.getattr(ino)
         if inode is None:
             raise FsError(errno.ENOENT)
         if stat.S_ISDIR(inode.mode):
             raise FsError(errno.EISDIR)
+        version = content_version(inode)
+        keep_cache = self.page_versions.get(ino) == version
+        if not keep_cache and ino not in self.files:  # (pages of an open file: not dropped)
+            self.page_versions[ino] = version
         fh = await self._open_handle(inode, flags)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             try:
@@ -528,7 +578,7 @@ class Vfs:
             except BaseException:
                 await self.release(fh)
                 raise
-        return fh
+        return fh, keep_cache
 
     def _handle(self, fh: int) -> Handle:
         try:
@@ -580,7 +630,16 @@ class Vfs:
         fs.writers -= h.writer
         try:
             if fs.writers == 0:  # the last writer: commit, then let other mounts write
-                await fs.flush()
+                try:
+                    await fs.flush()
+                except BaseException:
+                    self.page_versions.pop(h.ino, None)  # the kernel has uncommitted bytes
+                    raise
+                if fs.lease is not None and h.ino in self.page_versions:
+                    # the kernel's pages are the bytes just committed (under the lock)
+                    inode = await self.meta.getattr(h.ino)
+                    if inode is not None:
+                        self.page_versions[h.ino] = content_version(inode)
                 await fs.release_lock()
         finally:
             await self._close_file(fs)

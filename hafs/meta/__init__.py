@@ -31,7 +31,7 @@ from __future__ import annotations
 import errno
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,6 +46,7 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 64 * 1024
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+LEAD_ROLE = "gc"  # the elected role: garbage collection, repair, the cleanup after dead mounts
 
 
 def now_ns() -> int:
@@ -121,6 +122,18 @@ class FsConfig:
     write_quorum: int  # W
     node_token: str | None  # bearer token of the block nodes
     created_ns: int
+    ca_pem: str | None = None  # the CA (PEM) the nodes' TLS certificates are checked against;
+    # None: the system's CAs (a configuration written before this field reads as None)
+
+
+CHANGEABLE_CONFIG = ("node_token", "ca_pem")  # what `MetaStore.update_config` may change
+
+
+def check_config_changes(changes: dict) -> None:
+    """Refuse (ValueError) a change of a configuration field that never changes."""
+    fixed = sorted(set(changes) - set(CHANGEABLE_CONFIG))
+    if fixed:
+        raise ValueError(f"the configuration's {', '.join(fixed)} cannot be changed")
 
 
 @dataclass(frozen=True)
@@ -168,6 +181,54 @@ class SessionInfo:
     expires_ns: int
 
 
+@dataclass(frozen=True)
+class FsState:
+    """What a dump holds besides its records: the settings and the inode counter."""
+
+    config: FsConfig
+    ring: dict
+    ring_changed_ns: int  # 0: not changed since mkfs
+    next_ino: int  # the lowest inode number never handed out (numbers are never reused)
+    owner: str | None = None  # the store's owner token (hafs.store.owner); None: none yet
+    owner_previous: tuple[str, ...] = ()  # the tokens it held before
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A directory entry (one per name: hard links are several entries of one inode)."""
+
+    parent: int
+    name: bytes
+    inode: int
+
+
+@dataclass(frozen=True)
+class Xattr:
+    inode: int
+    name: bytes
+    value: bytes
+
+
+@dataclass(frozen=True)
+class FileExtent:
+    inode: int
+    extent: Extent
+
+
+@dataclass(frozen=True)
+class Degraded:
+    """A block recorded as written while a node failed (`record_degraded`)."""
+
+    block_id: str
+    nodes: tuple[str, ...]
+    since_ns: int
+
+
+# What `MetaStore.dump` yields and an engine's `load` takes, kind by kind in this order.
+# Blocks with refcount 0 are the garbage list.
+Record = Inode | Entry | Xattr | FileExtent | BlockRow | Degraded
+
+
 def session_conflict(kind: str, alive: list[SessionInfo]) -> str | None:
     """Why a new session of `kind` may not start beside the `alive` ones (None: it may).
 
@@ -208,7 +269,16 @@ class MetaStore(Protocol):
         """Make every committed transaction durable (fsync, or a no-op where commits are)."""
 
     # configuration and ring
-    def config(self) -> FsConfig: ...
+    def config(self) -> FsConfig:
+        """The configuration, read once (cached)."""
+
+    def fresh_config(self) -> FsConfig:
+        """The configuration as stored now (not cached); callable from any thread (a
+        node client that was refused re-reads the token and CA with it)."""
+
+    def update_config(self, **changes: str | None) -> FsConfig:
+        """Change the fields of CHANGEABLE_CONFIG (`hafs node token`, `hafs node ca`) in
+        one transaction; returns the new configuration.  The others never change."""
     def ring(self) -> dict:
         """The ring description: {"version": N, "nodes": [{id, address, weight, zone, state}]}."""
 
@@ -228,6 +298,11 @@ class MetaStore(Protocol):
     def adopt(self, token: str) -> None:
         """Make `token` the store's owner token (the one it had joins `previous`) and, for a
         file, record this file as the one it belongs to."""
+
+    def wait_ring(self, version: int, poll_s: float) -> None:
+        """Block until the stored ring may have a version other than `version`: an engine
+        with a watch (etcd) returns as soon as it is written (and every so often anyway),
+        one without (sqlite) after poll_s.  Called from a worker thread of its own."""
 
     # inodes and entries
     def getattr(self, ino: int) -> Inode | None: ...
@@ -252,8 +327,10 @@ class MetaStore(Protocol):
         ENOTDIR.  A setgid parent gives its group (and setgid to a directory)."""
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode: ...
-    def unlink(self, parent: int, name: bytes) -> Inode:
-        """Remove a non-directory's name; returns the inode as left (nlink 0: no name)."""
+    def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:
+        """Remove a non-directory's name; returns the inode as left (nlink 0: no name).
+        An inode that lost its last name is deleted in the same transaction unless it is
+        in `open_here` (the caller's open files): then it stays, kept for this session."""
 
     def rmdir(self, parent: int, name: bytes) -> int:
         """Remove an empty directory; returns its inode number."""
@@ -375,6 +452,18 @@ class MetaStore(Protocol):
         """A block whose reads see one state of the metadata, where the engine can give
         one (sqlite: a read transaction); yields whether it does.  No writes inside."""
 
+    # dump and load ("hafs meta dump", "hafs meta load", "hafs fsck --salvage")
+    def dump(self) -> AbstractContextManager[tuple[FsState, Iterator[Record]]]:
+        """Every record of the filesystem as one state of the metadata shows it (sqlite: one
+        read transaction; kv: reads at one revision, that the KV keeps until the block
+        ends): the FsState and an iterator of the records (inodes, entries, xattrs,
+        extents, blocks, degraded records, each kind in key order; entries the oldest first
+        where the engine records an order), read page by page.  Not in it: live state (write
+        locks, sessions, fencing tokens), and what the engine derives from the records
+        (indexes, counters).  Each engine also has a `load` constructor beside `create`
+        that makes a new filesystem from an FsState and records (refusing a store that
+        holds anything), so that any engine's dump loads into any other."""
+
     def fsck_add_root(self, uid: int, gid: int) -> bool:
         """Make a new, empty root directory (inode ROOT_INODE) if there is none."""
 
@@ -439,7 +528,18 @@ class Sessions(Protocol):
     def end(self, session: SessionInfo) -> None: ...
     def alive(self) -> list[SessionInfo]: ...
     def reap(self) -> list[SessionInfo]:
-        """End the sessions whose lease ran out (their mounts died); returns them."""
+        """End the sessions whose lease ran out (their mounts died) and delete the inodes
+        that only sessions that are over kept (unlinked while open there); returns the
+        sessions ended."""
+
+    def elect(self, role: str) -> bool:
+        """Whether this client has `role` now (taking it if no live client has it): the
+        background work that runs on one client at a time (LEAD_ROLE).  The role is bound
+        to the client's lease, so it moves on when that client dies.  An engine without an
+        election answers True (every client has it)."""
+
+    def leader(self, role: str) -> str | None:
+        """The session id of the client that has `role` (None: no election, or no one)."""
 
 
 # ------------------------------------------------------------ trio access

@@ -5,9 +5,13 @@ gateway (etcd >= 3.4, path /v3/), sent with etcd3gw's HTTP client:
 
     get        POST /v3/kv/range {key}
     scan       POST /v3/kv/range {key, range_end, limit}        (etcd answers in key order)
+    snapshot   the same with {revision}: reads of the revision current when it began, which
+               etcd keeps until it compacts it (then a MetaError says so)
     commit     POST /v3/kv/txn   {compare: mod_revision == N (0: absent), success: puts
                                   (each with its lease or none) and deletes}
     lease_*    POST /v3/lease/grant | keepalive | revoke | timetolive
+    watch      POST /v3/watch    {create_request: {key, start_revision}}, a stream read
+                                  until its first event or a read timeout
 
 Keys and values travel base64-encoded.  Every key is stored under the
 filesystem's prefix (b"/hafs/NAME/"), added on the way in and stripped on
@@ -48,6 +52,7 @@ only change which member is asked.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -55,7 +60,8 @@ import random
 import re
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,7 +69,7 @@ import etcd3gw
 from etcd3gw import exceptions as gwexc
 
 from ..errors import MetaError, MetaUnavailable, UserError
-from . import FsConfig
+from . import FsConfig, FsState, Record
 from .kv import KvMeta, LeaseNotFound, prefix_end
 
 log = logging.getLogger(__name__)
@@ -163,6 +169,16 @@ def create_etcd(url: str, config: FsConfig, ring: dict, uid: int, gid: int, **op
         raise
 
 
+def load_etcd(url: str, state: FsState, records: Iterable[Record]) -> None:
+    """Make a new filesystem at `url` from a dump (UserError if its prefix holds anything)."""
+    endpoints, name = parse_meta_url(url)
+    kv = EtcdKV(endpoints, prefix_of(name), name=url)
+    try:
+        KvMeta.load(kv, state, records)
+    finally:
+        kv.close()
+
+
 def _split(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     kv_keys = {"timeout_s", "request_timeout_s"}
     return (
@@ -215,6 +231,12 @@ def _refusal(name: str, exc: gwexc.Etcd3Exception) -> MetaError:
             f"{name}: etcd is out of space ({message}): compact and defragment it, or raise"
             " its --quota-backend-bytes, then 'etcdctl alarm disarm'"
         )
+    if "compacted" in message:
+        return MetaError(
+            f"{name}: etcd compacted the revision a consistent read was reading ({message}):"
+            " run it again when fewer writes go on, or raise etcd's"
+            " --auto-compaction-retention"
+        )
     if code == _PERMISSION_DENIED or "permission denied" in message:
         return MetaError(f"{name}: etcd refused access ({message}): hafs needs a user-less etcd")
     return MetaError(f"{name}: etcd refused a request: {message or exc!r}")
@@ -264,20 +286,26 @@ class EtcdKV:
 
     # ------------------------------------------------------------ transport
 
-    def _post(self, i: int, path: str, body: dict, timeout: float) -> dict:
-        """One request to member i, on an idle client of that member (or a new one)."""
+    @contextlib.contextmanager
+    def _client(self, i: int) -> Iterator[etcd3gw.Etcd3Client]:
+        """An idle client of member i (or a new one), given back after."""
         with self._pool_lock:
             c = self._idle[i].pop() if self._idle[i] else None
         if c is None:
             host, port = self._members[i]
             c = etcd3gw.Etcd3Client(host=host, port=port, api_path="/v3/")
             c.session.trust_env = False  # no proxy from the environment for etcd
-        c.timeout = timeout
         try:
-            return c.post(c.get_url(path), json=body)
+            yield c
         finally:
             with self._pool_lock:
                 self._idle[i].append(c)
+
+    def _post(self, i: int, path: str, body: dict, timeout: float) -> dict:
+        """One request to member i."""
+        with self._client(i) as c:
+            c.timeout = timeout
+            return c.post(c.get_url(path), json=body)
 
     def _call(self, path: str, body: dict) -> dict:
         """POST one gateway request, failing over between members until `timeout_s`."""
@@ -314,29 +342,39 @@ class EtcdKV:
             self._first = i
             return reply
 
-    def _range(self, start: bytes, end: bytes | None, limit: int) -> list[dict]:
+    def _range(self, start: bytes, end: bytes | None, limit: int, revision: int = 0) -> list[dict]:
         body: dict[str, Any] = {"key": _b64(start)}
         if end is not None:
             body["range_end"] = _b64(end)
         if limit:
             body["limit"] = limit
+        if revision:
+            body["revision"] = revision
         return self._call("kv/range", body).get("kvs", [])
 
     # ------------------------------------------------------------------- KV
 
-    def get(self, key: bytes) -> tuple[bytes, int] | None:
-        kvs = self._range(self.prefix + key, None, 0)
+    def get(self, key: bytes, revision: int = 0) -> tuple[bytes, int] | None:
+        """revision > 0: as the key was at that revision (the `snapshot` reader's)."""
+        kvs = self._range(self.prefix + key, None, 0, revision)
         return (_unb64(kvs[0].get("value")), int(kvs[0]["mod_revision"])) if kvs else None
 
-    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
+    def scan(
+        self, start: bytes, end: bytes, limit: int, revision: int = 0
+    ) -> list[tuple[bytes, bytes, int]]:
         lo, hi = self.prefix + start, min(self.prefix + end, self._end)
         if lo >= hi or limit <= 0:
             return []
         n = len(self.prefix)
         return [
             (_unb64(kv["key"])[n:], _unb64(kv.get("value")), int(kv["mod_revision"]))
-            for kv in self._range(lo, hi, limit)
+            for kv in self._range(lo, hi, limit, revision)
         ]
+
+    @contextmanager
+    def snapshot(self) -> Iterator[_AtRevision]:
+        reply = self._call("kv/range", {"key": _b64(self.prefix), "limit": 1, "keys_only": True})
+        yield _AtRevision(self, int(reply["header"]["revision"]))
 
     def commit(
         self,
@@ -381,6 +419,38 @@ class EtcdKV:
         ttl = int(self._call("lease/timetolive", {"ID": lease}).get("TTL", 0))
         return None if ttl < 0 else float(ttl)
 
+    def watch(self, key: bytes, revision: int, timeout_s: float) -> bool:
+        """Wait for a change of `key` after `revision`: True at its first event (or when
+        etcd compacted past `revision` or cancelled the watch: read it again), False after
+        timeout_s without one, or at once if the member that answered last does not take
+        the watch (the caller polls then; its next read fails over).
+
+        One streaming request, read here with a read timeout: etcd3gw's watch helpers
+        post theirs without a timeout (a member that hangs would hold the thread for
+        good) and start a thread pool per watch."""
+        body = {"create_request": {"key": _b64(self.prefix + key), "start_revision": revision + 1}}
+        i = self._first
+        with self._client(i) as c:
+            try:
+                with c.session.post(
+                    c.get_url("watch"),
+                    json=body,
+                    stream=True,
+                    timeout=(self.request_timeout_s, timeout_s),
+                ) as resp:
+                    if resp.status_code != 200:
+                        return False
+                    for line in resp.iter_lines():
+                        result = json.loads(line).get("result", {}) if line.strip() else {}
+                        if result.get("events") or result.get("compact_revision"):
+                            return True
+                        if result.get("canceled"):
+                            return True
+            except (OSError, ValueError) as e:  # requests' errors are OSErrors
+                host, port = self._members[i]
+                log.debug("etcd watch on %s:%d ended: %s", host, port, e)
+        return False
+
     def close(self) -> None:
         with self._pool_lock:
             clients = [c for idle in self._idle for c in idle]
@@ -388,3 +458,17 @@ class EtcdKV:
                 idle.clear()
         for c in clients:
             c.session.close()
+
+
+class _AtRevision:
+    """Reads of one etcd revision (`EtcdKV.snapshot`)."""
+
+    def __init__(self, kv: EtcdKV, revision: int) -> None:
+        self.kv = kv
+        self.revision = revision
+
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        return self.kv.get(key, self.revision)
+
+    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
+        return self.kv.scan(start, end, limit, self.revision)

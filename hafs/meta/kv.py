@@ -8,19 +8,25 @@ Key layout (LAYOUT_VERSION 1).  Integers are 8-byte big-endian, so key order
 is numeric order; `+` is concatenation; names and block ids are raw bytes.
 
     Mversion                  layout version (ASCII int); absent: no hafs filesystem here
-    Mconfig                   FsConfig as JSON
+    Mconfig                   FsConfig as JSON (ca_pem left out while None: an older hafs
+                              reads it)
     Mring                     the ring description as JSON ({"version": N, "nodes": [...]})
     Mring_changed             when the ring last got a new version (ASCII ns; absent: 0)
     Mowner                    {"token", "previous": [...]} as JSON: the owner token the nodes
                               record (hafs.store.owner); absent in a filesystem made before
     Mnext_ino                 the lowest inode number never handed out (clients take 64 at once)
+    Mloading                  a load ("hafs meta load") is writing here: {host, pid, since_ns};
+                              the load's last transaction writes Mversion and deletes it
     Msessions                 guard of the session keys (see kvlocks.py)
+    Mleader_<role>            the session id of the client elected to `role`; bound to its lease
     I + ino                   inode: mode, uid, gid, nlink, size, atime/mtime/ctime ns, rdev,
                               fence token (newest write token; older ones are refused), target
     D + parent + hash + name  directory entry -> ino.  hash: 63-bit BLAKE2b of the name, > 0,
                               the readdir cursor (an off_t, like ext4's htree hash)
     P + ino + parent + name   reverse entry (parent_of, path_of; one per hard link)
-    N + ino                   the inode has nlink 0 (unlinked_inodes)
+    N + ino                   the inode has nlink 0 (unlinked_inodes) -> the id of the session
+                              that removed its last name, which may hold it open (empty: none);
+                              deleted by `reap` once that session is over (kvlocks.py)
     X + ino + name            xattr value
     E + ino + end             extent covering [end - length, end) -> length + block id.  Keyed by
                               its end, so the extents overlapping [a, b) are one forward scan from
@@ -29,7 +35,8 @@ is numeric order; `+` is concatenation; names and block ids are raw bytes.
     U + block + 0x00 + ino + offset   the extent at (ino, offset) uses the block (block_users)
     Z + zero_since + block    the block's refcount is 0 since then (garbage_blocks)
     G + block                 degraded: since_ns + space-separated node ids
-    L + lock name             a held write lock -> holder; bound to the holder's lease; its
+    L + lock name             a held write lock -> holder; bound to the holder's lease (one
+                              per client: its locks, session and roles; kvlocks.py); its
                               mod_revision is the fencing token (kvlocks.py)
     l + lock name             last grant not released (holder), to log LOCK-TAKEOVER
     S + id / s + id           a live session (bound to its lease) / its record (kvlocks.py)
@@ -66,6 +73,11 @@ Inode numbers are never reused: each client takes 64 numbers at a time from
 Mnext_ino in its own small transaction.  Single-key reads (getattr) are not
 transactions; lookup reads the entry, then the inode.
 
+Dump and load: `dump` reads every key at one revision (`KV.snapshot`); `load`
+writes a dump into an empty KV in transactions of at most LOAD_OPS keys and
+LOAD_BYTES bytes (under etcd's limits, meta/etcd.py), the derived keys (P, N,
+U, Z) made from the records.
+
 Concurrency: KvMeta is called from worker threads (`direct = False`); its own
 state (the inode-number batch, leases) is guarded by a threading.Lock.
 Figures (usage) and unlinked_inodes scan their keys: O(filesystem) each call.
@@ -76,14 +88,17 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
+import os
 import random
+import socket
 import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection, Container, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from ..errors import FsError, HafsError, LockLost, UserError
@@ -92,22 +107,34 @@ from . import (
     RENAME_NOREPLACE,
     ROOT_INODE,
     BlockRow,
+    Degraded,
     Dentry,
+    Entry,
     Extent,
+    FileExtent,
     FsConfig,
+    FsState,
     Inode,
     Owner,
+    Record,
     Usage,
+    Xattr,
+    check_config_changes,
     check_name,
     check_xattr,
     now_ns,
 )
-from .kvlocks import KvLocks, KvSessions, lock_key
+from .kvlocks import ClientLease, KvLocks, KvSessions, lock_key
+
+log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1
 MAX_TRIES = 100
 INO_BATCH = 64
 PAGE = 512  # keys per scan request
+LOAD_OPS = 1000  # keys per transaction of a load (etcd: --max-txn-ops 4096)
+LOAD_BYTES = 4 << 20  # bytes of keys and values per load transaction (base64: < 16 MiB)
+WATCH_S = 10.0  # a watch of the ring is made again this often while the ring stays
 
 T = TypeVar("T")
 
@@ -124,7 +151,15 @@ class ReadOnly(HafsError):
     """A write through a KvMeta opened read-only."""
 
 
-class KV(Protocol):
+class KVReader(Protocol):
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        """(value, mod_revision), or None if absent."""
+
+    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
+        """Up to `limit` (key, value, mod_revision) with start <= key < end, in key order."""
+
+
+class KV(KVReader, Protocol):
     """An ordered, transactional key-value store with global revisions (etcd v3's shape).
 
     Every successful commit that writes gets a new revision, greater than all
@@ -134,11 +169,10 @@ class KV(Protocol):
 
     name: str  # for messages: "etcd://h1:2379/prod", "memkv"
 
-    def get(self, key: bytes) -> tuple[bytes, int] | None:
-        """(value, mod_revision), or None if absent."""
-
-    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
-        """Up to `limit` (key, value, mod_revision) with start <= key < end, in key order."""
+    def snapshot(self) -> AbstractContextManager[KVReader]:
+        """Reads (get, scan) of the store as it is now, whatever is committed after, for
+        the block's duration (etcd: reads at the current revision, a MetaError once etcd
+        has compacted it)."""
 
     def commit(
         self,
@@ -160,6 +194,10 @@ class KV(Protocol):
     def lease_revoke(self, lease: int) -> None: ...
     def lease_ttl(self, lease: int) -> float | None:
         """Seconds the lease has left, None if it has ended."""
+
+    def watch(self, key: bytes, revision: int, timeout_s: float) -> bool:
+        """Wait until `key` changes after `revision` (its mod_revision then): True once it
+        has, False after timeout_s without a change or when no watch can be made."""
 
     def close(self) -> None: ...
 
@@ -189,6 +227,14 @@ K_RING_CHANGED = b"Mring_changed"
 K_OWNER = b"Mowner"
 OWNERS_KEPT = 16  # earlier owner tokens remembered (a node down at an adopt has one)
 K_NEXT_INO = b"Mnext_ino"
+K_LOADING = b"Mloading"
+
+
+def _config_json(config: FsConfig) -> bytes:
+    fields = asdict(config)
+    if fields["ca_pem"] is None:
+        del fields["ca_pem"]
+    return json.dumps(fields).encode()
 
 
 def k_inode(ino: int) -> bytes:
@@ -404,7 +450,8 @@ class KvMeta:
         self._mutex = threading.Lock()
         self._inos: Iterator[int] = iter(())
         self._config: FsConfig | None = None
-        self.locks = KvLocks(self, holder, lock_ttl_s)
+        self.lease = ClientLease(kv, lock_ttl_s, clock)  # the client's: its locks and session
+        self.locks = KvLocks(self, holder)
         self.sessions = KvSessions(self)
 
     # ---------------------------------------------------------------- opening
@@ -432,13 +479,13 @@ class KvMeta:
         root = Inode(ROOT_INODE, 0o40755, root_uid, root_gid, 2, 0, t, t, t, 0, None)
         puts = {
             K_VERSION: str(LAYOUT_VERSION).encode(),
-            K_CONFIG: json.dumps(asdict(config)).encode(),
+            K_CONFIG: _config_json(config),
             K_RING: json.dumps(ring).encode(),
             K_NEXT_INO: u64(ROOT_INODE + 1),
             k_inode(ROOT_INODE): _enc_inode(_Rec(root, 0)),
         }
         if owner is not None:
-            puts[K_OWNER] = json.dumps({"token": owner, "previous": []}).encode()
+            puts[K_OWNER] = _enc_owner(owner, ())
         if kv.commit({K_VERSION: 0}, puts, ()) is None:
             raise UserError(f"{kv.name}: another mkfs created a filesystem here meanwhile")
         return cls(kv, **opts)
@@ -450,6 +497,13 @@ class KvMeta:
         read_only: every write is refused (ReadOnly), leases too (fsck's check)."""
         row = kv.get(K_VERSION)
         if row is None:
+            loading = kv.get(K_LOADING)
+            if loading is not None:
+                raise UserError(
+                    f"{kv.name}: a 'hafs meta load' into it has not finished"
+                    f" ({loading[0].decode()}): if none is running, delete its keys (etcd:"
+                    " 'etcdctl del --prefix /hafs/NAME/') and load again"
+                )
             if kv.scan(b"", b"\xff", 1):
                 raise UserError(f"{kv.name} holds something that is not a hafs filesystem")
             raise UserError(f"{kv.name} holds no hafs filesystem: run 'hafs mkfs' to create one")
@@ -462,8 +516,11 @@ class KvMeta:
         return cls(ReadOnlyKV(kv) if read_only else kv, **opts)
 
     def close(self) -> None:
-        self.locks.close()
-        self.kv.close()
+        """End the client's lease (its locks, session and roles are free at once)."""
+        try:
+            self.lease.revoke()
+        finally:
+            self.kv.close()
 
     def sync(self) -> None:
         """A no-op: a KV acknowledges a commit once it is durable."""
@@ -493,12 +550,16 @@ class KvMeta:
     def _run(self, fn: Callable[[Txn], T]) -> T:
         return self._transact(fn)[0]
 
-    def _scan(self, start: bytes, end: bytes, limit: int | None = None) -> Iterator[tuple]:
-        """(key, value, revision) in [start, end), paged; not a transaction."""
+    def _scan(
+        self, start: bytes, end: bytes, limit: int | None = None, kv: KVReader | None = None
+    ) -> Iterator[tuple]:
+        """(key, value, revision) in [start, end), paged; not a transaction.  kv: read
+        through it instead (a snapshot)."""
+        kv = kv or self.kv
         n = 0
         while limit is None or n < limit:
             page = PAGE if limit is None else min(PAGE, limit - n)
-            rows = self.kv.scan(start, end, page)
+            rows = kv.scan(start, end, page)
             yield from rows
             n += len(rows)
             if len(rows) < page:
@@ -524,7 +585,21 @@ class KvMeta:
 
     def config(self) -> FsConfig:
         if self._config is None:
-            self._config = FsConfig(**json.loads(self.kv.get(K_CONFIG)[0]))
+            self._config = self.fresh_config()
+        return self._config
+
+    def fresh_config(self) -> FsConfig:
+        return FsConfig(**json.loads(self.kv.get(K_CONFIG)[0]))  # an older one lacks ca_pem
+
+    def update_config(self, **changes: str | None) -> FsConfig:
+        check_config_changes(changes)
+
+        def op(t: Txn) -> FsConfig:
+            config = replace(FsConfig(**json.loads(t.get(K_CONFIG))), **changes)
+            t.put(K_CONFIG, _config_json(config))
+            return config
+
+        self._config = self._run(op)
         return self._config
 
     def ring(self) -> dict:
@@ -533,6 +608,17 @@ class KvMeta:
     def ring_changed_ns(self) -> int:
         row = self.kv.get(K_RING_CHANGED)
         return 0 if row is None else int(row[0])
+
+    def wait_ring(self, version: int, poll_s: float) -> None:
+        """Return once the ring may have a version other than `version`: at once if it
+        has, as soon as a watch of Mring sees it written, or after WATCH_S; while no
+        watch can be made (no member takes it), after poll_s."""
+        start = time.monotonic()
+        value, rev = self.kv.get(K_RING)
+        if json.loads(value).get("version") != version:
+            return
+        if not self.kv.watch(K_RING, rev, WATCH_S):
+            time.sleep(max(0.0, poll_s - (time.monotonic() - start)))
 
     def replace_ring(self, ring: dict, expect_version: int) -> bool:
         def op(t: Txn) -> bool:
@@ -549,17 +635,15 @@ class KvMeta:
     def owner(self) -> Owner:
         """(see MetaStore.owner) A KV is one store wherever its clients are: never a copy."""
         row = self.kv.get(K_OWNER)
-        value = json.loads(row[0]) if row is not None else {"token": None, "previous": []}
-        return Owner(value["token"], tuple(value["previous"]), self.kv.name)
+        token, previous = _dec_owner(None if row is None else row[0])
+        return Owner(token, tuple(previous), self.kv.name)
 
     def adopt(self, token: str) -> None:
         def op(t: Txn) -> None:
-            raw = t.get(K_OWNER)
-            value = json.loads(raw) if raw is not None else {"token": None, "previous": []}
-            previous = value["previous"]
-            if value["token"] not in (None, token) and value["token"] not in previous:
-                previous = [*previous, value["token"]][-OWNERS_KEPT:]
-            t.put(K_OWNER, json.dumps({"token": token, "previous": previous}).encode())
+            old, previous = _dec_owner(t.get(K_OWNER))
+            if old not in (None, token) and old not in previous:
+                previous = [*previous, old][-OWNERS_KEPT:]
+            t.put(K_OWNER, _enc_owner(token, previous))
 
         self._run(op)
 
@@ -660,21 +744,25 @@ class KvMeta:
     def _has_entries(t: Txn, ino: int) -> bool:
         return bool(t.scan(k_dir(ino), prefix_end(k_dir(ino)), 1))
 
-    @staticmethod
-    def _add_nlink(t: Txn, rec: _Rec, delta: int, ts: int) -> None:
+    def _add_nlink(self, t: Txn, rec: _Rec, delta: int, ts: int) -> None:
         rec.inode.nlink += delta
         rec.inode.ctime_ns = ts
         if rec.inode.nlink == 0:
-            t.put(k_unlinked(rec.inode.id), b"")
+            self._mark_unlinked(t, rec.inode.id)
         t.save(rec)
 
-    @staticmethod
-    def _orphan(t: Txn, rec: _Rec, ts: int) -> None:
+    def _orphan(self, t: Txn, rec: _Rec, ts: int) -> None:
         """A removed directory: nlink 0 (its "." and its name are gone)."""
         rec.inode.nlink = 0
         rec.inode.ctime_ns = ts
-        t.put(k_unlinked(rec.inode.id), b"")
+        self._mark_unlinked(t, rec.inode.id)
         t.save(rec)
+
+    def _mark_unlinked(self, t: Txn, ino: int) -> None:
+        """The inode lost its last name: this client's session keeps it until it lets go of
+        it (or is over: `reap`)."""
+        session = self.sessions.current
+        t.put(k_unlinked(ino), b"" if session is None else session.id.encode())
 
     @staticmethod
     def _touch(t: Txn, rec: _Rec, ts: int) -> None:
@@ -741,7 +829,7 @@ class KvMeta:
 
         return self._run(op)
 
-    def unlink(self, parent: int, name: bytes) -> Inode:
+    def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:
         def op(t: Txn) -> Inode:
             p = self._dir(t, parent)
             ino = self._entry(t, parent, name)
@@ -754,6 +842,8 @@ class KvMeta:
             self._del_entry(t, parent, name, ino)
             self._add_nlink(t, rec, -1, ts)
             self._touch(t, p, ts)
+            if rec.inode.nlink == 0 and ino not in open_here:
+                self._drop_inode(t, ino)
             return rec.inode
 
         return self._run(op)
@@ -877,18 +967,18 @@ class KvMeta:
         return self._run(op)
 
     def delete_inode(self, ino: int) -> bool:
-        def op(t: Txn) -> bool:
-            rec = t.inode(ino)
-            if rec is None or rec.inode.nlink > 0:
-                return False
-            self._drop_extents(t, ino, 0, None)
-            for key, _ in t.scan(k_xattr(ino, b""), prefix_end(k_xattr(ino, b""))):
-                t.delete(key)
-            t.delete(k_inode(ino))
-            t.delete(k_unlinked(ino))
-            return True
+        return self._run(lambda t: self._drop_inode(t, ino))
 
-        return self._run(op)
+    def _drop_inode(self, t: Txn, ino: int) -> bool:
+        rec = t.inode(ino)
+        if rec is None or rec.inode.nlink > 0:
+            return False
+        self._drop_extents(t, ino, 0, None)
+        for key, _ in t.scan(k_xattr(ino, b""), prefix_end(k_xattr(ino, b""))):
+            t.delete(key)
+        t.delete(k_inode(ino))
+        t.delete(k_unlinked(ino))
+        return True
 
     def unlinked_inodes(self) -> list[int]:
         return [int.from_bytes(k[1:9], "big") for k, _, _ in self._scan(b"N", b"O")]
@@ -1164,6 +1254,93 @@ class KvMeta:
         rows = self._scan(start, prefix_end(start), limit)
         return [(int.from_bytes(k[9:17], "big"), k[17:]) for k, _, _ in rows]
 
+    # ------------------------------------------------------------ dump, load
+
+    @contextmanager
+    def dump(self) -> Iterator[tuple[FsState, Iterator[Record]]]:
+        """Every record, read at one revision (see MetaStore.dump)."""
+        with self.kv.snapshot() as snap:
+
+            def value(key: bytes) -> bytes | None:
+                row = snap.get(key)
+                return None if row is None else row[0]
+
+            owner, previous = _dec_owner(value(K_OWNER))
+            state = FsState(
+                FsConfig(**json.loads(value(K_CONFIG))),
+                json.loads(value(K_RING)),
+                int(value(K_RING_CHANGED) or 0),
+                int.from_bytes(value(K_NEXT_INO), "big"),
+                owner,
+                tuple(previous),
+            )
+            yield state, self._records(snap)
+
+    def _records(self, snap: KVReader) -> Iterator[Record]:
+        def keys(prefix: bytes) -> Iterator[tuple]:
+            return self._scan(prefix, prefix_end(prefix), kv=snap)
+
+        for k, v, _ in keys(b"I"):
+            yield _dec_inode(int.from_bytes(k[1:9], "big"), v).inode
+        for k, v, _ in keys(b"D"):
+            yield Entry(int.from_bytes(k[1:9], "big"), k[17:], int.from_bytes(v, "big"))
+        for k, v, _ in keys(b"X"):
+            yield Xattr(int.from_bytes(k[1:9], "big"), k[9:], v)
+        for k, v, _ in keys(b"E"):
+            yield FileExtent(int.from_bytes(k[1:9], "big"), _dec_extent(k, v))
+        for k, v, _ in keys(b"B"):
+            b = _dec_block(v)
+            yield BlockRow(k[1:].decode(), b.size, b.refcount, b.zero_since_ns)
+        for k, v, _ in keys(b"G"):
+            since, nodes = _dec_degraded(v)
+            yield Degraded(k[1:].decode(), tuple(nodes), since)
+
+    @classmethod
+    def load(cls, kv: KV, state: FsState, records: Iterable[Record]) -> None:
+        """Make a new filesystem in an empty KV from a dump's state and records (UserError
+        if it holds anything).  The keys go in transactions of at most LOAD_OPS keys and
+        LOAD_BYTES bytes under the marker Mloading; the last one writes Mversion and the
+        settings and drops the marker, so the filesystem exists only once whole.  A load
+        that fails deletes what it wrote (where it cannot, `open` names the unfinished
+        load).  Fencing tokens start again at 0: they only compare with this KV's locks."""
+        if kv.scan(b"", b"\xff", 1):
+            raise UserError(
+                f"{kv.name} is not empty: a load needs an empty metadata store (give another"
+                " NAME)"
+            )
+        marker = {"host": socket.gethostname(), "pid": os.getpid(), "since_ns": now_ns()}
+        rev = kv.commit({K_VERSION: 0, K_LOADING: 0}, {K_LOADING: json.dumps(marker).encode()}, ())
+        if rev is None:
+            raise UserError(f"{kv.name}: another mkfs or load is writing there")
+        try:
+            puts: dict[bytes, bytes] = {}
+            size = 0
+            for rec in records:
+                keys = _keys_of(rec)
+                more = sum(len(k) + len(v) for k, v in keys)
+                if len(puts) + len(keys) > LOAD_OPS or size + more > LOAD_BYTES:
+                    kv.commit({}, puts, ())
+                    puts, size = {}, 0
+                puts.update(keys)
+                size += more
+            if puts:
+                kv.commit({}, puts, ())
+            settings = {
+                K_VERSION: str(LAYOUT_VERSION).encode(),
+                K_CONFIG: _config_json(state.config),
+                K_RING: json.dumps(state.ring).encode(),
+                K_NEXT_INO: u64(state.next_ino),
+            }
+            if state.ring_changed_ns:
+                settings[K_RING_CHANGED] = str(state.ring_changed_ns).encode()
+            if state.owner is not None:
+                settings[K_OWNER] = _enc_owner(state.owner, state.owner_previous)
+            if kv.commit({K_VERSION: 0, K_LOADING: rev}, settings, {K_LOADING}) is None:
+                raise UserError(f"{kv.name} was written by another client during the load")
+        except BaseException:
+            _wipe(kv)
+            raise
+
     # ------------------------------------------------------------------- fsck
 
     def describe(self) -> dict:
@@ -1319,6 +1496,44 @@ class KvMeta:
         self._run(lambda t: self._set_block(t, block_id, size, refcount))
 
 
+def _keys_of(rec: Record) -> list[tuple[bytes, bytes]]:
+    """The keys that say a dump's record, with the keys derived from it."""
+    if isinstance(rec, Inode):
+        keys = [(k_inode(rec.id), _enc_inode(_Rec(rec, 0)))]
+        return keys + [(k_unlinked(rec.id), b"")] if rec.nlink == 0 else keys
+    if isinstance(rec, Entry):
+        return [
+            (k_entry(rec.parent, rec.name), u64(rec.inode)),
+            (k_name(rec.inode, rec.parent, rec.name), b""),
+        ]
+    if isinstance(rec, Xattr):
+        return [(k_xattr(rec.inode, rec.name), rec.value)]
+    if isinstance(rec, FileExtent):
+        e = rec.extent
+        return [
+            (k_extent(rec.inode, e.end), _enc_extent(e)),
+            (k_user(e.block_id, rec.inode, e.offset), b""),
+        ]
+    if isinstance(rec, BlockRow):
+        b = _Block(rec.size, rec.refcount, rec.zero_since_ns)
+        keys = [(k_block(rec.id), _enc_block(b))]
+        if rec.refcount == 0 and rec.zero_since_ns is not None:
+            keys.append((k_garbage(rec.zero_since_ns, rec.id), b""))
+        return keys
+    if isinstance(rec, Degraded):
+        return [(k_degraded(rec.block_id), u64(rec.since_ns) + " ".join(rec.nodes).encode())]
+    raise TypeError(f"not a dump record: {rec!r}")
+
+
+def _wipe(kv: KV) -> None:
+    """Delete every key of a KV that a failed load wrote (best effort: logged if not)."""
+    try:
+        while rows := kv.scan(b"", b"\xff", LOAD_OPS):
+            kv.commit({}, {}, [k for k, _, _ in rows])
+    except Exception as e:
+        log.warning("deleting what a failed load wrote into %s failed: %s", kv.name, e)
+
+
 class ReadOnlyKV:
     """A KV that refuses every write: what a check reads through (`KvMeta.open`)."""
 
@@ -1344,6 +1559,9 @@ class ReadOnlyKV:
             raise ReadOnly(f"{self.name} is opened read-only: nothing may be written")
         return self.kv.commit(checks, {}, (), None, None)
 
+    def snapshot(self) -> AbstractContextManager[KVReader]:
+        return self.kv.snapshot()
+
     def lease_grant(self, ttl_s: float) -> int:
         raise ReadOnly(f"{self.name} is opened read-only: no lease may be taken")
 
@@ -1356,9 +1574,22 @@ class ReadOnlyKV:
     def lease_ttl(self, lease: int) -> float | None:
         return self.kv.lease_ttl(lease)
 
+    def watch(self, key: bytes, revision: int, timeout_s: float) -> bool:
+        return self.kv.watch(key, revision, timeout_s)
+
     def close(self) -> None:
         self.kv.close()
 
 
 def _dec_degraded(v: bytes) -> tuple[int, list[str]]:
     return int.from_bytes(v[:8], "big"), v[8:].decode().split()
+
+
+def _enc_owner(token: str, previous: Iterable[str]) -> bytes:
+    return json.dumps({"token": token, "previous": list(previous)}).encode()
+
+
+def _dec_owner(v: bytes | None) -> tuple[str | None, list[str]]:
+    """Mowner's token and earlier tokens; (None, []) where there is none."""
+    value = json.loads(v) if v is not None else {}
+    return value.get("token"), list(value.get("previous", []))

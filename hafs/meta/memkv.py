@@ -3,7 +3,8 @@
 An ordered map (a sorted list of keys beside a dict), one global revision
 counter, and leases that end lazily: every call first ends the leases whose
 ttl has passed by `clock` (injectable, so tests end a lease by moving it on),
-deleting their keys in one revision, as etcd does.
+deleting their keys in one revision, as etcd does.  It keeps no history: a
+`snapshot` is a copy of the map (it is all in memory anyway).
 
 Concurrency: KvMeta calls a KV from worker threads; every method holds one
 threading.Lock for its whole duration, so each call is atomic.
@@ -14,7 +15,8 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .kv import LeaseNotFound
@@ -32,6 +34,7 @@ class MemKV:
         self.name = name
         self.clock = clock
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified by every write (watch)
         self._keys: list[bytes] = []  # sorted
         self._data: dict[bytes, tuple[bytes, int, int | None]] = {}  # value, mod_revision, lease
         self._rev = 0
@@ -52,6 +55,7 @@ class MemKV:
             self._rev += 1
             for key in lease.keys:
                 self._remove(key)
+            self._changed.notify_all()
 
     def _remove(self, key: bytes) -> None:
         old = self._data.pop(key, None)
@@ -72,14 +76,14 @@ class MemKV:
     def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
         with self._lock:
             self._expire()
-            i = bisect.bisect_left(self._keys, start)
-            out = []
-            while i < len(self._keys) and self._keys[i] < end and len(out) < limit:
-                key = self._keys[i]
-                value, rev, _ = self._data[key]
-                out.append((key, value, rev))
-                i += 1
-            return out
+            return _scan(self._keys, self._data, start, end, limit)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[_Frozen]:
+        with self._lock:
+            self._expire()
+            frozen = _Frozen(list(self._keys), dict(self._data))
+        yield frozen
 
     def commit(
         self,
@@ -110,6 +114,7 @@ class MemKV:
                 self._data[key] = (value, self._rev, bound)
                 if bound is not None:
                     self._leases[bound].keys.add(key)
+            self._changed.notify_all()
             return self._rev
 
     def lease_grant(self, ttl_s: float) -> int:
@@ -142,5 +147,46 @@ class MemKV:
             le = self._leases.get(lease)
             return None if le is None else (le.deadline_ns - self.clock()) / 1e9
 
+    def watch(self, key: bytes, revision: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                self._expire()
+                row = self._data.get(key)
+                if (0 if row is None else row[1]) != revision:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+
     def close(self) -> None:
         pass
+
+
+class _Frozen:
+    """A copy of a MemKV's keys: reads of one moment (`MemKV.snapshot`)."""
+
+    def __init__(self, keys: list[bytes], data: dict[bytes, tuple]) -> None:
+        self._keys = keys
+        self._data = data
+
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        row = self._data.get(key)
+        return None if row is None else (row[0], row[1])
+
+    def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
+        return _scan(self._keys, self._data, start, end, limit)
+
+
+def _scan(
+    keys: list[bytes], data: dict[bytes, tuple], start: bytes, end: bytes, limit: int
+) -> list[tuple[bytes, bytes, int]]:
+    """Up to `limit` (key, value, revision) with start <= key < end of a sorted key list."""
+    i = bisect.bisect_left(keys, start)
+    out = []
+    while i < len(keys) and keys[i] < end and len(out) < limit:
+        value, rev, _ = data[keys[i]]
+        out.append((keys[i], value, rev))
+        i += 1
+    return out

@@ -37,7 +37,7 @@ import socket
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,14 +48,22 @@ from . import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     ROOT_INODE,
+    CHANGEABLE_CONFIG,
     BlockRow,
+    Degraded,
     Dentry,
+    Entry,
     Extent,
+    FileExtent,
     FsConfig,
+    FsState,
     Inode,
     Owner,
+    Record,
     SessionInfo,
     Usage,
+    Xattr,
+    check_config_changes,
     check_name,
     check_xattr,
     now_ns,
@@ -70,21 +78,22 @@ OWNERS_KEPT = 16  # earlier owner tokens remembered (a node down at an adopt has
 DEGRADED_SCHEMA = 3  # the first schema with the table of degraded blocks
 APPLICATION_ID = 0x68616673  # "hafs": marks a SQLite file as a hafs metadata database
 RECOVER_HINT = (
-    "stop every mount, keep a copy of meta.db (and meta.db-wal, meta.db-shm), then restore"
-    " meta.db from a backup, or salvage it with 'sqlite3 meta.db .recover | sqlite3 new.db'"
-    " and put new.db in its place; then run 'hafs node adopt' (the nodes know the old file:"
-    " hafs cannot tell the new one from a copy of the home) and 'hafs fsck --repair'"
+    "stop every mount, then run 'hafs fsck --home {home} --salvage': it reads what can be read"
+    " of meta.db into a new database (keeping the damaged file as meta.db.damaged-TIME) and"
+    " repairs the filesystem; or load a dump made by 'hafs meta dump' into a new home"
 )
 
 SCHEMA = """
 -- Key/value settings of the filesystem.  Keys: fs_uuid, replicas (R),
--- write_quorum (W), node_token (the nodes' bearer token; absent: none),
--- ring (JSON: {"version": N, "nodes": [{id, address, weight, zone, state}]}),
--- ring_changed_ns (when the ring last got a new version; absent: at mkfs),
--- created_ns, owner (the owner token the nodes record: hafs.store.owner; absent in
--- a store made before owners, until it first changes its nodes), owner_previous (JSON
--- list of the tokens held before), owner_file (JSON {"dev", "ino", "path"}: this
--- database file when it got its token, so that a copy of it knows itself a copy).
+-- write_quorum (W; absent: a majority of R), node_token (the nodes' bearer
+-- token; absent: none), ca_pem (the CA, PEM, the nodes' TLS certificates are
+-- checked against; absent: the system's CAs), ring (JSON: {"version": N,
+-- "nodes": [{id, address, weight, zone, state}]}), ring_changed_ns (when the
+-- ring last got a new version; absent: at mkfs), created_ns, owner (the owner
+-- token the nodes record: hafs.store.owner; absent in a store made before owners,
+-- until it first changes its nodes), owner_previous (JSON list of the tokens held
+-- before), owner_file (JSON {"dev", "ino", "path"}: this database file when it got
+-- its token, so that a copy of it knows itself a copy).
 CREATE TABLE settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -263,6 +272,98 @@ MIGRATIONS = {
 _INODE_COLS = "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev, target"
 _INODE_COLS_I = ", ".join(f"i.{c.strip()}" for c in _INODE_COLS.split(","))
 
+# What a dump reads of each table, in dump order: (table, key columns, columns, the record
+# a row makes).  Entries go in id order, the oldest first (a load keeps that order).
+DUMP_TABLES: tuple[tuple[str, str, str, Callable[[tuple], Record]], ...] = (
+    ("inodes", "id", _INODE_COLS, lambda r: Inode(*r)),
+    ("dentries", "id", "parent, name, inode", lambda r: Entry(*r)),
+    ("xattrs", "inode, name", "inode, name, value", lambda r: Xattr(*r)),
+    ("extents", "inode, offset", "inode, offset, length, block_id",
+     lambda r: FileExtent(r[0], Extent(*r[1:]))),
+    ("blocks", "id", "id, size, refcount, zero_since_ns", lambda r: BlockRow(*r)),
+    ("degraded", "id", "id, nodes, since_ns", lambda r: Degraded(r[0], tuple(r[1].split()), r[2])),
+)  # fmt: skip
+
+# How a load stores each kind of record: (statement, the row of a record).
+_LOAD: dict[type, tuple[str, Callable[[Any], tuple]]] = {
+    Inode: (
+        f"INSERT INTO inodes ({_INODE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        lambda i: (i.id, i.mode, i.uid, i.gid, i.nlink, i.size, i.atime_ns, i.mtime_ns,
+                   i.ctime_ns, i.rdev, i.target),
+    ),
+    Entry: (
+        "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
+        lambda e: (e.parent, e.name, e.inode),
+    ),
+    Xattr: ("INSERT INTO xattrs VALUES (?, ?, ?)", lambda x: (x.inode, x.name, x.value)),
+    FileExtent: (
+        "INSERT INTO extents (inode, offset, length, block_id) VALUES (?, ?, ?, ?)",
+        lambda f: (f.inode, f.extent.offset, f.extent.length, f.extent.block_id),
+    ),
+    BlockRow: (
+        "INSERT INTO blocks VALUES (?, ?, ?, ?)",
+        lambda b: (b.id, b.size, b.refcount, b.zero_since_ns),
+    ),
+    Degraded: (
+        "INSERT INTO degraded VALUES (?, ?, ?)",
+        lambda d: (d.block_id, " ".join(d.nodes), d.since_ns),
+    ),
+}  # fmt: skip
+
+
+def settings_of(
+    config: FsConfig,
+    ring: dict,
+    ring_changed_ns: int = 0,
+    owner: str | None = None,
+    owner_previous: tuple[str, ...] = (),
+) -> dict[str, str]:
+    """The rows of the settings table that say `config`, `ring` and the owner token (its
+    file's identity, "owner_file", is the caller's: `_file_identity`)."""
+    settings = {
+        "fs_uuid": config.fs_uuid,
+        "replicas": str(config.replicas),
+        "write_quorum": str(config.write_quorum),
+        "ring": json.dumps(ring),
+        "created_ns": str(config.created_ns),
+    }
+    for key in CHANGEABLE_CONFIG:  # absent: None
+        if getattr(config, key) is not None:
+            settings[key] = getattr(config, key)
+    if ring_changed_ns:
+        settings["ring_changed_ns"] = str(ring_changed_ns)
+    if owner is not None:
+        settings["owner"] = owner
+    if owner_previous:
+        settings["owner_previous"] = json.dumps(list(owner_previous))
+    return settings
+
+
+def config_of(settings: dict[str, str]) -> FsConfig:
+    """The FsConfig the settings table's rows say (KeyError, ValueError: a bad setting)."""
+    replicas = int(settings["replicas"])
+    return FsConfig(
+        fs_uuid=settings["fs_uuid"],
+        replicas=replicas,
+        write_quorum=int(settings.get("write_quorum", replicas // 2 + 1)),
+        node_token=settings.get("node_token"),
+        created_ns=int(settings.get("created_ns", 0)),
+        ca_pem=settings.get("ca_pem"),
+    )
+
+
+def state_of(settings: dict[str, str], next_ino: int) -> FsState:
+    """The FsState of a dump (KeyError, ValueError: a bad or missing setting)."""
+    ring = json.loads(settings["ring"])
+    if not isinstance(ring, dict):
+        raise ValueError("ring")
+    changed = int(settings.get("ring_changed_ns", 0))
+    previous = json.loads(settings.get("owner_previous", "[]"))
+    if not isinstance(previous, list) or not all(isinstance(p, str) for p in previous):
+        raise ValueError("owner_previous")
+    owner = settings.get("owner")
+    return FsState(config_of(settings), ring, changed, next_ino, owner, tuple(previous))
+
 
 def _is_dir(inode: Inode) -> bool:
     return stat.S_ISDIR(inode.mode)
@@ -283,7 +384,8 @@ class Damage:
             self.why = f"metadata database {self.path} is damaged ({e})"
             log.error(
                 "META-DAMAGED %s: no more changes are taken; unmount, then run"
-                " 'hafs fsck --home %s' (it says how to salvage the database)",
+                " 'hafs fsck --home %s --salvage' (it rebuilds the database from what can be"
+                " read of it)",
                 self.why,
                 self.path.parent if self.path else "HOME",
             )
@@ -393,19 +495,11 @@ class SqliteMeta:
         `owner`: its owner token (hafs.store.owner)."""
         if path.exists():
             raise UserError(f"{path} already exists: this home already holds a filesystem")
-        settings = {
-            "fs_uuid": config.fs_uuid,
-            "replicas": str(config.replicas),
-            "write_quorum": str(config.write_quorum),
-            "ring": json.dumps(ring),
-            "created_ns": str(config.created_ns),
-        }
-        if config.node_token is not None:
-            settings["node_token"] = config.node_token
+        settings = settings_of(config, ring, owner=owner)
         db = _connect(path)
         try:
             if owner is not None:
-                settings.update(owner=owner, owner_file=json.dumps(_file_identity(path)))
+                settings["owner_file"] = json.dumps(_file_identity(path))
             db.executescript(SCHEMA)
             with transaction(db):
                 db.executemany("INSERT INTO settings VALUES (?, ?)", settings.items())
@@ -443,7 +537,8 @@ class SqliteMeta:
         (UserError) before anything is written to it."""
         if not path.exists():
             raise UserError(f"metadata database {path} is missing: run 'hafs mkfs' to create one")
-        damaged = f"metadata database {path} is damaged ({{}}): nothing was changed; {RECOVER_HINT}"
+        hint = RECOVER_HINT.format(home=path.parent)
+        damaged = f"metadata database {path} is damaged ({{}}): nothing was changed; {hint}"
         try:
             db = _connect(path, check_only=True)
             app_id = db.execute("PRAGMA application_id").fetchone()[0]
@@ -485,15 +580,10 @@ class SqliteMeta:
 
     def sync(self) -> None:
         """Make every committed transaction durable (fsync the WAL). Blocking: call in a thread."""
-        wal = Path(str(self.path) + "-wal")
         try:
-            fd = os.open(wal, os.O_RDONLY)
+            _fsync(Path(str(self.path) + "-wal"))
         except FileNotFoundError:
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            pass
 
     @contextmanager
     def txn(self) -> Iterator[sqlite3.Connection]:
@@ -509,21 +599,36 @@ class SqliteMeta:
 
     def config(self) -> FsConfig:
         if self._config is None:
-            values = dict(self.db.execute("SELECT key, value FROM settings"))
-            try:
-                replicas = int(values["replicas"])
-                self._config = FsConfig(
-                    fs_uuid=values["fs_uuid"],
-                    replicas=replicas,
-                    write_quorum=int(values.get("write_quorum", replicas // 2 + 1)),
-                    node_token=values.get("node_token"),
-                    created_ns=int(values.get("created_ns", 0)),
-                )
-            except (KeyError, ValueError) as e:
-                raise UserError(
-                    f"metadata database {self.path} lacks a valid setting {e}: run 'hafs fsck'"
-                ) from None
+            self._config = self._config_of(self.db)
         return self._config
+
+    def _config_of(self, db: sqlite3.Connection) -> FsConfig:
+        values = dict(db.execute("SELECT key, value FROM settings"))
+        try:
+            return config_of(values)
+        except (KeyError, ValueError) as e:
+            raise UserError(
+                f"metadata database {self.path} lacks a valid setting {e}: run 'hafs fsck'"
+            ) from None
+
+    def fresh_config(self) -> FsConfig:
+        """Read through a connection of its own: the main one belongs to the caller's thread."""
+        db = _connect(self.path, read_only=True)
+        try:
+            return self._config_of(db)
+        finally:
+            db.close()
+
+    def update_config(self, **changes: str | None) -> FsConfig:
+        check_config_changes(changes)
+        with self.txn():
+            for key, value in changes.items():
+                if value is None:
+                    self.db.execute("DELETE FROM settings WHERE key = ?", (key,))
+                else:
+                    self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+        self._config = None
+        return self.config()
 
     def ring(self) -> dict:
         text = self._setting("ring")
@@ -533,6 +638,10 @@ class SqliteMeta:
 
     def ring_changed_ns(self) -> int:
         return int(self._setting("ring_changed_ns", "0"))
+
+    def wait_ring(self, version: int, poll_s: float) -> None:
+        """A poll: SQLite has no watch (the caller reads the ring after poll_s)."""
+        time.sleep(poll_s)
 
     def replace_ring(self, ring: dict, expect_version: int) -> bool:
         with self.txn():
@@ -549,8 +658,8 @@ class SqliteMeta:
     def owner(self) -> Owner:
         """(see MetaStore.owner) The file is the store's when it has the recorded inode on
         the recorded disk (a move on the disk) or at the recorded path (the disk's
-        number changed); a copy is another inode: `cp`, a backup put back, a salvaged
-        database (those need 'hafs node adopt')."""
+        number changed); a copy is another inode: `cp`, a backup put back (that needs
+        'hafs node adopt'; a salvage or a load records its new file as the store's)."""
         values = dict(self.db.execute("SELECT key, value FROM settings WHERE key GLOB 'owner*'"))
         token = values.get("owner")
         where = f"{socket.gethostname()}:{self.path}"
@@ -701,7 +810,7 @@ class SqliteMeta:
             self._touch(parent, t)
             return self._need(ino)
 
-    def unlink(self, parent: int, name: bytes) -> Inode:
+    def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:
         with self.txn():
             self._need_dir(parent)
             ino = self._entry(parent, name)
@@ -715,7 +824,10 @@ class SqliteMeta:
             self._touch(parent, t)
             inode = self._need(ino)
             if inode.nlink == 0:
-                self._orphan(ino)
+                if ino in open_here:
+                    self._orphan(ino)
+                else:
+                    self._drop_inode(ino)
             return inode
 
     def _has_entries(self, ino: int) -> bool:
@@ -847,11 +959,14 @@ class SqliteMeta:
             inode = self.getattr(ino)
             if inode is None or inode.nlink > 0:
                 return False
-            self._drop_extents(ino, 0, None)
-            self.db.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
+            self._drop_inode(ino)
             self.db.execute("DELETE FROM orphans WHERE inode = ?", (ino,))
-            self.db.execute("DELETE FROM inodes WHERE id = ?", (ino,))
             return True
+
+    def _drop_inode(self, ino: int) -> None:
+        self._drop_extents(ino, 0, None)
+        self.db.execute("DELETE FROM xattrs WHERE inode = ?", (ino,))
+        self.db.execute("DELETE FROM inodes WHERE id = ?", (ino,))
 
     def unlinked_inodes(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink = 0")]
@@ -1131,7 +1246,7 @@ class SqliteMeta:
             "location": str(self.path),
             "schema": self.schema,
             "current": SCHEMA_VERSION,
-            "recover": RECOVER_HINT,
+            "recover": RECOVER_HINT.format(home=self.path.parent),
         }
 
     def check_storage(self, limit: int) -> list[str]:
@@ -1158,6 +1273,85 @@ class SqliteMeta:
             yield True
         finally:
             self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------ dump, load
+
+    @contextmanager
+    def dump(self) -> Iterator[tuple[FsState, Iterator[Record]]]:
+        """Every record, read in one read transaction (see MetaStore.dump); each table is one
+        streamed query in its key order."""
+        with self.snapshot():
+            settings = dict(self.db.execute("SELECT key, value FROM settings"))
+            seq = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'inodes'")
+            top = self.db.execute("SELECT max(id) FROM inodes").fetchone()[0] or 0
+            try:
+                state = state_of(settings, max(top, *(r[0] for r in seq)) + 1)
+            except (KeyError, ValueError) as e:
+                raise UserError(
+                    f"metadata database {self.path} lacks a valid setting {e}: run 'hafs fsck'"
+                ) from None
+            yield state, self._records()
+
+    def _records(self) -> Iterator[Record]:
+        for table, key, cols, make in DUMP_TABLES:
+            for row in self.db.execute(f"SELECT {cols} FROM {table} ORDER BY {key}"):
+                yield make(row)
+
+    @classmethod
+    def load(
+        cls, path: Path, state: FsState, records: Iterable[Record], place: Path | None = None
+    ) -> None:
+        """Make a new database at `path` (which must not exist) from a dump's state and
+        records.  It is built beside, as PATH.loading, and linked into place once whole, so
+        a load that fails (a bad or cut-off dump) leaves nothing behind.  Fencing tokens
+        start again at 0, as the write locks do.  The state's owner token is kept, with this
+        file as its own (`place`: where the caller renames it to, if not `path`)."""
+        if path.exists():
+            raise UserError(f"{path} already exists: a load needs a home that holds no filesystem")
+        tmp = path.with_name(path.name + ".loading")
+        for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            stale.unlink(missing_ok=True)  # left by a load that was killed
+        db = _connect(tmp)
+        try:
+            db.executescript(SCHEMA)
+            with transaction(db):
+                settings = settings_of(
+                    state.config,
+                    state.ring,
+                    state.ring_changed_ns,
+                    state.owner,
+                    state.owner_previous,
+                )
+                if state.owner is not None:  # the file, as it will be linked into its place
+                    settings["owner_file"] = json.dumps(_file_identity(tmp, place or path))
+                db.executemany("INSERT INTO settings VALUES (?, ?)", settings.items())
+                for kind, rows in _batches(records, 1000):
+                    sql, row = _LOAD[kind]
+                    db.executemany(sql, map(row, rows))
+                cur = db.execute(
+                    "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'inodes'",
+                    (state.next_ino - 1,),
+                )
+                if cur.rowcount == 0:
+                    db.execute(
+                        "INSERT INTO sqlite_sequence VALUES ('inodes', ?)", (state.next_ino - 1,)
+                    )
+                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.close()  # the last connection: the WAL is checkpointed into the file
+            if state.config.node_token is not None:  # a secret, as mkfs keeps it
+                os.chmod(tmp, 0o600)
+            _fsync(tmp)
+            try:
+                os.link(tmp, path)  # never over a database made meanwhile
+            except FileExistsError:
+                raise UserError(f"{path} was created meanwhile: nothing was loaded") from None
+            _fsync(path.parent)
+        except BaseException:
+            db.close()
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def fsck_add_root(self, uid: int, gid: int) -> bool:
         t = now_ns()
@@ -1436,16 +1630,9 @@ class SqliteSessions:
             )
         ]
 
-    def _dead(self, s: SessionInfo, t: int) -> bool:
-        if s.expires_ns <= t:
-            return True
-        if s.host == socket.gethostname() and s.pid != os.getpid():
-            return not _pid_alive(s.pid)
-        return False
-
     def _alive(self) -> list[SessionInfo]:
         t = self.meta.clock()
-        return [s for s in self._rows() if not self._dead(s, t)]
+        return [s for s in self._rows() if not session_dead(s, t)]
 
     def alive(self) -> list[SessionInfo]:
         return self._alive()
@@ -1454,7 +1641,7 @@ class SqliteSessions:
         """End the dead sessions and delete the inodes that only they kept (also those of
         a session that ended while the kernel still held them, at an unmount)."""
         t = self.meta.clock()
-        dead = [s for s in self._rows() if self._dead(s, t)]
+        dead = [s for s in self._rows() if session_dead(s, t)]
         for s in dead:
             self.db.execute("DELETE FROM sessions WHERE id = ?", (s.id,))
         if self.db.execute("PRAGMA user_version").fetchone()[0] >= 4:
@@ -1470,6 +1657,14 @@ class SqliteSessions:
         with transaction(self.db):
             return self._reap()
 
+    def elect(self, role: str) -> bool:
+        """Always: the mounts of an embedded filesystem share one host, and each runs the
+        background work (its transactions keep them from harming each other)."""
+        return True
+
+    def leader(self, role: str) -> str | None:
+        return None  # no election: every mount has every role
+
 
 def _quick_check(db: sqlite3.Connection, budget_s: float) -> str | None:
     """The first problem SQLite's quick_check finds within budget_s seconds (None: none
@@ -1484,12 +1679,48 @@ def _quick_check(db: sqlite3.Connection, budget_s: float) -> str | None:
         raise
     finally:
         db.set_progress_handler(None, 0)
+    return check_text(rows)
+
+
+def check_text(rows: list[tuple]) -> str | None:
+    """One line of what an integrity_check or quick_check answered (None: "ok")."""
     if rows == [("ok",)]:
         return None
     text = " ".join(
         " ".join(str(r[0]) for r in rows).replace("*** in database main ***", "").split()
     )
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _batches(records: Iterable[Record], size: int) -> Iterator[tuple[type, list[Record]]]:
+    """Runs of up to `size` records of one kind, in the order they come."""
+    kind, batch = None, []
+    for rec in records:
+        if type(rec) is not kind or len(batch) >= size:
+            if batch:
+                yield kind, batch
+            kind, batch = type(rec), []
+        batch.append(rec)
+    if batch:
+        yield kind, batch
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def session_dead(s: SessionInfo, now: int) -> bool:
+    """Whether a session has ended: its lease ran out by `now` (wall-clock ns), or it is a
+    process of this host that is gone."""
+    if s.expires_ns <= now:
+        return True
+    if s.host == socket.gethostname() and s.pid != os.getpid():
+        return not _pid_alive(s.pid)
+    return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -1506,10 +1737,11 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _file_identity(path: Path) -> dict:
-    """What tells the database file from a copy of it: its disk, its inode, its path."""
+def _file_identity(path: Path, place: Path | None = None) -> dict:
+    """What tells the database file from a copy of it: its disk, its inode, its path
+    (`place`: the path it is linked to next, if not `path`)."""
     st = os.stat(path)
-    return {"dev": st.st_dev, "ino": st.st_ino, "path": os.path.realpath(path)}
+    return {"dev": st.st_dev, "ino": st.st_ino, "path": os.path.realpath(place or path)}
 
 
 def _connect(path: Path, check_only: bool = False, read_only: bool = False) -> sqlite3.Connection:

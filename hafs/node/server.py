@@ -1,5 +1,15 @@
 """The block node server (`hafs node`): one backing directory served over HTTP/1.1.
 
+With ``--tls-cert FILE --tls-key FILE`` the node serves HTTPS instead (every
+endpoint, /metrics and /ping too, on the one port): each connection is a
+trio.SSLStream over the accepted socket, h11 on top as without TLS. The
+handshake is part of the connection's first read, so it is bounded like a
+request head (HEAD_TIMEOUT_S) and counts as unauthenticated. A client that
+speaks plain HTTP to it gets a plain 400 saying to use https://; a failed
+handshake (a client that does not trust the certificate) is logged at debug
+level and closed. SIGHUP loads the certificate and key again (renewal; a pair
+that cannot be used keeps the old one, TLS-KEPT), for connections from then on.
+
 A node serves the `DirStore` of one backing directory to the `RemoteStore`
 clients of a filesystem (hafs.remote). It never trusts a request: ids are
 checked before any path is made, bodies must hash to their id, sizes are
@@ -153,6 +163,7 @@ import re
 import resource
 import signal
 import socket
+import ssl
 import sys
 import time
 import uuid
@@ -203,6 +214,17 @@ _JSON = b"application/json"
 _OCTETS = b"application/octet-stream"
 UNCLAIMED = (
     "this node is not claimed by a filesystem yet: create one with 'hafs mkfs --node http://...'"
+)
+NO_TOKEN = (
+    "this node wants a bearer token (Authorization: Bearer TOKEN) and the request has none:"
+    " give the client a token of the node's --token-file"
+)
+WRONG_TOKEN = (
+    "wrong bearer token: the request's token is not one of the node's --token-file (check the"
+    " token the client was given, or add it to that file and send the node SIGHUP)"
+)
+PLAIN_TO_TLS = (
+    b'{"error": "this node serves HTTPS (--tls-cert): address it as https://HOST:PORT"}'
 )
 
 
@@ -348,9 +370,17 @@ class Request:
 class _Connection:
     """One client connection: h11's state machine over a trio stream (module docstring)."""
 
-    def __init__(self, server: HttpServer, stream: trio.SocketStream) -> None:
+    def __init__(
+        self, server: HttpServer, stream: trio.SocketStream, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.server = server
-        self.stream = stream
+        self.transport = stream
+        # Wrapping does no I/O: the handshake happens in the first receive (bounded as a head).
+        self.stream: trio.abc.Stream = (
+            stream
+            if tls is None
+            else trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
+        )
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -389,8 +419,25 @@ class _Connection:
                     return
         except h11.RemoteProtocolError as e:
             await self._refuse_garbage(e)
-        except (_Gone, trio.BrokenResourceError, trio.ClosedResourceError):
+        except trio.BrokenResourceError as e:
+            if isinstance(e.__cause__, ssl.SSLError):
+                await self._refuse_handshake(e.__cause__)
+        except (_Gone, trio.ClosedResourceError):
             pass
+
+    async def _refuse_handshake(self, e: ssl.SSLError) -> None:
+        """A TLS handshake failed: answer a plain HTTP request in plain HTTP, then close."""
+        log.debug("TLS handshake with %s failed: %s", self.peer, e)
+        if e.reason != "HTTP_REQUEST":
+            return
+        head = (
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(PLAIN_TO_TLS)
+        )
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            with trio.move_on_after(WRITE_TIMEOUT_S):
+                await self.transport.send_all(head + PLAIN_TO_TLS)
+        self.server.metrics.request("other", 400)
 
     async def _end_cycle(self) -> bool:
         """After an answer: True if the connection can take another request."""
@@ -541,7 +588,8 @@ class _Connection:
     async def _linger(self) -> None:
         """Close gracefully when the client may still be sending: FIN, discard, close."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await self.stream.send_eof()
+            # TLS has no half-close: the FIN goes on the socket, after the answer's records.
+            await self.transport.send_eof()
             discarded = 0
             with trio.move_on_after(LINGER_S):
                 while discarded < LINGER_BYTES:
@@ -578,11 +626,13 @@ class HttpServer:
         *,
         authorised: Callable[[Request], bool] = lambda req: True,
         limits: Limits = Limits(),  # noqa: B008 (frozen)
+        tls: Tls | None = None,
     ) -> None:
         self.handler = handler
         self.metrics = metrics
         self.authorised = authorised
         self.limits = limits
+        self.tls = tls  # HTTPS: each new connection uses its context of the moment
         self.stopping = False
         self.idle_scopes: set[trio.CancelScope] = set()  # connections waiting for a request
         self._open: dict[_Connection, None] = {}
@@ -624,7 +674,7 @@ class HttpServer:
                 log.error("cannot accept a connection: %s", e)
                 await trio.sleep(0.1)
                 continue
-            conn = _Connection(self, stream)
+            conn = _Connection(self, stream, self.tls.context if self.tls else None)
             self._add(conn)
             nursery.start_soon(self._connection, conn)
 
@@ -806,9 +856,10 @@ class NodeApp:
 
     async def _route(self, req: Request) -> None:
         if not self.authorised(req):
+            message = NO_TOKEN if req.header(b"authorization") is None else WRONG_TOKEN
             await req.respond(
                 401,
-                json.dumps({"error": "missing or wrong bearer token"}).encode(),
+                json.dumps({"error": message}).encode(),
                 headers=[(b"www-authenticate", b'Bearer realm="hafs"')],
             )
             return
@@ -1220,6 +1271,47 @@ def read_tokens(file: str | Path) -> list[bytes]:
     return tokens
 
 
+def _encrypted_key() -> bytes:
+    raise UserError("is encrypted: give the node a key without a passphrase")
+
+
+def load_tls(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context with the certificate (PEM, its chain after it) and key; UserError."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    what = f"--tls-cert {cert} with --tls-key {key}"
+    try:
+        context.load_cert_chain(cert, key, password=_encrypted_key)
+    except UserError as e:
+        raise UserError(f"--tls-key {key} {e}") from None
+    except ssl.SSLError as e:
+        raise UserError(
+            f"cannot use {what} ({e.reason or e}): give the node's certificate (PEM, with its"
+            " chain after it) and the private key it was made for"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read {what}: {e.strerror or e}") from None
+    if os.stat(key).st_mode & 0o077:
+        log.warning("TLS key %s is readable by others: chmod 600 it", key)
+    return context
+
+
+class Tls:
+    """The node's certificate and key as a server context; `reload` reads them again
+    (SIGHUP: a renewed certificate serves the connections made from then on)."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert, self.key = cert, key
+        self.context = load_tls(cert, key)
+
+    def reload(self) -> None:
+        try:
+            self.context = load_tls(self.cert, self.key)
+        except UserError as e:
+            log.error("TLS-KEPT: %s; the node keeps the certificate it had", e)
+            return
+        log.info("TLS-RELOADED %s", self.cert)
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """HOST:PORT or [IPV6]:PORT -> (host, port); UserError if malformed.
 
@@ -1293,22 +1385,25 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _url(sockname: tuple) -> str:
+def _url(sockname: tuple, scheme: str = "http") -> str:
     host, port = sockname[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 async def serve(
     app: NodeApp,
     socks: list[socket.socket],
     limits: Limits = Limits(),  # noqa: B008 (frozen)
+    tls: Tls | None = None,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> str:
-    """Serve `app` on the listening `socks` (bind_listen) until SIGINT or SIGTERM.
+    """Serve `app` on the listening `socks` (bind_listen) until SIGINT or SIGTERM;
+    HTTPS with `tls`.
 
     Returns the signal's name; `task_status.started` gets the bound URLs.
-    READY=1 goes to systemd once listening; SIGHUP reopens the log file.
+    READY=1 goes to systemd once listening; SIGHUP reopens the log file and reads
+    the token file and the certificate again.
     """
     stopped_by = ""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -1317,15 +1412,18 @@ async def serve(
         async def stop() -> None:
             nonlocal stopped_by
             async for signum in signals:
-                if signum == signal.SIGHUP:  # logrotate moved the log file away; a new token
+                if signum == signal.SIGHUP:  # logrotate moved the log; a new token or certificate
                     logs.reopen()
                     app.reload_tokens()
+                    if tls is not None:
+                        tls.reload()
                     continue
                 stopped_by = signal.Signals(signum).name
                 log.info("NODE-STOP %s: %s, finishing running requests", app.describe(), stopped_by)
                 return
 
-        urls = [_url(listener.socket.getsockname()) for listener in listeners]
+        scheme = "https" if tls else "http"
+        urls = [_url(listener.socket.getsockname(), scheme) for listener in listeners]
         log.info(
             "NODE-READY %s serving %s at %s (%s)%s",
             app.describe(),
@@ -1335,7 +1433,7 @@ async def serve(
             "" if app.store else f": waiting for 'hafs mkfs --node {urls[0]}' to claim it",
         )
         task_status.started(urls)
-        server = HttpServer(app, app.metrics, authorised=app.authorised, limits=limits)
+        server = HttpServer(app, app.metrics, authorised=app.authorised, limits=limits, tls=tls)
         systemd.notify("READY=1")
         await server.serve(listeners, stop)
     log.info("NODE-STOPPED %s", app.describe())
@@ -1375,6 +1473,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="require 'Authorization: Bearer TOKEN' on every request, TOKEN read from FILE;"
         " several lines: any of those tokens (for a rotation)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="serve HTTPS with this certificate (PEM, its chain after it; its names must hold"
+        " the host clients address the node by), with --tls-key; reloaded on SIGHUP",
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="the private key (PEM) of --tls-cert"
     )
     parser.add_argument(
         "--threads",
@@ -1431,6 +1539,9 @@ def run(args: argparse.Namespace) -> int:
         args.threads,
     )
     token = read_tokens(args.token_file) if args.token_file is not None else None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UserError("give --tls-cert FILE and --tls-key FILE together (or neither: HTTP)")
+    tls = Tls(args.tls_cert, args.tls_key) if args.tls_cert is not None else None
     path = Path(args.data).expanduser().absolute()
     socks = bind_listen(args.listen)  # before anything is created: a port in use changes nothing
     try:
@@ -1452,7 +1563,7 @@ def run(args: argparse.Namespace) -> int:
     app = NodeApp(path, store, token=token, threads=args.threads)
     app.token_file = args.token_file
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a peer's reset is an error, not our death
-    trio.run(serve, app, socks, limits)
+    trio.run(serve, app, socks, limits, tls)
     return 0
 
 

@@ -6,6 +6,16 @@ Placement runs it the same way: from worker threads. One instance is shared by
 all threads and speaks HTTP/1.1 itself: h11 (the parser the node uses) over plain
 sockets, `ssl` for https:// addresses.
 
+Credentials (`NodeAuth`): the bearer token sent with every request and the CA
+an https:// node's certificate must be signed by (the filesystem's `ca_pem`;
+none: the system's CAs), its hostname or IP checked against the address. One
+NodeAuth per filesystem configuration is shared by all its stores, with one
+`ssl.SSLContext` built once. A store refused with 401, or by a certificate its
+CA does not sign, asks the NodeAuth to re-read the configuration (`reload`,
+once per change however many threads were refused) and, if the token or the CA
+changed there, repeats the request once: a running mount follows `hafs node
+token` and `hafs node ca` without failing a call (the rotation in the README).
+
 Transport. The mount is CPU-bound (one GIL) when it reads from remote nodes, so
 the client keeps the cost per byte low: an answer's head goes through h11, its
 body (Content-Length) is read with recv_into straight into one buffer of that
@@ -40,6 +50,8 @@ treats it as a failed replica, like a disk error of a DirStore):
         NodeTimeout             no answer within the timeout (ETIMEDOUT)
       NodeProtocolError         an answer that is not a hafs node's (bad status, headers,
                                 JSON; malformed, cut short or too large)
+      NodeCertificateError      an https:// node whose certificate the CA does not sign, or
+                                that is not valid for the address's host (EACCES)
       NodeRefused               a hafs node's refusal: 5xx disk error (EIO), 507 full (ENOSPC),
                                 422 body not hashing to the id, 413 too large
         NodeAuthError           401: missing or wrong token (EACCES)
@@ -50,7 +62,8 @@ because it belongs to another metadata store (hafs.store.owner).
 
 Health (for Placement): NodeUnavailable other than NodeTimeout means "down now";
 NodeTimeout is a strike; the others mean the node is up but failed this request
-(NodeAuthError and NodeIdentityMismatch are configuration errors worth a loud log).
+(NodeAuthError, NodeIdentityMismatch and NodeCertificateError are configuration
+errors: down now, with a loud log).
 `BlockMissing` and `BlockCorrupt` keep DirStore's meaning; a body that fails the
 hash on arrival is logged BLOCK-CORRUPT and raised as BlockCorrupt.
 
@@ -94,6 +107,8 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 import h11
@@ -127,7 +142,7 @@ _INT_RE = re.compile(r"[0-9]{1,20}")
 
 
 _REASONS = {
-    401: "(missing or wrong token)",
+    401: "(missing or wrong bearer token)",
     403: "(another metadata store owns the node)",
     404: "(not found)",
     409: "(another node or another filesystem)",
@@ -150,6 +165,7 @@ class NodeError(StorageError, OSError):
         status: int | None = None,
     ) -> None:
         super().__init__(err, f"node {node_id} ({address}): {message}")
+        self.message = message  # without the node's name and address
         self.address = address
         self.node_id = node_id
         self.status = status
@@ -160,7 +176,7 @@ class NodeError(StorageError, OSError):
     def __reduce__(self):
         return (
             type(self),
-            (self.address, self.node_id, self.strerror, self.errno, self.status),
+            (self.address, self.node_id, self.message, self.errno, self.status),
         )
 
 
@@ -186,6 +202,108 @@ class NodeAuthError(NodeRefused):
 
 class NodeIdentityMismatch(NodeRefused):
     """The node is another node of the ring, or belongs to another filesystem (409)."""
+
+
+class NodeCertificateError(NodeError):
+    """An https:// node's certificate is not signed by the CA, or not for its host."""
+
+
+# ---------------------------------------------------------------- credentials
+
+AUTH_HINT = (
+    "the filesystem's token (mkfs or node add --token-file, changed with 'hafs node token')"
+    " must be a line of the node's --token-file"
+)
+X509_HOSTNAME_MISMATCH = 62  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH
+X509_IP_ADDRESS_MISMATCH = 64  # X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def check_token(token: str | None) -> str | None:
+    """The token as sent (stripped); UserError if an HTTP header cannot carry it."""
+    if token is None:
+        return None
+    token = token.strip()
+    if not token or not token.isascii() or not token.isprintable() or " " in token:
+        raise UserError("a node token must be printable ASCII without spaces")
+    return token
+
+
+def tls_context(ca_pem: str | None) -> ssl.SSLContext:
+    """A client context that checks a node's certificate against `ca_pem` (one or several
+    PEM certificates: a bundle serves a change of CA), or the system's CAs if None, and
+    its host name; UserError if `ca_pem` holds no usable certificate."""
+    try:
+        return ssl.create_default_context(cadata=ca_pem)
+    except (ssl.SSLError, ValueError) as e:
+        raise UserError(f"the CA is not a PEM certificate ({e}): give the CA's .pem file") from None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a request presents: the bearer token (None: none) and the CA (None: system)."""
+
+    token: str | None = None
+    ca_pem: str | None = None
+
+
+class NodeAuth:
+    """The credentials of one filesystem's nodes, shared by its stores and their threads.
+
+    `reload()` returns the (token, ca_pem) the configuration holds now (it may block:
+    it is called from the worker thread of a refused request); None: never re-read.
+    The lock guards the credentials and the context; `renew` holds it while it reads
+    the configuration, so threads refused at once re-read it once.
+    """
+
+    def __init__(
+        self,
+        token: str | None = None,
+        ca_pem: str | None = None,
+        reload: Callable[[], tuple[str | None, str | None]] | None = None,
+    ) -> None:
+        self._creds = Credentials(check_token(token), ca_pem)
+        self._reload = reload
+        self._context: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> Credentials:
+        return self._creds
+
+    def tls(self) -> ssl.SSLContext:
+        """The client TLS context of the current CA, built once (UserError: not a CA)."""
+        with self._lock:
+            if self._context is None:
+                self._context = tls_context(self._creds.ca_pem)
+            return self._context
+
+    def describe_ca(self) -> str:
+        return "the filesystem's CA" if self._creds.ca_pem else "the system's CAs"
+
+    def renew(self, seen: Credentials) -> bool:
+        """After a refusal with `seen`: True if the credentials are other now (another
+        thread renewed them, or the configuration holds new ones), so a retry may pass."""
+        with self._lock:
+            if self._creds != seen:
+                return True
+            if self._reload is None:
+                return False
+            try:
+                token, ca_pem = self._reload()
+                new = Credentials(check_token(token), ca_pem)
+            except Exception as e:  # the metadata is unreachable, or closed: no retry
+                log.warning("NODE-CREDENTIALS cannot re-read the configuration: %s", e)
+                return False
+            if new == seen:
+                return False
+            self._creds = new
+            if new.ca_pem != seen.ca_pem:
+                self._context = None
+        what = "token and CA" if new.token != seen.token else "CA"
+        if new.ca_pem == seen.ca_pem:
+            what = "token"
+        log.info("NODE-CREDENTIALS the filesystem's node %s changed: using the new one", what)
+        return True
 
 
 class _Stale(Exception):
@@ -217,6 +335,15 @@ def _normalise_address(address: str) -> str:
             f"block node address {address!r}: expected http://HOST:PORT (or https://HOST:PORT)"
         )
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _detail(body: bytes | bytearray) -> str:
+    """The message of an error answer (JSON {"error": ...}, else its first bytes)."""
+    try:
+        detail = str(json.loads(body)["error"])[:300]
+    except (ValueError, KeyError, TypeError):
+        detail = body[:100].decode("utf-8", "replace")
+    return detail.strip()
 
 
 def _errno_of(exc: BaseException, default: int) -> int:
@@ -257,7 +384,7 @@ class _Pool:
         self,
         host: str,
         port: int,
-        tls: ssl.SSLContext | None,
+        tls: Callable[[], ssl.SSLContext] | None,
         size: int,
         connect_timeout: float,
     ) -> None:
@@ -265,7 +392,7 @@ class _Pool:
             raise ValueError(f"max_connections must be positive, got {size}")
         self.host = host
         self.port = port
-        self.tls = tls
+        self.tls = tls  # the current TLS context (https), or None (http)
         self.connect_timeout = connect_timeout
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
@@ -302,7 +429,7 @@ class _Pool:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls is not None:  # the handshake is bounded by the same timeout
-                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+                sock = self.tls().wrap_socket(sock, server_hostname=self.host)
         except BaseException:
             sock.close()
             raise
@@ -339,6 +466,7 @@ class RemoteStore:
         fs_uuid: str,
         *,
         token: str | None = None,
+        auth: NodeAuth | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         connect_timeout: float | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -346,10 +474,12 @@ class RemoteStore:
     ) -> None:
         """No I/O here: the node may be down when the store is made (see `check_identity`).
 
-        `address` is http://HOST:PORT; `token` the node's bearer token, if it wants one;
-        `timeout` in seconds bounds each call (module docstring); `connect_timeout`
-        (default min(timeout, 5)) bounds establishing a connection; `owner` the
-        metadata store that changes the blocks (module docstring, "Ownership").
+        `address` is http://HOST:PORT or https://HOST:PORT; `auth` the filesystem's
+        credentials (module docstring), or else `token`, the node's bearer token if it
+        wants one (the system's CAs check an https node); `timeout` in seconds bounds
+        each call (module docstring); `connect_timeout` (default min(timeout, 5)) bounds
+        establishing a connection; `owner` the metadata store that changes the blocks
+        (module docstring, "Ownership").
         """
         if not node_id or not fs_uuid:
             raise ValueError("node_id and fs_uuid must not be empty")
@@ -368,18 +498,14 @@ class RemoteStore:
             (b"hafs-fs-uuid", fs_uuid.encode()),
             (b"user-agent", b"hafs-remote"),
         ]
-        if token is not None:
-            token = token.strip()
-            if not token or not token.isascii() or not token.isprintable() or " " in token:
-                raise UserError(f"the token of node {node_id} must be printable ASCII, no spaces")
-            headers.append((b"authorization", f"Bearer {token}".encode()))
+        self.auth = auth if auth is not None else NodeAuth(token)
         if owner is not None:
             headers.append((b"hafs-owner", owner.token.encode()))
         self._headers = headers  # sent with every request; never changed after _anonymous_store
         self._pool = _Pool(
             parts.hostname or "",
             parts.port or 0,
-            ssl.create_default_context() if parts.scheme == "https" else None,
+            self.auth.tls if parts.scheme == "https" else None,
             max_connections,
             min(self.timeout, 5.0) if connect_timeout is None else connect_timeout,
         )
@@ -411,14 +537,36 @@ class RemoteStore:
         params: dict | None = None,
         max_body: int = JSON_MAX,
     ) -> tuple[int, dict[str, str], bytearray]:
-        """One request, retried once on a stale connection; (status, headers, body).
+        """One request, retried once on a stale connection, and once with renewed
+        credentials after a 401 or a certificate refused; (status, headers, body).
 
         Header names are lower case. Raises NodeError subclasses (module docstring).
         """
         target = f"{path}?{urlencode(params)}" if params else path
+        creds = self.auth.current
+        try:
+            answer = self._request_once(method, path, target, content, max_body, creds)
+        except NodeCertificateError:
+            if not self.auth.renew(creds):
+                raise
+        else:
+            if answer[0] != 401 or not self.auth.renew(creds):
+                return answer
+        log.debug("%s %s on node %s: retrying with renewed credentials", method, path, self.node_id)
+        return self._request_once(method, path, target, content, max_body, self.auth.current)
+
+    def _request_once(
+        self,
+        method: str,
+        path: str,
+        target: str,
+        content: bytes | memoryview | None,
+        max_body: int,
+        creds: Credentials,
+    ) -> tuple[int, dict[str, str], bytearray]:
         started = time.monotonic()
         try:
-            return self._attempt(method, target, content, max_body, fresh=False)
+            return self._attempt(method, target, content, max_body, creds, fresh=False)
         except _Stale as e:
             cause = e.__cause__ or e
             if time.monotonic() - started > min(1.0, self.timeout / 2):
@@ -429,7 +577,7 @@ class RemoteStore:
                     _errno_of(cause, errno.ECONNRESET),
                 ) from None
             log.debug("%s %s on node %s: %s; retrying", method, path, self.node_id, cause)
-            return self._attempt(method, target, content, max_body, fresh=True)
+            return self._attempt(method, target, content, max_body, creds, fresh=True)
 
     def _attempt(
         self,
@@ -437,6 +585,7 @@ class RemoteStore:
         target: str,
         content: bytes | memoryview | None,
         max_body: int,
+        creds: Credentials,
         fresh: bool,
     ) -> tuple[int, dict[str, str], bytearray]:
         """One request on one connection (a new one if `fresh`); _Stale if it may retry."""
@@ -449,6 +598,16 @@ class RemoteStore:
                 NodeTimeout,
                 f"{what}: cannot connect within {self._pool.connect_timeout:g} s",
                 errno.ETIMEDOUT,
+            ) from None
+        except ssl.SSLCertVerificationError as e:
+            raise self._certificate_error(e) from None
+        except ssl.SSLError as e:
+            raise self._fail(
+                NodeUnavailable,
+                f"{what}: the TLS handshake failed ({e.reason or e}): is the node serving"
+                " HTTPS (hafs node --tls-cert, --tls-key)? A node without them is addressed"
+                " as http://",
+                errno.ECONNREFUSED,
             ) from None
         except OSError as e:
             raise self._fail(
@@ -466,7 +625,7 @@ class RemoteStore:
         reusable = False
         try:
             status, headers, body, reusable = self._exchange(
-                sock, method, target, content, max_body, deadline
+                sock, method, target, content, max_body, deadline, creds
             )
         except NodeError:
             raise
@@ -493,9 +652,11 @@ class RemoteStore:
         if status != 401:
             who = headers.get("hafs-node-id")
             if who is None:
+                detail = _detail(body)
                 raise self._fail(
                     NodeProtocolError,
-                    f"{what}: answer {status} without Hafs-Node-Id: not a hafs node",
+                    f"{what}: answer {status} without Hafs-Node-Id: not a hafs node"
+                    + (f" ({detail})" if detail else ""),
                     errno.EPROTO,
                     status,
                 )
@@ -519,6 +680,7 @@ class RemoteStore:
         content: bytes | memoryview | None,
         max_body: int,
         deadline: float,
+        creds: Credentials,
     ) -> tuple[int, dict[str, str], bytearray, bool]:
         """Send one request on `sock` and read its answer: (status, headers, body, reusable).
 
@@ -529,6 +691,8 @@ class RemoteStore:
         what = f"{method} {target.partition('?')[0]}"
         conn = h11.Connection(h11.CLIENT)  # one per request: the body bypasses h11 below
         headers = self._headers
+        if creds.token is not None:
+            headers = headers + [(b"authorization", f"Bearer {creds.token}".encode())]
         if content is not None:
             headers = headers + [
                 (b"content-type", b"application/octet-stream"),
@@ -629,14 +793,32 @@ class RemoteStore:
         )
         return status, answer, body, reusable
 
+    def _certificate_error(self, e: ssl.SSLCertVerificationError) -> NodeCertificateError:
+        """The refusal of a node's certificate, saying which check failed and what to do."""
+        reason = e.verify_message or e.reason or str(e)
+        host = urlsplit(self.address).hostname
+        if e.verify_code in (X509_HOSTNAME_MISMATCH, X509_IP_ADDRESS_MISMATCH):
+            message = (
+                f"its certificate is not valid for {host} ({reason}): give the node a"
+                f" certificate (--tls-cert) whose names include {host}, or address the node"
+                " by a name its certificate holds"
+            )
+        else:
+            message = (
+                f"its certificate is not signed by {self.auth.describe_ca()} ({reason});"
+                " check --tls-cert on the node, or the --ca-file given to mkfs, node add or"
+                " 'hafs node ca'"
+            )
+        return self._fail(NodeCertificateError, message, errno.EACCES)
+
     def _unexpected(
         self, method: str, path: str, status: int, body: bytes | bytearray
     ) -> NodeError | NotOwner:
         """The error for an answer that the operation does not expect."""
-        detail = self._detail(body, status)
+        detail = _detail(body) or _REASONS.get(status, "")
         what = f"{method} {path}: {status} {detail}".rstrip()
         if status == 401:
-            return self._fail(NodeAuthError, what + " (check the token)", errno.EACCES, status)
+            return self._fail(NodeAuthError, f"{what}: {AUTH_HINT}", errno.EACCES, status)
         if status == 403:
             return NotOwner(f"node {self.node_id} ({self.address}): {detail}")
         if status == 409:
@@ -646,15 +828,6 @@ class RemoteStore:
         if status in (413, 422) or 500 <= status < 600:
             return self._fail(NodeRefused, what, errno.EIO, status)
         return self._fail(NodeProtocolError, what, errno.EPROTO, status)
-
-    @staticmethod
-    def _detail(body: bytes | bytearray, status: int) -> str:
-        """The message of an error answer (its JSON "error"), else what the status means."""
-        try:
-            detail = str(json.loads(body)["error"])[:300]
-        except (ValueError, KeyError, TypeError):
-            detail = body[:100].decode("utf-8", "replace")
-        return detail if detail.strip() else _REASONS.get(status, "")
 
     def _json(
         self, method: str, path: str, params: dict | None = None, content: bytes | None = None
@@ -829,9 +1002,11 @@ class RemoteStore:
         self._json("GET", "/ping")
 
     @classmethod
-    def _anonymous_store(cls, address: str, token: str | None, timeout: float) -> RemoteStore:
+    def _anonymous_store(
+        cls, address: str, token: str | None, auth: NodeAuth | None, timeout: float
+    ) -> RemoteStore:
         """A store that sends no identity and takes any (probe, claim: before the ring exists)."""
-        store = cls(address, "?", "?", token=token, timeout=timeout, max_connections=1)
+        store = cls(address, "?", "?", token=token, auth=auth, timeout=timeout, max_connections=1)
         store._anonymous = True
         store._headers = [
             (k, v) for k, v in store._headers if k not in (b"hafs-node-id", b"hafs-fs-uuid")
@@ -849,14 +1024,19 @@ class RemoteStore:
 
     @classmethod
     def probe(
-        cls, address: str, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S
+        cls,
+        address: str,
+        *,
+        token: str | None = None,
+        auth: NodeAuth | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> tuple[str, str] | tuple[None, None]:
         """(node_id, fs_uuid) that the node at `address` serves, both None if it is unclaimed.
 
-        For mkfs, before the ring exists: sends no identity (as `claim`).
-        Raises NodeError subclasses like the other calls.
+        For mkfs, before the ring exists: sends no identity (as `claim`); `auth` or
+        `token` as for the constructor. Raises NodeError subclasses like the other calls.
         """
-        with cls._anonymous_store(address, token, timeout) as store:
+        with cls._anonymous_store(address, token, auth, timeout) as store:
             return store._reported_identity("GET /ping", store._json("GET", "/ping"))
 
     @classmethod
@@ -867,6 +1047,7 @@ class RemoteStore:
         fs_uuid: str,
         *,
         token: str | None = None,
+        auth: NodeAuth | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         """Make the unclaimed node at `address` node `node_id` of filesystem `fs_uuid`.
@@ -877,7 +1058,7 @@ class RemoteStore:
         cannot write its directory) or NodeProtocolError (not a hafs node).
         """
         body = json.dumps({"node_id": node_id, "fs_uuid": fs_uuid}).encode()
-        with cls._anonymous_store(address, token, timeout) as store:
+        with cls._anonymous_store(address, token, auth, timeout) as store:
             answer = store._json("POST", "/claim", content=body)
             if store._reported_identity("POST /claim", answer) != (node_id, fs_uuid):
                 raise store._fail(
@@ -892,7 +1073,8 @@ class RemoteStore:
             body["expect"] = list(expect)
         status, _, answer = self._request("POST", "/owner", content=json.dumps(body).encode())
         if status == 409:
-            raise NotOwner(f"node {self.node_id} ({self.address}): {self._detail(answer, 409)}")
+            detail = _detail(answer) or "another metadata store owns it"
+            raise NotOwner(f"node {self.node_id} ({self.address}): {detail}")
         if status != 200:
             raise self._unexpected("POST", "/owner", status, answer)
 

@@ -70,7 +70,7 @@ def read_back(h: Path, ino: int) -> bytes | StorageError:
     """The file's bytes read through a Vfs, or the storage error the read raised."""
 
     async def work(v: Vfs) -> bytes | StorageError:
-        fh = await v.open(ino, os.O_RDONLY)
+        fh, _ = await v.open(ino, os.O_RDONLY)
         try:
             return await v.read(fh, 0, (await v.getattr(ino)).size + 1)
         except StorageError as e:
@@ -430,10 +430,10 @@ def test_damaged_database(tmp_path):
     for repair in (False, True):
         report = check(h, repair=repair)
         assert report.exit_code == 4 and found(report) == {"database_damaged": 1}
-        assert any(".recover" in n for n in report.notes)
+        assert any("--salvage" in n for n in report.notes)
     (h / "meta.db").write_bytes(b"not a database" * 1000)
     p = hafs("fsck", "--home", h, check=False)
-    assert p.returncode == 8 and "damaged" in p.stderr and ".recover" in p.stderr
+    assert p.returncode == 8 and "damaged" in p.stderr and "--salvage" in p.stderr
 
 
 def test_repair_is_refused_while_mounted_and_check_works(tmp_path):

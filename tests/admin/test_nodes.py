@@ -10,8 +10,9 @@ from dataclasses import replace
 
 import pytest
 import trio
+import trustme
 from conftest import hafs, vfs_session
-from nodeproc import start_node
+from nodeproc import ca_file, start_node, tls_files
 from test_rebalance import assert_in_place, build, contents, holders, read_back, ring_of
 
 from hafs import home
@@ -42,6 +43,14 @@ def settings(h) -> dict:
         meta.close()
 
 
+def config_of(h):
+    meta = home.open_meta(h)
+    try:
+        return meta.config()
+    finally:
+        meta.close()
+
+
 # --------------------------------------------------------------- the CLI
 
 
@@ -56,8 +65,8 @@ def test_node_parses_both_serving_and_managing():
 
 def test_node_help_explains_both():
     p = hafs("node", "--help")
-    assert "--data DIR" in p.stdout and "{list,add,remove,set,adopt}" in p.stdout
-    for sub in ("list", "add", "remove", "set", "adopt"):
+    assert "--data DIR" in p.stdout and "{list,add,remove,set,adopt,token,ca}" in p.stdout
+    for sub in ("list", "add", "remove", "set", "adopt", "token", "ca"):
         hafs("node", sub, "--help")
 
 
@@ -113,7 +122,7 @@ def test_list_add_remove_set_through_the_cli(h, tmp_path):
         (["add", "{tmp}/d5", "--id", "bad/id"], "node id 'bad/id'"),
         (["add", "{tmp}/d5", "--weight", "0"], "needs a weight above 0"),
         (["add", "{tmp}/full"], "is not empty"),
-        (["add", "ftp://host:1"], "only http://HOST:PORT"),
+        (["add", "ftp://host:1"], "expected http://HOST:PORT or https://HOST:PORT"),
     ],
 )
 def test_refusals_change_nothing(h, tmp_path, args, message):
@@ -221,6 +230,51 @@ def test_node_add_claims_a_remote_node(tmp_path):
         home.create(tmp_path / "other")  # a second filesystem cannot take the same node
         p = hafs("node", "add", "--home", tmp_path / "other", node.url, check=False)
         assert p.returncode == 2 and "already serves node n4" in p.stderr
+    finally:
+        node.stop()
+
+
+def test_node_add_gives_a_filesystem_its_first_token_and_ca(tmp_path):
+    """A filesystem of directories gets an HTTPS node with a token: node add stores both;
+    another token or CA is refused; 'hafs node ca' takes a CA only if the nodes' certificates
+    are signed by it (a bundle of the old and new CA during a change)."""
+    ca, other = trustme.CA(), trustme.CA()
+    h = tmp_path / "h"
+    home.create(h)
+    files = {}
+    for name, text in (("tok", "s3cret\n"), ("wrong", "nope\n"), ("another", "t2\n")):
+        files[name] = tmp_path / f"{name}.token"
+        files[name].write_text(text)
+    ca_pem, other_pem = ca_file(ca, tmp_path / "ca.pem"), ca_file(other, tmp_path / "o.pem")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(ca_pem.read_text() + other_pem.read_text())
+    node = start_node(tmp_path / "remote", init=None, token="s3cret", tls=tls_files(ca, tmp_path))
+    try:
+        before = settings(h)
+        add = ["node", "add", "--home", h, node.url]
+        for extra, message in (
+            (["--token-file", files["tok"]], "not signed by the system's CAs"),
+            (["--ca-file", ca_pem], "refuses the token"),
+            (["--ca-file", ca_pem, "--token-file", files["wrong"]], "wrong bearer token"),
+            (["--ca-file", other_pem, "--token-file", files["tok"]], "not signed by the"),
+        ):
+            p = hafs(*add, *extra, check=False)
+            assert p.returncode == 2 and message in p.stderr, (extra, p.stderr)
+        assert settings(h) == before and not (node.data / "hafs-node.json").exists()
+        hafs(*add, "--ca-file", ca_pem, "--token-file", files["tok"])
+        config = config_of(h)
+        assert (config.node_token, config.ca_pem) == ("s3cret", ca_pem.read_text())
+        assert (h / "meta.db").stat().st_mode & 0o077 == 0, "it holds the token now"
+        assert ring_of(h).nodes["n4"].address == node.url
+        p = hafs("node", "add", "--home", h, tmp_path / "d5", "--token-file", files["another"],
+                 check=False)  # fmt: skip
+        assert p.returncode == 2 and "use another token" in p.stderr, p.stderr
+        p = hafs("node", "ca", "--home", h, "--ca-file", other_pem, check=False)
+        assert p.returncode == 2 and "not signed by the filesystem's CA" in p.stderr, p.stderr
+        assert "nothing was changed" in p.stderr
+        hafs("node", "ca", "--home", h, "--ca-file", bundle)
+        assert config_of(h).ca_pem == bundle.read_text()
+        assert hafs("node", "list", "--home", h).returncode == 0  # n4 answers: up
     finally:
         node.stop()
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import trio
@@ -166,6 +166,26 @@ def test_owner_token_and_adopt(engine):
     assert other.owner().token == "t3" and other.owner().copy_of is None
 
 
+def test_the_token_and_ca_change_and_other_clients_read_them_fresh(engine):
+    m = engine.meta
+    other = engine.client("b")
+    assert other.config() == CONFIG and CONFIG.ca_pem is None  # written without one: None
+    new = m.update_config(node_token="tok2", ca_pem="PEM")
+    assert new == replace(CONFIG, node_token="tok2", ca_pem="PEM") == m.config()
+    assert other.config() == CONFIG  # read once
+    assert other.fresh_config() == new
+    got = []  # from another thread, as a refused node client re-reads it
+    t = threading.Thread(target=lambda: got.append(other.fresh_config()))
+    t.start()
+    t.join()
+    assert got == [new]
+    assert m.update_config(node_token=None).node_token is None
+    assert other.fresh_config() == replace(new, node_token=None)
+    with pytest.raises(ValueError):
+        m.update_config(replicas=3)
+    assert other.fresh_config().replicas == CONFIG.replicas
+
+
 def test_root_and_new_inodes(engine):
     m = engine.meta
     root = m.getattr(ROOT_INODE)
@@ -227,6 +247,18 @@ def test_lookup_parent_and_path(engine):
 # ------------------------------------------------------- link and unlink
 
 
+def test_unlink_of_the_last_name_deletes_a_file_not_open_here(engine):
+    m = engine.meta
+    f = mkfile(m, ROOT_INODE, b"f")
+    m.commit(f.id, 0, 10, [Extent(0, 10, "b1")], {"b1": 10}, 10, 1, None)
+    m.set_xattr(f.id, b"user.a", b"1")
+    assert m.unlink(ROOT_INODE, b"f", open_here={f.id + 1}).nlink == 0
+    assert m.getattr(f.id) is None and f.id not in m.unlinked_inodes()  # in one transaction
+    assert m.list_xattrs(f.id) == [] and m.extents(f.id, 0, 10) == []
+    assert refcounts(m)["b1"][0] == 0  # its block is garbage
+    assert not m.delete_inode(f.id)
+
+
 def test_link_and_unlink(engine):
     m = engine.meta
     d = mkdir(m, ROOT_INODE, b"d")
@@ -243,7 +275,7 @@ def test_link_and_unlink(engine):
     left = m.unlink(ROOT_INODE, b"f")
     assert left.id == f.id and left.nlink == 1 and f.id not in m.unlinked_inodes()
     assert m.path_of(f.id) == "/d/g"
-    left = m.unlink(d.id, b"g")
+    left = m.unlink(d.id, b"g", open_here={f.id})  # kept while open
     assert left.nlink == 0 and f.id in m.unlinked_inodes()
     err(errno.ENOENT, m.link, f.id, ROOT_INODE, b"again")  # no name left: no new one
     err(errno.ENOENT, m.unlink, ROOT_INODE, b"f")
@@ -367,7 +399,7 @@ def test_xattrs(engine):
     m.remove_xattr(f.id, b"user.a")
     err(errno.ENODATA, m.remove_xattr, f.id, b"user.a")
     assert m.list_xattrs(f.id) == [b"user.b"]
-    m.unlink(ROOT_INODE, b"f")
+    m.unlink(ROOT_INODE, b"f", open_here={f.id})
     assert m.delete_inode(f.id) and m.list_xattrs(f.id) == []
 
 
@@ -449,7 +481,7 @@ def test_commit_extents_refcounts_and_garbage(engine):
     m.commit(g.id, 0, 100, [Extent(0, 100, "b2")], {"b2": 50}, 100, 2, None)  # b2 used again
     assert refcounts(m)["b2"] == (1, None) and m.garbage_blocks(time.time_ns() + 1, 10) == []
     assert refcounts(m)["b1"] == (2, None)
-    m.unlink(ROOT_INODE, b"g")
+    m.unlink(ROOT_INODE, b"g", open_here={g.id})
     assert m.delete_inode(g.id)
     assert refcounts(m)["b2"][0] == 0 and m.block_users("b2", 10) == []
     assert m.forget_block("b2") and "b2" not in refcounts(m)
@@ -615,6 +647,95 @@ def test_sessions(engine):
     b.sessions.register("mount", "/mnt/two", ttl_s=engine.ttl)
 
 
+def outlive(engine, client, session):
+    """Let every other client's lease run out while `client` renews `session`; returns it
+    renewed."""
+    for _ in range(6):
+        engine.advance((engine.ttl + engine.expiry_lag) / 4)
+        session = client.sessions.renew(session)
+    return session
+
+
+async def test_a_client_paused_past_its_lease_loses_its_locks_and_registers_again(engine):
+    a, b = engine.meta, engine.client("b")
+    sa = a.sessions.register("mount", "/mnt/a", ttl_s=engine.ttl)
+    sb = b.sessions.register("mount", "/mnt/b", ttl_s=engine.ttl)
+    f = mkfile(a, ROOT_INODE, b"f")
+    la = await a.locks.acquire(f"inode:{f.id}", wait_s=1)
+    a.fence(f.id, la.token)
+    sb = outlive(engine, b, sb)  # a is paused: it renews nothing
+    assert [s.id for s in b.sessions.alive()] == [sb.id] and b.locks.held() == []
+    lb = await b.locks.acquire(f"inode:{f.id}", wait_s=1)
+    b.fence(f.id, lb.token)
+    b.commit(f.id, 0, 10, [Extent(0, 10, "from-b")], {"from-b": 10}, 10, 1, lb.token)
+    with pytest.raises(LockLost):  # a wakes up: its lock went with its lease
+        await a.locks.keepalive(la)
+    with pytest.raises(LockLost):  # and the fence refuses what it buffered
+        a.commit(f.id, 0, 10, [Extent(0, 10, "from-a")], {"from-a": 10}, 10, 2, la.token)
+    assert b.extents(f.id, 0, 100) == [Extent(0, 10, "from-b")]
+    sa = a.sessions.renew(sa)  # a goes on: its session is registered again
+    assert {s.id for s in b.sessions.alive()} == {sa.id, sb.id}
+    la2 = await a.locks.acquire("inode:12345", wait_s=1)  # and it takes new locks
+    assert a.locks.valid(la2) and [h.holder for h in b.locks.held()] == [la.holder, lb.holder]
+    await a.locks.keepalive(la2)
+    await b.locks.release(lb)
+
+
+def test_a_dead_clients_unlinked_open_files_are_deleted_by_the_reaper(engine):
+    a, b = engine.meta, engine.client("b")
+    a.sessions.register("mount", "/mnt/a", ttl_s=engine.ttl)
+    sb = b.sessions.register("mount", "/mnt/b", ttl_s=engine.ttl)
+    f = mkfile(a, ROOT_INODE, b"f")
+    a.commit(f.id, 0, 10, [Extent(0, 10, "kept")], {"kept": 10}, 10, 1, None)
+    a.unlink(ROOT_INODE, b"f", open_here={f.id})  # while open on a
+    d = mkdir(a, ROOT_INODE, b"d")
+    a.rmdir(ROOT_INODE, b"d")  # a's shell still in it
+    g = mkfile(b, ROOT_INODE, b"g")
+    b.unlink(ROOT_INODE, b"g", open_here={g.id})  # while open on b
+    assert b.sessions.reap() == [] and a.sessions.reap() == []
+    assert None not in (b.getattr(f.id), b.getattr(d.id), b.getattr(g.id))
+    sb = outlive(engine, b, sb)  # a dies
+    assert [s.mountpoint for s in b.sessions.reap()] == ["/mnt/a"]
+    assert b.getattr(f.id) is None and b.getattr(d.id) is None
+    assert b.getattr(g.id) is not None  # b's own: b lives
+    assert b.unlinked_inodes() == [g.id]
+    assert b.garbage_blocks(2**62, 10) == ["kept"]  # collected after the grace
+    assert b.sessions.reap() == []
+
+
+def test_one_client_at_a_time_is_elected_and_the_role_moves_when_it_dies(engine):
+    a, b = engine.meta, engine.client("b")
+    sa = a.sessions.register("mount", "/mnt/a", ttl_s=engine.ttl)
+    sb = b.sessions.register("mount", "/mnt/b", ttl_s=engine.ttl)
+    if engine.name == "sqlite":  # embedded: one host, every mount has the role
+        assert a.sessions.elect("gc") and b.sessions.elect("gc")
+        assert a.sessions.leader("gc") is None
+        return
+    assert a.sessions.elect("gc") and not b.sessions.elect("gc")
+    assert a.sessions.elect("gc") and not b.sessions.elect("gc")
+    assert b.sessions.leader("gc") == sa.id
+    assert b.sessions.elect("repair") and not a.sessions.elect("repair")  # roles are apart
+    sb = outlive(engine, b, sb)  # a dies
+    assert b.sessions.leader("gc") is None
+    assert b.sessions.elect("gc") and b.sessions.leader("gc") == sb.id
+    a.sessions.renew(sa)  # a comes back: the role stays where it is
+    assert not a.sessions.elect("gc") and b.sessions.elect("gc")
+    b.close()  # b unmounts: its lease is revoked, the role free at once
+    assert a.sessions.elect("gc") and a.sessions.leader("gc") == sa.id
+
+
+def test_wait_ring_returns_once_the_ring_changes(engine):
+    m, other = engine.meta, engine.client("b")
+    poll = 0.1 if engine.name == "sqlite" else 60  # sqlite polls; the kv engines watch
+    m.wait_ring(0, 0)  # the stored version is another: at once
+    waiter = threading.Thread(target=m.wait_ring, args=(1, poll))
+    waiter.start()
+    time.sleep(0.2)
+    assert other.replace_ring({**RING, "version": 2}, 1)
+    waiter.join(8)  # before the watch would be made again (WATCH_S), so the watch saw it
+    assert not waiter.is_alive()
+
+
 # -------------------------------------------------------------------- race
 
 RACE_ERRNOS = {errno.EEXIST, errno.ENOENT, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
@@ -758,7 +879,7 @@ def test_kv_inode_numbers_are_never_reused_across_clients():
         ino = mkfile(m, ROOT_INODE, f"f{i}".encode()).id
         assert ino not in seen
         seen.add(ino)
-        m.unlink(ROOT_INODE, f"f{i}".encode())
+        m.unlink(ROOT_INODE, f"f{i}".encode(), open_here={ino})
         assert m.delete_inode(ino)
     c = KvMeta.open(kv)  # a new client starts past every batch handed out
     assert mkfile(c, ROOT_INODE, b"new").id > max(seen)

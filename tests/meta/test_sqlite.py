@@ -56,7 +56,7 @@ def test_root_and_settings(meta):
 
 def test_inode_numbers_are_never_reused(meta):
     first = new_file(meta)
-    meta.unlink(ROOT_INODE, b"f%d" % (next(_names) - 1))
+    meta.unlink(ROOT_INODE, b"f%d" % (next(_names) - 1), open_here={first})
     assert meta.delete_inode(first)
     assert new_file(meta) > first
 
@@ -173,7 +173,7 @@ def test_damage_is_told_from_a_busy_database_and_integrity_is_checked(meta, tmp_
     why = meta.damaged(sqlite3.DatabaseError("database disk image is malformed"))
     assert "is damaged" in why and "malformed" in why
     assert meta.damaged(OSError(5, "EIO")) is None
-    assert meta.check_storage(10) == [] and ".recover" in meta.describe()["recover"]
+    assert meta.check_storage(10) == [] and "--salvage" in meta.describe()["recover"]
     meta.db.execute("PRAGMA writable_schema = ON")  # an index that disagrees with its table
     meta.db.execute(
         "UPDATE sqlite_master SET sql = 'CREATE INDEX dentries_inode ON dentries(parent)'"

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import Mount, hafs
+from conftest import Mount, fsync_and_close_errno, hafs
 
 LOCK_OPTS = "gc_grace_s=0,gc_interval_s=1,lock_ttl_s=2,lock_wait_s=20"
 
@@ -118,16 +118,7 @@ def test_paused_writer_is_fenced_off(two):
         (b.mnt / "f").write_bytes(b"B" * 50_000)
     finally:
         os.kill(pid, signal.SIGCONT)
-    with pytest.raises(OSError) as e:
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-    assert e.value.errno == errno.EIO
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    assert fsync_and_close_errno(fd) == errno.EIO
     assert (b.mnt / "f").read_bytes() == b"B" * 50_000
     assert eventually(lambda: (a.mnt / "f").read_bytes() == b"B" * 50_000)
     assert "LOCK-LOST" in a.log.read_text()
