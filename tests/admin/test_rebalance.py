@@ -330,6 +330,8 @@ def test_rebalance_while_a_writer_and_a_reader_use_the_mount(tmp_path):
     m.start()
     errors: list[str] = []
     written: dict[str, bytes] = {}  # relative path -> content, once closed
+    paths: list[str] = []  # the keys of `written`, for the reader (a list may grow under it)
+    reads = [0]
     stop = threading.Event()
     try:
         work = m.mnt / "w"
@@ -337,6 +339,7 @@ def test_rebalance_while_a_writer_and_a_reader_use_the_mount(tmp_path):
         for name, data in contents(300, seed=8).items():
             (work / name).write_bytes(data)
             written[f"w/{name}"] = data
+            paths.append(f"w/{name}")
 
         def writer() -> None:
             rng = random.Random(9)
@@ -350,12 +353,14 @@ def test_rebalance_while_a_writer_and_a_reader_use_the_mount(tmp_path):
                 except OSError as e:
                     errors.append(f"write {path}: {e}")
                 written[path] = data
+                paths.append(path)
                 i += 1
 
         def reader() -> None:
             rng = random.Random(10)
             while not stop.is_set():
-                path, data = rng.choice(list(written.items()))
+                path = rng.choice(paths)
+                data = written[path]
                 try:
                     got = (m.mnt / path).read_bytes()
                 except OSError as e:
@@ -363,6 +368,7 @@ def test_rebalance_while_a_writer_and_a_reader_use_the_mount(tmp_path):
                     continue
                 if got != data:
                     errors.append(f"read {path}: wrong bytes")
+                reads[0] += 1
 
         threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
         for t in threads:
@@ -385,6 +391,7 @@ def test_rebalance_while_a_writer_and_a_reader_use_the_mount(tmp_path):
             for t in threads:
                 t.join(60)
         assert not errors, errors[:10]
+        assert reads[0] > 0 and not any(t.is_alive() for t in threads)
         log = m.log.read_text()
         assert "RING-VERSION 2" in log and "RING-VERSION 4" in log
         assert sorted(ring_of(m.home).nodes) == ["n2", "n3", "n4"]
