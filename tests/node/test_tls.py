@@ -132,7 +132,9 @@ def test_sighup_loads_a_renewed_certificate(ca, tmp_path) -> None:
         node.proc.send_signal(signal.SIGHUP)
         wait_for_log(node, "TLS-RELOADED")
         with node.store(ca_pem=pem(new_ca)) as s:
-            s.ping()
+            s.ping()  # (raises unless the node now shows the renewed certificate)
+        with node.store(ca_pem=pem(ca)) as s, pytest.raises(OSError):
+            s.ping()  # the old CA no longer signs what the node shows
         key.write_text("broken\n")
         node.proc.send_signal(signal.SIGHUP)
         wait_for_log(node, "TLS-KEPT")
