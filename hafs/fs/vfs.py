@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import stat
 from collections import Counter
@@ -46,6 +47,7 @@ from ..store.ring import RING_RELOAD_S, NodeSpec, Ring
 from .cache import BlockCache
 from .files import FileState, Shared, WriteBudget, content_version
 
+PAGE_SIZE = mmap.PAGESIZE
 log = logging.getLogger(__name__)
 
 REPAIR_BATCH = 200  # degraded blocks looked at per repair round
@@ -428,8 +430,8 @@ class Vfs:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> Inode:
-        inode = await self._inode(ino)
         if size is not None:
+            inode = await self._inode(ino)
             if stat.S_ISDIR(inode.mode):
                 raise FsError(errno.EISDIR)
             fs = self.files.get(ino)
@@ -606,6 +608,11 @@ class Vfs:
         h = self._handle(fh)
         if h.append:
             off = h.file.size
+        if (off | len(data)) % PAGE_SIZE:
+            # the kernel keeps a page this write covers only in part without its other
+            # bytes (not up to date): a later open must not keep such pages, or every
+            # read of the file becomes a request per missing page
+            self.page_versions.pop(h.ino, None)
         await h.file.write(off, data)
         return len(data)
 

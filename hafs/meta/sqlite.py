@@ -778,16 +778,17 @@ class SqliteMeta:
                     mode |= stat.S_ISGID
             is_dir = stat.S_ISDIR(mode)
             t = now_ns()
+            fields = (mode, uid, gid, 2 if is_dir else 1, len(target or b""), t, t, t, rdev, target)
             ino = self.db.execute(
                 "INSERT INTO inodes (mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns,"
                 " rdev, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mode, uid, gid, 2 if is_dir else 1, len(target or b""), t, t, t, rdev, target),
+                fields,
             ).lastrowid
             self.db.execute(
                 "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
             )
             self._touch(parent, t, 1 if is_dir else 0)
-            return self._need(ino)
+            return Inode(ino, *fields)
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         check_name(name)
@@ -945,14 +946,19 @@ class SqliteMeta:
     def setattr(self, ino: int, **fields: int) -> Inode:
         if not fields.keys() <= self._SETTABLE:
             raise TypeError(f"setattr cannot set {sorted(fields.keys() - self._SETTABLE)}")
+        if "mode" in fields:
+            fields["mode"] &= 0o7777
+        fields["ctime_ns"] = now_ns()
+        # one statement: the file type stays, the permission bits change
+        cols = ", ".join("mode = (mode & ~4095) | ?" if k == "mode" else f"{k} = ?" for k in fields)
         with self.txn():
-            inode = self._need(ino)
-            if "mode" in fields:
-                fields["mode"] = (inode.mode & ~0o7777) | (fields["mode"] & 0o7777)
-            fields["ctime_ns"] = now_ns()
-            cols = ", ".join(f"{k} = ?" for k in fields)
-            self.db.execute(f"UPDATE inodes SET {cols} WHERE id = ?", (*fields.values(), ino))
-            return self._need(ino)
+            row = self.db.execute(
+                f"UPDATE inodes SET {cols} WHERE id = ? RETURNING {_INODE_COLS}",
+                (*fields.values(), ino),
+            ).fetchone()
+            if row is None:
+                raise FsError(errno.ENOENT)
+            return Inode(*row)
 
     def delete_inode(self, ino: int) -> bool:
         with self.txn():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 import urllib.request
 
@@ -104,3 +105,31 @@ def test_a_writer_that_finds_the_file_changed_does_not_keep_stale_pages(tmp_path
     finally:
         a.stop()
     assert not a.bad_log_lines() and not b.bad_log_lines()
+
+
+
+def test_pages_written_in_part_are_not_kept(tmp_path):
+    """tar writes 10240-byte records: the pages they cover in part stay in the kernel
+    without their other bytes.  The next open drops the file's pages, so a reader gets
+    each file in one request instead of one request per missing page."""
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {f"f{i}": os.urandom(3 * 10240 + 1000 * i) for i in range(10)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    subprocess.run(["tar", "-cf", tmp_path / "t.tar", "-C", src, "."], check=True)
+    a, b, url = two_mounts(tmp_path)
+    a.start()
+    try:
+        subprocess.run(["tar", "-xf", tmp_path / "t.tar", "-C", a.mnt], check=True)
+        before = reads_answered(url)
+        for name, data in files.items():
+            assert read_all(a.mnt / name) == data
+        assert reads_answered(url) - before <= len(files)
+        before = reads_answered(url)
+        for name, data in files.items():  # read whole once: kept from now on
+            assert read_all(a.mnt / name) == data
+        assert reads_answered(url) == before
+    finally:
+        a.stop()
+    assert not a.bad_log_lines()
