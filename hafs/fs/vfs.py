@@ -402,7 +402,7 @@ class Vfs:
         what an open handle buffers, at most its size; a hole holds nothing. A block the
         file shares with others (dedup) counts once for each file. Not a regular file:
         its size."""
-        if not stat.S_ISREG(inode.mode):
+        if not stat.S_ISREG(inode.mode) or inode.size == 0:
             return inode.size
         held = await self.meta.allocated_bytes(inode.id)
         fs = self.files.get(inode.id)
