@@ -366,8 +366,9 @@ class MetaStore(Protocol):
     def allocated_bytes(self, ino: int) -> int:
         """Bytes of the file that extents cover (holes are not counted)."""
 
-    def fence(self, ino: int, token: int) -> None:
-        """Record `token` as the inode's newest write token; LockLost if a newer one is."""
+    def fence(self, ino: int, token: int) -> Inode:
+        """Record `token` as the inode's newest write token; LockLost if a newer one is.
+        Returns the inode as it is then (the last writer's size: one call, not two)."""
 
     def commit(
         self,

@@ -1045,8 +1045,13 @@ class KvMeta:
             rec.fence = token
             t.save(rec)
 
-    def fence(self, ino: int, token: int) -> None:
-        self._run(lambda t: self._fence(t, t.inode(ino), ino, token))
+    def fence(self, ino: int, token: int) -> Inode:
+        def op(t: Txn) -> Inode:
+            rec = t.inode(ino)
+            self._fence(t, rec, ino, token)
+            return rec.inode
+
+        return self._run(op)
 
     def commit(
         self,

@@ -1041,21 +1041,23 @@ class SqliteMeta:
         ).fetchone()
         return row[0]
 
-    def fence(self, ino: int, token: int) -> None:
+    def fence(self, ino: int, token: int) -> Inode:
         with self.txn():
-            self._fence(ino, token)
+            return self._fence(ino, token)
 
-    def _fence(self, ino: int, token: int) -> None:
-        cur = self.db.execute(
-            "UPDATE inodes SET fence_token = ? WHERE id = ? AND fence_token <= ?",
+    def _fence(self, ino: int, token: int) -> Inode:
+        row = self.db.execute(
+            "UPDATE inodes SET fence_token = ? WHERE id = ? AND fence_token <= ?"
+            f" RETURNING {_INODE_COLS}",
             (token, ino, token),
+        ).fetchone()
+        if row is not None:
+            return Inode(*row)
+        row = self.db.execute("SELECT fence_token FROM inodes WHERE id = ?", (ino,)).fetchone()
+        raise LockLost(
+            f"inode {ino}: write token {token} refused, "
+            + (f"a newer writer holds token {row[0]}" if row else "the file was deleted")
         )
-        if cur.rowcount != 1:
-            row = self.db.execute("SELECT fence_token FROM inodes WHERE id = ?", (ino,)).fetchone()
-            raise LockLost(
-                f"inode {ino}: write token {token} refused, "
-                + (f"a newer writer holds token {row[0]}" if row else "the file was deleted")
-            )
 
     def commit(
         self,
