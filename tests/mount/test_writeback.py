@@ -159,7 +159,10 @@ def test_o_append_from_several_processes_on_both_mounts(dirs):
     ]
     assert [p.wait(120) for p in procs] == [0] * len(procs)
     want = sorted(
-        b"%s%d %04d " % (m, i, k) + b"." * 60 for i in range(3) for m in (b"a", b"b") for k in range(n)
+        b"%s%d %04d " % (m, i, k) + b"." * 60
+        for i in range(3)
+        for m in (b"a", b"b")
+        for k in range(n)
     )
     for d in (a, b):
         assert sorted((d / "log").read_bytes().splitlines()) == want, d
