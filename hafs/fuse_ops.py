@@ -64,11 +64,12 @@ def _errors_to_fuse(fn):
     return wrapper
 
 
-def _attrs(inode: Inode, allocated: int) -> pyfuse3.EntryAttributes:
-    """The kernel's attributes of `inode`, which holds `allocated` bytes (st_blocks)."""
+def _attrs(inode: Inode, allocated: int, generation: int = 0) -> pyfuse3.EntryAttributes:
+    """The kernel's attributes of `inode`, which holds `allocated` bytes (st_blocks);
+    `generation`: of an entry reply (Vfs.entry_generation)."""
     a = pyfuse3.EntryAttributes()
     a.st_ino = inode.id
-    a.generation = 0
+    a.generation = generation
     a.entry_timeout = ENTRY_TIMEOUT
     a.attr_timeout = ATTR_TIMEOUT
     a.st_mode = inode.mode
@@ -93,13 +94,16 @@ class FuseOps(pyfuse3.Operations):
     def __init__(self, vfs: Vfs) -> None:
         super().__init__()
         self.vfs = vfs
+        # read by pyfuse3 when the kernel connects: per mount (-o writeback_cache)
+        self.enable_writeback_cache = vfs.opts.writeback_cache
 
-    async def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        return _attrs(inode, await self.vfs.allocated_bytes(inode))
+    async def _attrs(self, inode: Inode, generation: int = 0) -> pyfuse3.EntryAttributes:
+        return _attrs(inode, await self.vfs.allocated_bytes(inode), generation)
 
     async def _ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        attrs = await self._attrs(inode, self.vfs.entry_generation(inode))
         self.vfs.lookups[inode.id] += 1
-        return await self._attrs(inode)
+        return attrs
 
     @_errors_to_fuse
     async def lookup(self, parent_inode, name, ctx=None):
@@ -167,6 +171,14 @@ class FuseOps(pyfuse3.Operations):
     @_errors_to_fuse
     async def open(self, inode, flags, ctx):
         fh, keep_cache = await self.vfs.open(inode, flags)
+        if not keep_cache:
+            # the file changed since the kernel cached it: its size and times too, which the
+            # kernel would otherwise keep until they time out (a read would stop at the old
+            # size); a notification of a few microseconds, no page is touched
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError:
+                pass  # the kernel let go of the inode meanwhile: nothing to drop
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @_errors_to_fuse
@@ -209,9 +221,8 @@ class FuseOps(pyfuse3.Operations):
             if not page:
                 return
             for dentry, inode in page:
-                if not pyfuse3.readdir_reply(
-                    token, dentry.name, await self._attrs(inode), dentry.cursor
-                ):
+                attrs = await self._attrs(inode, self.vfs.entry_generation(inode))
+                if not pyfuse3.readdir_reply(token, dentry.name, attrs, dentry.cursor):
                     return
                 self.vfs.lookups[inode.id] += 1
                 start_id = dentry.cursor

@@ -64,6 +64,19 @@ POSITIVE_OPTIONS = {
 }
 
 
+def _flag(name: str, sep: str, value: str) -> bool:
+    """The value of flag option `name` (`name` alone or name=1: on; name=0: off)."""
+    flag = value.lower()
+    if not sep or flag in ("1", "true", "yes", "on"):
+        return True
+    if flag in ("0", "false", "no", "off"):
+        return False
+    raise UserError(
+        f"mount option {name} is a flag, not {value!r}: give '{name}' alone"
+        f" (or {name}=1; {name}=0 leaves it off)"
+    )
+
+
 def parse_options(text: str | None) -> tuple[Options, set[str]]:
     """Split `-o a=1,b` into vfs Options and FUSE options; unknown names are an error."""
     opts = Options()
@@ -71,19 +84,16 @@ def parse_options(text: str | None) -> tuple[Options, set[str]]:
     for item in filter(None, (text or "").split(",")):
         name, sep, value = item.partition("=")
         if name in FUSE_PASSTHROUGH:
-            flag = value.lower()
-            if not sep or flag in ("1", "true", "yes", "on"):
+            if _flag(name, sep, value):
                 fuse.add(name)
-            elif flag not in ("0", "false", "no", "off"):
-                raise UserError(
-                    f"mount option {name} is a flag, not {value!r}: give '{name}' alone"
-                    f" (or {name}=1; {name}=0 leaves it off)"
-                )
             continue
         if name not in Options.__dataclass_fields__:
             known = ", ".join(sorted([*Options.__dataclass_fields__, *FUSE_PASSTHROUGH]))
             raise UserError(f"unknown mount option {name!r}: known options are {known}")
         kind = type(getattr(opts, name))
+        if kind is bool:
+            setattr(opts, name, _flag(name, sep, value))
+            continue
         if kind is str:
             setattr(opts, name, value)
             continue

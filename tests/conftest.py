@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,17 +118,21 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def make_mount(base: Path, options: str = "gc_grace_s=0,gc_interval_s=1") -> Mount:
+MOUNT_OPTS = "gc_grace_s=0,gc_interval_s=1"
+
+
+def make_mount(base: Path, options: str = MOUNT_OPTS) -> Mount:
     home, mnt = base / "home", base / "mnt"
     mnt.mkdir(parents=True)
     hafs("mkfs", "--home", home)
     return Mount(home, mnt, options)
 
 
-@pytest.fixture(scope="module")
-def mount(tmp_path_factory):
-    """One hafs mount per test module; fails the module's last test on a bad log line."""
-    m = make_mount(tmp_path_factory.mktemp("hafs"))
+def module_mount(tmp_path_factory, extra_options: str = ""):
+    """The body of a module's `mount` fixture (`yield from`): a mount of a new filesystem
+    with MOUNT_OPTS and `extra_options`; fails the module's last test on a bad log line."""
+    options = ",".join(filter(None, [MOUNT_OPTS, extra_options]))
+    m = make_mount(tmp_path_factory.mktemp("hafs"), options)
     m.start()
     try:
         yield m
@@ -134,6 +140,24 @@ def mount(tmp_path_factory):
         m.stop()
     bad = m.bad_log_lines()
     assert not bad, "unexpected errors in the daemon's log:\n" + "\n".join(bad[:20])
+
+
+@pytest.fixture(scope="module")
+def mount(tmp_path_factory):
+    """One hafs mount per test module (a module may override it, e.g. to parametrize it)."""
+    yield from module_mount(tmp_path_factory)
+
+
+def fuse_requests(url: str) -> Counter[str]:
+    """FUSE requests a mount with -o metrics answered so far, by operation (from `url`)."""
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    out: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.startswith("hafs_fuse_op_seconds_count{"):
+            labels, _, value = line.rpartition(" ")
+            out[labels.split('op="', 1)[1].split('"', 1)[0]] += int(float(value))
+    return out
 
 
 @pytest.fixture

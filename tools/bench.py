@@ -26,6 +26,15 @@ its JSON lines and prints one table: a row per workload, a column per target, ea
 cell the median rate over the repetitions and, with --reps >= 2, the spread
 (half of max - min of the per-repetition rates, relative to the median).
 
+FUSE requests: hafs targets are mounted with `-o metrics=127.0.0.1:PORT` (a free
+port; or the one given in -o), and the mount's per-operation request counters are
+read whenever the yardstick reports a workload; the difference is that workload's
+requests, shown in a "req" column per hafs target: per MiB (seqwrite, seqread, cp),
+per file (smallfiles, tree: the yardstick reports their phases together, so one
+figure covers all of them, shown on the first phase's row) and per write
+(randwrite, its pre-fill included), with the busiest operations listed under the
+table, so that a change in round trips shows up beside the rates.
+
 Whatever happens (a failure, a hang past --timeout, Ctrl-C, SIGTERM) every
 mount made here is unmounted before exit: `hafs umount MNT` (or `fusermount3
 -u MNT` for bindfs), falling back to `fusermount3 -u -z MNT`.
@@ -56,6 +65,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -424,8 +435,38 @@ class TargetRun:
         self.seconds = 0.0
 
 
-def run_fsbench(args, target: TargetRun, directory: Path, raw: list[dict]) -> None:
-    """Run fsbench on `directory`, filling target.records; never leaves the child running."""
+def fuse_counters(url: str) -> Counter:
+    """FUSE requests the hafs mount serving metrics at `url` answered, by operation."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    out: Counter = Counter()
+    for line in text.splitlines():
+        if line.startswith("hafs_fuse_op_seconds_count{") and 'op="' in line:
+            labels, _, value = line.rpartition(" ")
+            out[labels.split('op="', 1)[1].split('"', 1)[0]] += int(float(value))
+    return out
+
+
+def with_metrics(options: str | None) -> tuple[str, str]:
+    """Mount options with metrics served (a free loopback port unless -o names one), and
+    the URL of those metrics."""
+    opts = [o for o in (options or "").split(",") if o]
+    given = [o.split("=", 1)[1] for o in opts if o.startswith("metrics=")]
+    if given:
+        host, _, port = given[-1].rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+    else:
+        host, port = "127.0.0.1", str(free_port())
+        opts.append(f"metrics={host}:{port}")
+    return ",".join(opts), f"http://{host}:{port}/metrics"
+
+
+def run_fsbench(
+    args, target: TargetRun, directory: Path, raw: list[dict], metrics_url: str | None = None
+) -> None:
+    """Run fsbench on `directory`, filling target.records; never leaves the child running.
+    metrics_url: of the hafs mount under test; each record gets the FUSE requests answered
+    since the previous one (`fuse_requests`, by operation)."""
     cmd = [
         sys.executable,
         str(args.fsbench),
@@ -460,6 +501,7 @@ def run_fsbench(args, target: TargetRun, directory: Path, raw: list[dict]) -> No
     timer = threading.Timer(args.timeout, watchdog)
     timer.daemon = True
     timer.start()
+    seen: Counter = Counter()
     try:
         for line in proc.stdout:
             line = line.strip()
@@ -470,6 +512,16 @@ def run_fsbench(args, target: TargetRun, directory: Path, raw: list[dict]) -> No
             except json.JSONDecodeError:
                 log(f"[{target.name}] {line}")
                 continue
+            if metrics_url is not None:
+                try:
+                    now = fuse_counters(metrics_url)
+                except (OSError, ValueError) as e:
+                    log(f"[{target.name}] cannot read the mount's metrics: {e}")
+                    metrics_url = None
+                else:
+                    if rec.get("workload") != "meta":
+                        rec["fuse_requests"] = dict(+(now - seen))
+                    seen = now
             raw.append(rec)
             target.records.append(rec)
             w = rec.get("workload")
@@ -602,10 +654,8 @@ def mkfs_and_bench(
         target.status, target.note = "failed", f"hafs mkfs failed (rc={r.rc}): {r.err.strip()}"
         return
     log(f"[{target.name}] {r.out.strip()}")
-    cmd = [*hafs_cmd(), "mount", "--home", str(home)]
-    if args.options:
-        cmd += ["-o", args.options]
-    cmd.append(str(mnt))
+    options, metrics_url = with_metrics(args.options)
+    cmd = [*hafs_cmd(), "mount", "--home", str(home), "-o", options, str(mnt)]
     try:
         r = run_shielded(cmd, timeout=120)
         if not r or not mounted_at(mnt):
@@ -618,9 +668,9 @@ def mkfs_and_bench(
             return
         log(
             f"[{target.name}] mounted at {mnt} (daemon pid {hafs_daemon_pid(home, mnt)},"
-            f" options: {args.options or 'defaults'})"
+            f" options: {options})"
         )
-        run_fsbench(args, target, mnt, raw)
+        run_fsbench(args, target, mnt, raw, metrics_url)
     finally:
         t_umount = time.monotonic()
         was_mounted = bool(mounted_at(mnt))
@@ -735,6 +785,49 @@ def cell(rec: dict | None, field: str) -> tuple[str, float | None]:
     return text, rate
 
 
+def _request_units(rec: dict) -> tuple[float, str]:
+    """(how many units the requests of a workload's record are for, the unit)."""
+    w, runs = rec.get("workload", ""), len(rec.get("samples_s") or [])
+    if w in ("seqwrite", "seqread", "cp"):
+        return runs * rec.get("size_mib", 0), "MiB"
+    if w.startswith(("smallfiles_", "tree_")):
+        return runs * rec.get("files", 0), "file"
+    if w == "randwrite":
+        if "writes" in rec:
+            return rec["writes"], "write"
+        rates = rec.get("iops_samples") or [rec.get("rate") or 0] * runs
+        return sum(r * t for r, t in zip(rates, rec.get("samples_s") or [])), "write"
+    return 0, ""
+
+
+def request_figures(t: TargetRun) -> dict[str, tuple[str, Counter, float]]:
+    """Workload (the first record of its group: smallfiles_* and tree_* are reported
+    together) -> (requests per unit as text, the requests by operation, the units)."""
+    groups: dict[str, list] = {}
+    for rec in t.records:
+        reqs, workload = rec.get("fuse_requests"), rec.get("workload", "")
+        if reqs is None or workload == "done":
+            continue
+        group = groups.setdefault(workload.split("_")[0], [workload, Counter(), rec])
+        group[1].update(reqs)
+    out = {}
+    for first, counts, rec in groups.values():
+        units, unit = _request_units(rec)
+        if units > 0:
+            out[first] = (f"{sum(counts.values()) / units:.3g}/{unit}", counts, units)
+    return out
+
+
+def request_notes(targets: list[TargetRun]) -> list[str]:
+    """The busiest operations per unit of each workload, for every hafs target."""
+    lines = []
+    for t in targets:
+        for workload, (text, counts, units) in request_figures(t).items():
+            top = ", ".join(f"{n / units:.3g} {op}" for op, n in counts.most_common(5))
+            lines.append(f"  {t.name} {workload.split('_')[0]}: {text} = {top}")
+    return lines
+
+
 def render_table(targets: list[TargetRun]) -> str:
     names = [t.name for t in targets]
     ratios = [
@@ -742,7 +835,9 @@ def render_table(targets: list[TargetRun]) -> str:
         for a, b in (("hafs-nodes", "hafs"), ("hafs", "plain"), ("hafs", "bindfs"))
         if a in names and b in names
     ]
-    header = ["workload", *names, *[f"{a}/{b}" for a, b in ratios]]
+    requests = {t.name: request_figures(t) for t in targets}
+    counted = [t.name for t in targets if requests[t.name]]
+    header = ["workload", *names, *[f"{a}/{b}" for a, b in ratios], *[f"{n} req" for n in counted]]
     rows = [header]
     for row, workload, field in ROWS:
         vals: dict[str, float | None] = {}
@@ -761,13 +856,19 @@ def render_table(targets: list[TargetRun]) -> str:
         for a, b in ratios:
             va, vb = vals.get(a), vals.get(b)
             line.append(f"{va / vb:.2f}x" if va and vb else "-")
+        for name in counted:
+            figure = requests[name].get(workload)
+            same_group = "_" in workload and any(
+                w.split("_")[0] == workload.split("_")[0] for w in requests[name]
+            )
+            line.append(figure[0] if figure else "^" if same_group else "-")
         rows.append(line)
     total = ["total time"]
     for t in targets:
         done = next((r for r in t.records if r.get("workload") == "done"), None)
         secs = done["total_s"] if done else t.seconds
         total.append("-" if not secs else f"{secs:.1f} s" if secs < 100 else f"{secs:.0f} s")
-    total += [""] * len(ratios)
+    total += [""] * (len(ratios) + len(counted))
     rows.append(total)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     out = []
@@ -990,6 +1091,12 @@ def main(argv=None) -> int:
     if notes:
         print()
         print("sizes: " + "; ".join(notes))
+    lines = request_notes(targets)
+    if lines:
+        print()
+        print("FUSE requests per unit, the busiest operations ('^': counted in the row above;")
+        print("the randwrite figure includes its pre-fill):")
+        print("\n".join(lines))
     for t in targets:
         meta = next((r for r in t.records if r.get("workload") == "meta"), None)
         line = f"{t.name}: {t.status}"

@@ -320,7 +320,7 @@ def randwrite(cfg, work: str) -> dict:
                 f.write(os.urandom(MiB))
             os.fsync(f.fileno())
     payloads = [os.urandom(4 * KiB) for _ in range(256)]  # so dedup cannot fold the writes
-    samples, iops, iops_sync, fsync_s = [], [], [], []
+    samples, iops, iops_sync, fsync_s, writes = [], [], [], [], 0
     for rep in range(cfg.reps):
         drop_caches()
         fds = [os.open(p, os.O_WRONLY) for p in paths]
@@ -348,6 +348,7 @@ def randwrite(cfg, work: str) -> dict:
             raise RuntimeError(f"a randwrite thread failed: {errors[0]!r}")
         samples.append(t1 - t0)
         fsync_s.append(t2 - t1)
+        writes += sum(counts)
         iops.append(sum(counts) / (t1 - t0))
         iops_sync.append(sum(counts) / (t2 - t0))
     for p in paths:
@@ -364,6 +365,7 @@ def randwrite(cfg, work: str) -> dict:
         "threads": cfg.rw_threads,
         "file_mib": cfg.rw_file_mib,
         "seconds": cfg.rw_seconds,
+        "writes": writes,  # pwrite()s of all repetitions
     }
 
 

@@ -51,6 +51,7 @@ PAGE_SIZE = mmap.PAGESIZE
 log = logging.getLogger(__name__)
 
 REPAIR_BATCH = 200  # degraded blocks looked at per repair round
+XATTR_ABSENT_S = 1.0  # an absent security.* xattr is answered from memory this long (see getxattr)
 FREE_INODES = 1_000_000_000  # free inodes statfs reports: hafs has no inode table to fill
 
 
@@ -72,6 +73,9 @@ class Options:
     probe_interval_s: float = 2.0  # how often down nodes are asked whether they are back
     repair_interval_s: float = 10.0  # how often degraded blocks are put right (0: never)
     metrics: str = ""  # HOST:PORT to serve Prometheus metrics at (empty: not served)
+    # the kernel's writeback cache: small writes gather in its page cache and reach the mount
+    # as large ones (at close, fsync or memory pressure); the kernel keeps size and mtime
+    writeback_cache: bool = False
 
 
 @dataclass
@@ -112,8 +116,17 @@ class Vfs:
         self.opts = opts
         self.lookups: Counter[int] = Counter()
         # inode -> content_version of the bytes the kernel's page cache holds of it: an open
-        # that finds the same version keeps those pages (keep_cache); see open()
+        # that finds the same version keeps those pages (keep_cache); see open().  With the
+        # writeback cache, also the version whose size and mtime the kernel's inode keeps.
         self.page_versions: dict[int, tuple[int, int, int]] = {}
+        # inode -> the generation entry replies give the kernel (0 unless bumped to make the
+        # kernel replace its inode, see entry_generation); `replacing`: bumped by an open
+        # that answered ESTALE, until the kernel's next lookup of it
+        self.generations: Counter[int] = Counter()
+        self.replacing: set[int] = set()
+        self._opening: Counter[int] = Counter()  # inode -> opens not answered yet
+        # inode -> {security.* name: until when it is known absent} (see getxattr)
+        self._absent_xattrs: dict[int, dict[bytes, float]] = {}
         self.files: dict[int, FileState] = {}
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, int] = {}
@@ -370,6 +383,10 @@ class Vfs:
             raise FsError(errno.ENOENT)
         return self._local(inode)
 
+    def _replaceable(self, inode: Inode) -> bool:
+        """Whether the kernel's inode of this file may be replaced (see entry_generation)."""
+        return self.opts.writeback_cache and inode.nlink == 1
+
     async def _maybe_free(self, ino: int) -> None:
         """Delete an inode that has no name, no kernel reference and no open handle."""
         if self.lookups[ino] > 0 or ino in self.files:
@@ -415,7 +432,36 @@ class Vfs:
         if self.lookups[ino] <= 0:
             del self.lookups[ino]
             self.page_versions.pop(ino, None)  # the kernel dropped the inode, its pages too
+            self.generations.pop(ino, None)
+            self.replacing.discard(ino)
+            self._absent_xattrs.pop(ino, None)
             await self._maybe_free(ino)
+
+    def entry_generation(self, inode: Inode) -> int:
+        """The generation to give the kernel in an entry reply (lookup, create, readdir) of
+        `inode` (as `_local` returns it).
+
+        A regular file the kernel builds its inode of from this reply (it does not know
+        the inode yet, or an open asked for its replacement) holds no pages: they are of
+        this version from now on.  With the writeback cache the kernel keeps the size and
+        mtime of an inode it has, whatever the replies say (they could be its own newer
+        ones); so when another mount changed the file since, and no handle here has it
+        open, the reply carries a new generation: the kernel then drops its inode (its
+        size, mtime and pages) and builds a new one from this reply.  Only for a file of
+        one name: the kernel fails calls through a name it has not looked up again with
+        EIO once it dropped the inode (a hard-linked file keeps its inode, and the size
+        the kernel knows, until the kernel lets go of it).
+        """
+        ino = inode.id
+        if stat.S_ISREG(inode.mode) and ino not in self.files:
+            version = content_version(inode)
+            if self.lookups[ino] == 0 or ino in self.replacing:
+                self.replacing.discard(ino)
+                self.page_versions[ino] = version
+            elif self._replaceable(inode) and self.page_versions.get(ino) != version:
+                self.generations[ino] += 1
+                self.page_versions[ino] = version
+        return self.generations[ino]
 
     # ---------------------------------------------------------------- setattr
 
@@ -430,8 +476,13 @@ class Vfs:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> Inode:
+        before = await self.meta.getattr(ino)
+        if before is None:
+            raise FsError(errno.ENOENT)
+        inode = self._local(before)
+        # whether the kernel's pages are of the committed bytes: then they stay current
+        current = self.page_versions.get(ino) == content_version(before)
         if size is not None:
-            inode = await self._inode(ino)
             if stat.S_ISDIR(inode.mode):
                 raise FsError(errno.EISDIR)
             fs = self.files.get(ino)
@@ -462,9 +513,20 @@ class Vfs:
             fs = self.files.get(ino)
             if fs is not None and fs.mtime_ns is not None:
                 fs.mtime_ns = mtime_ns  # the explicit time wins over buffered writes
-        if fields:
-            return self._local(await self.meta.setattr(ino, **fields))
-        return await self._inode(ino)
+        after = await self.meta.setattr(ino, **fields) if fields else await self.meta.getattr(ino)
+        if after is None:
+            raise FsError(errno.ENOENT)
+        if (
+            current
+            and self.page_versions.get(ino) == content_version(before)  # (no writer dropped it)
+            and after.size == (before.size if size is None else size)
+            and (mtime_ns is not None or after.mtime_ns == before.mtime_ns)
+        ):
+            # chmod, chown, utime or a truncate by the kernel's own request: its pages (cut
+            # as it cut them) are the bytes of the new version (another mount's commit in
+            # between would show in the size or mtime)
+            self.page_versions[ino] = content_version(after)
+        return self._local(after)
 
     # ----------------------------------------------------------------- create
 
@@ -552,34 +614,75 @@ class Vfs:
                 await self._maybe_free(fs.ino)
 
     async def _open_handle(self, inode: Inode, flags: int) -> int:
+        """A new handle.  With the writeback cache a writer takes the file's write lock
+        here: its writes stay in the kernel until close, fsync or memory pressure, so the
+        lock (and a wait for another mount's writer) cannot wait for the first of them;
+        and the kernel, not the handle, puts O_APPEND writes at the end."""
         fs = await self._file(inode)
         writer = flags & os.O_ACCMODE != os.O_RDONLY
         fs.writers += writer
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(inode.id, bool(flags & os.O_APPEND), writer, fs)
+        wb = self.opts.writeback_cache
+        self.handles[fh] = Handle(inode.id, bool(flags & os.O_APPEND) and not wb, writer, fs)
+        if wb and writer:
+            try:
+                await fs.take_lock()
+            except BaseException:
+                await self.release(fh)
+                raise
         return fh
 
     async def open(self, ino: int, flags: int) -> tuple[int, bool]:
         """A handle of the file, and whether the kernel may keep the pages it caches of
         it (close-to-open: only if they are of the version open finds in the metadata;
-        otherwise the kernel drops them, and caches this version from now on)."""
+        otherwise the kernel drops them and its attributes of the file, and caches this
+        version from now on).
+
+        With the writeback cache the kernel would keep the size and mtime of its inode
+        as well: an open of a file another mount changed, of which the kernel has no
+        open file here, answers ESTALE with a new generation for the file; the kernel
+        then looks the name up again, builds a new inode from that reply
+        (entry_generation) and opens that.  Other opens of the old inode still under way
+        answer ESTALE too (the kernel retries each once).  A file the kernel has open
+        here keeps its inode, with the size it knows, until its last close.
+        """
         inode = await self.meta.getattr(ino)
         if inode is None:
             raise FsError(errno.ENOENT)
         if stat.S_ISDIR(inode.mode):
             raise FsError(errno.EISDIR)
-        version = content_version(inode)
-        keep_cache = self.page_versions.get(ino) == version
-        if not keep_cache and ino not in self.files:  # (pages of an open file: not dropped)
-            self.page_versions[ino] = version
-        fh = await self._open_handle(inode, flags)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            try:
-                await self.handles[fh].file.truncate(0)
-            except BaseException:
+        generation = self.generations[ino]  # of the kernel's inode this open is for
+        retried = ino in self.replacing  # an ESTALE was answered, and no lookup came since
+        self._opening[ino] += 1
+        fh = None
+        try:
+            fh = await self._open_handle(inode, flags)
+            h = self.handles[fh]
+            if self.opts.writeback_cache and h.writer:  # the lock was waited for: read again
+                inode = await self.meta.getattr(ino) or inode
+            if self.generations[ino] != generation:  # replaced meanwhile: the kernel retries
+                raise FsError(errno.ESTALE)
+            version = content_version(inode)
+            keep_cache = self.page_versions.get(ino) == version
+            # (pages of a file the kernel has open are not dropped)
+            if not keep_cache and h.file.handles == self._opening[ino]:
+                if self._replaceable(inode) and not retried:
+                    self.replacing.add(ino)
+                    self.generations[ino] += 1
+                    raise FsError(errno.ESTALE)
+                self.replacing.discard(ino)
+                self.page_versions[ino] = version
+            if flags & os.O_TRUNC and h.writer:
+                await h.file.truncate(0)
+        except BaseException:
+            if fh is not None:
                 await self.release(fh)
-                raise
+            raise
+        finally:
+            self._opening[ino] -= 1
+            if self._opening[ino] <= 0:
+                del self._opening[ino]
         return fh, keep_cache
 
     def _handle(self, fh: int) -> Handle:
@@ -608,17 +711,28 @@ class Vfs:
         h = self._handle(fh)
         if h.append:
             off = h.file.size
-        if (off | len(data)) % PAGE_SIZE:
+        if (off | len(data)) % PAGE_SIZE and not self.opts.writeback_cache:
             # the kernel keeps a page this write covers only in part without its other
             # bytes (not up to date): a later open must not keep such pages, or every
-            # read of the file becomes a request per missing page
+            # read of the file becomes a request per missing page.  (The writeback cache
+            # reads a page in before a write covers it in part: its pages are whole.)
             self.page_versions.pop(h.ino, None)
         await h.file.write(off, data)
         return len(data)
 
     async def flush(self, fh: int) -> None:
-        await self._handle(fh).file.flush()
+        fs = self._handle(fh).file
+        await fs.flush()
         await self.record_degraded()
+        await self._pages_committed(fs)
+
+    async def _pages_committed(self, fs: FileState) -> None:
+        """After a final flush under the file's write lock: the kernel's pages, current when
+        the lock was taken (else take_lock dropped the entry), are the bytes just committed."""
+        if fs.lease is not None and fs.ino in self.page_versions:
+            inode = await self.meta.getattr(fs.ino)
+            if inode is not None and fs.lease is not None and fs.ino in self.page_versions:
+                self.page_versions[fs.ino] = content_version(inode)
 
     async def fsync(self, fh: int) -> None:
         await self._handle(fh).file.flush()
@@ -642,12 +756,9 @@ class Vfs:
                 except BaseException:
                     self.page_versions.pop(h.ino, None)  # the kernel has uncommitted bytes
                     raise
-                if fs.lease is not None and h.ino in self.page_versions:
-                    # the kernel's pages are the bytes just committed (under the lock)
-                    inode = await self.meta.getattr(h.ino)
-                    if inode is not None:
-                        self.page_versions[h.ino] = content_version(inode)
-                await fs.release_lock()
+                await self._pages_committed(fs)
+                if fs.writers == 0:  # (a writer that opened it meanwhile keeps the lock)
+                    await fs.release_lock()
         finally:
             await self._close_file(fs)
 
@@ -674,18 +785,29 @@ class Vfs:
     # ----------------------------------------------------------------- xattrs
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
+        """The kernel asks for security.capability before every write(2) (to drop it, as
+        a write must); that it is absent is answered from memory for XATTR_ABSENT_S, as
+        fresh as the kernel's attributes (a change on this mount forgets it at once)."""
+        absent = self._absent_xattrs.get(ino)
+        now = trio.current_time()
+        if absent is not None and absent.get(name, 0.0) > now:
+            raise FsError(errno.ENODATA)
         value = await self.meta.get_xattr(ino, name)
         if value is None:
+            if name.startswith(b"security."):
+                self._absent_xattrs.setdefault(ino, {})[name] = now + XATTR_ABSENT_S
             raise FsError(errno.ENODATA)
         return value
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._absent_xattrs.pop(ino, None)
         await self.meta.set_xattr(ino, name, value)
 
     async def listxattr(self, ino: int) -> list[bytes]:
         return await self.meta.list_xattrs(ino)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
+        self._absent_xattrs.pop(ino, None)
         await self.meta.remove_xattr(ino, name)
 
     # ----------------------------------------------------------------- statfs

@@ -4,33 +4,18 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
-import urllib.request
 
-from conftest import Mount, hafs
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import Mount, fuse_requests, hafs
+from nodeproc import free_port
 
 SIZE = 256 * 1024  # whole pages: the kernel caches what was written without reading it back
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def reads_answered(url: str) -> float:
+def reads_answered(url: str) -> int:
     """FUSE read requests the mount answered so far."""
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "hafs_fuse_op_seconds_count" and s.labels.get("op") == "read"
-    )
+    return fuse_requests(url)["read"]
 
 
 def read_all(path) -> bytes:
@@ -106,6 +91,49 @@ def test_a_writer_that_finds_the_file_changed_does_not_keep_stale_pages(tmp_path
         a.stop()
     assert not a.bad_log_lines() and not b.bad_log_lines()
 
+
+def test_an_open_after_another_mounts_close_sees_the_new_size(tmp_path):
+    """B's kernel holds the file's attributes (a second's timeout); A makes the file
+    longer, then shorter; B's next open, within that second, sees each whole."""
+    a, b, _ = two_mounts(tmp_path)
+    a.start()
+    try:
+        b.start()
+        try:
+            (a.mnt / "f").write_bytes(b"short")
+            assert read_all(b.mnt / "f") == b"short"
+            for data in (os.urandom(3 * SIZE + 17), b"tiny"):
+                os.stat(b.mnt / "f")  # B's kernel holds the attributes a second from now
+                (a.mnt / "f").write_bytes(data)
+                with open(b.mnt / "f", "rb") as f:
+                    assert os.fstat(f.fileno()).st_size == len(data)
+                    assert f.read() == data
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+    assert not a.bad_log_lines() and not b.bad_log_lines()
+
+
+def test_chmod_and_utime_keep_the_cached_pages(tmp_path):
+    """They change the file's ctime, not its bytes: the kernel keeps its pages."""
+    a, b, url = two_mounts(tmp_path)
+    a.start()
+    try:
+        data = os.urandom(SIZE)
+        (a.mnt / "f").write_bytes(data)
+        assert read_all(a.mnt / "f") == data
+        before = reads_answered(url)
+        os.chmod(a.mnt / "f", 0o600)
+        os.utime(a.mnt / "f", ns=(1_600_000_000_000_000_000, 1_500_000_000_000_000_000))
+        for _ in range(3):
+            assert read_all(a.mnt / "f") == data
+        assert reads_answered(url) == before
+        st = os.stat(a.mnt / "f")
+        assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o600, 1_500_000_000_000_000_000)
+    finally:
+        a.stop()
+    assert not a.bad_log_lines()
 
 
 def test_pages_written_in_part_are_not_kept(tmp_path):
