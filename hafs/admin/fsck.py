@@ -70,6 +70,7 @@ would take the original's new blocks for strays.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
 import stat
@@ -92,6 +93,7 @@ from ..store.dirstore import BLOCK_ID_RE, DirStore, read_identity
 from ..store.owner import OwnerClaim
 from ..store.restore import RestoreResult, drop_extra, fetch, restore
 from ..store.ring import Ring
+from . import tool_session
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +104,6 @@ PROBE_CHUNK = 32  # probes per worker task (a task per probe costs more than a c
 PAGE = 1000  # rows per metadata query, ids per node listing
 MAX_DETAILS = 1000  # detail lines kept per problem kind (counts are exact)
 MAX_PATHS = 100  # paths named per inode (hard links)
-# A repair's session: a dead fsck on this host is noticed at once by its pid; its lease
-# only matters across hosts, and fsck renews nothing while it works.
-REPAIR_SESSION_S = 24 * 3600.0
 S_IFDIR = stat.S_IFDIR
 
 # Problem kinds, in report order, with what they mean.
@@ -381,7 +380,8 @@ def run(
     report = Report(str(home), repair, deep, grace_s)
     progress = progress or Progress(enabled=False)
     t0 = time.monotonic()
-    meta = session = None
+    meta = None
+    session = contextlib.ExitStack()
     try:
         try:  # a check reads the metadata as it is (an older layout too) and writes nothing
             meta = open_meta(home, read_only=not repair, as_found=not repair)
@@ -391,7 +391,7 @@ def run(
         if repair:
             try:  # refused for a copy of a home, and while a mount is alive
                 owner = owner_claim(meta, home)
-                session = meta.sessions.register("repair", "", REPAIR_SESSION_S)
+                session.enter_context(tool_session(meta, "repair"))
             except UserError as e:
                 raise FsckError(str(e)) from None
         else:
@@ -415,8 +415,7 @@ def run(
     finally:
         progress.close()
         if meta is not None:
-            if session is not None:
-                meta.sessions.end(session)
+            session.close()
             meta.close()
         report.seconds = time.monotonic() - t0
     return report

@@ -39,6 +39,7 @@ node failed (`hafs rebalance` finishes them once it answers); 2 bad input.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -54,6 +55,7 @@ from ..store.placement import NodeHealth
 from ..store.remote import RemoteStore
 from ..store.restore import RestoreResult, restore
 from ..store.ring import RING_SETTLE_S, Ring
+from . import tool_session
 from .fsck import Progress, lost_data, pages
 from .nodes import change_ring, check_takers, known_node
 from .rebalance import STRIKES, Store, open_stores, settle
@@ -65,7 +67,6 @@ IN_FLIGHT = 4  # restores queued per thread
 MAX_DETAILS = 100  # error lines kept (counts are exact)
 MAX_PATHS = 100  # paths named per lost block (hard links, dedup)
 PROBE_TIMEOUT_S = 5.0  # how long the lost node is given to answer as itself
-SESSION_S = 24 * 3600.0  # a dead run on this host is noticed by its pid
 
 
 @dataclass
@@ -156,7 +157,7 @@ def remove_lost(
     progress = progress or Progress(enabled=False)
     t0 = time.monotonic()
     meta = home_mod.open_meta(home)
-    session = None
+    session = contextlib.ExitStack()
     stores: dict[str, Store | None] = {}
     try:
         owner = home_mod.owner_claim(meta, home)  # refuses a copy of a home
@@ -179,7 +180,7 @@ def remove_lost(
         # another metadata store refuse the whole removal (NodeOwnedElsewhere).
         others = [s for s in before.nodes.values() if s.id != node_id]
         stores, report.unavailable = open_stores(others, config.fs_uuid, auth, owner)
-        session = meta.sessions.register("rebalance", "", SESSION_S)
+        session.enter_context(tool_session(meta, "rebalance"))
 
         def drop(current: Ring) -> list:
             known_node(current, node_id)
@@ -205,8 +206,7 @@ def remove_lost(
         for store in stores.values():
             if isinstance(store, RemoteStore):
                 store.close()
-        if session is not None:
-            meta.sessions.end(session)
+        session.close()
         meta.close()
         report.seconds = time.monotonic() - t0
     return report

@@ -58,12 +58,12 @@ from ..meta import FsConfig, MetaStore
 from ..store.owner import OwnerClaim
 from ..store.remote import NodeAuth, NodeAuthError, NodeCertificateError, NodeError, RemoteStore
 from ..store.ring import NODE_STATES, NodeSpec, Ring
+from . import tool_session
 from .status import node_table, render_nodes
 
 log = logging.getLogger(__name__)
 
 NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-ADOPT_SESSION_S = 600.0  # the "repair" session of an adopt (a dead one is seen by its pid)
 CHECK_TIMEOUT_S = 5.0  # how long a node is given to answer (new credentials, an adopt)
 
 
@@ -623,11 +623,7 @@ def adopt(home: Path) -> tuple[OwnerClaim, dict[str, str]]:
     """
     meta = _open(home)
     try:
-        session = meta.sessions.register("repair", "", ADOPT_SESSION_S)
-        try:
+        with tool_session(meta, "repair"):
             return home_mod.take_nodes(meta, CHECK_TIMEOUT_S)
-        finally:
-            meta.sessions.end(session)
     finally:
         meta.close()
-

@@ -65,6 +65,7 @@ node (tmp/, never read as a block), removed by `hafs fsck --repair`.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import time
@@ -82,6 +83,7 @@ from ..store.placement import NodeHealth
 from ..store.remote import NodeAuth, RemoteStore
 from ..store.restore import drop_extra, restore
 from ..store.ring import RING_SETTLE_S, NodeSpec, Ring
+from . import tool_session
 from .fsck import Progress, Throttle
 from .nodes import change_ring
 
@@ -269,12 +271,13 @@ def run(
     t0 = time.monotonic()
     if not holds_fs(home):
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
-    meta = session = None
+    meta = None
+    session = contextlib.ExitStack()
     try:
         meta = open_meta(home)
         owner = None if dry_run else owner_claim(meta, home)  # refuses a copy of a home
-        if not dry_run:  # renewed by nothing: a dead rebalance on this host is seen by its pid
-            session = meta.sessions.register("rebalance", "", 24 * 3600.0)
+        if not dry_run:
+            session.enter_context(tool_session(meta, "rebalance"))
         rebalancer = Rebalancer(meta, report, progress, bandwidth_mib, threads, settle_s, owner)
         try:
             rebalancer.run()
@@ -294,8 +297,7 @@ def run(
     finally:
         progress.close()
         if meta is not None:
-            if session is not None:
-                meta.sessions.end(session)
+            session.close()
             meta.close()
         report.seconds = time.monotonic() - t0
     return report
