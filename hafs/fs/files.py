@@ -133,6 +133,9 @@ class FileState:
         self._taking = trio.Lock()  # acquiring the write lock
         self.error: BaseException | None = None
         self.handles = 0
+        # changes committed by this mount, and their count when the kernel's pages were last
+        # recorded as current (vfs: no engine read at a close that committed nothing new)
+        self.commits = self.pages_at = 0
         self.writers = 0  # handles open for writing
         self.lease: Lease | None = None  # the write lock, from the first change to the last close
         self.bg_flushing = False
@@ -207,7 +210,7 @@ class FileState:
                 raise FsError(errno.ENOLCK, str(e)) from None
             try:
                 inode = await self.s.meta.fence(self.ino, lease.token)
-                await self.refresh(inode)  # the last writer's size, before this mount changes anything
+                await self.refresh(inode)  # the last writer's size, before any change here
                 if self.s.page_versions.get(self.ino) != content_version(inode):
                     # changed since the kernel cached it: what this mount writes now does not
                     # make those pages current (the next open drops them)
@@ -221,6 +224,7 @@ class FileState:
     async def _fenced_truncate(self, size: int) -> None:
         try:
             await self.s.meta.truncate(self.ino, size, self.mtime_ns, self._token())
+            self.commits += 1
         except LockLost as e:
             await self.lose_lock(str(e))
             self._raise_error()
@@ -396,6 +400,7 @@ class FileState:
                 self.mtime_ns or time.time_ns(),
                 token,  # the lease this region was written under, even if lost since
             )
+            self.commits += 1
             self.committed_size = size
             failed = False
             if not self.dirty and len(self.pending) == 1:

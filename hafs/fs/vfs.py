@@ -476,13 +476,16 @@ class Vfs:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> Inode:
-        before = await self.meta.getattr(ino)
-        if before is None:
-            raise FsError(errno.ENOENT)
-        inode = self._local(before)
+        cached = self.page_versions.get(ino)
+        before = None  # read first only for a truncate, or to keep the kernel's pages
+        if size is not None or cached is not None:
+            before = await self.meta.getattr(ino)
+            if before is None:
+                raise FsError(errno.ENOENT)
         # whether the kernel's pages are of the committed bytes: then they stay current
-        current = self.page_versions.get(ino) == content_version(before)
+        current = before is not None and cached == content_version(before)
         if size is not None:
+            inode = self._local(before)
             if stat.S_ISDIR(inode.mode):
                 raise FsError(errno.EISDIR)
             fs = self.files.get(ino)
@@ -518,6 +521,7 @@ class Vfs:
             raise FsError(errno.ENOENT)
         if (
             current
+            and before is not None
             and self.page_versions.get(ino) == content_version(before)  # (no writer dropped it)
             and after.size == (before.size if size is None else size)
             and (mtime_ns is not None or after.mtime_ns == before.mtime_ns)
@@ -729,10 +733,12 @@ class Vfs:
     async def _pages_committed(self, fs: FileState) -> None:
         """After a final flush under the file's write lock: the kernel's pages, current when
         the lock was taken (else take_lock dropped the entry), are the bytes just committed."""
-        if fs.lease is not None and fs.ino in self.page_versions:
+        if fs.lease is not None and fs.ino in self.page_versions and fs.commits != fs.pages_at:
+            commits = fs.commits
             inode = await self.meta.getattr(fs.ino)
             if inode is not None and fs.lease is not None and fs.ino in self.page_versions:
                 self.page_versions[fs.ino] = content_version(inode)
+                fs.pages_at = commits
 
     async def fsync(self, fh: int) -> None:
         await self._handle(fh).file.flush()

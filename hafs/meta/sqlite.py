@@ -45,10 +45,10 @@ from typing import Any
 from .. import __version__
 from ..errors import FsError, LockLost, MetaDamaged, UserError
 from . import (
+    CHANGEABLE_CONFIG,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     ROOT_INODE,
-    CHANGEABLE_CONFIG,
     BlockRow,
     Degraded,
     Dentry,
@@ -1071,8 +1071,9 @@ class SqliteMeta:
         token: int | None = None,
     ) -> None:
         with self.txn():
-            self._need(ino)
-            if token is not None:
+            if token is None:
+                self._need(ino)
+            else:  # the fence reads the inode too (LockLost if it is gone, as on every engine)
                 self._fence(ino, token)
             self._drop_extents(ino, start, end)
             for e in new:
@@ -1088,8 +1089,9 @@ class SqliteMeta:
 
     def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> None:
         with self.txn():
-            self._need(ino)
-            if token is not None:
+            if token is None:
+                self._need(ino)
+            else:  # the fence reads the inode too (LockLost if it is gone, as on every engine)
                 self._fence(ino, token)
             self._drop_extents(ino, size, None)
             row = self.db.execute(
