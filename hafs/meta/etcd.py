@@ -37,8 +37,9 @@ Nothing needs reopening: calls simply work again once a quorum is back.
 Opening a filesystem (`connect`) asks once, for at most OPEN_TIMEOUT_S, and
 a URL that does not answer is a UserError naming it.
 
-A commit that writes carries a marker: the key Mtxn_<random> is put in the
-same transaction, bound to a lease of the EtcdKV's own (MARKER_TTL_S or six
+A commit that writes carries a marker: the key PREFIX~txn/<random> (beside
+the filesystem's prefix, never in it: a NAME holds no "~") is put in the same
+transaction, bound to a lease of the EtcdKV's own (MARKER_TTL_S or six
 call bounds, taken anew a third of the way through), and the transaction also compares it
 absent.  When a commit's request fails after it may have been sent (a
 timeout, a leader change) it is sent again with the same marker: at most one
@@ -96,7 +97,7 @@ MAX_REQUEST_BYTES = 16 << 20  # and --max-request-bytes
 OPEN_TIMEOUT_S = 10.0  # opening a filesystem: its URL answers within this, or a UserError
 OUTAGE_CALL_S = 2.0  # while etcd is known not to answer, a call tries this long at most
 MARKER_TTL_S = 300  # a commit marker's lease, at least 6 call bounds (two thirds are left at use)
-MARKER_PREFIX = b"Mtxn_"
+MARKER_TAIL = b"~txn/"  # markers go under the prefix without its "/", then this
 MARKERS_DELETED = 8  # earlier markers a commit deletes at most
 
 # gRPC status codes etcd's gateway puts in an error body ("code")
@@ -325,6 +326,7 @@ class EtcdKV:
         self._down_since: float | None = None  # monotonic start of the outage, if one is on
         self._marker_lease: tuple[int, float] | None = None  # (lease id, monotonic grant)
         self._marker_ttl_s = max(MARKER_TTL_S, 6 * timeout_s)
+        self.markers = prefix.rstrip(b"/") + MARKER_TAIL  # where the markers are
         self._granting = threading.Lock()  # one marker lease grant at a time
         self._applied: list[bytes] = []  # markers of applied commits, deleted by the next
 
@@ -496,12 +498,12 @@ class EtcdKV:
         if not ops or room < 1:  # a check only: sent again as it is, it answers the same
             reply = self._call("kv/txn", {"compare": compare, "success": ops})
             return int(reply["header"]["revision"]) if reply.get("succeeded", False) else None
-        marker = MARKER_PREFIX + uuid.uuid4().hex.encode()
+        marker = self.markers + uuid.uuid4().hex.encode()
         n = min(MARKERS_DELETED, room - 1)  # (a few, so that a commit stays within the limit)
         with self._state_lock:
             done, self._applied = self._applied[:n], self._applied[n:]
-        ops += [{"request_delete_range": {"key": _b64(self.prefix + k)}} for k in done]
-        key = _b64(self.prefix + marker)
+        ops += [{"request_delete_range": {"key": _b64(k)}} for k in done]
+        key = _b64(marker)
         compare.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": 0})
         for again in (False, True):
             put_marker = {"request_put": {"key": key, "value": "", "lease": self._marker()}}
@@ -519,12 +521,12 @@ class EtcdKV:
                 self._applied.append(marker)
             return int(reply["header"]["revision"])
         if failures:  # a try that failed may have been applied: its marker says
-            row = self.get(marker)
-            if row is not None:
+            rows = self._range(marker, None, 0)
+            if rows:
                 log.info("etcd commit applied by a try whose reply was lost (%s)", failures[-1])
                 with self._state_lock:
                     self._applied.append(marker)
-                return row[1]
+                return int(rows[0]["mod_revision"])
         return None
 
     def _marker(self) -> int:
