@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         " node_timeout_s (a remote node's request fails after this long and the next node is"
         " used, default 10), probe_interval_s (how often down nodes are asked again, default"
         " 2), repair_interval_s (how often blocks written while a node failed are put right,"
-        " default 10), allow_other, allow_root; and mount(8)'s generic options: ro (the kernel"
+        " default 10), meta_timeout_s (cluster mode: a metadata call etcd does not answer"
+        " fails with EIO after this long, default 30; calls work again once etcd is back),"
+        " allow_other, allow_root; and mount(8)'s generic options: ro (the kernel"
         " refuses writes with EROFS and the daemon writes nothing), rw, nosuid, nodev, noexec"
         " (passed to the kernel), noatime (always: access times change only when set;"
         " relatime, strictatime are accepted and mount noatime), defaults, noauto, _netdev,"
@@ -326,17 +328,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `hafs status | head` ends quietly
     args = build_parser().parse_args(argv)
+    args.made = []  # what _home made (a new state directory of --meta): gone if we fail
+    code = 1
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except UserError as e:
         print(f"hafs: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    finally:
+        if code not in REACHED:
+            home_mod.unmake(args.made)
+    return code
+
+
+REACHED = (0, 1, 4)  # exit codes of a command that worked with the filesystem (fsck: 4)
 
 
 def _home(args) -> Path:
-    return home_mod.resolve_home(args.home, getattr(args, "meta", None))
+    return home_mod.resolve_home(
+        args.home, getattr(args, "meta", None), getattr(args, "made", None)
+    )
 
 
 def cmd_mkfs(args) -> int:

@@ -78,7 +78,12 @@ class MetaError(HafsError):
 
 
 class MetaUnavailable(MetaError):
-    """The metadata engine did not answer within its bound (etcd without a quorum): EIO."""
+    """The metadata engine did not answer within its bound (etcd without a quorum): EIO.
+    `why`: the last failure met (for a one-line message)."""
+
+    def __init__(self, message: str, why: str = "") -> None:
+        super().__init__(message)
+        self.why = why or message
 
 
 class NodeIdentityError(UserError):

@@ -2,7 +2,8 @@
 
 The filesystem model lives in `vfs`; this class only translates.  Errors are
 converted once, here: `FsError` becomes its errno, `NoSpace` ENOSPC, other
-storage errors EIO (logged with the block they concern), and any other exception is logged with
+storage errors EIO (logged with the block they concern; `MetaUnavailable` is not: the
+engine logs an outage once), and any other exception is logged with
 its traceback and becomes EIO, so the mount stays up (DESIGN.md invariant 8).
 
 Lookup counts: +1 for lookup, create, mknod, mkdir, symlink, link and each
@@ -18,7 +19,7 @@ import time
 
 import pyfuse3
 
-from .errors import FsError, LockLost, MetaError, NoSpace, StorageError
+from .errors import FsError, LockLost, MetaError, MetaUnavailable, NoSpace, StorageError
 from .fs.vfs import Vfs
 from .meta import Inode
 
@@ -50,6 +51,9 @@ def _errors_to_fuse(fn):
         except NoSpace as e:
             log.warning("no space in %s: %s", op, e)
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        except MetaUnavailable as e:  # logged once per outage, by the engine
+            log.debug("I/O error in %s: %s", op, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except (StorageError, LockLost, MetaError) as e:
             log.error("I/O error in %s: %s", op, e)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -101,9 +101,10 @@ def state_home(url: str) -> Path:
     return default_home() / "clients" / name
 
 
-def resolve_home(home: Path | None, url: str | None) -> Path:
+def resolve_home(home: Path | None, url: str | None, made: list[Path] | None = None) -> Path:
     """The home a command works on: with a metadata URL, that URL's state directory
-    (made, and the URL recorded, on first use); else `home` or the default."""
+    (made, and the URL recorded, on first use); else `home` or the default.  `made`:
+    what was made for it is appended there (`unmake` removes it if the command fails)."""
     if not url:
         return (home or default_home()).absolute()
     home = (home or state_home(url)).absolute()
@@ -115,9 +116,31 @@ def resolve_home(home: Path | None, url: str | None) -> Path:
     if known is not None and known != url:
         raise UserError(f"{home} is the state directory of {known}, not {url}: give another --home")
     if known is None:
+        new_dirs = [d for d in (home, *home.parents) if not d.exists()]
         home.mkdir(parents=True, exist_ok=True)
         url_path(home).write_text(url + "\n")
+        if made is not None:
+            made += [*reversed(new_dirs), url_path(home)]
     return home
+
+
+def unmake(made: list[Path]) -> None:
+    """Remove what `resolve_home` made for a command that failed, newest first: the
+    URL's record (with the empty log and run directory a failed mount leaves beside it)
+    and the directories made for it, if empty."""
+    for path in reversed(made):
+        try:
+            if path.is_dir():
+                path.rmdir()
+                continue
+            path.unlink()
+            log_file, run = path.parent / "hafs.log", path.parent / "run"
+            if log_file.exists() and log_file.stat().st_size == 0:
+                log_file.unlink()
+            if run.is_dir() and not any(run.iterdir()):
+                run.rmdir()
+        except OSError:
+            pass
 
 
 def is_remote(address: str) -> bool:
@@ -298,10 +321,9 @@ def _check_home_name(home: Path) -> None:
 
 def _check_new_etcd(url: str) -> None:
     """Refuse (UserError) an etcd prefix that holds anything, before any node is claimed."""
-    from .meta.etcd import EtcdKV, parse_meta_url, prefix_of
+    from .meta.etcd import connect
 
-    endpoints, name = parse_meta_url(url)
-    kv = EtcdKV(endpoints, prefix_of(name), name=url)
+    kv = connect(url)
     try:
         if kv.scan(b"", b"\xff", 1):
             raise UserError(
@@ -568,18 +590,21 @@ def open_meta(
     read_only: bool = False,
     as_found: bool = False,
     check_s: float = 0.0,
+    meta_timeout_s: float | None = None,
 ) -> MetaStore:
     """The metadata engine of the filesystem in `home` (UserError when there is none).
 
     read_only: the metadata is opened read-only (a `-o ro` mount); as_found: and an
     older layout is read as it is instead of refused (fsck's check writes nothing);
-    check_s: a bounded check of the database first (a mount)."""
+    check_s: a bounded check of the database first (a mount); meta_timeout_s: the bound
+    of every call to etcd (cluster mode; None: the engine's default)."""
     home = home.absolute()
     url = meta_url(home)
     if url is not None:
         from .meta.etcd import open_etcd
 
-        return open_etcd(url, lock_ttl_s=lock_ttl_s, read_only=read_only)
+        bound = {} if meta_timeout_s is None else {"timeout_s": meta_timeout_s}
+        return open_etcd(url, lock_ttl_s=lock_ttl_s, read_only=read_only, **bound)
     if not meta_path(home).exists():
         raise UserError(f"no hafs filesystem in {home}: create one with 'hafs mkfs --home {home}'")
     return SqliteMeta.open(
@@ -597,10 +622,11 @@ def open_fs(
     lock_ttl_s: float = 10.0,
     read_only: bool = False,
     check_s: float = 0.0,
+    meta_timeout_s: float | None = None,
 ) -> Filesystem:
     """Open the metadata and every node's store, checking the identity of directories."""
     home = home.absolute()
-    meta = open_meta(home, lock_ttl_s, read_only=read_only, check_s=check_s)
+    meta = open_meta(home, lock_ttl_s, read_only, check_s=check_s, meta_timeout_s=meta_timeout_s)
     try:
         owner = None if read_only else owner_claim(meta, home)  # (it may follow a moved home)
         config = meta.config()

@@ -44,7 +44,7 @@ import trio
 
 from . import home as home_mod
 from . import logs, systemd
-from .errors import UserError
+from .errors import MetaUnavailable, UserError
 from .fs.vfs import Options, Vfs
 from .fuse_ops import FuseOps
 from .helpers import split_generic
@@ -61,6 +61,7 @@ POSITIVE_OPTIONS = {
     "gc_interval_s",
     "node_timeout_s",
     "probe_interval_s",
+    "meta_timeout_s",
 }
 
 
@@ -296,7 +297,12 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
             log.info("created the default filesystem in %s", home)
         check_mountpoint(mountpoint)
         fs = home_mod.open_fs(
-            home, opts.node_timeout_s, opts.lock_ttl_s, generic.read_only, home_mod.MOUNT_CHECK_S
+            home,
+            opts.node_timeout_s,
+            opts.lock_ttl_s,
+            generic.read_only,
+            home_mod.MOUNT_CHECK_S,
+            opts.meta_timeout_s,
         )
         try:
             session, alone = None, False  # a read-only mount writes no session
@@ -439,6 +445,8 @@ async def _session_loop(vfs: Vfs, session, ttl_s: float) -> None:
                     dead.mountpoint,
                     dead.pid,
                 )
+        except MetaUnavailable as e:  # the engine logs an outage once
+            log.debug("renewing the mount session failed: %s", e)
         except Exception as e:  # tried again next round; the mount stays up
             log.error("renewing the mount session failed: %s", e)
 

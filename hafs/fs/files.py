@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import FsError, LockLost, LockTimeout, one_error
+from ..errors import FsError, LockLost, LockTimeout, MetaError, MetaUnavailable, one_error
 from ..meta import AsyncMeta, Extent, Inode, LockService
 from ..meta.locks import Lease
 from ..metrics import MountMetrics
@@ -119,6 +119,12 @@ def content_version(inode: Inode) -> tuple[int, int, int]:
     return inode.size, inode.mtime_ns, inode.ctime_ns
 
 
+def _level(e: BaseException) -> int:
+    """How loud a failure of background work is: an etcd outage is logged once, by the
+    engine (META-UNAVAILABLE)."""
+    return logging.DEBUG if isinstance(e, MetaUnavailable) else logging.ERROR
+
+
 class FileState:
     def __init__(self, ino: int, size: int, shared: Shared) -> None:
         self.ino = ino
@@ -131,7 +137,11 @@ class FileState:
         self._pending_changed = trio.Event()
         self.lock = trio.Lock()  # flushes and truncates
         self._taking = trio.Lock()  # acquiring the write lock
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # reported once (next write, fsync or close)
+        # the write lock was lost while writers had the file open: each of their writes,
+        # fsyncs and closes fails (EIO) until the last of them is closed (vfs.release), so
+        # that no lock is taken again in the middle of what they write
+        self.lost: LockLost | None = None
         self.handles = 0
         # changes committed by this mount, and their count when the kernel's pages were last
         # recorded as current (vfs: no engine read at a close that committed nothing new)
@@ -168,7 +178,7 @@ class FileState:
         try:
             await self.flush(final=False, force=force)
         except Exception as e:  # kept and reported by the next write, fsync or close
-            log.error("background flush of inode %d failed: %s", self.ino, e)
+            log.log(_level(e), "background flush of inode %d failed: %s", self.ino, e)
         finally:
             self.bg_flushing = False
 
@@ -188,6 +198,8 @@ class FileState:
 
     async def take_lock(self) -> None:
         """Hold the file's write lock before its first change (see locks.py)."""
+        if self.lost is not None:
+            raise self.lost
         if self.lease is not None:
             if self.s.locks.valid(self.lease):
                 return
@@ -241,8 +253,15 @@ class FileState:
         """The lease is gone: drop the uncommitted changes; fsync and close report EIO.
         The error is set before the await for the path: an fsync meanwhile reports it."""
         self._drop_changes()
-        self.error = LockLost(f"write lock of inode {self.ino} lost: {why}")
-        path = await self.s.meta.path_of(self.ino)
+        lost = LockLost(f"write lock of inode {self.ino} lost: {why}")
+        if self.writers:
+            self.lost = lost
+        else:  # (a truncate of a file no handle writes: that truncate fails)
+            self.error = lost
+        try:
+            path = await self.s.meta.path_of(self.ino)
+        except MetaError:  # (etcd does not answer: the lock was lost for that)
+            path = f"inode {self.ino}"
         log.error("LOCK-LOST %s: %s; its uncommitted writes are dropped", path, why)
 
     def _drop_changes(self) -> None:
@@ -260,6 +279,8 @@ class FileState:
             await self.s.locks.release(lease)
 
     def _raise_error(self) -> None:
+        if self.lost is not None:
+            raise self.lost
         if self.error is not None:
             err, self.error = self.error, None
             raise err
@@ -409,7 +430,9 @@ class FileState:
             failed = False
             await self.lose_lock(str(e))
         except Exception as e:
-            log.error("storing bytes %d-%d of inode %d failed: %s", start, end, self.ino, e)
+            log.log(
+                _level(e), "storing bytes %d-%d of inode %d failed: %s", start, end, self.ino, e
+            )
             self.error = self.error or e
         finally:
             self.s.uncommitted.subtract(data.keys())

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from ..errors import BlockMissing, FsError, HafsError, LockLost
+from ..errors import BlockMissing, FsError, HafsError, LockLost, MetaUnavailable
 from ..meta import LEAD_ROLE, NAME_MAX, AsyncMeta, Dentry, Inode, MetaStore, now_ns
 from ..store.chunker import MiB
 from ..store.dirstore import DirStore, disk_id
@@ -70,6 +70,7 @@ class Options:
     lock_ttl_s: float = 10.0  # a write lock's lease; a dead mount's locks free up after it
     lock_wait_s: float = 30.0  # a writer waits this long for another mount's lock (then ENOLCK)
     node_timeout_s: float = 10.0  # a remote node's request fails after this long (then: next node)
+    meta_timeout_s: float = 30.0  # cluster mode: a metadata call etcd does not answer fails (EIO)
     probe_interval_s: float = 2.0  # how often down nodes are asked whether they are back
     repair_interval_s: float = 10.0  # how often degraded blocks are put right (0: never)
     metrics: str = ""  # HOST:PORT to serve Prometheus metrics at (empty: not served)
@@ -197,6 +198,8 @@ class Vfs:
             await trio.sleep(interval_s)
             try:
                 await work()
+            except MetaUnavailable as e:  # the engine logs an outage once
+                log.debug("background %s failed: %s", work.__name__.strip("_"), e)
             except Exception as e:
                 log.error(
                     "background %s failed, trying again in %g s: %s",
@@ -766,6 +769,8 @@ class Vfs:
                 if fs.writers == 0:  # (a writer that opened it meanwhile keeps the lock)
                     await fs.release_lock()
         finally:
+            if fs.writers == 0:
+                fs.lost = None  # the writers that lost the lock are closed: a new one may write
             await self._close_file(fs)
 
     # ------------------------------------------------------------ directories

@@ -22,17 +22,33 @@ that answered last; a connection error, a timeout or a temporary etcd error
 (no leader, leader changed, request timed out: gRPC UNAVAILABLE,
 DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) moves it to the next member, with a
 jittered backoff after each round over all of them.  Every call is bounded
-by `timeout_s` in total (each request by `request_timeout_s`); past it the
-call raises `MetaUnavailable`, which the FUSE adapter turns into EIO.  What
-etcd refuses for good (too many operations in a transaction, a request too
-large, the space quota reached, a permission) raises `MetaError` at once with
-what to do.  `is_temp_failure` is that classification.
+by `timeout_s` in total (each request by `request_timeout_s`; the mount's
+`-o meta_timeout_s`); past it the call raises `MetaUnavailable`, which the
+FUSE adapter turns into EIO.  What etcd refuses for good (too many operations
+in a transaction, a request too large, the space quota reached, a permission)
+raises `MetaError` at once with what to do.  `is_temp_failure` is that
+classification.
 
-A commit whose request failed after it was sent (a timeout, a leader change)
-may have been applied anyway; it is retried, and if it had been applied its
-checks now fail, so KvMeta re-runs the operation against what it finds.  That
-is safe (no operation is applied twice) but such an operation may answer as if
-another client had done its work (EEXIST from its own mknod).
+Outages: the first call that runs out of its bound starts an outage, logged
+once (META-UNAVAILABLE, an ERROR); while it lasts each call tries for at most
+OUTAGE_CALL_S, so that an operation of several calls fails within about the
+bound too, and the first call that is answered ends it (META-AVAILABLE).
+Nothing needs reopening: calls simply work again once a quorum is back.
+Opening a filesystem (`connect`) asks once, for at most OPEN_TIMEOUT_S, and
+a URL that does not answer is a UserError naming it.
+
+A commit that writes carries a marker: the key PREFIX~txn/<random> (beside
+the filesystem's prefix, never in it: a NAME holds no "~") is put in the same
+transaction, bound to a lease of the EtcdKV's own (MARKER_TTL_S or six
+call bounds, taken anew a third of the way through), and the transaction also compares it
+absent.  When a commit's request fails after it may have been sent (a
+timeout, a leader change) it is sent again with the same marker: at most one
+of the two can apply, and if the second finds its compares false the marker
+says whether the first did (its mod_revision is that commit's revision).  So
+a commit whose reply was lost answers as the commit it was, never as if
+another client had done its work (EEXIST from its own mknod).  A marker is
+deleted by the client's next commit that writes; the lease ends the rest.
+(A commit of MAX_TXN_OPS operations has no room for a marker: it goes without.)
 
 Limits: KvMeta writes one whole operation in one transaction; etcd refuses a
 transaction of more than `--max-txn-ops` operations (default 128) or a
@@ -60,6 +76,7 @@ import random
 import re
 import threading
 import time
+import uuid
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -77,6 +94,11 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 2379
 MAX_TXN_OPS = 4096  # what hafs needs etcd's --max-txn-ops to be at least
 MAX_REQUEST_BYTES = 16 << 20  # and --max-request-bytes
+OPEN_TIMEOUT_S = 10.0  # opening a filesystem: its URL answers within this, or a UserError
+OUTAGE_CALL_S = 2.0  # while etcd is known not to answer, a call tries this long at most
+MARKER_TTL_S = 300  # a commit marker's lease, at least 6 call bounds (two thirds are left at use)
+MARKER_TAIL = b"~txn/"  # markers go under the prefix without its "/", then this
+MARKERS_DELETED = 8  # earlier markers a commit deletes at most
 
 # gRPC status codes etcd's gateway puts in an error body ("code")
 _NOT_FOUND, _INVALID_ARGUMENT, _PERMISSION_DENIED = 5, 3, 7
@@ -144,12 +166,31 @@ def prefix_of(name: str) -> bytes:
     return b"/hafs/" + name.encode() + b"/"
 
 
+def connect(url: str, **kv_opts: Any) -> EtcdKV:
+    """The EtcdKV of the filesystem at `url`, once etcd has answered a first request
+    (within OPEN_TIMEOUT_S, or timeout_s if smaller): a URL that does not answer is a
+    UserError that names it and what to check."""
+    endpoints, name = parse_meta_url(url)
+    kv = EtcdKV(endpoints, prefix_of(name), name=url, **kv_opts)
+    try:
+        kv.ping(min(OPEN_TIMEOUT_S, kv.timeout_s))
+    except MetaUnavailable as e:
+        kv.close()
+        raise UserError(
+            f"etcd at {url} does not answer ({e.why}): check that its members run and listen"
+            f" at {', '.join(endpoints)}, and that a majority of them is up"
+        ) from None
+    except BaseException:
+        kv.close()
+        raise
+    return kv
+
+
 def open_etcd(url: str, **opts: Any) -> KvMeta:
     """Open the filesystem at `url` (UserError if it is not there).  `opts` go to EtcdKV
     (timeout_s, request_timeout_s) and KvMeta (holder, lock_ttl_s, clock)."""
     kv_opts, meta_opts = _split(opts)
-    endpoints, name = parse_meta_url(url)
-    kv = EtcdKV(endpoints, prefix_of(name), name=url, **kv_opts)
+    kv = connect(url, **kv_opts)
     try:
         return KvMeta.open(kv, **meta_opts)
     except BaseException:
@@ -160,8 +201,7 @@ def open_etcd(url: str, **opts: Any) -> KvMeta:
 def create_etcd(url: str, config: FsConfig, ring: dict, uid: int, gid: int, **opts: Any) -> KvMeta:
     """Make a new filesystem at `url` (UserError if its prefix holds anything)."""
     kv_opts, meta_opts = _split(opts)
-    endpoints, name = parse_meta_url(url)
-    kv = EtcdKV(endpoints, prefix_of(name), name=url, **kv_opts)
+    kv = connect(url, **kv_opts)
     try:
         return KvMeta.create(kv, config, ring, uid, gid, **meta_opts)
     except BaseException:
@@ -171,8 +211,7 @@ def create_etcd(url: str, config: FsConfig, ring: dict, uid: int, gid: int, **op
 
 def load_etcd(url: str, state: FsState, records: Iterable[Record]) -> None:
     """Make a new filesystem at `url` from a dump (UserError if its prefix holds anything)."""
-    endpoints, name = parse_meta_url(url)
-    kv = EtcdKV(endpoints, prefix_of(name), name=url)
+    kv = connect(url)
     try:
         KvMeta.load(kv, state, records)
     finally:
@@ -283,6 +322,13 @@ class EtcdKV:
         self._first = 0  # the member that answered last
         self._idle: list[list[etcd3gw.Etcd3Client]] = [[] for _ in self._members]
         self._pool_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # the outage and the markers
+        self._down_since: float | None = None  # monotonic start of the outage, if one is on
+        self._marker_lease: tuple[int, float] | None = None  # (lease id, monotonic grant)
+        self._marker_ttl_s = max(MARKER_TTL_S, 6 * timeout_s)
+        self.markers = prefix.rstrip(b"/") + MARKER_TAIL  # where the markers are
+        self._granting = threading.Lock()  # one marker lease grant at a time
+        self._applied: list[bytes] = []  # markers of applied commits, deleted by the next
 
     # ------------------------------------------------------------ transport
 
@@ -307,9 +353,21 @@ class EtcdKV:
             c.timeout = timeout
             return c.post(c.get_url(path), json=body)
 
-    def _call(self, path: str, body: dict) -> dict:
-        """POST one gateway request, failing over between members until `timeout_s`."""
-        deadline = time.monotonic() + self.timeout_s
+    def _call(
+        self,
+        path: str,
+        body: dict,
+        bound_s: float | None = None,
+        failures: list[str] | None = None,
+    ) -> dict:
+        """POST one gateway request, failing over between members for `bound_s` (default
+        `timeout_s`; OUTAGE_CALL_S at most during an outage).  `failures`: each failed
+        try is appended to it (a commit learns that its request may have been applied)."""
+        bound = self.timeout_s if bound_s is None else min(bound_s, self.timeout_s)
+        outage = self._down_since is not None
+        if outage:
+            bound = min(bound, OUTAGE_CALL_S)
+        deadline = time.monotonic() + bound
         delay = 0.05
         tries = 0
         first = self._first
@@ -328,19 +386,59 @@ class EtcdKV:
                 left = deadline - time.monotonic()
                 host, port = self._members[i]
                 why = f"{host}:{port}: {_etcd_error(e)[1] or type(e).__name__}"
+                if failures is not None:
+                    failures.append(why)
                 if left <= 0:
+                    if bound_s is None:
+                        self._outage(why)
+                    since = self._down_since
+                    what = (
+                        f"has not answered for {time.monotonic() - since:.0f} s"
+                        if outage and since is not None
+                        else f"did not answer within {bound:g} s"
+                    )
                     raise MetaUnavailable(
-                        f"{self.name}: etcd did not answer within {self.timeout_s:g} s"
-                        f" (last: {why}); is a majority of its members up?"
+                        f"{self.name}: etcd {what} (last: {why}); is a majority of its members up?",
+                        why,
                     ) from None
-                level = logging.WARNING if tries > 2 * len(self._members) else logging.INFO
+                level = logging.DEBUG if outage or bound_s is not None else logging.INFO
                 log.log(level, "etcd %s failed (try %d, %.1f s left): %s", path, tries, left, why)
                 if tries % len(self._members) == 0:  # a whole round failed: wait a little
                     time.sleep(min(random.uniform(delay / 2, delay), left))
                     delay = min(delay * 2, 1.0)
                 continue
             self._first = i
+            if self._down_since is not None:
+                self._outage(None)
             return reply
+
+    def _outage(self, why: str | None) -> None:
+        """Start the outage (why: the last failure) or end it (None), logging it once."""
+        with self._state_lock:
+            since = self._down_since
+            if (since is None) == (why is None):
+                return
+            self._down_since = time.monotonic() if why is not None else None
+        if why is not None:
+            log.error(
+                "META-UNAVAILABLE %s: etcd did not answer within %g s (last: %s); metadata calls"
+                " fail with EIO (after at most %g s each) until a majority of its members is"
+                " back",
+                self.name,
+                self.timeout_s,
+                why,
+                OUTAGE_CALL_S,
+            )
+        else:
+            log.warning(
+                "META-AVAILABLE %s: etcd answers again, after %.1f s",
+                self.name,
+                time.monotonic() - since,
+            )
+
+    def ping(self, bound_s: float) -> None:
+        """One read, failing over for at most bound_s (MetaUnavailable), no outage logged."""
+        self._call("kv/range", {"key": _b64(self.prefix), "keys_only": True}, bound_s)
 
     def _range(self, start: bytes, end: bytes | None, limit: int, revision: int = 0) -> list[dict]:
         body: dict[str, Any] = {"key": _b64(start)}
@@ -396,17 +494,70 @@ class EtcdKV:
             if lease is not None and (leased is None or k in leased):
                 put["lease"] = lease
             ops.append({"request_put": put})
-        reply = self._call("kv/txn", {"compare": compare, "success": ops})
-        if not reply.get("succeeded", False):
-            return None
-        return int(reply["header"]["revision"])
+        room = MAX_TXN_OPS - max(len(ops), len(compare))  # (etcd's limit, on each list)
+        if not ops or room < 1:  # a check only: sent again as it is, it answers the same
+            reply = self._call("kv/txn", {"compare": compare, "success": ops})
+            return int(reply["header"]["revision"]) if reply.get("succeeded", False) else None
+        marker = self.markers + uuid.uuid4().hex.encode()
+        n = min(MARKERS_DELETED, room - 1)  # (a few, so that a commit stays within the limit)
+        with self._state_lock:
+            done, self._applied = self._applied[:n], self._applied[n:]
+        ops += [{"request_delete_range": {"key": _b64(k)}} for k in done]
+        key = _b64(marker)
+        compare.append({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": 0})
+        for again in (False, True):
+            put_marker = {"request_put": {"key": key, "value": "", "lease": self._marker()}}
+            body = {"compare": compare, "success": [*ops, put_marker]}
+            failures: list[str] = []
+            try:
+                reply = self._call("kv/txn", body, None, failures)
+            except LeaseNotFound:
+                if again or not self._marker_ended(lease):
+                    raise
+                continue  # the markers' lease ended (a long pause): again with a new one
+            break
+        if reply.get("succeeded", False):
+            with self._state_lock:
+                self._applied.append(marker)
+            return int(reply["header"]["revision"])
+        if failures:  # a try that failed may have been applied: its marker says
+            rows = self._range(marker, None, 0)
+            if rows:
+                log.info("etcd commit applied by a try whose reply was lost (%s)", failures[-1])
+                with self._state_lock:
+                    self._applied.append(marker)
+                return int(rows[0]["mod_revision"])
+        return None
+
+    def _marker(self) -> int:
+        """The lease commit markers are bound to: granted anew once a third of it is past
+        (a commit and the read of its marker take two call bounds at most)."""
+        renew_s = self._marker_ttl_s / 3
+        current = self._marker_lease
+        if current is not None and time.monotonic() - current[1] < renew_s:
+            return current[0]
+        with self._granting:
+            current = self._marker_lease
+            if current is None or time.monotonic() - current[1] >= renew_s:
+                now = time.monotonic()
+                current = self._marker_lease = (self.lease_grant(self._marker_ttl_s), now)
+            return current[0]
+
+    def _marker_ended(self, lease: int | None) -> bool:
+        """After LeaseNotFound: whether it was the markers' lease that ended (dropped then)
+        rather than the commit's own `lease`."""
+        current = self._marker_lease
+        if current is None or (lease is not None and self.lease_ttl(current[0]) is not None):
+            return False
+        self._marker_lease = None
+        return True
 
     def lease_grant(self, ttl_s: float) -> int:
         reply = self._call("lease/grant", {"TTL": max(1, math.ceil(ttl_s))})
         return int(reply["ID"])
 
-    def lease_keepalive(self, lease: int) -> bool:
-        reply = self._call("lease/keepalive", {"ID": lease})
+    def lease_keepalive(self, lease: int, timeout_s: float | None = None) -> bool:
+        reply = self._call("lease/keepalive", {"ID": lease}, timeout_s)
         return int(reply.get("result", {}).get("TTL", 0)) > 0  # ended: no TTL
 
     def lease_revoke(self, lease: int) -> None:

@@ -101,7 +101,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, TypeVar
 
-from ..errors import FsError, HafsError, LockLost, UserError
+from ..errors import FsError, HafsError, LockLost, MetaError, UserError
 from . import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -188,8 +188,9 @@ class KV(KVReader, Protocol):
         if `lease` has ended."""
 
     def lease_grant(self, ttl_s: float) -> int: ...
-    def lease_keepalive(self, lease: int) -> bool:
-        """Renew for another ttl; False if the lease has ended (its keys are gone)."""
+    def lease_keepalive(self, lease: int, timeout_s: float | None = None) -> bool:
+        """Renew for another ttl; False if the lease has ended (its keys are gone).
+        timeout_s: fail (MetaUnavailable) after this long instead of the store's bound."""
 
     def lease_revoke(self, lease: int) -> None: ...
     def lease_ttl(self, lease: int) -> float | None:
@@ -505,7 +506,11 @@ class KvMeta:
                     " 'etcdctl del --prefix /hafs/NAME/') and load again"
                 )
             if kv.scan(b"", b"\xff", 1):
-                raise UserError(f"{kv.name} holds something that is not a hafs filesystem")
+                raise UserError(
+                    f"{kv.name} holds something that is not a hafs filesystem: give another"
+                    " NAME (or delete those keys if nothing needs them; etcd: 'etcdctl del"
+                    " --prefix /hafs/NAME/')"
+                )
             raise UserError(f"{kv.name} holds no hafs filesystem: run 'hafs mkfs' to create one")
         version = int(row[0])
         if version > LAYOUT_VERSION:
@@ -534,6 +539,8 @@ class KvMeta:
             t = Txn(self.kv)
             try:
                 result = fn(t)
+            except MetaError:  # the store failed (etcd did not answer): no answer to check
+                raise
             except Exception:  # an answer, or a bug met on an inconsistent view: check first
                 if self.kv.commit(t.checks, {}, ()) is not None:
                     raise  # the answer holds: its reads were current
@@ -1570,8 +1577,8 @@ class ReadOnlyKV:
     def lease_grant(self, ttl_s: float) -> int:
         raise ReadOnly(f"{self.name} is opened read-only: no lease may be taken")
 
-    def lease_keepalive(self, lease: int) -> bool:
-        return self.kv.lease_keepalive(lease)
+    def lease_keepalive(self, lease: int, timeout_s: float | None = None) -> bool:
+        return self.kv.lease_keepalive(lease, timeout_s)
 
     def lease_revoke(self, lease: int) -> None:
         self.kv.lease_revoke(lease)

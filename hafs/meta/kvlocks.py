@@ -7,7 +7,13 @@ roles it was elected to.  A client that dies, or is paused or cut off from
 the store past the lease's ttl, loses all of them at once when the store ends
 the lease: its locks are free, its session is over, another client is elected.
 `keepalive` sends at most one request per ttl/8 however many locks and loops
-ask; a client that finds its lease ended takes a new one at its next need.
+ask, bounded by the time the lease has left; a client that finds its lease
+ended takes a new one at its next need.  A client whose keepalive has not
+succeeded for a whole ttl (cut off from the store, or the store without a
+quorum) gives the lease up itself (LEASE-LOST): its locks are lost from then
+on, its session is registered again at the next renewal, and the lease is
+revoked, best effort, before the next one is granted (the store may have kept
+it alive meanwhile: etcd renews every lease when a new leader is elected).
 
 Locks (the semantics of meta/locks.py): a held lock is the key `L<name>`
 bound to the client's lease, valued {holder, acquired_ns, lease}.  Acquiring
@@ -64,7 +70,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import __version__
-from ..errors import LockLost, LockTimeout, UserError
+from ..errors import LockLost, LockTimeout, MetaUnavailable, UserError
 from . import SessionInfo, session_conflict
 from .locks import Lease, LockInfo, default_holder
 
@@ -106,12 +112,14 @@ class ClientLease:
         self._mutex = threading.Lock()
         self._id: int | None = None
         self._renewed_ns = 0  # when the last renewal (or the grant) was sent
+        self._given_up: list[int] = []  # leases given up (LEASE-LOST), not revoked yet
 
     def id(self, ttl_s: float | None = None) -> int:
         """The client's lease, granted now (for ttl_s, default the client's ttl) if it
         holds none."""
         with self._mutex:
             if self._id is None:
+                self._revoke_given_up()
                 self.ttl_s = ttl_s or self.ttl_s
                 now = self.clock()
                 self._id = self.kv.lease_grant(self.ttl_s)
@@ -134,7 +142,9 @@ class ClientLease:
                 self._id = None
 
     def keepalive(self) -> int | None:
-        """Renew the lease; its id, or None if the client holds none (it ended)."""
+        """Renew the lease; its id, or None if the client holds none (it ended, or it was
+        not renewed for a whole ttl: then it is given up, LEASE-LOST).  MetaUnavailable
+        if the store did not answer and the lease has time left."""
         from .kv import LeaseNotFound
 
         lease_id = self._id
@@ -144,9 +154,17 @@ class ClientLease:
         if now - self._renewed_ns < self.ttl_ns // 8:
             return lease_id
         try:
-            alive = self.kv.lease_keepalive(lease_id)
+            left_s = (self.expires_ns() - now) / 1e9
+            if left_s <= 0:
+                raise MetaUnavailable(f"{self.kv.name}: the lease was not renewed in time")
+            alive = self.kv.lease_keepalive(lease_id, left_s)
         except LeaseNotFound:
             alive = False
+        except MetaUnavailable as e:
+            if self.clock() < self.expires_ns():
+                raise
+            self._give_up(lease_id, e.why)
+            return None
         if not alive:
             self.ended(lease_id)
             return None
@@ -155,10 +173,41 @@ class ClientLease:
                 self._renewed_ns = max(self._renewed_ns, now)
         return lease_id
 
+    def _give_up(self, lease_id: int, why: str) -> None:
+        with self._mutex:
+            if self._id != lease_id:
+                return
+            self._id = None
+            self._given_up.append(lease_id)
+        log.warning(
+            "LEASE-LOST %x: not renewed for %g s (%s: %s); this client gives up its write"
+            " locks, session and roles, and takes a new lease at its next need",
+            lease_id,
+            self.ttl_s,
+            self.kv.name,
+            why,
+        )
+
+    def _revoke_given_up(self) -> None:
+        """Revoke the leases given up (best effort: they end with their ttl anyway)."""
+        while self._given_up:
+            try:
+                self.kv.lease_revoke(self._given_up[0])
+            except Exception as e:
+                log.info("revoking a lease given up failed (it ends with its ttl): %s", e)
+                return
+            self._given_up.pop(0)
+
     def revoke(self) -> None:
         """End the lease now: the client's locks, session and roles are free at once."""
         with self._mutex:
             lease_id, self._id = self._id, None
+            given_up, self._given_up = self._given_up, []
+        for old in given_up:  # best effort
+            try:
+                self.kv.lease_revoke(old)
+            except Exception:
+                pass
         if lease_id is not None:
             self.kv.lease_revoke(lease_id)
 

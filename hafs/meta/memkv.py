@@ -126,7 +126,7 @@ class MemKV:
             self._leases[lid] = _Lease(ttl, self.clock() + ttl)
             return lid
 
-    def lease_keepalive(self, lease: int) -> bool:
+    def lease_keepalive(self, lease: int, timeout_s: float | None = None) -> bool:
         with self._lock:
             self._expire()
             le = self._leases.get(lease)

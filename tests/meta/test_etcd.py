@@ -10,11 +10,20 @@ import signal
 import time
 
 import pytest
-from etcdproc import require_etcd, running_cluster
+from etcd3gw import exceptions as gwexc
+from etcdproc import free_port, require_etcd, running_cluster
 
 from hafs.errors import MetaError, MetaUnavailable, UserError
 from hafs.meta import ROOT_INODE, FsConfig
-from hafs.meta.etcd import MAX_TXN_OPS, EtcdKV, create_etcd, open_etcd, parse_meta_url
+from hafs.meta.etcd import (
+    MAX_TXN_OPS,
+    EtcdKV,
+    connect,
+    create_etcd,
+    open_etcd,
+    parse_meta_url,
+)
+from hafs.meta.kv import KvMeta
 
 CONFIG = FsConfig("fs-uuid", 2, 1, "tok", 123)
 RING = {"version": 1, "nodes": []}
@@ -137,7 +146,7 @@ def test_without_a_quorum_calls_fail_within_the_bound_and_work_again(whole):
         whole.stop_member(2)
         for call in (lambda: m.getattr(f.id), lambda: m.mknod(ROOT_INODE, b"g", REG, 0, 0)):
             t = time.monotonic()
-            with pytest.raises(MetaUnavailable, match="did not answer within 3 s"):
+            with pytest.raises(MetaUnavailable, match="did not answer within 3 s|not answered"):
                 call()
             assert time.monotonic() - t < 3 + 1.5  # the bound, plus one request's slack
         whole.start_member(1)  # a quorum again: the same client works on, no reopening
@@ -145,3 +154,82 @@ def test_without_a_quorum_calls_fail_within_the_bound_and_work_again(whole):
         m.mknod(ROOT_INODE, b"g2", REG, 0, 0)
     finally:
         m.close()
+
+
+class LosingKV(EtcdKV):
+    """A fault-injecting double: the reply of the next `lose` commits that write is lost,
+    after etcd applied them (`before=True`: the request is lost before it is sent)."""
+
+    def __init__(self, *args, before: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lose = 0
+        self.before = before
+
+    def _post(self, i: int, path: str, body: dict, timeout: float) -> dict:
+        if path == "kv/txn" and body["success"] and self.lose > 0:
+            self.lose -= 1
+            if not self.before:
+                super()._post(i, path, body, timeout)  # applied ...
+            raise gwexc.ConnectionTimeoutError("reply lost")  # ... but the client never knows
+        return super()._post(i, path, body, timeout)
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["reply-lost", "request-lost"])
+def test_a_commit_whose_reply_was_lost_answers_as_the_commit_it_was(cluster, before):
+    url = cluster.url(f"lost-{before}")
+    create_etcd(url, CONFIG, RING, 0, 0).close()
+    kv = LosingKV(cluster.endpoints, f"/hafs/lost-{before}/".encode(), before=before)
+    m = KvMeta.open(kv)
+    try:
+        m.mknod(ROOT_INODE, b"first", REG, 0, 0)  # (takes inode numbers: the next is mknod's)
+        kv.lose = 1
+        f = m.mknod(ROOT_INODE, b"f", REG, 0, 0)  # not EEXIST from its own first try
+        assert kv.lose == 0 and m.lookup(ROOT_INODE, b"f") == f
+        kv.lose = 1
+        m.rename(ROOT_INODE, b"f", ROOT_INODE, b"g", 0)  # not ENOENT
+        assert m.lookup(ROOT_INODE, b"f") is None and m.lookup(ROOT_INODE, b"g").id == f.id
+        kv.lose = 1
+        m.unlink(ROOT_INODE, b"g")
+        assert m.lookup(ROOT_INODE, b"g") is None
+        rev = kv.commit({}, {b"Qk": b"v"}, ())  # a commit whose checks fail says so
+        kv.lose = 1
+        assert kv.commit({b"Qk": rev - 1}, {b"Qk": b"w"}, ()) is None
+        assert kv.get(b"Qk") == (b"v", rev)
+        assert not [k for k, _, _ in kv.scan(b"", b"\xff", 1000) if b"txn" in k]
+        markers = kv._range(kv.markers, kv.markers + b"\xff", 100)
+        assert 1 <= len(markers) <= 8  # beside the prefix; the next commits delete them
+    finally:
+        m.close()
+
+
+def test_a_url_that_does_not_answer_is_refused_at_open_within_the_bound(tmp_path):
+    url = f"etcd://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/prod"
+    for timeout_s, bound in ((30, 10), (3, 3)):
+        t = time.monotonic()
+        with pytest.raises(UserError, match="does not answer.*majority of them is up") as e:
+            connect(url, timeout_s=timeout_s)
+        assert time.monotonic() - t < bound + 2
+        assert url in str(e.value)
+
+
+def test_an_outage_is_logged_once_and_calls_fail_fast_until_it_ends(whole, caplog):
+    m = create_etcd(whole.url("outage"), CONFIG, RING, 0, 0, timeout_s=3, request_timeout_s=1)
+    try:
+        f = m.mknod(ROOT_INODE, b"f", REG, 0, 0)
+        whole.stop_member(1)
+        whole.stop_member(2)
+        with pytest.raises(MetaUnavailable):
+            m.getattr(f.id)
+        for i in range(3):  # during the outage: each call within OUTAGE_CALL_S
+            t = time.monotonic()
+            with pytest.raises(MetaUnavailable):
+                m.mknod(ROOT_INODE, b"g%d" % i, REG, 0, 0)
+            assert time.monotonic() - t < 2 + 1
+        whole.start_member(1)
+        m.mknod(ROOT_INODE, b"g", REG, 0, 0)
+        assert m.getattr(f.id) == f
+    finally:
+        m.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("META-UNAVAILABLE" in line for line in lines) == 1, lines
+    assert sum("META-AVAILABLE" in line for line in lines) == 1, lines

@@ -16,9 +16,8 @@ import signal
 import time
 
 import pytest
-from conftest import Mount, fsync_and_close_errno, hafs
-from etcdproc import require_etcd, running_cluster
-from nodeproc import start_node
+from clusterfs import cluster_fs, eventually, log_allows
+from conftest import fsync_and_close_errno, hafs
 
 from hafs import home
 
@@ -28,45 +27,8 @@ OPTS = f"gc_grace_s=0,gc_interval_s=1,lock_ttl_s={LEASE_S},lock_wait_s=20,node_t
 
 @pytest.fixture
 def cluster(tmp_path, request):
-    require_etcd()
-    with running_cluster(tmp_path / "etcd") as etcd:
-        nodes = [start_node(tmp_path / f"d{i}", init=None) for i in range(3)]
-        try:
-            url = etcd.url("prod")
-            args = ["mkfs", "--meta", url, "--home", tmp_path / "admin", "--replicas", "2"]
-            for n in nodes:
-                args += ["--node", n.url]
-            hafs(*args)
-            mounts = []
-            for host in ("a", "b"):
-                (tmp_path / host / "mnt").mkdir(parents=True)
-                m = Mount(tmp_path / host / "state", tmp_path / host / "mnt", OPTS)
-                hafs("mount", "--meta", url, "--home", m.home, "-o", OPTS, m.mnt)
-                mounts.append(m)
-            try:
-                yield url, mounts, tmp_path / "admin"
-            finally:
-                for m in mounts:
-                    m.stop()
-            marker = request.node.get_closest_marker("log_allows")
-            for m in mounts:
-                bad = m.bad_log_lines(allowed=marker.args if marker else ())
-                assert not bad, "\n".join(bad[:20])
-        finally:
-            for n in nodes:
-                n.stop()
-
-
-def eventually(predicate, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except OSError:
-            pass
-        time.sleep(0.05)
-    return False
+    with cluster_fs(tmp_path, OPTS, log_allows(request)) as c:
+        yield c.url, c.mounts, c.admin
 
 
 def test_two_clients_see_each_others_files_close_to_open(cluster):
@@ -90,11 +52,13 @@ def test_mkfs_refuses_an_existing_name_and_mount_a_missing_one(cluster, tmp_path
     url, _, admin = cluster
     p = hafs("mkfs", "--meta", url, "--home", tmp_path / "other", check=False)
     assert p.returncode == 2 and "already holds a filesystem" in p.stderr, p.stderr
+    assert not (tmp_path / "other").exists()  # no state directory left by a failed mkfs
     (tmp_path / "m").mkdir()
     missing = url.rsplit("/", 1)[0] + "/nothere"
     p = hafs("mount", "--meta", missing, "--home", tmp_path / "s", tmp_path / "m", check=False)
     assert p.returncode == 2 and "holds no hafs filesystem" in p.stderr, p.stderr
     assert not os.path.ismount(tmp_path / "m")
+    assert not (tmp_path / "s").exists()  # nor by a failed mount
 
 
 def mounted(url: str, admin) -> list[str]:

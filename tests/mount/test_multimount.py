@@ -118,10 +118,17 @@ def test_paused_writer_is_fenced_off(two):
         (b.mnt / "f").write_bytes(b"B" * 50_000)
     finally:
         os.kill(pid, signal.SIGCONT)
+    for _ in range(2):  # no new lock in the middle of the file: EIO until it is closed
+        with pytest.raises(OSError) as e:
+            os.write(fd, b"A" * 1000)
+        assert e.value.errno == errno.EIO
     assert fsync_and_close_errno(fd) == errno.EIO
     assert (b.mnt / "f").read_bytes() == b"B" * 50_000
     assert eventually(lambda: (a.mnt / "f").read_bytes() == b"B" * 50_000)
     assert "LOCK-LOST" in a.log.read_text()
+    with open(a.mnt / "f", "r+b") as f:  # closed: a new writer of it takes a new lock
+        f.write(b"C")
+    assert (b.mnt / "f").read_bytes() == b"C" + b"B" * 49_999
 
 
 def test_lock_wait_timeout_names_path_and_holder(tmp_path):
