@@ -539,8 +539,9 @@ class Vfs:
         gid: int,
         rdev: int = 0,
         target: bytes | None = None,
+        locked: bool = False,
     ) -> Inode:
-        return await self.meta.mknod(parent, name, mode, uid, gid, rdev, target)
+        return await self.meta.mknod(parent, name, mode, uid, gid, rdev, target, locked=locked)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         return await self._new_inode(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
@@ -556,9 +557,21 @@ class Vfs:
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Inode]:
-        inode = await self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        """A new file and a handle of it.  A writer's handle holds the file's write lock
+        from here on (engines take it in the create's transaction: no wait, no request)."""
+        writer = flags & os.O_ACCMODE != os.O_RDONLY
+        mode = stat.S_IFREG | (mode & 0o7777)
+        inode = await self._new_inode(parent, name, mode, uid, gid, locked=writer)
         self.page_versions[inode.id] = content_version(inode)  # (empty: nothing cached)
-        return await self._open_handle(inode, flags), inode
+        fh = await self._open_handle(inode, flags)
+        if writer:
+            h = self.handles[fh]
+            try:
+                await h.file.take_lock()
+            except BaseException:
+                await self.release(fh)
+                raise
+        return fh, inode
 
     async def readlink(self, ino: int) -> bytes:
         inode = await self._inode(ino)

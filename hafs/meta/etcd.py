@@ -5,6 +5,8 @@ gateway (etcd >= 3.4, path /v3/), sent with etcd3gw's HTTP client:
 
     get        POST /v3/kv/range {key}
     scan       POST /v3/kv/range {key, range_end, limit}        (etcd answers in key order)
+    batch      POST /v3/kv/txn   {success: one request_range per read}: several reads at
+                                  one revision in one round trip (a read-only transaction)
     snapshot   the same with {revision}: reads of the revision current when it began, which
                etcd keeps until it compacts it (then a MetaError says so)
     commit     POST /v3/kv/txn   {compare: mod_revision == N (0: absent), success: puts
@@ -60,7 +62,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -283,6 +285,9 @@ class EtcdKV:
         self._first = 0  # the member that answered last
         self._idle: list[list[etcd3gw.Etcd3Client]] = [[] for _ in self._members]
         self._pool_lock = threading.Lock()
+        # (call, seconds) of each call ("get", "scan", "batch", "commit", "lease_*"; not
+        # watches): KvMeta.observe_requests sets it, a mount's metrics count them
+        self.observe: Callable[[str, float], None] | None = None
 
     # ------------------------------------------------------------ transport
 
@@ -307,8 +312,19 @@ class EtcdKV:
             c.timeout = timeout
             return c.post(c.get_url(path), json=body)
 
-    def _call(self, path: str, body: dict) -> dict:
-        """POST one gateway request, failing over between members until `timeout_s`."""
+    def _call(self, path: str, body: dict, call: str) -> dict:
+        """POST one gateway request, failing over between members until `timeout_s`; its
+        time (retries included) goes to `observe` as `call`'s."""
+        observe = self.observe
+        if observe is None:
+            return self._failover(path, body)
+        start = time.perf_counter()
+        try:
+            return self._failover(path, body)
+        finally:
+            observe(call, time.perf_counter() - start)
+
+    def _failover(self, path: str, body: dict) -> dict:
         deadline = time.monotonic() + self.timeout_s
         delay = 0.05
         tries = 0
@@ -342,7 +358,8 @@ class EtcdKV:
             self._first = i
             return reply
 
-    def _range(self, start: bytes, end: bytes | None, limit: int, revision: int = 0) -> list[dict]:
+    @staticmethod
+    def _range_body(start: bytes, end: bytes | None, limit: int, revision: int = 0) -> dict:
         body: dict[str, Any] = {"key": _b64(start)}
         if end is not None:
             body["range_end"] = _b64(end)
@@ -350,13 +367,25 @@ class EtcdKV:
             body["limit"] = limit
         if revision:
             body["revision"] = revision
-        return self._call("kv/range", body).get("kvs", [])
+        return body
+
+    def _range(
+        self, call: str, start: bytes, end: bytes | None, limit: int, revision: int = 0
+    ) -> list[dict]:
+        body = self._range_body(start, end, limit, revision)
+        return self._call("kv/range", body, call).get("kvs", [])
+
+    def _rows(self, kvs: list[dict]) -> list[tuple[bytes, bytes, int]]:
+        n = len(self.prefix)
+        return [
+            (_unb64(kv["key"])[n:], _unb64(kv.get("value")), int(kv["mod_revision"])) for kv in kvs
+        ]
 
     # ------------------------------------------------------------------- KV
 
     def get(self, key: bytes, revision: int = 0) -> tuple[bytes, int] | None:
         """revision > 0: as the key was at that revision (the `snapshot` reader's)."""
-        kvs = self._range(self.prefix + key, None, 0, revision)
+        kvs = self._range("get", self.prefix + key, None, 0, revision)
         return (_unb64(kvs[0].get("value")), int(kvs[0]["mod_revision"])) if kvs else None
 
     def scan(
@@ -365,15 +394,32 @@ class EtcdKV:
         lo, hi = self.prefix + start, min(self.prefix + end, self._end)
         if lo >= hi or limit <= 0:
             return []
-        n = len(self.prefix)
-        return [
-            (_unb64(kv["key"])[n:], _unb64(kv.get("value")), int(kv["mod_revision"]))
-            for kv in self._range(lo, hi, limit, revision)
-        ]
+        return self._rows(self._range("scan", lo, hi, limit, revision))
+
+    def batch(self, reads: list[tuple[bytes, bytes | None, int]]) -> list[list[tuple]]:
+        """One read-only transaction of range requests: every read at one revision."""
+        ops, sent = [], []
+        for i, (start, end, limit) in enumerate(reads):
+            lo = self.prefix + start
+            if end is None:
+                ops.append({"request_range": self._range_body(lo, None, 0)})
+            else:
+                hi = min(self.prefix + end, self._end)
+                if lo >= hi or limit <= 0:
+                    continue
+                ops.append({"request_range": self._range_body(lo, hi, limit)})
+            sent.append(i)
+        out: list[list[tuple]] = [[] for _ in reads]
+        if ops:
+            reply = self._call("kv/txn", {"compare": [], "success": ops}, "batch")
+            for i, resp in zip(sent, reply.get("responses", [])):
+                out[i] = self._rows(resp.get("response_range", {}).get("kvs", []))
+        return out
 
     @contextmanager
     def snapshot(self) -> Iterator[_AtRevision]:
-        reply = self._call("kv/range", {"key": _b64(self.prefix), "limit": 1, "keys_only": True})
+        body = {"key": _b64(self.prefix), "limit": 1, "keys_only": True}
+        reply = self._call("kv/range", body, "snapshot")
         yield _AtRevision(self, int(reply["header"]["revision"]))
 
     def commit(
@@ -396,27 +442,27 @@ class EtcdKV:
             if lease is not None and (leased is None or k in leased):
                 put["lease"] = lease
             ops.append({"request_put": put})
-        reply = self._call("kv/txn", {"compare": compare, "success": ops})
+        reply = self._call("kv/txn", {"compare": compare, "success": ops}, "commit")
         if not reply.get("succeeded", False):
             return None
         return int(reply["header"]["revision"])
 
     def lease_grant(self, ttl_s: float) -> int:
-        reply = self._call("lease/grant", {"TTL": max(1, math.ceil(ttl_s))})
+        reply = self._call("lease/grant", {"TTL": max(1, math.ceil(ttl_s))}, "lease_grant")
         return int(reply["ID"])
 
     def lease_keepalive(self, lease: int) -> bool:
-        reply = self._call("lease/keepalive", {"ID": lease})
+        reply = self._call("lease/keepalive", {"ID": lease}, "lease_keepalive")
         return int(reply.get("result", {}).get("TTL", 0)) > 0  # ended: no TTL
 
     def lease_revoke(self, lease: int) -> None:
         try:
-            self._call("lease/revoke", {"ID": lease})
+            self._call("lease/revoke", {"ID": lease}, "lease_revoke")
         except LeaseNotFound:
             pass  # ended already
 
     def lease_ttl(self, lease: int) -> float | None:
-        ttl = int(self._call("lease/timetolive", {"ID": lease}).get("TTL", 0))
+        ttl = int(self._call("lease/timetolive", {"ID": lease}, "lease_ttl").get("TTL", 0))
         return None if ttl < 0 else float(ttl)
 
     def watch(self, key: bytes, revision: int, timeout_s: float) -> bool:
