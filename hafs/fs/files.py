@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 _ZEROS = bytes(MAX_SIZE)
 MAX_PENDING = 4  # regions of one file stored at once
 INLINE_CUT_BYTES = 64 * 1024  # regions up to this size are cut and hashed on the trio thread
+# a read of a file open here catches up with another mount's size at most this often, as the
+# kernel's attributes do (fuse_ops.ATTR_TIMEOUT); an open always does (close-to-open)
+READ_REFRESH_S = 1.0
 
 
 class WriteBudget:
@@ -121,6 +124,7 @@ def content_version(inode: Inode) -> tuple[int, int, int]:
 
 class FileState:
     def __init__(self, ino: int, size: int, shared: Shared) -> None:
+        """size: of the inode as just read (an open's)."""
         self.ino = ino
         self.size = size  # logical size, including buffered writes
         self.committed_size = size  # size recorded in the metadata
@@ -138,6 +142,7 @@ class FileState:
         self.bg_flushing = False
         self.s = shared
         self._last_read_block: str | None = None
+        self._refreshed_at = trio.current_time()  # of the last read of the inode (`size`'s)
 
     # ------------------------------------------------------------------ write
 
@@ -179,7 +184,9 @@ class FileState:
         """Catch up with the metadata (another mount may have changed the file); `inode`:
         the caller's fresh copy."""
         if not self.has_changes():
+            started = trio.current_time()
             inode = inode or await self.s.meta.getattr(self.ino)
+            self._refreshed_at = started
             if inode is not None and not self.has_changes():
                 self.size = self.committed_size = inode.size
 
@@ -207,7 +214,8 @@ class FileState:
                 raise FsError(errno.ENOLCK, str(e)) from None
             try:
                 inode = await self.s.meta.fence(self.ino, lease.token)
-                await self.refresh(inode)  # the last writer's size, before this mount changes anything
+                # the last writer's size, before this mount changes anything
+                await self.refresh(inode)
                 if self.s.page_versions.get(self.ino) != content_version(inode):
                     # changed since the kernel cached it: what this mount writes now does not
                     # make those pages current (the next open drops them)
@@ -449,7 +457,8 @@ class FileState:
     # ------------------------------------------------------------------- read
 
     async def read(self, off: int, size: int) -> bytes:
-        await self.refresh()
+        if trio.current_time() - self._refreshed_at >= READ_REFRESH_S:
+            await self.refresh()
         end = min(off + size, self.size)
         if off >= end:
             return b""
