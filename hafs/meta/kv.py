@@ -907,9 +907,13 @@ class KvMeta:
                 self._add_nlink(t, p, 1, ts)
             return inode
 
+        at = self.files.clock()
         if locked and stat.S_ISREG(mode):
-            return self.locks.create_locked(op)
-        return self._run(op)
+            inode, rev = self.locks.create_locked(op)
+        else:
+            inode, rev = self._transact(op)
+        self.files.put(inode.id, FileView(rev, at, extents=[], xattrs={}))  # a new one: empty
+        return inode
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         def op(t: Txn) -> Inode:

@@ -189,9 +189,9 @@ class KvLocks:
         now = self.meta.clock()
         return json.dumps({"holder": self.holder, "acquired_ns": now, "lease": lease_id}).encode()
 
-    def create_locked(self, create: Callable[[Txn], Inode]) -> Inode:
+    def create_locked(self, create: Callable[[Txn], Inode]) -> tuple[Inode, int]:
         """Run `create` (KvMeta.mknod's operation) in a transaction that also takes the new
-        file's lock (module docstring)."""
+        file's lock (module docstring): the new inode, and the revision of its commit."""
         from .kv import LeaseNotFound
 
         while True:
@@ -216,7 +216,7 @@ class KvLocks:
             with self._mutex:
                 _keep(self._fresh, name, (lease, inode))
             log.debug("LOCK-ACQUIRE %s token %d (with its create)", name, token)
-            return inode
+            return inode, token
 
     def created(self, name: str, token: int) -> Inode | None:
         """The inode as its create made it, if that create granted lock `name` at `token`

@@ -227,6 +227,10 @@ def test_requests_per_operation(clients):
     assert c == ["batch"]  # the name and its directory, in one
     f, c = count(a.mknod, ROOT_INODE, b"f", REG, 0, 0)
     assert c == ["batch", "commit"]
+    _, c = count(a.get_xattr, f.id, b"security.capability")
+    assert c == []  # a new file has none
+    _, c = count(a.extents, f.id, 0, 4096)
+    assert c == []  # nor extents
     _, c = count(a.getattr, f.id)
     assert c == ["batch"]
     _, c = count(a.allocated_bytes, f.id)
