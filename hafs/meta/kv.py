@@ -616,9 +616,12 @@ class KvMeta:
             if key[:1] == b"I" and len(key) == 9:
                 self.files.seen(int.from_bytes(key[1:], "big"), r)
         if rev is not None:
-            for key in (*t.puts, *t.deletes):
+            for key in t.puts:
                 if key[:1] == b"I" and len(key) == 9:
                     self.files.seen(int.from_bytes(key[1:], "big"), rev)
+            for key in t.deletes:
+                if key[:1] == b"I" and len(key) == 9:
+                    self.files.deleted(int.from_bytes(key[1:], "big"))
 
     def _scan(
         self, start: bytes, end: bytes, limit: int | None = None, kv: KVReader | None = None
@@ -721,6 +724,8 @@ class KvMeta:
 
     def getattr(self, ino: int) -> Inode | None:
         """The inode, read with its first extents and xattrs (kept in `files`)."""
+        if ino != ROOT_INODE and self.files.gone(ino):
+            return None  # (fsck may make a root again, nothing else comes back)
         at = self.files.clock()
         xattrs = k_xattr(ino, b"")
         inode, extents, names = self.kv.batch(

@@ -22,7 +22,8 @@ number of waits without weakening what a KvMeta answers:
   lookup, an open, any transaction) that finds another mod_revision drops it,
   and this client's own changes drop or replace it.  A change by another client
   is seen by the first read of the inode after it (an open reads it: close-to-
-  open), and in any case after ttl_s.
+  open), and in any case after ttl_s.  An inode this client deleted is
+  answered absent without a request (numbers are never reused).
 
 Concurrency: KvMeta runs in worker threads; FileCache holds a threading.Lock
 for each call.
@@ -42,6 +43,7 @@ FILE_TTL_S = 1.0  # how long a file's extents and xattrs are trusted without a r
 FILE_ENTRIES = 4096  # files whose extents and xattrs are kept
 FIRST_EXTENTS = 16  # extents (and xattrs) a getattr reads with the inode
 GONE = 1 << 62  # the revision of an inode found absent: newer than any
+DELETED = GONE + 1  # of one this client deleted
 
 
 @dataclass
@@ -110,6 +112,18 @@ class FileCache:
                 return None
             self._views.move_to_end(ino)
             return view
+
+    def gone(self, ino: int) -> bool:
+        """Whether this client deleted the inode (it never comes back: inode numbers are
+        never reused).  One found absent may be one another client is about to create."""
+        with self._lock:
+            view = self._views.get(ino)
+            return view is not None and view.revision == DELETED
+
+    def deleted(self, ino: int) -> None:
+        """This client's commit deleted the inode."""
+        with self._lock:
+            self._store(ino, FileView(DELETED, 0.0))
 
     def put(self, ino: int, view: FileView, keep_window: bool = False) -> None:
         """Keep `view` unless the inode is known at a newer revision; one of the same

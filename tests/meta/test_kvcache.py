@@ -289,3 +289,17 @@ def test_a_mounts_metrics_count_the_requests_to_etcd(clients):
     text = generate_latest(metrics.registry).decode()
     assert 'hafs_meta_request_seconds_count{call="batch"} 1.0' in text
     assert 'hafs_meta_request_seconds_count{call="commit"} 1.0' in text
+
+
+def test_an_inode_this_client_deleted_is_absent_without_a_request(clients):
+    a, b, _ = clients
+    f = a.mknod(ROOT_INODE, b"f", REG, 0, 0).id
+    g = b.mknod(ROOT_INODE, b"g", REG, 0, 0).id
+    a.unlink(ROOT_INODE, b"f")
+    a.kv.calls.clear()
+    assert a.getattr(f) is None
+    assert a.kv.calls == []
+    assert a.getattr(10**9) is None  # never made (or not yet: another client may)
+    b.unlink(ROOT_INODE, b"g")
+    assert a.getattr(g) is None  # another's delete: asked
+    assert a.kv.calls == ["batch", "batch"]
