@@ -372,9 +372,17 @@ def batched(kv: KV, reads: list[Read]) -> list[list[tuple[bytes, bytes, int]]]:
 class Txn:
     """One attempt of an operation: reads recorded with their revisions, writes buffered."""
 
-    def __init__(self, kv: KV, attempt: int = 0) -> None:
+    def __init__(
+        self,
+        kv: KV,
+        attempt: int = 0,
+        guess: Callable[[int], tuple[bytes, int] | None] | None = None,
+    ) -> None:
         self.kv = kv
         self.attempt = attempt  # 0: the first run of the operation
+        # ino -> (value, revision) of an inode as last seen, taken instead of a read (the
+        # commit checks the revision; a refused commit re-runs the operation without guesses)
+        self._guess = guess
         self.checks: dict[bytes, int] = {}
         self._read: dict[bytes, bytes | None] = {}
         self._ranges: dict[tuple[bytes, bytes], list[tuple[bytes, bytes]]] = {}  # prefetched
@@ -384,12 +392,22 @@ class Txn:
         self._inodes: dict[int, _Rec | None] = {}
         self._blocks: dict[str, _Block | None] = {}
 
+    def _guessed(self, key: bytes) -> bool:
+        """Take a guess of inode `key`, if there is one, as the txn's read of it."""
+        if self._guess is None or key[:1] != b"I" or len(key) != 9:
+            return False
+        found = self._guess(int.from_bytes(key[1:], "big"))
+        if found is None:
+            return False
+        self._read[key], self.checks[key] = found
+        return True
+
     def get(self, key: bytes) -> bytes | None:
         if key in self.puts:
             return self.puts[key]
         if key in self.deletes:
             return None
-        if key not in self._read:
+        if key not in self._read and not self._guessed(key):
             row = self.kv.get(key)
             self._read[key] = None if row is None else row[0]
             self.checks[key] = 0 if row is None else row[1]
@@ -402,7 +420,7 @@ class Txn:
         scans within them are answered from it.  A range longer than PAGE is read again
         by its scans."""
         keys = [k for k in dict.fromkeys(keys) if k not in self._read and k not in self.puts]
-        keys = [k for k in keys if k not in self.deletes]
+        keys = [k for k in keys if k not in self.deletes and not self._guessed(k)]
         ranges = [r for r in dict.fromkeys(ranges) if r not in self._ranges]
         if len(keys) + len(ranges) < 2:
             return  # one read is one request anyway: made where it is needed
@@ -419,6 +437,10 @@ class Txn:
             if a <= start and end <= b:
                 return [(k, v) for k, v in rows if start <= k < end]
         return None
+
+    def read_value(self, key: bytes) -> bytes | None:
+        """The value the txn read of `key` (None: absent, or not read)."""
+        return self._read.get(key)
 
     def revision(self, key: bytes) -> int:
         """The mod_revision `get` saw (0: absent)."""
@@ -588,7 +610,7 @@ class KvMeta:
         """Run fn in a Txn until its commit succeeds: (fn's result, the revision)."""
         delay = 0.0005
         for attempt in range(MAX_TRIES):
-            t = Txn(self.kv, attempt)
+            t = Txn(self.kv, attempt, self._guess if attempt == 0 else None)
             try:
                 result = fn(t)
             except Exception:  # an answer, or a bug met on an inconsistent view: check first
@@ -609,16 +631,19 @@ class KvMeta:
     def _run(self, fn: Callable[[Txn], T]) -> T:
         return self._transact(fn)[0]
 
+    def _guess(self, ino: int) -> tuple[bytes, int] | None:
+        return self.files.guess(ino)
+
     def _inodes_seen(self, t: Txn, rev: int | None) -> None:
-        """Tell the file cache the revisions of the inodes a committed txn read (current
-        at its commit) and wrote (now `rev`)."""
+        """Tell the file cache the revisions (and values) of the inodes a committed txn
+        read (current at its commit) and wrote (now `rev`)."""
         for key, r in t.checks.items():
-            if key[:1] == b"I" and len(key) == 9:
-                self.files.seen(int.from_bytes(key[1:], "big"), r)
+            if key[:1] == b"I" and len(key) == 9 and key not in t.puts:
+                self.files.seen(int.from_bytes(key[1:], "big"), r, t.read_value(key))
         if rev is not None:
-            for key in t.puts:
+            for key, value in t.puts.items():
                 if key[:1] == b"I" and len(key) == 9:
-                    self.files.seen(int.from_bytes(key[1:], "big"), rev)
+                    self.files.seen(int.from_bytes(key[1:], "big"), rev, value)
             for key in t.deletes:
                 if key[:1] == b"I" and len(key) == 9:
                     self.files.deleted(int.from_bytes(key[1:], "big"))
@@ -739,6 +764,7 @@ class KvMeta:
             self.files.seen(ino, 0)
             return None
         view = FileView(inode[0][2], at, extents=[_dec_extent(k, v) for k, v, _ in extents])
+        view.value = inode[0][1]
         if len(extents) == FIRST_EXTENTS:
             view.hi = view.extents[-1].end
         if len(names) < FIRST_EXTENTS:
@@ -805,7 +831,7 @@ class KvMeta:
         inodes = batched(self.kv, [(k_inode(d.inode), None, 0) for d in dentries])
         out = []
         for d, found in zip(dentries, inodes):  # (one request for the page's inodes)
-            self.files.seen(d.inode, found[0][2] if found else 0)
+            self.files.seen(d.inode, *((found[0][2], found[0][1]) if found else (0,)))
             if found:
                 out.append((d, _dec_inode(d.inode, found[0][1]).inode))
         return out
@@ -1163,6 +1189,7 @@ class KvMeta:
             [(k_inode(ino), None, 0), (k_extent(ino, start + 1), prefix_end(k_extents(ino)), PAGE)]
         )
         view = FileView(inode[0][2] if inode else 0, at, start, None)
+        view.value = inode[0][1] if inode else None
         view.extents = [_dec_extent(k, v) for k, v, _ in rows]
         if len(rows) == PAGE:
             view.hi = view.extents[-1].end

@@ -16,6 +16,9 @@ number of waits without weakening what a KvMeta answers:
   blocks' rows).  `Txn.prefetch` (meta/kv.py) records those rows as its own
   reads, checks included, so a batched operation is the unbatched one with
   fewer waits.
+- A transaction's first attempt takes an inode as this client last saw it
+  (`FileCache.guess`) instead of reading it: its commit compares the inode's
+  revision, so a guess that is no longer true only costs a re-run, which reads.
 - `FileCache` keeps a file's extents and xattrs as read at one revision of its
   inode, for at most `ttl_s` (1 s) and at most `size` files.  An entry is used
   only while nothing says the inode changed: every read of the inode (getattr,
@@ -59,6 +62,7 @@ class FileView:
     hi: int | None = None
     extents: list[Extent] | None = None
     xattrs: dict[bytes, bytes] | None = None
+    value: bytes | None = None  # the inode's stored value at `revision`, if known
 
     def covers(self, start: int, end: int) -> bool:
         return self.extents is not None and self.lo <= start and (self.hi is None or end <= self.hi)
@@ -72,6 +76,7 @@ def _merged(old: FileView, new: FileView, keep_window: bool) -> FileView:
     old one's when `keep_window`, the new one's otherwise."""
     view = FileView(old.revision, max(old.read_at, new.read_at))
     view.xattrs = new.xattrs if new.xattrs is not None else old.xattrs
+    view.value = new.value if new.value is not None else old.value
     a, b = old, new
     if a.extents is None or b.extents is None:
         w = b if b.extents is not None else a
@@ -136,10 +141,9 @@ class FileCache:
                 view = _merged(old, view, keep_window)
             self._store(ino, view)
 
-    def seen(self, ino: int, revision: int, read_at: float | None = None) -> None:
-        """The inode was found at `revision` (by a read begun at `read_at`, or by this
-        client's commit): a view of an older revision goes, one of this revision counts as
-        read then."""
+    def seen(self, ino: int, revision: int, value: bytes | None = None) -> None:
+        """The inode was found at `revision` with `value` (if given), by a read or by this
+        client's commit: a view of an older revision goes."""
         if revision == 0:  # absent: deleted (inode numbers are never reused)
             revision = GONE
         with self._lock:
@@ -147,10 +151,18 @@ class FileCache:
             if old is not None and old.revision > revision:
                 return
             if old is not None and old.revision == revision:
-                if read_at is not None:
-                    old.read_at = max(old.read_at, read_at)
+                old.value = value if value is not None else old.value
                 return
-            self._store(ino, FileView(revision, 0.0))
+            self._store(ino, FileView(revision, 0.0, value=value))
+
+    def guess(self, ino: int) -> tuple[bytes, int] | None:
+        """The inode's value and revision as last found here, however old: what a
+        transaction may assume on its first attempt (its commit compares the revision)."""
+        with self._lock:
+            view = self._views.get(ino)
+            if view is None or view.value is None:
+                return None
+            return view.value, view.revision
 
     def _store(self, ino: int, view: FileView) -> None:
         self._views[ino] = view

@@ -13,6 +13,7 @@ On MemKV and on a real 3-member etcd cluster (tests/etcdproc.py).
 
 from __future__ import annotations
 
+import errno
 import random
 import stat
 
@@ -20,7 +21,7 @@ import pytest
 from etcdproc import require_etcd, running_cluster
 from prometheus_client import generate_latest
 
-from hafs.errors import LockLost, LockTimeout
+from hafs.errors import FsError, LockLost, LockTimeout
 from hafs.meta import ROOT_INODE, Extent, FsConfig
 from hafs.meta.etcd import EtcdKV, create_etcd, open_etcd, prefix_of
 from hafs.meta.kv import KvMeta, k_inode, k_xattr, prefix_end
@@ -218,15 +219,15 @@ def test_requests_per_operation(clients):
     a.mknod(ROOT_INODE, b"warm", REG, 0, 0)  # takes the inode numbers
     calls = a.kv.calls
 
-    def count(fn, *args):
+    def count(fn, *args, **kwargs):
         calls.clear()
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         return result, list(calls)
 
     _, c = count(a.lookup, ROOT_INODE, b"f")
     assert c == ["batch"]  # the name and its directory, in one
     f, c = count(a.mknod, ROOT_INODE, b"f", REG, 0, 0)
-    assert c == ["batch", "commit"]
+    assert c == ["get", "commit"]  # the directory as its last commit here left it
     _, c = count(a.get_xattr, f.id, b"security.capability")
     assert c == []  # a new file has none
     _, c = count(a.extents, f.id, 0, 4096)
@@ -241,18 +242,37 @@ def test_requests_per_operation(clients):
     assert c == ["batch", "commit"]
     token = lease[0].token
     _, c = count(a.fence, f.id, token)
-    assert c == ["get", "commit"]  # the lock is compared, not read
+    assert c == ["commit"]  # the lock is compared, not read; the inode as last seen
     _, c = count(a.extents, f.id, 0, 4096)
     assert c == ["batch"]  # fenced: the inode changed, so read again, with the inode
     _, c = count(a.extents, f.id, 0, 4096)
     assert c == []
     ext = Extent(0, 4096, "c" * 64)
     _, c = count(a.commit, f.id, 0, 4096, [ext], {ext.block_id: 4096}, 4096, 5, token)
-    assert c == ["batch", "commit"]  # inode, extents and the block's row in one read
+    assert c == ["batch", "commit"]  # the extents and the block's row in one read
     _, c = count(a.locks._release, lease[0])
     assert c == ["commit"]
     _, c = count(a.unlink, ROOT_INODE, b"f")
-    assert c == ["batch", "batch", "get", "commit"]  # name; inode, extents, xattrs; a block
+    assert c == ["get", "batch", "get", "commit"]  # name; extents and xattrs; a block
+    g = a.mknod(ROOT_INODE, b"g", REG, 0, 0).id
+    _, c = count(a.setattr, g, mode=0o600)
+    assert c == ["commit"]  # the inode as its create left it
+
+
+def test_a_guess_that_is_no_longer_true_costs_a_rerun(clients):
+    a, b, _ = clients
+    f = a.mknod(ROOT_INODE, b"f", REG, 0, 0).id
+    assert b.setattr(f, mode=0o600).mode & 0o777 == 0o600  # a's view of f is old now
+    a.kv.calls.clear()
+    assert a.setattr(f, uid=7).mode & 0o777 == 0o600  # b's change kept
+    assert a.kv.calls == ["commit", "get", "commit"]
+    assert b.getattr(f).uid == 7
+    b.mknod(ROOT_INODE, b"h", REG, 0, 0)  # the directory changed since a's last look
+    a.kv.calls.clear()
+    with pytest.raises(FsError) as e:  # what is current answers
+        a.mknod(ROOT_INODE, b"h", REG, 0, 0)
+    assert e.value.errno == errno.EEXIST
+    assert a.kv.calls == ["get", "commit", "batch", "commit"]
 
 
 async def test_a_create_takes_its_files_lock(clients):
@@ -287,7 +307,7 @@ def test_a_mounts_metrics_count_the_requests_to_etcd(clients):
     b.observe_requests(metrics.meta_request)
     b.mknod(ROOT_INODE, b"f", REG, 0, 0)
     text = generate_latest(metrics.registry).decode()
-    assert 'hafs_meta_request_seconds_count{call="batch"} 1.0' in text
+    assert 'hafs_meta_request_seconds_count{call="get"} 1.0' in text  # the name
     assert 'hafs_meta_request_seconds_count{call="commit"} 1.0' in text
 
 
