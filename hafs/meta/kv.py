@@ -70,8 +70,11 @@ refuse): link and rename into a removed directory (nlink 0) give ENOENT, as
 create does; moving a directory into itself or below it gives EINVAL.
 
 Inode numbers are never reused: each client takes 64 numbers at a time from
-Mnext_ino in its own small transaction.  Single-key reads (getattr) are not
-transactions; lookup reads the entry, then the inode.
+Mnext_ino in its own small transaction.  Reads outside transactions (getattr,
+lookup: the entry, then the inode) are not transactions.  Round trips are cut
+by meta/kvcache.py: reads an operation knows in advance go in one `KV.batch`
+(`Txn.prefetch`), a first attempt takes inodes as this client last saw them,
+and files' extents and xattrs are kept at an inode revision.
 
 Dump and load: `dump` reads every key at one revision (`KV.snapshot`); `load`
 writes a dump into an empty KV in transactions of at most LOAD_OPS keys and
