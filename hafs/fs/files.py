@@ -143,6 +143,8 @@ class FileState:
         self.s = shared
         self._last_read_block: str | None = None
         self._refreshed_at = trio.current_time()  # of the last read of the inode (`size`'s)
+        self.commits = 0  # commits of this mount's changes of the file (extents, sizes)
+        self.pages_at = 0  # `commits` when the vfs last recorded the kernel's pages' version
 
     # ------------------------------------------------------------------ write
 
@@ -229,6 +231,7 @@ class FileState:
     async def _fenced_truncate(self, size: int) -> None:
         try:
             await self.s.meta.truncate(self.ino, size, self.mtime_ns, self._token())
+            self.commits += 1
         except LockLost as e:
             await self.lose_lock(str(e))
             self._raise_error()
@@ -405,6 +408,7 @@ class FileState:
                 token,  # the lease this region was written under, even if lost since
             )
             self.committed_size = size
+            self.commits += 1
             failed = False
             if not self.dirty and len(self.pending) == 1:
                 self.mtime_ns = None

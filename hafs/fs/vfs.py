@@ -741,11 +741,14 @@ class Vfs:
 
     async def _pages_committed(self, fs: FileState) -> None:
         """After a final flush under the file's write lock: the kernel's pages, current when
-        the lock was taken (else take_lock dropped the entry), are the bytes just committed."""
-        if fs.lease is not None and fs.ino in self.page_versions:
+        the lock was taken (else take_lock dropped the entry), are the bytes just committed.
+        Nothing committed since the last time (a close after a flush): nothing to read."""
+        if fs.lease is not None and fs.ino in self.page_versions and fs.commits != fs.pages_at:
+            commits = fs.commits
             inode = await self.meta.getattr(fs.ino)
             if inode is not None and fs.lease is not None and fs.ino in self.page_versions:
                 self.page_versions[fs.ino] = content_version(inode)
+                fs.pages_at = commits
 
     async def fsync(self, fh: int) -> None:
         await self._handle(fh).file.flush()
