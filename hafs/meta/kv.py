@@ -759,10 +759,21 @@ class KvMeta:
         inode, extents, names = self.kv.batch(
             [
                 (k_inode(ino), None, 0),
-                (k_extents(ino), prefix_end(k_extents(ino)), FIRST_EXTENTS),
+                self._first_extents(ino),
                 (xattrs, prefix_end(xattrs), FIRST_EXTENTS),
             ]
         )
+        return self._viewed(ino, at, inode, extents, names)
+
+    @staticmethod
+    def _first_extents(ino: int) -> Read:
+        return (k_extents(ino), prefix_end(k_extents(ino)), FIRST_EXTENTS)
+
+    def _viewed(
+        self, ino: int, at: float, inode: list[tuple], extents: list[tuple], names: list | None
+    ) -> Inode | None:
+        """The inode of the rows of one batch (its key, its first extents, its first xattrs
+        or None), which `files` keeps as a view of its revision."""
         if not inode:
             self.files.seen(ino, 0)
             return None
@@ -770,7 +781,7 @@ class KvMeta:
         view.value = inode[0][1]
         if len(extents) == FIRST_EXTENTS:
             view.hi = view.extents[-1].end
-        if len(names) < FIRST_EXTENTS:
+        if names is not None and len(names) < FIRST_EXTENTS:
             view.xattrs = {k[9:]: v for k, v, _ in names}
         self.files.put(ino, view, keep_window=True)
         return _dec_inode(ino, inode[0][1]).inode
@@ -831,12 +842,16 @@ class KvMeta:
             Dentry(int.from_bytes(key[9:17], "big"), key[17:], int.from_bytes(value, "big"))
             for key, value, _ in rows
         ]
-        inodes = batched(self.kv, [(k_inode(d.inode), None, 0) for d in dentries])
+        at = self.files.clock()
+        reads: list[Read] = []
+        for d in dentries:  # each inode with its first extents (st_blocks), in one request
+            reads += [(k_inode(d.inode), None, 0), self._first_extents(d.inode)]
+        rows = batched(self.kv, reads)  # (BATCH_READS is even: a pair is read at one revision)
         out = []
-        for d, found in zip(dentries, inodes):  # (one request for the page's inodes)
-            self.files.seen(d.inode, *((found[0][2], found[0][1]) if found else (0,)))
-            if found:
-                out.append((d, _dec_inode(d.inode, found[0][1]).inode))
+        for i, d in enumerate(dentries):
+            inode = self._viewed(d.inode, at, rows[2 * i], rows[2 * i + 1], None)
+            if inode is not None:
+                out.append((d, inode))
         return out
 
     def _dir(self, t: Txn, ino: int) -> _Rec:

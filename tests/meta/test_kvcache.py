@@ -252,6 +252,11 @@ def test_requests_per_operation(clients):
     assert c == ["batch", "commit"]  # the extents and the block's row in one read
     _, c = count(a.locks._release, lease[0])
     assert c == ["commit"]
+    a.files.clock.t += a.files.ttl_s + 0.01  # (what was read before is too old now)
+    page, c = count(a.readdir, ROOT_INODE, 0, 100)
+    assert c == ["scan", "batch"]  # the entries; their inodes with their first extents
+    _, c = count(a.allocated_bytes, f.id)  # (st_blocks of a readdirplus entry)
+    assert c == []
     _, c = count(a.unlink, ROOT_INODE, b"f")
     assert c == ["get", "batch", "get", "commit"]  # name; extents and xattrs; a block
     g = a.mknod(ROOT_INODE, b"g", REG, 0, 0).id
