@@ -136,7 +136,10 @@ class MountMetrics:
             "op",
         )
         self.op_errors = family(
-            "counter", "hafs_fuse_op_errors", "FUSE operations answered with an error, by kind.", "op"
+            "counter",
+            "hafs_fuse_op_errors",
+            "FUSE operations answered with an error, by kind.",
+            "op",
         )
         self.read_bytes = family("counter", "hafs_read_bytes", "Bytes returned by read.")
         self.written_bytes = family("counter", "hafs_written_bytes", "Bytes taken by write.")
@@ -162,7 +165,16 @@ class MountMetrics:
             "node",
             "call",
         )
-        self.nodes = family("gauge", "hafs_nodes", "Nodes of the ring, by state (up, down).", "state")
+        self.meta_seconds = family(
+            "histogram",
+            "hafs_meta_request_seconds",
+            "Requests to the metadata store (etcd round trips: get, scan, batch, commit,"
+            " lease_*), by call, and how long they took; none with embedded metadata.",
+            "call",
+        )
+        self.nodes = family(
+            "gauge", "hafs_nodes", "Nodes of the ring, by state (up, down).", "state"
+        )
         self.degraded_blocks = family(
             "gauge",
             "hafs_degraded_blocks",
@@ -200,6 +212,10 @@ class MountMetrics:
         self.block_seconds.labels(node, call).observe(seconds)
         if failed:
             self.block_errors.labels(node, call).inc()
+
+    def meta_request(self, call: str, seconds: float) -> None:
+        """One request to the metadata store ended (from any thread)."""
+        self.meta_seconds.labels(call).observe(seconds)
 
     def serve(self, address: str) -> tuple[str, int]:
         """Serve the registry at http://HOST:PORT/metrics in a daemon thread; the bound

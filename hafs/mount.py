@@ -312,6 +312,9 @@ def run_foreground(home: Path, mountpoint: Path, options: str | None, ready_fd: 
                 alone = not any(s.kind == "mount" for s in others)
             down = home_mod.check_remote_nodes(fs)
             metrics = MountMetrics()
+            observe = getattr(fs.meta, "observe_requests", None)  # engines with requests
+            if observe is not None:
+                observe(metrics.meta_request)
             if opts.metrics:
                 metrics_at = metrics.serve(opts.metrics)
         except BaseException:

@@ -2,7 +2,8 @@
 """Run one filesystem yardstick on hafs, a plain directory and bindfs, side by side.
 
     python3 tools/bench.py [--quick] [--reps N] [--only seqwrite,...]
-                           [--targets hafs,hafs-nodes,plain,bindfs] [-o cache_mb=256,...]
+                           [--targets hafs,hafs-nodes,cluster,plain,bindfs]
+                           [-o cache_mb=256,...]
                            [--json OUT.jsonl] [--keep] [--workdir /var/tmp]
                            [--fsbench PATH] [--timeout SECONDS]
 
@@ -16,6 +17,10 @@ on the same disk):
           ports (data directories on the same disk), claimed by `hafs mkfs
           --node URL ...` (R=2, W=2), mounted the same way; the nodes are
           stopped by PID afterwards;
+  cluster the same over three more `hafs node`s, with the metadata in a 3-member etcd
+          cluster on loopback ports (tests/etcdproc.py of this checkout; `hafs mkfs --meta
+          etcd://.../bench --home HOME --node URL ...`); etcd and the nodes are stopped by
+          PID afterwards (skipped with a note when etcd is not installed);
   plain   a plain directory on the same filesystem;
   bindfs  `bindfs SRC MNT` (libfuse's C passthrough; skipped with a note when
           bindfs is not installed), the cost of FUSE itself.
@@ -29,9 +34,11 @@ cell the median rate over the repetitions and, with --reps >= 2, the spread
 FUSE requests: hafs targets are mounted with `-o metrics=127.0.0.1:PORT` (a free
 port; or the one given in -o), and the mount's per-operation request counters are
 read whenever the yardstick reports a workload; the difference is that workload's
-requests, shown in a "req" column per hafs target: per MiB (seqwrite, seqread, cp),
-per file (smallfiles, tree: the yardstick reports their phases together, so one
-figure covers all of them, shown on the first phase's row) and per write
+requests (and, on cluster, its requests to etcd, `hafs_meta_request_seconds`, listed
+under the table with their mean time), shown in a "req" column per hafs target: per
+MiB (seqwrite, seqread, cp), per file (smallfiles, tree: the yardstick reports their
+phases together, so one figure covers all of them, shown on the first phase's row) and
+per write
 (randwrite, its pre-fill included), with the busiest operations listed under the
 table, so that a change in round trips shows up beside the rates.
 
@@ -46,12 +53,14 @@ tools/fsbench_builtin.py (the same workloads, standard library only), so a
 bare clone runs as it is; `--fsbench builtin` picks the built-in one always.
 
 Exit code: 0 all targets ran, 1 a target failed or hung, 2 bad input, 130
-interrupted.  Standard library only (plus the `hafs` command and bindfs).
+interrupted.  Standard library only (plus the `hafs` command and bindfs; the cluster
+target also imports this checkout's hafs and tests/etcdproc.py, and runs etcd).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -67,12 +76,13 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BUILTIN_FSBENCH = REPO / "tools" / "fsbench_builtin.py"
 SHARED_FSBENCH = REPO.parent / "shared" / "bench" / "fsbench.py"  # used when present
-ALL_TARGETS = ["hafs", "hafs-nodes", "plain", "bindfs"]
+ALL_TARGETS = ["hafs", "hafs-nodes", "cluster", "plain", "bindfs"]
 ALL_WORKLOADS = ["seqwrite", "seqread", "cp", "smallfiles", "tree", "randwrite"]
 # Table rows: (row name, fsbench workload, field of the record holding the rate)
 ROWS = [
@@ -435,15 +445,23 @@ class TargetRun:
         self.seconds = 0.0
 
 
-def fuse_counters(url: str) -> Counter:
-    """FUSE requests the hafs mount serving metrics at `url` answered, by operation."""
+def mount_counters(url: str) -> dict[str, Counter]:
+    """Of the hafs mount serving metrics at `url`: FUSE requests answered, by operation
+    ("fuse"); requests to the metadata store, by call ("meta"), and their seconds
+    ("meta_s")."""
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
-    out: Counter = Counter()
+    out: dict[str, Counter] = {"fuse": Counter(), "meta": Counter(), "meta_s": Counter()}
+    series = [
+        ("hafs_fuse_op_seconds_count{", 'op="', "fuse", int),
+        ("hafs_meta_request_seconds_count{", 'call="', "meta", int),
+        ("hafs_meta_request_seconds_sum{", 'call="', "meta_s", float),
+    ]
     for line in text.splitlines():
-        if line.startswith("hafs_fuse_op_seconds_count{") and 'op="' in line:
-            labels, _, value = line.rpartition(" ")
-            out[labels.split('op="', 1)[1].split('"', 1)[0]] += int(float(value))
+        for prefix, label, kind, cast in series:
+            if line.startswith(prefix) and label in line:
+                labels, _, value = line.rpartition(" ")
+                out[kind][labels.split(label, 1)[1].split('"', 1)[0]] += cast(float(value))
     return out
 
 
@@ -466,7 +484,8 @@ def run_fsbench(
 ) -> None:
     """Run fsbench on `directory`, filling target.records; never leaves the child running.
     metrics_url: of the hafs mount under test; each record gets the FUSE requests answered
-    since the previous one (`fuse_requests`, by operation)."""
+    since the previous one (`fuse_requests`, by operation) and, where there are any, the
+    requests to the metadata store (`meta_requests` by call, `meta_seconds`)."""
     cmd = [
         sys.executable,
         str(args.fsbench),
@@ -501,7 +520,7 @@ def run_fsbench(
     timer = threading.Timer(args.timeout, watchdog)
     timer.daemon = True
     timer.start()
-    seen: Counter = Counter()
+    seen: dict[str, Counter] = {}
     try:
         for line in proc.stdout:
             line = line.strip()
@@ -514,13 +533,17 @@ def run_fsbench(
                 continue
             if metrics_url is not None:
                 try:
-                    now = fuse_counters(metrics_url)
+                    now = mount_counters(metrics_url)
                 except (OSError, ValueError) as e:
                     log(f"[{target.name}] cannot read the mount's metrics: {e}")
                     metrics_url = None
                 else:
                     if rec.get("workload") != "meta":
-                        rec["fuse_requests"] = dict(+(now - seen))
+                        diff = {k: +(v - seen.get(k, Counter())) for k, v in now.items()}
+                        rec["fuse_requests"] = dict(diff["fuse"])
+                        if now["meta"]:
+                            rec["meta_requests"] = dict(diff["meta"])
+                            rec["meta_seconds"] = sum(diff["meta_s"].values())
                     seen = now
             raw.append(rec)
             target.records.append(rec)
@@ -581,16 +604,19 @@ def bench_hafs(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
 NODES = 3  # `hafs node` processes of the hafs-nodes target (R=2, like the embedded defaults)
 
 
-def bench_hafs_nodes(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
-    """Three `hafs node` processes on loopback ports, claimed by `hafs mkfs --node URL ...`."""
+@contextlib.contextmanager
+def running_nodes(tmp: Path, name: str) -> Iterator[list[str]]:
+    """NODES `hafs node` processes on loopback ports, data in TMP/NAME<i>: their URLs.
+    RuntimeError (with its log's tail) if one does not start; stopped by PID on the way
+    out."""
     procs: list[subprocess.Popen] = []
     try:
         urls = []
         for i in range(NODES):
-            data, port = tmp / f"node{i}", free_port()
+            data, port = tmp / f"{name}{i}", free_port()
             data.mkdir()
             listen = f"127.0.0.1:{port}"
-            logf = open(tmp / f"node{i}.log", "wb")  # noqa: SIM115 - closed with the process
+            logf = open(tmp / f"{name}{i}.log", "wb")  # noqa: SIM115 - closed with the process
             procs.append(
                 subprocess.Popen(
                     [*hafs_cmd(), "node", "--data", str(data), "--listen", listen],
@@ -602,18 +628,55 @@ def bench_hafs_nodes(args, target: TargetRun, tmp: Path, raw: list[dict]) -> Non
             )
             logf.close()
             if not wait_listening(port, procs[-1]):
-                target.status = "failed"
-                target.note = (
-                    f"hafs node on {listen} did not start: {log_tail(tmp / f'node{i}.log')}"
+                raise RuntimeError(
+                    f"hafs node on {listen} did not start: {log_tail(tmp / f'{name}{i}.log')}"
                 )
-                return
             urls.append(f"http://{listen}")
-        log(f"[{target.name}] {NODES} hafs node processes: {', '.join(urls)}")
-        extra = [a for url in urls for a in ("--node", url)]
-        mkfs_and_bench(args, target, tmp / "nodes-home", tmp / "nodes-mnt", extra, raw)
+        yield urls
     finally:
         for proc in procs:
             stop_process(proc)
+
+
+def node_args(urls: list[str]) -> list[str]:
+    return [a for url in urls for a in ("--node", url)]
+
+
+def bench_hafs_nodes(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
+    """Three `hafs node` processes on loopback ports, claimed by `hafs mkfs --node URL ...`."""
+    with running_nodes(tmp, "node") as urls:
+        log(f"[{target.name}] {NODES} hafs node processes: {', '.join(urls)}")
+        mkfs_and_bench(args, target, tmp / "nodes-home", tmp / "nodes-mnt", node_args(urls), raw)
+
+
+def etcd_helpers():
+    """tests/etcdproc.py of this checkout (the tests' etcd cluster: it imports hafs, this
+    checkout's first); ImportError saying what is missing."""
+    for path in (REPO / "tests", REPO):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    try:
+        import etcdproc
+    except ImportError as e:
+        raise ImportError(
+            f"the cluster target needs this checkout's tests/etcdproc.py and hafs ({e})"
+        ) from None
+    return etcdproc
+
+
+def bench_cluster(args, target: TargetRun, tmp: Path, raw: list[dict]) -> None:
+    """Three etcd members and three `hafs node`s on loopback: `hafs mkfs --meta URL`."""
+    etcdproc = etcd_helpers()
+    if etcdproc.etcd_binary() is None:
+        target.status = "skipped"
+        target.note = "etcd is not installed (apt-get install etcd-server)"
+        return
+    (tmp / "etcd").mkdir()
+    with etcdproc.running_cluster(tmp / "etcd") as cluster, running_nodes(tmp, "cnode") as urls:
+        url = cluster.url("bench")
+        log(f"[{target.name}] etcd {url}; {NODES} hafs node processes: {', '.join(urls)}")
+        mkfs_args = ["--meta", url, *node_args(urls)]
+        mkfs_and_bench(args, target, tmp / "cluster-home", tmp / "cluster-mnt", mkfs_args, raw)
 
 
 def free_port() -> int:
@@ -749,6 +812,7 @@ def _links_libfuse2(exe: str) -> bool:
 RUNNERS = {
     "hafs": bench_hafs,
     "hafs-nodes": bench_hafs_nodes,
+    "cluster": bench_cluster,
     "plain": bench_plain,
     "bindfs": bench_bindfs,
 }
@@ -800,31 +864,39 @@ def _request_units(rec: dict) -> tuple[float, str]:
     return 0, ""
 
 
-def request_figures(t: TargetRun) -> dict[str, tuple[str, Counter, float]]:
+def request_figures(
+    t: TargetRun, field: str = "fuse_requests"
+) -> dict[str, tuple[str, Counter, float, float]]:
     """Workload (the first record of its group: smallfiles_* and tree_* are reported
-    together) -> (requests per unit as text, the requests by operation, the units)."""
+    together) -> (requests per unit as text, the requests by operation, the units, their
+    seconds).  field: "fuse_requests", or "meta_requests" (to the metadata store)."""
     groups: dict[str, list] = {}
     for rec in t.records:
-        reqs, workload = rec.get("fuse_requests"), rec.get("workload", "")
+        reqs, workload = rec.get(field), rec.get("workload", "")
         if reqs is None or workload == "done":
             continue
-        group = groups.setdefault(workload.split("_")[0], [workload, Counter(), rec])
+        group = groups.setdefault(workload.split("_")[0], [workload, Counter(), rec, 0.0])
         group[1].update(reqs)
+        group[3] += rec.get("meta_seconds", 0.0)
     out = {}
-    for first, counts, rec in groups.values():
+    for first, counts, rec, seconds in groups.values():
         units, unit = _request_units(rec)
         if units > 0:
-            out[first] = (f"{sum(counts.values()) / units:.3g}/{unit}", counts, units)
+            out[first] = (f"{sum(counts.values()) / units:.3g}/{unit}", counts, units, seconds)
     return out
 
 
-def request_notes(targets: list[TargetRun]) -> list[str]:
-    """The busiest operations per unit of each workload, for every hafs target."""
+def request_notes(targets: list[TargetRun], field: str = "fuse_requests") -> list[str]:
+    """The busiest operations (calls) per unit of each workload, for every hafs target;
+    of the metadata store's requests also their mean time."""
     lines = []
     for t in targets:
-        for workload, (text, counts, units) in request_figures(t).items():
+        for workload, (text, counts, units, seconds) in request_figures(t, field).items():
             top = ", ".join(f"{n / units:.3g} {op}" for op, n in counts.most_common(5))
-            lines.append(f"  {t.name} {workload.split('_')[0]}: {text} = {top}")
+            mean = ""
+            if field == "meta_requests" and counts:
+                mean = f"; {seconds / sum(counts.values()) * 1000:.2f} ms each on average"
+            lines.append(f"  {t.name} {workload.split('_')[0]}: {text} = {top}{mean}")
     return lines
 
 
@@ -832,7 +904,13 @@ def render_table(targets: list[TargetRun]) -> str:
     names = [t.name for t in targets]
     ratios = [
         (a, b)
-        for a, b in (("hafs-nodes", "hafs"), ("hafs", "plain"), ("hafs", "bindfs"))
+        for a, b in (
+            ("hafs-nodes", "hafs"),
+            ("cluster", "hafs-nodes"),
+            ("cluster", "hafs"),
+            ("hafs", "plain"),
+            ("hafs", "bindfs"),
+        )
         if a in names and b in names
     ]
     requests = {t.name: request_figures(t) for t in targets}
@@ -1027,7 +1105,8 @@ def main(argv=None) -> int:
         f"disk    : {info['workdir']}: {info['workdir_fs']}, {info['disk_free']} free;"
         f" load average at start {info['loadavg_start']}",
         f"hafs    : revision {info['hafs_revision']}; mkfs defaults (R=2, 3 backing dirs on"
-        f" this disk; hafs-nodes: {NODES} hafs node processes on loopback, R=2, W=2);"
+        f" this disk; hafs-nodes: {NODES} hafs node processes on loopback, R=2, W=2;"
+        f" cluster: the same with 3 etcd members on loopback);"
         f" mount options: {args.options or 'defaults'}",
         f"fsbench : {args.fsbench}"
         f"{' (built in)' if args.fsbench == BUILTIN_FSBENCH else ''} --unique-data",
@@ -1096,6 +1175,11 @@ def main(argv=None) -> int:
         print()
         print("FUSE requests per unit, the busiest operations ('^': counted in the row above;")
         print("the randwrite figure includes its pre-fill):")
+        print("\n".join(lines))
+    lines = request_notes(targets, "meta_requests")
+    if lines:
+        print()
+        print("Requests to etcd (hafs_meta_request_seconds) per unit, the busiest calls:")
         print("\n".join(lines))
     for t in targets:
         meta = next((r for r in t.records if r.get("workload") == "meta"), None)

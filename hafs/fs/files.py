@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 _ZEROS = bytes(MAX_SIZE)
 MAX_PENDING = 4  # regions of one file stored at once
 INLINE_CUT_BYTES = 64 * 1024  # regions up to this size are cut and hashed on the trio thread
+# a read of a file open here catches up with another mount's size at most this often, as the
+# kernel's attributes do (fuse_ops.ATTR_TIMEOUT); an open always does (close-to-open)
+READ_REFRESH_S = 1.0
 
 
 class WriteBudget:
@@ -127,6 +130,7 @@ def _level(e: BaseException) -> int:
 
 class FileState:
     def __init__(self, ino: int, size: int, shared: Shared) -> None:
+        """size: of the inode as just read (an open's)."""
         self.ino = ino
         self.size = size  # logical size, including buffered writes
         self.committed_size = size  # size recorded in the metadata
@@ -143,14 +147,14 @@ class FileState:
         # that no lock is taken again in the middle of what they write
         self.lost: LockLost | None = None
         self.handles = 0
-        # changes committed by this mount, and their count when the kernel's pages were last
-        # recorded as current (vfs: no engine read at a close that committed nothing new)
-        self.commits = self.pages_at = 0
         self.writers = 0  # handles open for writing
         self.lease: Lease | None = None  # the write lock, from the first change to the last close
         self.bg_flushing = False
         self.s = shared
         self._last_read_block: str | None = None
+        self._refreshed_at = trio.current_time()  # of the last read of the inode (`size`'s)
+        self.commits = 0  # commits of this mount's changes of the file (extents, sizes)
+        self.pages_at = 0  # `commits` when the vfs last recorded the kernel's pages' version
 
     # ------------------------------------------------------------------ write
 
@@ -192,7 +196,9 @@ class FileState:
         """Catch up with the metadata (another mount may have changed the file); `inode`:
         the caller's fresh copy."""
         if not self.has_changes():
+            started = trio.current_time()
             inode = inode or await self.s.meta.getattr(self.ino)
+            self._refreshed_at = started
             if inode is not None and not self.has_changes():
                 self.size = self.committed_size = inode.size
 
@@ -421,8 +427,8 @@ class FileState:
                 self.mtime_ns or time.time_ns(),
                 token,  # the lease this region was written under, even if lost since
             )
-            self.commits += 1
             self.committed_size = size
+            self.commits += 1
             failed = False
             if not self.dirty and len(self.pending) == 1:
                 self.mtime_ns = None
@@ -477,7 +483,8 @@ class FileState:
     # ------------------------------------------------------------------- read
 
     async def read(self, off: int, size: int) -> bytes:
-        await self.refresh()
+        if trio.current_time() - self._refreshed_at >= READ_REFRESH_S:
+            await self.refresh()
         end = min(off + size, self.size)
         if off >= end:
             return b""

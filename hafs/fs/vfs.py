@@ -546,8 +546,9 @@ class Vfs:
         gid: int,
         rdev: int = 0,
         target: bytes | None = None,
+        locked: bool = False,
     ) -> Inode:
-        return await self.meta.mknod(parent, name, mode, uid, gid, rdev, target)
+        return await self.meta.mknod(parent, name, mode, uid, gid, rdev, target, locked=locked)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         return await self._new_inode(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
@@ -563,9 +564,21 @@ class Vfs:
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Inode]:
-        inode = await self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        """A new file and a handle of it.  A writer's handle holds the file's write lock
+        from here on (engines take it in the create's transaction: no wait, no request)."""
+        writer = flags & os.O_ACCMODE != os.O_RDONLY
+        mode = stat.S_IFREG | (mode & 0o7777)
+        inode = await self._new_inode(parent, name, mode, uid, gid, locked=writer)
         self.page_versions[inode.id] = content_version(inode)  # (empty: nothing cached)
-        return await self._open_handle(inode, flags), inode
+        fh = await self._open_handle(inode, flags)
+        if writer:
+            h = self.handles[fh]
+            try:
+                await h.file.take_lock()
+            except BaseException:
+                await self.release(fh)
+                raise
+        return fh, inode
 
     async def readlink(self, ino: int) -> bytes:
         inode = await self._inode(ino)
@@ -735,7 +748,8 @@ class Vfs:
 
     async def _pages_committed(self, fs: FileState) -> None:
         """After a final flush under the file's write lock: the kernel's pages, current when
-        the lock was taken (else take_lock dropped the entry), are the bytes just committed."""
+        the lock was taken (else take_lock dropped the entry), are the bytes just committed.
+        Nothing committed since the last time (a close after a flush): nothing to read."""
         if fs.lease is not None and fs.ino in self.page_versions and fs.commits != fs.pages_at:
             commits = fs.commits
             inode = await self.meta.getattr(fs.ino)

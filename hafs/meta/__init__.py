@@ -279,6 +279,7 @@ class MetaStore(Protocol):
     def update_config(self, **changes: str | None) -> FsConfig:
         """Change the fields of CHANGEABLE_CONFIG (`hafs node token`, `hafs node ca`) in
         one transaction; returns the new configuration.  The others never change."""
+
     def ring(self) -> dict:
         """The ring description: {"version": N, "nodes": [{id, address, weight, zone, state}]}."""
 
@@ -322,9 +323,15 @@ class MetaStore(Protocol):
         gid: int,
         rdev: int = 0,
         target: bytes | None = None,
+        locked: bool = False,
     ) -> Inode:
         """A new file, directory, symlink or special file: EEXIST, ENOENT (parent gone),
-        ENOTDIR.  A setgid parent gives its group (and setgid to a directory)."""
+        ENOTDIR.  A setgid parent gives its group (and setgid to a directory).
+
+        locked (a regular file its creator writes): the engine may take the file's write
+        lock in the same transaction; the caller's next `locks.acquire` of
+        "inode:<ino>" then gets it without a request, and it must ask for it (and
+        release it) as for any lock."""
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode: ...
     def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:

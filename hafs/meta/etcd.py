@@ -5,6 +5,8 @@ gateway (etcd >= 3.4, path /v3/), sent with etcd3gw's HTTP client:
 
     get        POST /v3/kv/range {key}
     scan       POST /v3/kv/range {key, range_end, limit}        (etcd answers in key order)
+    batch      POST /v3/kv/txn   {success: one request_range per read}: several reads at
+                                  one revision in one round trip (a read-only transaction)
     snapshot   the same with {revision}: reads of the revision current when it began, which
                etcd keeps until it compacts it (then a MetaError says so)
     commit     POST /v3/kv/txn   {compare: mod_revision == N (0: absent), success: puts
@@ -22,7 +24,8 @@ that answered last; a connection error, a timeout or a temporary etcd error
 (no leader, leader changed, request timed out: gRPC UNAVAILABLE,
 DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) moves it to the next member, with a
 jittered backoff after each round over all of them.  Every call is bounded
-by `timeout_s` in total (each request by `request_timeout_s`; the mount's
+by `timeout_s` in total (each request by `request_timeout_s`, at most half of
+it, so one stuck request leaves time for another member; the mount's
 `-o meta_timeout_s`); past it the call raises `MetaUnavailable`, which the
 FUSE adapter turns into EIO.  What etcd refuses for good (too many operations
 in a transaction, a request too large, the space quota reached, a permission)
@@ -77,7 +80,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -318,7 +321,9 @@ class EtcdKV:
         self._end = prefix_end(prefix)
         self.name = name or "etcd://" + ",".join(e.split("://")[1] for e in endpoints)
         self.timeout_s = timeout_s
-        self.request_timeout_s = request_timeout_s
+        # at most half the bound: a request stuck on a member (one whose leader was just
+        # killed) leaves time to ask another within the call's bound
+        self.request_timeout_s = min(request_timeout_s, timeout_s / 2)
         self._first = 0  # the member that answered last
         self._idle: list[list[etcd3gw.Etcd3Client]] = [[] for _ in self._members]
         self._pool_lock = threading.Lock()
@@ -329,6 +334,9 @@ class EtcdKV:
         self.markers = prefix.rstrip(b"/") + MARKER_TAIL  # where the markers are
         self._granting = threading.Lock()  # one marker lease grant at a time
         self._applied: list[bytes] = []  # markers of applied commits, deleted by the next
+        # (call, seconds) of each call ("get", "scan", "batch", "commit", "lease_*"; not
+        # watches): KvMeta.observe_requests sets it, a mount's metrics count them
+        self.observe: Callable[[str, float], None] | None = None
 
     # ------------------------------------------------------------ transport
 
@@ -357,8 +365,23 @@ class EtcdKV:
         self,
         path: str,
         body: dict,
+        call: str,
         bound_s: float | None = None,
         failures: list[str] | None = None,
+    ) -> dict:
+        """POST one gateway request (see _failover); its time (retries included) goes to
+        `observe` as `call`'s."""
+        observe = self.observe
+        if observe is None:
+            return self._failover(path, body, bound_s, failures)
+        start = time.perf_counter()
+        try:
+            return self._failover(path, body, bound_s, failures)
+        finally:
+            observe(call, time.perf_counter() - start)
+
+    def _failover(
+        self, path: str, body: dict, bound_s: float | None, failures: list[str] | None
     ) -> dict:
         """POST one gateway request, failing over between members for `bound_s` (default
         `timeout_s`; OUTAGE_CALL_S at most during an outage).  `failures`: each failed
@@ -438,9 +461,10 @@ class EtcdKV:
 
     def ping(self, bound_s: float) -> None:
         """One read, failing over for at most bound_s (MetaUnavailable), no outage logged."""
-        self._call("kv/range", {"key": _b64(self.prefix), "keys_only": True}, bound_s)
+        self._call("kv/range", {"key": _b64(self.prefix), "keys_only": True}, "ping", bound_s)
 
-    def _range(self, start: bytes, end: bytes | None, limit: int, revision: int = 0) -> list[dict]:
+    @staticmethod
+    def _range_body(start: bytes, end: bytes | None, limit: int, revision: int = 0) -> dict:
         body: dict[str, Any] = {"key": _b64(start)}
         if end is not None:
             body["range_end"] = _b64(end)
@@ -448,13 +472,25 @@ class EtcdKV:
             body["limit"] = limit
         if revision:
             body["revision"] = revision
-        return self._call("kv/range", body).get("kvs", [])
+        return body
+
+    def _range(
+        self, call: str, start: bytes, end: bytes | None, limit: int, revision: int = 0
+    ) -> list[dict]:
+        body = self._range_body(start, end, limit, revision)
+        return self._call("kv/range", body, call).get("kvs", [])
+
+    def _rows(self, kvs: list[dict]) -> list[tuple[bytes, bytes, int]]:
+        n = len(self.prefix)
+        return [
+            (_unb64(kv["key"])[n:], _unb64(kv.get("value")), int(kv["mod_revision"])) for kv in kvs
+        ]
 
     # ------------------------------------------------------------------- KV
 
     def get(self, key: bytes, revision: int = 0) -> tuple[bytes, int] | None:
         """revision > 0: as the key was at that revision (the `snapshot` reader's)."""
-        kvs = self._range(self.prefix + key, None, 0, revision)
+        kvs = self._range("get", self.prefix + key, None, 0, revision)
         return (_unb64(kvs[0].get("value")), int(kvs[0]["mod_revision"])) if kvs else None
 
     def scan(
@@ -463,15 +499,32 @@ class EtcdKV:
         lo, hi = self.prefix + start, min(self.prefix + end, self._end)
         if lo >= hi or limit <= 0:
             return []
-        n = len(self.prefix)
-        return [
-            (_unb64(kv["key"])[n:], _unb64(kv.get("value")), int(kv["mod_revision"]))
-            for kv in self._range(lo, hi, limit, revision)
-        ]
+        return self._rows(self._range("scan", lo, hi, limit, revision))
+
+    def batch(self, reads: list[tuple[bytes, bytes | None, int]]) -> list[list[tuple]]:
+        """One read-only transaction of range requests: every read at one revision."""
+        ops, sent = [], []
+        for i, (start, end, limit) in enumerate(reads):
+            lo = self.prefix + start
+            if end is None:
+                ops.append({"request_range": self._range_body(lo, None, 0)})
+            else:
+                hi = min(self.prefix + end, self._end)
+                if lo >= hi or limit <= 0:
+                    continue
+                ops.append({"request_range": self._range_body(lo, hi, limit)})
+            sent.append(i)
+        out: list[list[tuple]] = [[] for _ in reads]
+        if ops:
+            reply = self._call("kv/txn", {"compare": [], "success": ops}, "batch")
+            for i, resp in zip(sent, reply.get("responses", [])):
+                out[i] = self._rows(resp.get("response_range", {}).get("kvs", []))
+        return out
 
     @contextmanager
     def snapshot(self) -> Iterator[_AtRevision]:
-        reply = self._call("kv/range", {"key": _b64(self.prefix), "limit": 1, "keys_only": True})
+        body = {"key": _b64(self.prefix), "limit": 1, "keys_only": True}
+        reply = self._call("kv/range", body, "snapshot")
         yield _AtRevision(self, int(reply["header"]["revision"]))
 
     def commit(
@@ -496,7 +549,7 @@ class EtcdKV:
             ops.append({"request_put": put})
         room = MAX_TXN_OPS - max(len(ops), len(compare))  # (etcd's limit, on each list)
         if not ops or room < 1:  # a check only: sent again as it is, it answers the same
-            reply = self._call("kv/txn", {"compare": compare, "success": ops})
+            reply = self._call("kv/txn", {"compare": compare, "success": ops}, "commit")
             return int(reply["header"]["revision"]) if reply.get("succeeded", False) else None
         marker = self.markers + uuid.uuid4().hex.encode()
         n = min(MARKERS_DELETED, room - 1)  # (a few, so that a commit stays within the limit)
@@ -510,7 +563,7 @@ class EtcdKV:
             body = {"compare": compare, "success": [*ops, put_marker]}
             failures: list[str] = []
             try:
-                reply = self._call("kv/txn", body, None, failures)
+                reply = self._call("kv/txn", body, "commit", None, failures)
             except LeaseNotFound:
                 if again or not self._marker_ended(lease):
                     raise
@@ -521,7 +574,7 @@ class EtcdKV:
                 self._applied.append(marker)
             return int(reply["header"]["revision"])
         if failures:  # a try that failed may have been applied: its marker says
-            rows = self._range(marker, None, 0)
+            rows = self._range("marker", marker, None, 0)
             if rows:
                 log.info("etcd commit applied by a try whose reply was lost (%s)", failures[-1])
                 with self._state_lock:
@@ -553,21 +606,21 @@ class EtcdKV:
         return True
 
     def lease_grant(self, ttl_s: float) -> int:
-        reply = self._call("lease/grant", {"TTL": max(1, math.ceil(ttl_s))})
+        reply = self._call("lease/grant", {"TTL": max(1, math.ceil(ttl_s))}, "lease_grant")
         return int(reply["ID"])
 
     def lease_keepalive(self, lease: int, timeout_s: float | None = None) -> bool:
-        reply = self._call("lease/keepalive", {"ID": lease}, timeout_s)
+        reply = self._call("lease/keepalive", {"ID": lease}, "lease_keepalive", timeout_s)
         return int(reply.get("result", {}).get("TTL", 0)) > 0  # ended: no TTL
 
     def lease_revoke(self, lease: int) -> None:
         try:
-            self._call("lease/revoke", {"ID": lease})
+            self._call("lease/revoke", {"ID": lease}, "lease_revoke")
         except LeaseNotFound:
             pass  # ended already
 
     def lease_ttl(self, lease: int) -> float | None:
-        ttl = int(self._call("lease/timetolive", {"ID": lease}).get("TTL", 0))
+        ttl = int(self._call("lease/timetolive", {"ID": lease}, "lease_ttl").get("TTL", 0))
         return None if ttl < 0 else float(ttl)
 
     def watch(self, key: bytes, revision: int, timeout_s: float) -> bool:

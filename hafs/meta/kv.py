@@ -70,8 +70,11 @@ refuse): link and rename into a removed directory (nlink 0) give ENOENT, as
 create does; moving a directory into itself or below it gives EINVAL.
 
 Inode numbers are never reused: each client takes 64 numbers at a time from
-Mnext_ino in its own small transaction.  Single-key reads (getattr) are not
-transactions; lookup reads the entry, then the inode.
+Mnext_ino in its own small transaction.  Reads outside transactions (getattr,
+lookup: the entry, then the inode) are not transactions.  Round trips are cut
+by meta/kvcache.py: reads an operation knows in advance go in one `KV.batch`
+(`Txn.prefetch`), a first attempt takes inodes as this client last saw them,
+and files' extents and xattrs are kept at an inode revision.
 
 Dump and load: `dump` reads every key at one revision (`KV.snapshot`); `load`
 writes a dump into an empty KV in transactions of at most LOAD_OPS keys and
@@ -124,6 +127,7 @@ from . import (
     check_xattr,
     now_ns,
 )
+from .kvcache import FIRST_EXTENTS, FileCache, FileView
 from .kvlocks import ClientLease, KvLocks, KvSessions, lock_key
 
 log = logging.getLogger(__name__)
@@ -132,6 +136,7 @@ LAYOUT_VERSION = 1
 MAX_TRIES = 100
 INO_BATCH = 64
 PAGE = 512  # keys per scan request
+BATCH_READS = 512  # reads per batch request (etcd: --max-txn-ops 4096)
 LOAD_OPS = 1000  # keys per transaction of a load (etcd: --max-txn-ops 4096)
 LOAD_BYTES = 4 << 20  # bytes of keys and values per load transaction (base64: < 16 MiB)
 WATCH_S = 10.0  # a watch of the ring is made again this often while the ring stays
@@ -151,6 +156,9 @@ class ReadOnly(HafsError):
     """A write through a KvMeta opened read-only."""
 
 
+Read = tuple[bytes, bytes | None, int]  # (key, None, 0): one key; (start, end, limit): a range
+
+
 class KVReader(Protocol):
     def get(self, key: bytes) -> tuple[bytes, int] | None:
         """(value, mod_revision), or None if absent."""
@@ -168,6 +176,10 @@ class KV(KVReader, Protocol):
     """
 
     name: str  # for messages: "etcd://h1:2379/prod", "memkv"
+
+    def batch(self, reads: list[Read]) -> list[list[tuple[bytes, bytes, int]]]:
+        """The rows of each read ((key, None, 0): that key, if present; (start, end,
+        limit): as `scan`), all at one revision, in one request."""
 
     def snapshot(self) -> AbstractContextManager[KVReader]:
         """Reads (get, scan) of the store as it is now, whatever is committed after, for
@@ -351,29 +363,88 @@ def _dec_extent(key: bytes, v: bytes) -> Extent:
 # ------------------------------------------------------------ transactions
 
 
+def batched(kv: KV, reads: list[Read]) -> list[list[tuple[bytes, bytes, int]]]:
+    """KV.batch of any number of reads, BATCH_READS per request."""
+    if len(reads) <= BATCH_READS:
+        return kv.batch(reads) if reads else []
+    out = []
+    for i in range(0, len(reads), BATCH_READS):
+        out += kv.batch(reads[i : i + BATCH_READS])
+    return out
+
+
 class Txn:
     """One attempt of an operation: reads recorded with their revisions, writes buffered."""
 
-    def __init__(self, kv: KV) -> None:
+    def __init__(
+        self,
+        kv: KV,
+        attempt: int = 0,
+        guess: Callable[[int], tuple[bytes, int] | None] | None = None,
+    ) -> None:
         self.kv = kv
+        self.attempt = attempt  # 0: the first run of the operation
+        # ino -> (value, revision) of an inode as last seen, taken instead of a read (the
+        # commit checks the revision; a refused commit re-runs the operation without guesses)
+        self._guess = guess
         self.checks: dict[bytes, int] = {}
         self._read: dict[bytes, bytes | None] = {}
+        self._ranges: dict[tuple[bytes, bytes], list[tuple[bytes, bytes]]] = {}  # prefetched
         self.puts: dict[bytes, bytes] = {}
         self.deletes: set[bytes] = set()
         self.leased: set[bytes] = set()
         self._inodes: dict[int, _Rec | None] = {}
         self._blocks: dict[str, _Block | None] = {}
 
+    def _guessed(self, key: bytes) -> bool:
+        """Take a guess of inode `key`, if there is one, as the txn's read of it."""
+        if self._guess is None or key[:1] != b"I" or len(key) != 9:
+            return False
+        found = self._guess(int.from_bytes(key[1:], "big"))
+        if found is None:
+            return False
+        self._read[key], self.checks[key] = found
+        return True
+
     def get(self, key: bytes) -> bytes | None:
         if key in self.puts:
             return self.puts[key]
         if key in self.deletes:
             return None
-        if key not in self._read:
+        if key not in self._read and not self._guessed(key):
             row = self.kv.get(key)
             self._read[key] = None if row is None else row[0]
             self.checks[key] = 0 if row is None else row[1]
         return self._read[key]
+
+    def prefetch(
+        self, keys: Iterable[bytes] = (), ranges: Iterable[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Read `keys` and the whole `ranges` in one request (KV.batch): later gets and
+        scans within them are answered from it.  A range longer than PAGE is read again
+        by its scans."""
+        keys = [k for k in dict.fromkeys(keys) if k not in self._read and k not in self.puts]
+        keys = [k for k in keys if k not in self.deletes and not self._guessed(k)]
+        ranges = [r for r in dict.fromkeys(ranges) if r not in self._ranges]
+        if len(keys) + len(ranges) < 2:
+            return  # one read is one request anyway: made where it is needed
+        rows = batched(self.kv, [(k, None, 0) for k in keys] + [(a, b, PAGE) for a, b in ranges])
+        for k, found in zip(keys, rows):
+            self._read[k] = found[0][1] if found else None
+            self.checks[k] = found[0][2] if found else 0
+        for r, found in zip(ranges, rows[len(keys) :]):
+            if len(found) < PAGE:
+                self._ranges[r] = [(k, v) for k, v, _ in found]
+
+    def _prefetched(self, start: bytes, end: bytes) -> list[tuple[bytes, bytes]] | None:
+        for (a, b), rows in self._ranges.items():
+            if a <= start and end <= b:
+                return [(k, v) for k, v in rows if start <= k < end]
+        return None
+
+    def read_value(self, key: bytes) -> bytes | None:
+        """The value the txn read of `key` (None: absent, or not read)."""
+        return self._read.get(key)
 
     def revision(self, key: bytes) -> int:
         """The mod_revision `get` saw (0: absent)."""
@@ -394,9 +465,12 @@ class Txn:
         """(key, value) in [start, end) as this txn sees them.  The keys are not checked
         one by one: a range is protected by its guard key (module docstring)."""
         out: list[tuple[bytes, bytes]] = []
+        known = self._prefetched(start, end)
+        if known is not None:
+            out.extend((k, v) for k, v in known if k not in self.deletes and k not in self.puts)
         cursor = start
         page = PAGE if limit is None else min(PAGE, limit + len(self.deletes))
-        while limit is None or len(out) < limit:
+        while known is None and (limit is None or len(out) < limit):
             rows = self.kv.scan(cursor, end, page)
             out.extend((k, v) for k, v, _ in rows if k not in self.deletes and k not in self.puts)
             if len(rows) < page:
@@ -451,6 +525,7 @@ class KvMeta:
         self._mutex = threading.Lock()
         self._inos: Iterator[int] = iter(())
         self._config: FsConfig | None = None
+        self.files = FileCache()  # extents and xattrs at an inode revision (kvcache.py)
         self.lease = ClientLease(kv, lock_ttl_s, clock)  # the client's: its locks and session
         self.locks = KvLocks(self, holder)
         self.sessions = KvSessions(self)
@@ -530,25 +605,34 @@ class KvMeta:
     def sync(self) -> None:
         """A no-op: a KV acknowledges a commit once it is durable."""
 
+    def observe_requests(self, observe: Callable[[str, float], None]) -> None:
+        """Hand each request to the store (call name, seconds) to `observe`: a KV over the
+        network (EtcdKV) times its calls; one in memory has no requests."""
+        kv = self.kv.kv if isinstance(self.kv, ReadOnlyKV) else self.kv
+        if hasattr(kv, "observe"):
+            kv.observe = observe
+
     # ------------------------------------------------------------ transactions
 
     def _transact(self, fn: Callable[[Txn], T], lease: int | None = None) -> tuple[T, int]:
         """Run fn in a Txn until its commit succeeds: (fn's result, the revision)."""
         delay = 0.0005
-        for _ in range(MAX_TRIES):
-            t = Txn(self.kv)
+        for attempt in range(MAX_TRIES):
+            t = Txn(self.kv, attempt, self._guess if attempt == 0 else None)
             try:
                 result = fn(t)
             except MetaError:  # the store failed (etcd did not answer): no answer to check
                 raise
             except Exception:  # an answer, or a bug met on an inconsistent view: check first
                 if self.kv.commit(t.checks, {}, ()) is not None:
+                    self._inodes_seen(t, None)
                     raise  # the answer holds: its reads were current
             else:
                 rev = self.kv.commit(
                     t.checks, t.puts, t.deletes, lease, t.leased if lease is not None else None
                 )
                 if rev is not None:
+                    self._inodes_seen(t, rev)
                     return result, rev
             time.sleep(random.uniform(0, delay))
             delay = min(delay * 2, 0.05)
@@ -556,6 +640,23 @@ class KvMeta:
 
     def _run(self, fn: Callable[[Txn], T]) -> T:
         return self._transact(fn)[0]
+
+    def _guess(self, ino: int) -> tuple[bytes, int] | None:
+        return self.files.guess(ino)
+
+    def _inodes_seen(self, t: Txn, rev: int | None) -> None:
+        """Tell the file cache the revisions (and values) of the inodes a committed txn
+        read (current at its commit) and wrote (now `rev`)."""
+        for key, r in t.checks.items():
+            if key[:1] == b"I" and len(key) == 9 and key not in t.puts:
+                self.files.seen(int.from_bytes(key[1:], "big"), r, t.read_value(key))
+        if rev is not None:
+            for key, value in t.puts.items():
+                if key[:1] == b"I" and len(key) == 9:
+                    self.files.seen(int.from_bytes(key[1:], "big"), rev, value)
+            for key in t.deletes:
+                if key[:1] == b"I" and len(key) == 9:
+                    self.files.deleted(int.from_bytes(key[1:], "big"))
 
     def _scan(
         self, start: bytes, end: bytes, limit: int | None = None, kv: KVReader | None = None
@@ -657,18 +758,55 @@ class KvMeta:
     # ------------------------------------------------------ inodes, entries
 
     def getattr(self, ino: int) -> Inode | None:
-        row = self.kv.get(k_inode(ino))
-        return None if row is None else _dec_inode(ino, row[0]).inode
+        """The inode, read with its first extents and xattrs (kept in `files`)."""
+        if ino != ROOT_INODE and self.files.gone(ino):
+            return None  # (fsck may make a root again, nothing else comes back)
+        at = self.files.clock()
+        xattrs = k_xattr(ino, b"")
+        inode, extents, names = self.kv.batch(
+            [
+                (k_inode(ino), None, 0),
+                self._first_extents(ino),
+                (xattrs, prefix_end(xattrs), FIRST_EXTENTS),
+            ]
+        )
+        return self._viewed(ino, at, inode, extents, names)
+
+    @staticmethod
+    def _first_extents(ino: int) -> Read:
+        return (k_extents(ino), prefix_end(k_extents(ino)), FIRST_EXTENTS)
+
+    def _viewed(
+        self, ino: int, at: float, inode: list[tuple], extents: list[tuple], names: list | None
+    ) -> Inode | None:
+        """The inode of the rows of one batch (its key, its first extents, its first xattrs
+        or None), which `files` keeps as a view of its revision."""
+        if not inode:
+            self.files.seen(ino, 0)
+            return None
+        view = FileView(inode[0][2], at, extents=[_dec_extent(k, v) for k, v, _ in extents])
+        view.value = inode[0][1]
+        if len(extents) == FIRST_EXTENTS:
+            view.hi = view.extents[-1].end
+        if names is not None and len(names) < FIRST_EXTENTS:
+            view.xattrs = {k[9:]: v for k, v, _ in names}
+        self.files.put(ino, view, keep_window=True)
+        return _dec_inode(ino, inode[0][1]).inode
 
     def lookup(self, parent: int, name: bytes) -> Inode | None:
         if name in (b".", b".."):
             self._need_dir(parent)
             return self.getattr(parent if name == b"." else self.parent_of(parent) or parent)
-        row = self.kv.get(k_entry(parent, name))
-        if row is None:
-            self._need_dir(parent)
+        entry, dir_inode = self.kv.batch(
+            [(k_entry(parent, name), None, 0), (k_inode(parent), None, 0)]
+        )
+        if not entry:
+            if not dir_inode:
+                raise FsError(errno.ENOENT)
+            if not stat.S_ISDIR(_dec_inode(parent, dir_inode[0][1]).inode.mode):
+                raise FsError(errno.ENOTDIR)
             return None
-        return self.getattr(int.from_bytes(row[0], "big"))
+        return self.getattr(int.from_bytes(entry[0][1], "big"))
 
     def _need_dir(self, ino: int) -> None:
         inode = self.getattr(ino)
@@ -707,10 +845,18 @@ class KvMeta:
                     rows = self.kv.scan(start, group_end, 1 << 20)
             else:
                 rows = rows[:limit]
+        dentries = [
+            Dentry(int.from_bytes(key[9:17], "big"), key[17:], int.from_bytes(value, "big"))
+            for key, value, _ in rows
+        ]
+        at = self.files.clock()
+        reads: list[Read] = []
+        for d in dentries:  # each inode with its first extents (st_blocks), in one request
+            reads += [(k_inode(d.inode), None, 0), self._first_extents(d.inode)]
+        rows = batched(self.kv, reads)  # (BATCH_READS is even: a pair is read at one revision)
         out = []
-        for key, value, _ in rows:
-            d = Dentry(int.from_bytes(key[9:17], "big"), key[17:], int.from_bytes(value, "big"))
-            inode = self.getattr(d.inode)
+        for i, d in enumerate(dentries):
+            inode = self._viewed(d.inode, at, rows[2 * i], rows[2 * i + 1], None)
             if inode is not None:
                 out.append((d, inode))
         return out
@@ -791,10 +937,12 @@ class KvMeta:
         gid: int,
         rdev: int = 0,
         target: bytes | None = None,
+        locked: bool = False,
     ) -> Inode:
         check_name(name)
 
         def op(t: Txn) -> Inode:
+            t.prefetch([k_inode(parent), k_entry(parent, name)])
             p = self._live_dir(t, parent)
             if self._entry(t, parent, name) is not None:
                 raise FsError(errno.EEXIST)
@@ -815,10 +963,17 @@ class KvMeta:
                 self._add_nlink(t, p, 1, ts)
             return inode
 
-        return self._run(op)
+        at = self.files.clock()
+        if locked and stat.S_ISREG(mode):
+            inode, rev = self.locks.create_locked(op)
+        else:
+            inode, rev = self._transact(op)
+        self.files.put(inode.id, FileView(rev, at, extents=[], xattrs={}))  # a new one: empty
+        return inode
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         def op(t: Txn) -> Inode:
+            t.prefetch([k_inode(ino), k_inode(parent), k_entry(parent, name)])
             rec = self._need(t, ino)
             if _is_dir(rec):
                 raise FsError(errno.EPERM)
@@ -838,10 +993,12 @@ class KvMeta:
 
     def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:
         def op(t: Txn) -> Inode:
+            t.prefetch([k_inode(parent), k_entry(parent, name)])
             p = self._dir(t, parent)
             ino = self._entry(t, parent, name)
             if ino is None:
                 raise FsError(errno.ENOENT)
+            t.prefetch([k_inode(ino)], self._file_ranges(ino))  # what a drop reads
             rec = self._need(t, ino)
             if _is_dir(rec):
                 raise FsError(errno.EISDIR)
@@ -857,6 +1014,7 @@ class KvMeta:
 
     def rmdir(self, parent: int, name: bytes) -> int:
         def op(t: Txn) -> int:
+            t.prefetch([k_inode(parent), k_entry(parent, name)])
             p = self._dir(t, parent)
             if name == b".":
                 raise FsError(errno.EINVAL)
@@ -877,6 +1035,9 @@ class KvMeta:
 
     def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int) -> int | None:
         def op(t: Txn) -> int | None:
+            t.prefetch(
+                [k_inode(p_old), k_inode(p_new), k_entry(p_old, n_old), k_entry(p_new, n_new)]
+            )
             po = self._dir(t, p_old)
             pn = self._live_dir(t, p_new)
             check_name(n_new)
@@ -884,6 +1045,7 @@ class KvMeta:
             if ino is None:
                 raise FsError(errno.ENOENT)
             target = self._entry(t, p_new, n_new)
+            t.prefetch([k_inode(ino)] + ([] if target is None else [k_inode(target)]))
             rec = self._need(t, ino)
             is_dir = _is_dir(rec)
             if is_dir and p_old != p_new:
@@ -993,6 +1155,9 @@ class KvMeta:
     # ----------------------------------------------------------------- xattrs
 
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        view = self.files.get(ino)
+        if view is not None and view.xattrs is not None:
+            return view.xattrs.get(name)
         row = self.kv.get(k_xattr(ino, name))
         return None if row is None else row[0]
 
@@ -1008,6 +1173,9 @@ class KvMeta:
         self._run(op)
 
     def list_xattrs(self, ino: int) -> list[bytes]:
+        view = self.files.get(ino)
+        if view is not None and view.xattrs is not None:
+            return sorted(view.xattrs)
         start = k_xattr(ino, b"")
         return [k[9:] for k, _, _ in self._scan(start, prefix_end(start))]
 
@@ -1025,7 +1193,12 @@ class KvMeta:
     # ---------------------------------------------------------------- content
 
     def extents(self, ino: int, start: int, end: int) -> list[Extent]:
-        out = []
+        view = self.files.get(ino)
+        if view is None or not view.covers(start, end):
+            view = self._read_extents(ino, start)
+        if view.covers(start, end):
+            return view.within(start, end)
+        out = []  # more than a PAGE of extents: paged
         for key, value, _ in self._scan(k_extent(ino, start + 1), prefix_end(k_extents(ino))):
             e = _dec_extent(key, value)
             if e.offset >= end:
@@ -1033,14 +1206,47 @@ class KvMeta:
             out.append(e)
         return out
 
+    def _read_extents(self, ino: int, start: int) -> FileView:
+        """A view of the extents ending after `start` (up to a PAGE of them), read with the
+        inode, so kept at its revision."""
+        at = self.files.clock()
+        inode, rows = self.kv.batch(
+            [(k_inode(ino), None, 0), (k_extent(ino, start + 1), prefix_end(k_extents(ino)), PAGE)]
+        )
+        view = FileView(inode[0][2] if inode else 0, at, start, None)
+        view.value = inode[0][1] if inode else None
+        view.extents = [_dec_extent(k, v) for k, v, _ in rows]
+        if len(rows) == PAGE:
+            view.hi = view.extents[-1].end
+        if inode:
+            self.files.put(ino, view)
+        else:
+            self.files.seen(ino, 0)
+        return view
+
     def allocated_bytes(self, ino: int) -> int:
+        view = self.files.get(ino)
+        if view is not None and view.covers(0, 1 << 63):
+            return sum(e.length for e in view.extents)
         rows = self._scan(k_extents(ino), prefix_end(k_extents(ino)))
         return sum(int.from_bytes(v[:8], "big") for _, v, _ in rows)
 
+    @staticmethod
+    def _file_ranges(ino: int) -> list[tuple[bytes, bytes]]:
+        """The ranges of a file's extents and xattrs, as `_drop_inode` scans them."""
+        return [
+            (k_extent(ino, 1), prefix_end(k_extents(ino))),
+            (k_xattr(ino, b""), prefix_end(k_xattr(ino, b""))),
+        ]
+
     def _fence(self, t: Txn, rec: _Rec | None, ino: int, token: int) -> None:
         """The check of every fenced change: the lock is still this grant, and no newer
-        token is recorded; records the token."""
-        if t.revision(lock_key(f"inode:{ino}")) != token:
+        token is recorded; records the token.  The lock key is only compared at the
+        commit, not read; a commit that fails re-runs the operation, which reads it."""
+        key = lock_key(f"inode:{ino}")
+        if t.attempt == 0 and key not in t.checks:
+            t.checks[key] = token
+        elif t.revision(key) != token:
             raise LockLost(f"inode {ino}: write token {token} refused, its lock has ended")
         if rec is None:
             raise LockLost(f"inode {ino}: write token {token} refused, the file was deleted")
@@ -1053,6 +1259,10 @@ class KvMeta:
             t.save(rec)
 
     def fence(self, ino: int, token: int) -> Inode:
+        created = self.locks.created(f"inode:{ino}", token)
+        if created is not None:
+            return created  # locked by its create: no older token, the lock compared at commits
+
         def op(t: Txn) -> Inode:
             rec = t.inode(ino)
             self._fence(t, rec, ino, token)
@@ -1072,6 +1282,10 @@ class KvMeta:
         token: int | None = None,
     ) -> None:
         def op(t: Txn) -> None:
+            t.prefetch(
+                [k_inode(ino), *(k_block(b) for b in sizes)],
+                [(k_extent(ino, start + 1), prefix_end(k_extents(ino)))],
+            )
             rec = t.inode(ino)
             if token is not None:
                 self._fence(t, rec, ino, token)
@@ -1091,6 +1305,7 @@ class KvMeta:
 
     def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> None:
         def op(t: Txn) -> None:
+            t.prefetch([k_inode(ino)], [(k_extent(ino, size + 1), prefix_end(k_extents(ino)))])
             rec = t.inode(ino)
             if token is not None:
                 self._fence(t, rec, ino, token)
@@ -1112,12 +1327,15 @@ class KvMeta:
     def _drop_extents(self, t: Txn, ino: int, start: int, end: int | None) -> None:
         """Delete the extents starting in [start, end) and release their blocks."""
         ts = now_ns()
+        dropped = []
         for key, value in t.scan(k_extent(ino, start + 1), prefix_end(k_extents(ino))):
             e = _dec_extent(key, value)
             if end is not None and e.offset >= end:
                 break
-            if e.offset < start:
-                continue
+            if e.offset >= start:
+                dropped.append((key, e))
+        t.prefetch(k_block(e.block_id) for _, e in dropped)  # their rows in one request
+        for key, e in dropped:
             t.delete(key)
             t.delete(k_user(e.block_id, ino, e.offset))
             b = t.block(e.block_id)
@@ -1317,8 +1535,7 @@ class KvMeta:
         load).  Fencing tokens start again at 0: they only compare with this KV's locks."""
         if kv.scan(b"", b"\xff", 1):
             raise UserError(
-                f"{kv.name} is not empty: a load needs an empty metadata store (give another"
-                " NAME)"
+                f"{kv.name} is not empty: a load needs an empty metadata store (give another NAME)"
             )
         marker = {"host": socket.gethostname(), "pid": os.getpid(), "since_ns": now_ns()}
         rev = kv.commit({K_VERSION: 0, K_LOADING: 0}, {K_LOADING: json.dumps(marker).encode()}, ())
@@ -1558,6 +1775,9 @@ class ReadOnlyKV:
 
     def scan(self, start: bytes, end: bytes, limit: int) -> list[tuple[bytes, bytes, int]]:
         return self.kv.scan(start, end, limit)
+
+    def batch(self, reads: list[Read]) -> list[list[tuple[bytes, bytes, int]]]:
+        return self.kv.batch(reads)
 
     def commit(
         self,

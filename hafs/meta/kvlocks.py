@@ -15,6 +15,12 @@ on, its session is registered again at the next renewal, and the lease is
 revoked, best effort, before the next one is granted (the store may have kept
 it alive meanwhile: etcd renews every lease when a new leader is elected).
 
+A new file's lock (`create_locked`, a create with `locked`): its keys are put
+by the create's transaction, its token that commit's revision; the next
+acquire of it by this client takes it without a request, and the fence after
+it needs none either (no older token can exist).  Such grants are kept until
+acquired (at most FRESH_KEPT; the vfs acquires right after the create).
+
 Locks (the semantics of meta/locks.py): a held lock is the key `L<name>`
 bound to the client's lease, valued {holder, acquired_ns, lease}.  Acquiring
 is a commit that finds the key absent (or held by this same holder) and puts
@@ -71,7 +77,7 @@ import trio
 
 from .. import __version__
 from ..errors import LockLost, LockTimeout, MetaUnavailable, UserError
-from . import SessionInfo, session_conflict
+from . import Inode, SessionInfo, session_conflict
 from .locks import Lease, LockInfo, default_holder
 
 if TYPE_CHECKING:
@@ -80,6 +86,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SESSION_GUARD = b"Msessions"
+FRESH_KEPT = 1024  # grants made by creates, not yet acquired
 
 
 def lock_key(name: str) -> bytes:
@@ -223,23 +230,77 @@ class KvLocks:
         self.kv = meta.kv
         self.lease = meta.lease
         self.holder = holder or default_holder(uuid.uuid4().hex[:8])
+        self._mutex = threading.Lock()
+        self._fresh: dict[str, tuple[KvLease, Inode]] = {}  # granted by a create, not acquired
+        self._created: dict[str, tuple[int, Inode]] = {}  # acquired so, not fenced yet
+
+    def _value(self, lease_id: int) -> bytes:
+        now = self.meta.clock()
+        return json.dumps({"holder": self.holder, "acquired_ns": now, "lease": lease_id}).encode()
+
+    def create_locked(self, create: Callable[[Txn], Inode]) -> tuple[Inode, int]:
+        """Run `create` (KvMeta.mknod's operation) in a transaction that also takes the new
+        file's lock (module docstring): the new inode, and the revision of its commit."""
+        from .kv import LeaseNotFound
+
+        while True:
+            self.lease.keepalive()
+            lease_id = self.lease.id()
+            value = self._value(lease_id)
+
+            def op(t: Txn, value: bytes = value) -> Inode:
+                inode = create(t)
+                name = f"inode:{inode.id}"
+                t.put(lock_key(name), value, leased=True)
+                t.put(_last_key(name), self.holder.encode())
+                return inode
+
+            try:
+                inode, token = self.meta._transact(op, lease_id)
+            except LeaseNotFound:
+                self.lease.ended(lease_id)
+                continue
+            name = f"inode:{inode.id}"
+            lease = KvLease(name, self.holder, token, self.lease.expires_ns(), lease_id)
+            with self._mutex:
+                _keep(self._fresh, name, (lease, inode))
+            log.debug("LOCK-ACQUIRE %s token %d (with its create)", name, token)
+            return inode, token
+
+    def created(self, name: str, token: int) -> Inode | None:
+        """The inode as its create made it, if that create granted lock `name` at `token`
+        and this is the first fence since."""
+        with self._mutex:
+            found = self._created.get(name)
+            if found is None or found[0] != token:
+                return None
+            del self._created[name]
+            return found[1]
 
     def _try(self, name: str) -> tuple[Lease | None, str | None]:
         """One attempt: (lease, None) on success, (None, current holder) otherwise."""
         from .kv import LeaseNotFound
 
+        with self._mutex:
+            fresh = self._fresh.pop(name, None)
+        if fresh is not None:
+            lease, inode = fresh
+            if self.valid(lease) and self.lease.keepalive() == lease.lease_id:
+                with self._mutex:
+                    _keep(self._created, name, (lease.token, inode))
+                return lease, None
         while True:
-            now = self.meta.clock()
             self.lease.keepalive()  # a lock lasts a whole ttl from its grant
             lease_id = self.lease.id()
-            value = json.dumps({"holder": self.holder, "acquired_ns": now, "lease": lease_id})
+            value = self._value(lease_id)
 
-            def op(t: Txn, value: str = value) -> tuple[bool, str | None]:
+            def op(t: Txn, value: bytes = value) -> tuple[bool, str | None]:
+                t.prefetch([lock_key(name), _last_key(name)])
                 cur = t.get(lock_key(name))
                 if cur is not None and json.loads(cur)["holder"] != self.holder:
                     return False, json.loads(cur)["holder"]
                 last = t.get(_last_key(name))
-                t.put(lock_key(name), value.encode(), leased=True)
+                t.put(lock_key(name), value, leased=True)
                 t.put(_last_key(name), self.holder.encode())
                 return True, None if last is None else last.decode()
 
@@ -289,12 +350,10 @@ class KvLocks:
         return self.meta.clock() < lease.expires_ns
 
     def _release(self, lease: Lease) -> None:
-        def op(t: Txn) -> None:
-            if t.revision(lock_key(lease.name)) == lease.token:
-                t.delete(lock_key(lease.name))
-                t.delete(_last_key(lease.name))
-
-        self.meta._transact(op)
+        """Delete the lock's keys if it is still this grant: one compare, no read (a
+        refused commit: it is not, nothing to release)."""
+        key = lock_key(lease.name)
+        self.kv.commit({key: lease.token}, {}, (key, _last_key(lease.name)))
         log.debug("LOCK-RELEASE %s token %d", lease.name, lease.token)
 
     async def release(self, lease: Lease) -> None:
@@ -484,6 +543,13 @@ class KvSessions:
         """The session id (or holder) of the client that has `role`, if any."""
         row = self.kv.get(_leader_key(role))
         return None if row is None else row[0].decode()
+
+
+def _keep(d: dict, key: str, value: object) -> None:
+    """d[key] = value, dropping the oldest entries beyond FRESH_KEPT."""
+    d[key] = value
+    while len(d) > FRESH_KEPT:
+        del d[next(iter(d))]
 
 
 def _info(d: dict) -> SessionInfo:

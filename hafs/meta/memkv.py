@@ -78,6 +78,18 @@ class MemKV:
             self._expire()
             return _scan(self._keys, self._data, start, end, limit)
 
+    def batch(self, reads: list[tuple[bytes, bytes | None, int]]) -> list[list[tuple]]:
+        with self._lock:
+            self._expire()
+            out = []
+            for start, end, limit in reads:
+                if end is None:
+                    row = self._data.get(start)
+                    out.append([] if row is None else [(start, row[0], row[1])])
+                else:
+                    out.append(_scan(self._keys, self._data, start, end, limit))
+            return out
+
     @contextmanager
     def snapshot(self) -> Iterator[_Frozen]:
         with self._lock:

@@ -764,6 +764,7 @@ class SqliteMeta:
         gid: int,
         rdev: int = 0,
         target: bytes | None = None,
+        locked: bool = False,  # (the lock is taken by acquire: a local write anyway)
     ) -> Inode:
         check_name(name)
         with self.txn():

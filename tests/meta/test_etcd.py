@@ -196,7 +196,7 @@ def test_a_commit_whose_reply_was_lost_answers_as_the_commit_it_was(cluster, bef
         assert kv.commit({b"Qk": rev - 1}, {b"Qk": b"w"}, ()) is None
         assert kv.get(b"Qk") == (b"v", rev)
         assert not [k for k, _, _ in kv.scan(b"", b"\xff", 1000) if b"txn" in k]
-        markers = kv._range(kv.markers, kv.markers + b"\xff", 100)
+        markers = kv._range("scan", kv.markers, kv.markers + b"\xff", 100)
         assert 1 <= len(markers) <= 8  # beside the prefix; the next commits delete them
     finally:
         m.close()
