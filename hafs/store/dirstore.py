@@ -16,22 +16,15 @@ one place ids are computed). Every public method validates the id against
 
 Durability of `put` (DESIGN invariant 2), in order:
 
-1. write the bytes to ``tmp/<id>.<random>`` (O_EXCL);
-2. wait for a flush of the filesystem (`Syncer.sync`): the bytes are durable;
-3. (re)create the fan-out directory if someone removed it;
-4. rename the temp file to ``blocks/ab/<id>`` (atomic);
-5. wait for a flush again: the name is durable.
+1. write the bytes to ``tmp/<id>.<random>`` (O_EXCL) and fsync the file;
+2. (re)create the fan-out directory if someone removed it;
+3. rename the temp file to ``blocks/ab/<id>`` (atomic);
+4. fsync ``blocks/ab``.
 
-A flush is one ``syncfs`` of the backing filesystem, shared by every put (and
-delete) of the directory that waits at the time (hafs.store.syncer): N
-concurrent puts cost a few flushes, not 2N fsyncs.  The bytes are durable before
-the rename, so after a crash a block file at its final name never holds fewer
-bytes than were written (a later put trusts a file of the right size).
-
-When the block is already there with the right size, steps 1-4 are skipped
+When the block is already there with the right size, steps 1-3 are skipped
 (content addressing makes the write idempotent), its mtime is refreshed so a
 garbage collector honouring the grace period (invariant 5) cannot delete a block
-a writer has just stored again, and step 5 still runs: the file may have been
+a writer has just stored again, and step 4 still runs: the file may have been
 renamed by another thread or process an instant ago and not yet be durable.
 
 `get` verifies the hash (invariant 1). A block that fails is moved to
@@ -45,14 +38,13 @@ beside a mount), may use one directory at once, with the same or different ids.
 - Each put writes its own temp file (random suffix, O_EXCL), so puts of one id
   never share a file; the last rename wins and every contender's bytes are the
   same. No lock is taken on the hot path.
-- Besides the Syncer (thread-safe, its own lock), the only shared mutable
-  state is the set of fan-out directories known to exist. Membership is read
-  without the lock (a single set lookup is atomic); creating a directory,
-  fsyncing its parent and adding it to the set happen under `_dirs_lock`, and
-  a directory joins the set only after its parent was fsynced, so no thread
-  trusts a directory entry that is not yet durable. When mkdir finds the
-  directory already there (another process made it), the parent is fsynced
-  all the same.
+- The only shared mutable state is the set of fan-out directories known to
+  exist. Membership is read without the lock (a single set lookup is atomic);
+  creating a directory, fsyncing its parent and adding it to the set happen
+  under `_dirs_lock`, and a directory joins the set only after its parent was
+  fsynced, so no thread trusts a directory entry that is not yet durable. When
+  mkdir finds the directory already there (another process made it), the
+  parent is fsynced all the same.
 - Moving a corrupt block aside races with a put of a good copy: after the
   rename, the moved file's inode is compared with the one that was read, and a
   good copy moved by mistake is renamed back.
@@ -95,7 +87,6 @@ from hafs.errors import (
 )
 
 from .owner import OwnerClaim, foreign
-from .syncer import Syncer
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +206,6 @@ class DirStore:
         self._tmp = root + "/tmp"
         self._corrupt = root + "/corrupt"
         self._known_dirs: set[str] = set()  # fan-out directories "ab" known to exist durably
-        self._syncer = Syncer(root)  # the grouped flushes of put and delete
 
     def __repr__(self) -> str:
         return f"DirStore({os.fspath(self.path)!r}, node_id={self.node_id!r})"
@@ -461,6 +451,9 @@ class DirStore:
 
     # ---------------------------------------------------------------- blocks
 
+    def _dir_of(self, bid: str) -> str:
+        return f"{self._blocks}/{bid[:2]}"
+
     def _path_of(self, bid: str) -> str:
         return f"{self._blocks}/{bid[:2]}/{bid}"
 
@@ -485,7 +478,6 @@ class DirStore:
         mv = memoryview(data).cast("B")
         size = mv.nbytes
         target = self._path_of(bid)
-        ticket = self._syncer.begin()
         try:
             st = os.stat(target)
         except FileNotFoundError:
@@ -497,7 +489,7 @@ class DirStore:
                 except FileNotFoundError:
                     pass  # deleted meanwhile: write it again below
                 else:
-                    self._syncer.sync(ticket)
+                    _fsync_dir(self._dir_of(bid))
                     return
             else:
                 log.warning(
@@ -513,15 +505,15 @@ class DirStore:
             try:
                 while mv:
                     mv = mv[os.write(fd, mv) :]
+                os.fsync(fd)
             finally:
                 os.close(fd)
-            self._syncer.sync(ticket)  # the bytes, before a name makes them a block
             self._ensure_fanout(bid)
             os.rename(tmp, target)
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        self._syncer.sync(ticket)  # the name
+        _fsync_dir(self._dir_of(bid))
 
     def get(self, block_id: str) -> bytes:
         """Return the bytes of block `block_id`, verified against the id.
@@ -591,12 +583,11 @@ class DirStore:
         bid = check_block_id(block_id)
         if self.owner is not None:
             self._check_owner()
-        ticket = self._syncer.begin()
         try:
             os.unlink(self._path_of(bid))
         except FileNotFoundError:
             return False
-        self._syncer.sync(ticket)
+        _fsync_dir(self._dir_of(bid))
         return True
 
     def iter_ids(self, after: str = "", limit: int = 1000) -> list[str]:
