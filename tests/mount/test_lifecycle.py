@@ -7,6 +7,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -154,6 +155,27 @@ def test_remount_at_once_after_kill_9_every_time(fresh):
         fresh.start()  # at once: no wait, no manual step
         assert {n: (fresh.mnt / n).read_bytes() for n in written} == written
         assert len(subprocess.check_output(["findmnt", "-n", str(fresh.mnt)]).splitlines()) == 1
+
+
+def test_files_closed_by_parallel_writers_survive_kill_9_right_after(fresh):
+    """Closes that share grouped flushes (hafs.store.syncer) each return durable: every
+    file closed before the SIGKILL is whole after the remount."""
+    written = {f"w{w}-{i}": os.urandom(4096 + w * 100 + i) for w in range(8) for i in range(25)}
+
+    def writer(w: int) -> None:
+        for name, data in written.items():
+            if name.startswith(f"w{w}-"):
+                with open(fresh.mnt / name, "wb") as f:
+                    f.write(data)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _kill_9(fresh.daemon_pid())
+    fresh.start()
+    assert {n: (fresh.mnt / n).read_bytes() for n in written} == written
 
 
 def test_mount_refuses_a_live_mount_and_another_filesystem(fresh, tmp_path):
