@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,15 +69,3 @@ def log_allows(request) -> tuple[str, ...]:
     """The texts a test's `log_allows` marker allows in the mounts' logs."""
     marker = request.node.get_closest_marker("log_allows")
     return marker.args if marker else ()
-
-
-def eventually(predicate, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except OSError:
-            pass
-        time.sleep(0.05)
-    return False

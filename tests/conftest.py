@@ -40,6 +40,19 @@ def hafs(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Com
     return p
 
 
+def eventually(predicate, timeout: float = 3.0) -> bool:
+    """Whether predicate() becomes true within timeout (OSError counts as not yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 @dataclass
 class Mount:
     home: Path

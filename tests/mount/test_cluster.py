@@ -16,8 +16,8 @@ import signal
 import time
 
 import pytest
-from clusterfs import cluster_fs, eventually, log_allows
-from conftest import fsync_and_close_errno, hafs
+from clusterfs import cluster_fs, log_allows
+from conftest import eventually, fsync_and_close_errno, hafs
 
 from hafs import home
 

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from clusterfs import cluster_fs, eventually, log_allows
-from conftest import fsync_and_close_errno, hafs
+from clusterfs import cluster_fs, log_allows
+from conftest import eventually, fsync_and_close_errno, hafs
 
 LEASE_S = 3
 BOUND_S = 5  # meta_timeout_s

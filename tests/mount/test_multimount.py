@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import Mount, fsync_and_close_errno, hafs
+from conftest import Mount, eventually, fsync_and_close_errno, hafs
 
 LOCK_OPTS = "gc_grace_s=0,gc_interval_s=1,lock_ttl_s=2,lock_wait_s=20"
 
@@ -34,19 +34,6 @@ def two(tmp_path):
         a.stop()
     bad = a.bad_log_lines(allowed=("LOCK-LOST", "I/O error in", "storing bytes"))
     assert not bad, "\n".join(bad[:20])
-
-
-def eventually(predicate, timeout=3.0) -> bool:
-    """Whether predicate() becomes true within timeout (OSError counts as not yet)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except OSError:
-            pass
-        time.sleep(0.05)
-    return False
 
 
 def test_close_to_open_and_namespace_changes(two):
