@@ -564,14 +564,16 @@ class Vfs:
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[int, Inode]:
-        """A new file and a handle of it.  A writer's handle holds the file's write lock
-        from here on (engines take it in the create's transaction: no wait, no request)."""
-        writer = flags & os.O_ACCMODE != os.O_RDONLY
+        """A new file and a handle of it.  On an engine that takes a writer's lock in the
+        create's transaction (no wait, no request) the handle holds it from here on; on
+        the others the lock is taken at the first change, as for any file (a `touch`
+        then writes no lock)."""
+        locked = self.engine.locks_at_create and flags & os.O_ACCMODE != os.O_RDONLY
         mode = stat.S_IFREG | (mode & 0o7777)
-        inode = await self._new_inode(parent, name, mode, uid, gid, locked=writer)
+        inode = await self._new_inode(parent, name, mode, uid, gid, locked=locked)
         self.page_versions[inode.id] = content_version(inode)  # (empty: nothing cached)
         fh = await self._open_handle(inode, flags)
-        if writer:
+        if locked:
             h = self.handles[fh]
             try:
                 await h.file.take_lock()

@@ -261,6 +261,7 @@ class MetaStore(Protocol):
     """One filesystem's metadata (see the module docstring)."""
 
     direct: bool  # calls are cheap enough for the trio thread
+    locks_at_create: bool  # mknod(locked=True) takes the write lock in its transaction
     locks: LockService
     sessions: Sessions
 
@@ -328,10 +329,10 @@ class MetaStore(Protocol):
         """A new file, directory, symlink or special file: EEXIST, ENOENT (parent gone),
         ENOTDIR.  A setgid parent gives its group (and setgid to a directory).
 
-        locked (a regular file its creator writes): the engine may take the file's write
-        lock in the same transaction; the caller's next `locks.acquire` of
-        "inode:<ino>" then gets it without a request, and it must ask for it (and
-        release it) as for any lock."""
+        locked (a regular file its creator writes): an engine with `locks_at_create`
+        takes the file's write lock in the same transaction; the caller's next
+        `locks.acquire` of "inode:<ino>" then gets it without a request, and it must ask
+        for it (and release it) as for any lock.  Other engines ignore it."""
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode: ...
     def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:

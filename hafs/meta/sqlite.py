@@ -454,6 +454,7 @@ class SqliteMeta:
     """The metadata database of one filesystem (see the module docstring)."""
 
     direct = True
+    locks_at_create = False  # (a local write either way: taken at the first change)
 
     def __init__(
         self,
@@ -764,7 +765,7 @@ class SqliteMeta:
         gid: int,
         rdev: int = 0,
         target: bytes | None = None,
-        locked: bool = False,  # (the lock is taken by acquire: a local write anyway)
+        locked: bool = False,  # (ignored: locks_at_create is False)
     ) -> Inode:
         check_name(name)
         with self.txn():
