@@ -101,8 +101,14 @@ class FuseOps(pyfuse3.Operations):
         # read by pyfuse3 when the kernel connects: per mount (-o writeback_cache)
         self.enable_writeback_cache = vfs.opts.writeback_cache
 
-    async def _attrs(self, inode: Inode, generation: int = 0) -> pyfuse3.EntryAttributes:
-        return _attrs(inode, await self.vfs.allocated_bytes(inode), generation)
+    async def _attrs(
+        self, inode: Inode, generation: int = 0, *, given: bool = True
+    ) -> pyfuse3.EntryAttributes:
+        """The reply's attributes; `given`: the kernel takes them (Vfs.attrs_given)."""
+        attrs = _attrs(inode, await self.vfs.allocated_bytes(inode), generation)
+        if given:
+            self.vfs.attrs_given(inode)
+        return attrs
 
     async def _ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
         attrs = await self._attrs(inode, self.vfs.entry_generation(inode))
@@ -174,10 +180,10 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def open(self, inode, flags, ctx):
-        fh, keep_cache = await self.vfs.open(inode, flags)
-        if not keep_cache:
-            # the file changed since the kernel cached it: its size and times too, which the
-            # kernel would otherwise keep until they time out (a read would stop at the old
+        fh, keep_cache, attrs_current = await self.vfs.open(inode, flags)
+        if not attrs_current:
+            # the file changed since the kernel took its size and times, which the kernel
+            # would otherwise keep until they time out (a read would stop at the old
             # size); a notification of a few microseconds, no page is touched
             try:
                 pyfuse3.invalidate_inode(inode, attr_only=True)
@@ -225,9 +231,10 @@ class FuseOps(pyfuse3.Operations):
             if not page:
                 return
             for dentry, inode in page:
-                attrs = await self._attrs(inode, self.vfs.entry_generation(inode))
+                attrs = await self._attrs(inode, self.vfs.entry_generation(inode), given=False)
                 if not pyfuse3.readdir_reply(token, dentry.name, attrs, dentry.cursor):
                     return
+                self.vfs.attrs_given(inode)
                 self.vfs.lookups[inode.id] += 1
                 start_id = dentry.cursor
 

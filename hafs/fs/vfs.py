@@ -120,6 +120,9 @@ class Vfs:
         # that finds the same version keeps those pages (keep_cache); see open().  With the
         # writeback cache, also the version whose size and mtime the kernel's inode keeps.
         self.page_versions: dict[int, tuple[int, int, int]] = {}
+        # inode -> content_version of the last attributes the kernel took from a reply
+        # (see attrs_given): an open that finds that version needs not drop them
+        self.attr_versions: dict[int, tuple[int, int, int]] = {}
         # inode -> the generation entry replies give the kernel (0 unless bumped to make the
         # kernel replace its inode, see entry_generation); `replacing`: bumped by an open
         # that answered ESTALE, until the kernel's next lookup of it
@@ -435,10 +438,17 @@ class Vfs:
         if self.lookups[ino] <= 0:
             del self.lookups[ino]
             self.page_versions.pop(ino, None)  # the kernel dropped the inode, its pages too
+            self.attr_versions.pop(ino, None)
             self.generations.pop(ino, None)
             self.replacing.discard(ino)
             self._absent_xattrs.pop(ino, None)
             await self._maybe_free(ino)
+
+    def attrs_given(self, inode: Inode) -> None:
+        """The kernel took `inode`'s attributes from a reply: they are of its version
+        until the kernel changes them itself (its writes mark them out of date in the
+        kernel, which then asks again) or another mount changes the file (open sees that)."""
+        self.attr_versions[inode.id] = content_version(inode)
 
     def entry_generation(self, inode: Inode) -> int:
         """The generation to give the kernel in an entry reply (lookup, create, readdir) of
@@ -655,11 +665,14 @@ class Vfs:
                 raise
         return fh
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
-        """A handle of the file, and whether the kernel may keep the pages it caches of
-        it (close-to-open: only if they are of the version open finds in the metadata;
-        otherwise the kernel drops them and its attributes of the file, and caches this
-        version from now on).
+    async def open(self, ino: int, flags: int) -> tuple[int, bool, bool]:
+        """A handle of the file, whether the kernel may keep the pages it caches of it
+        (close-to-open: only if they are of the version open finds in the metadata;
+        otherwise the kernel drops them and caches this version from now on), and
+        whether the attributes it has of the file are of that version too (else it must
+        drop them: a read would stop at an old size).  Without the writeback cache they
+        are when its last attributes were of it (attrs_given): the kernel's own writes
+        since then made it ask again.
 
         With the writeback cache the kernel would keep the size and mtime of its inode
         as well: an open of a file another mount changed, of which the kernel has no
@@ -695,6 +708,9 @@ class Vfs:
                     raise FsError(errno.ESTALE)
                 self.replacing.discard(ino)
                 self.page_versions[ino] = version
+            attrs_current = keep_cache or (
+                not self.opts.writeback_cache and self.attr_versions.get(ino) == version
+            )
             if flags & os.O_TRUNC and h.writer:
                 await h.file.truncate(0)
         except BaseException:
@@ -705,7 +721,7 @@ class Vfs:
             self._opening[ino] -= 1
             if self._opening[ino] <= 0:
                 del self._opening[ino]
-        return fh, keep_cache
+        return fh, keep_cache, attrs_current
 
     def _handle(self, fh: int) -> Handle:
         try:

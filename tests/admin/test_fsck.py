@@ -70,7 +70,7 @@ def read_back(h: Path, ino: int) -> bytes | StorageError:
     """The file's bytes read through a Vfs, or the storage error the read raised."""
 
     async def work(v: Vfs) -> bytes | StorageError:
-        fh, _ = await v.open(ino, os.O_RDONLY)
+        fh, _, _ = await v.open(ino, os.O_RDONLY)
         try:
             return await v.read(fh, 0, (await v.getattr(ino)).size + 1)
         except StorageError as e:

@@ -66,7 +66,7 @@ def read_back(h: Path, files: dict[str, bytes]) -> None:
     async def work(v: Vfs) -> None:
         for name, data in files.items():
             ino = (await v.lookup(ROOT_INODE, name.encode())).id
-            fh, _ = await v.open(ino, os.O_RDONLY)
+            fh, _, _ = await v.open(ino, os.O_RDONLY)
             got = await v.read(fh, 0, len(data) + 1)
             await v.release(fh)
             assert got == data, name

@@ -56,7 +56,7 @@ async def test_the_pages_of_a_close_stay_current_through_chmod_and_utime(vfs):
     assert vfs.page_versions[ino] == content_version(vfs.engine.getattr(ino))
     await vfs.setattr(ino, mode=0o100600)
     await vfs.setattr(ino, atime_ns=1, mtime_ns=2)
-    fh, keep_cache = await vfs.open(ino, os.O_RDONLY)
+    fh, keep_cache, _ = await vfs.open(ino, os.O_RDONLY)
     await vfs.release(fh)
     assert keep_cache
     await changed_elsewhere(vfs, ino)
@@ -68,26 +68,47 @@ async def test_a_write_of_part_of_a_page_keeps_no_pages(vfs):
     """Without the writeback cache the kernel keeps a page written in part without its
     other bytes: the next open must drop the file's pages."""
     ino = await new_file(vfs, b"f", b"data")
-    fh, keep_cache = await vfs.open(ino, os.O_RDONLY)
+    fh, keep_cache, _ = await vfs.open(ino, os.O_RDONLY)
     await vfs.release(fh)
     assert keep_cache == vfs.opts.writeback_cache
 
 
+async def test_the_kernels_attributes_are_kept_at_open_while_they_are_of_the_version(vfs):
+    """An open drops the kernel's attributes only when they are not of the version it
+    finds: a file written here and given to the kernel since keeps them, another mount's
+    change drops them (with the writeback cache: whenever the pages are dropped)."""
+    ino = await new_file(vfs, b"f", b"data")  # (a page in part: its pages are dropped)
+    vfs.attrs_given(vfs.engine.getattr(ino))  # e.g. the reply to tar's utimensat
+    fh, keep_cache, attrs_current = await vfs.open(ino, os.O_RDONLY)
+    await vfs.release(fh)
+    assert attrs_current == (keep_cache or not vfs.opts.writeback_cache)
+    await changed_elsewhere(vfs, ino)
+    try:
+        fh, keep_cache, attrs_current = await vfs.open(ino, os.O_RDONLY)
+    except FsError as e:  # the writeback cache: the kernel replaces its inode, then retries
+        assert vfs.opts.writeback_cache and e.errno == errno.ESTALE
+        fh, keep_cache, attrs_current = await vfs.open(ino, os.O_RDONLY)
+    await vfs.release(fh)
+    assert not keep_cache and not attrs_current
+    await vfs.forget(ino, 1)
+    assert ino not in vfs.attr_versions
+
+
 async def test_a_writer_that_opens_during_the_last_close_keeps_the_lock(vfs):
     ino = await new_file(vfs, b"f", b"x")
-    fh1, _ = await vfs.open(ino, os.O_WRONLY)
+    fh1, _, _ = await vfs.open(ino, os.O_WRONLY)
     await vfs.write(fh1, 0, b"first")
     fs = vfs.handles[fh1].file
     async with trio.open_nursery() as nursery:
         nursery.start_soon(vfs.release, fh1)
         await trio.sleep(0)  # the release runs up to its flush's first wait
-        fh2, _ = await vfs.open(ino, os.O_RDWR)
+        fh2, _, _ = await vfs.open(ino, os.O_RDWR)
         if not vfs.opts.writeback_cache:
             await vfs.write(fh2, 5, b"second")
     assert fs.lease is not None and vfs.locks.valid(fs.lease), "the open writer holds the lock"
     await vfs.release(fh2)
     assert fs.lease is None
-    fh, _ = await vfs.open(ino, os.O_RDONLY)
+    fh, _, _ = await vfs.open(ino, os.O_RDONLY)
     want = b"first" + (b"" if vfs.opts.writeback_cache else b"second")
     assert await vfs.read(fh, 0, 100) == want
     await vfs.release(fh)
@@ -95,12 +116,12 @@ async def test_a_writer_that_opens_during_the_last_close_keeps_the_lock(vfs):
 
 async def test_writeback_opens_take_the_lock_and_leave_o_append_to_the_kernel(vfs):
     ino = await new_file(vfs, b"f", b"0123456789")
-    fh, _ = await vfs.open(ino, os.O_WRONLY | os.O_APPEND)
+    fh, _, _ = await vfs.open(ino, os.O_WRONLY | os.O_APPEND)
     h = vfs.handles[fh]
     assert (h.file.lease is not None) == vfs.opts.writeback_cache
     await vfs.write(fh, 2, b"ab")  # the kernel's offset, with the writeback cache
     await vfs.release(fh)
-    fh, _ = await vfs.open(ino, os.O_RDONLY)
+    fh, _, _ = await vfs.open(ino, os.O_RDONLY)
     want = b"01ab456789" if vfs.opts.writeback_cache else b"0123456789ab"
     assert await vfs.read(fh, 0, 100) == want
     await vfs.release(fh)
@@ -124,7 +145,7 @@ async def test_a_file_changed_elsewhere_gets_a_new_kernel_inode(vfs):
             await vfs.open(ino, os.O_RDONLY)
         assert e.value.errno == errno.ESTALE and vfs.generations[ino] == 2
         assert ino not in vfs.files and vfs.replacing == {ino}
-    fh, keep_cache = await vfs.open(ino, os.O_RDONLY)  # the kernel's retry, without a lookup
+    fh, keep_cache, _ = await vfs.open(ino, os.O_RDONLY)  # the kernel's retry, without a lookup
     assert not keep_cache and not vfs.replacing
     await vfs.release(fh)
 

@@ -69,7 +69,7 @@ async def write_file(v: Vfs, name: bytes, data: bytes, parent=ROOT_INODE, chunk=
 
 
 async def read_file(v: Vfs, ino: int) -> bytes:
-    fh, _ = await v.open(ino, os.O_RDONLY)
+    fh, _, _ = await v.open(ino, os.O_RDONLY)
     try:
         return await v.read(fh, 0, (await v.getattr(ino)).size + 10)
     finally:
@@ -88,7 +88,7 @@ async def test_random_write_rechunks_only_the_neighbourhood(vfs):
     data = bytearray(random.Random(2).randbytes(24 * MiB))
     ino = await write_file(vfs, b"f", bytes(data))
     before = block_ids(vfs.engine, ino)
-    fh, _ = await vfs.open(ino, os.O_RDWR)
+    fh, _, _ = await vfs.open(ino, os.O_RDWR)
     await vfs.write(fh, 12 * MiB, b"patch" * 100)
     await vfs.release(fh)
     data[12 * MiB : 12 * MiB + 500] = b"patch" * 100
@@ -122,7 +122,7 @@ async def test_zero_blocks_are_holes(vfs):
 
 async def test_interleaved_writers_share_state(vfs):
     fh1, inode = await vfs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, 0, 0)
-    fh2, _ = await vfs.open(inode.id, os.O_RDWR)
+    fh2, _, _ = await vfs.open(inode.id, os.O_RDWR)
     await vfs.write(fh1, 0, b"a" * 100)
     await vfs.write(fh2, 50, b"b" * 100)
     assert await vfs.read(fh1, 0, 1000) == b"a" * 50 + b"b" * 100
@@ -199,7 +199,7 @@ async def test_full_write_buffer_flushes_idle_files(tmp_path):
 
 async def test_concurrent_first_writes_share_one_lease(vfs):
     fh, inode = await vfs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, 0, 0)
-    fh2, _ = await vfs.open(inode.id, os.O_RDWR)
+    fh2, _, _ = await vfs.open(inode.id, os.O_RDWR)
     async with trio.open_nursery() as n:
         n.start_soon(vfs.write, fh, 0, b"a" * 10)
         n.start_soon(vfs.write, fh2, 10, b"b" * 10)
