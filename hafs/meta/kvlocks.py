@@ -78,7 +78,7 @@ import trio
 from .. import __version__
 from ..errors import LockLost, LockTimeout, MetaUnavailable, UserError
 from . import Inode, SessionInfo, session_conflict
-from .locks import Lease, LockInfo, default_holder
+from .locks import Lease, LockInfo, default_holder, keep_fresh
 
 if TYPE_CHECKING:
     from .kv import KV, KvMeta, Txn
@@ -86,7 +86,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SESSION_GUARD = b"Msessions"
-FRESH_KEPT = 1024  # grants made by creates, not yet acquired
 
 
 def lock_key(name: str) -> bytes:
@@ -263,7 +262,7 @@ class KvLocks:
             name = f"inode:{inode.id}"
             lease = KvLease(name, self.holder, token, self.lease.expires_ns(), lease_id)
             with self._mutex:
-                _keep(self._fresh, name, (lease, inode))
+                keep_fresh(self._fresh, name, (lease, inode))
             log.debug("LOCK-ACQUIRE %s token %d (with its create)", name, token)
             return inode, token
 
@@ -287,7 +286,7 @@ class KvLocks:
             lease, inode = fresh
             if self.valid(lease) and self.lease.keepalive() == lease.lease_id:
                 with self._mutex:
-                    _keep(self._created, name, (lease.token, inode))
+                    keep_fresh(self._created, name, (lease.token, inode))
                 return lease, None
         while True:
             self.lease.keepalive()  # a lock lasts a whole ttl from its grant
@@ -543,13 +542,6 @@ class KvSessions:
         """The session id (or holder) of the client that has `role`, if any."""
         row = self.kv.get(_leader_key(role))
         return None if row is None else row[0].decode()
-
-
-def _keep(d: dict, key: str, value: object) -> None:
-    """d[key] = value, dropping the oldest entries beyond FRESH_KEPT."""
-    d[key] = value
-    while len(d) > FRESH_KEPT:
-        del d[next(iter(d))]
 
 
 def _info(d: dict) -> SessionInfo:

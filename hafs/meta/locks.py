@@ -45,6 +45,17 @@ class LockInfo:
     expires_ns: int
 
 
+FRESH_KEPT = 1024  # grants made by creates, not yet acquired (see keep_fresh)
+
+
+def keep_fresh(d: dict, key: str, value: object) -> None:
+    """d[key] = value, dropping the oldest entries beyond FRESH_KEPT: the grants an
+    engine's creates made (`locks_at_create`), until their acquire (and fence) takes them."""
+    d[key] = value
+    while len(d) > FRESH_KEPT:
+        del d[next(iter(d))]
+
+
 def default_holder(label: str = "") -> str:
     return f"{socket.gethostname()}:{os.getpid()}" + (f":{label}" if label else "")
 

@@ -69,13 +69,14 @@ from . import (
     now_ns,
     session_conflict,
 )
-from .locks import Lease, LockInfo, default_holder, wait_for
+from .locks import Lease, LockInfo, default_holder, keep_fresh, wait_for
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 4
 OWNERS_KEPT = 16  # earlier owner tokens remembered (a node down at an adopt has one)
 DEGRADED_SCHEMA = 3  # the first schema with the table of degraded blocks
+CREATED_TOKEN = 1  # the first grant of a new inode's lock (inode numbers are never reused)
 APPLICATION_ID = 0x68616673  # "hafs": marks a SQLite file as a hafs metadata database
 RECOVER_HINT = (
     "stop every mount, then run 'hafs fsck --home {home} --salvage': it reads what can be read"
@@ -454,7 +455,7 @@ class SqliteMeta:
     """The metadata database of one filesystem (see the module docstring)."""
 
     direct = True
-    locks_at_create = False  # (a local write either way: taken at the first change)
+    locks_at_create = True  # (two transactions saved: the lock row and fence go with the create)
 
     def __init__(
         self,
@@ -765,9 +766,10 @@ class SqliteMeta:
         gid: int,
         rdev: int = 0,
         target: bytes | None = None,
-        locked: bool = False,  # (ignored: locks_at_create is False)
+        locked: bool = False,
     ) -> Inode:
         check_name(name)
+        locked = locked and stat.S_ISREG(mode)
         with self.txn():
             pinode = self._need_dir(parent)
             if pinode.nlink == 0:
@@ -783,14 +785,18 @@ class SqliteMeta:
             fields = (mode, uid, gid, 2 if is_dir else 1, len(target or b""), t, t, t, rdev, target)
             ino = self.db.execute(
                 "INSERT INTO inodes (mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns,"
-                " rdev, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                fields,
+                " rdev, target, fence_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*fields, CREATED_TOKEN if locked else 0),
             ).lastrowid
             self.db.execute(
                 "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
             )
             self._touch(parent, t, 1 if is_dir else 0)
-            return Inode(ino, *fields)
+            inode = Inode(ino, *fields)
+            lease = self.locks.grant_created(ino) if locked else None
+        if lease is not None:
+            self.locks.keep_created(lease, inode)  # (committed: the next acquire takes it)
+        return inode
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         check_name(name)
@@ -1044,6 +1050,9 @@ class SqliteMeta:
         return row[0]
 
     def fence(self, ino: int, token: int) -> Inode:
+        created = self.locks.created(f"inode:{ino}", token)
+        if created is not None:
+            return created  # its create wrote the token: no older one can exist
         with self.txn():
             return self._fence(ino, token)
 
@@ -1465,6 +1474,13 @@ class SqliteLockService:
     Times are wall-clock nanoseconds (one clock for every process on the host);
     tests inject a clock that follows trio's.  Methods run on the trio thread;
     each database access is one short transaction with no await inside.
+
+    A new file its creator writes is locked by the create's transaction
+    (`grant_created`: inode numbers are never reused, so its first grant has
+    CREATED_TOKEN, which the same transaction writes as the inode's fence token);
+    the next acquire of it takes that grant without a transaction, and the fence
+    after it needs none (`created`).  Such grants are kept until acquired (at most
+    meta.locks.FRESH_KEPT; the vfs acquires right after the create).
     """
 
     def __init__(
@@ -1480,9 +1496,40 @@ class SqliteLockService:
         self.ttl_ns = int(ttl_s * 1e9)
         self.clock = clock
         self.damage = damage or Damage(None)
+        self._fresh: dict[str, tuple[Lease, Inode]] = {}  # granted by a create, not acquired
+        self._created: dict[str, tuple[int, Inode]] = {}  # acquired so, not fenced yet
+
+    def grant_created(self, ino: int) -> Lease:
+        """Lock the new inode `ino` for this holder, inside the caller's transaction."""
+        name, now = f"inode:{ino}", self.clock()
+        lease = Lease(name, self.holder, CREATED_TOKEN, now + self.ttl_ns)
+        self.db.execute(  # (REPLACE: a salvaged database may have kept a row of the name)
+            "INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?, ?)",
+            (name, self.holder, CREATED_TOKEN, now, lease.expires_ns),
+        )
+        return lease
+
+    def keep_created(self, lease: Lease, inode: Inode) -> None:
+        """The create that granted `lease` committed: the next acquire takes it."""
+        keep_fresh(self._fresh, lease.name, (lease, inode))
+        log.debug("LOCK-ACQUIRE %s token %d (with its create)", lease.name, lease.token)
+
+    def created(self, name: str, token: int) -> Inode | None:
+        """The inode as its create made it, if that create granted lock `name` at `token`
+        and this is the first fence since."""
+        found = self._created.get(name)
+        if found is None or found[0] != token:
+            return None
+        del self._created[name]
+        return found[1]
 
     def _try(self, name: str) -> tuple[Lease | None, str | None]:
         """One attempt: (lease, None) on success, (None, current holder) otherwise."""
+        fresh = self._fresh.pop(name, None)
+        if fresh is not None and self.valid(fresh[0]):
+            lease, inode = fresh
+            keep_fresh(self._created, name, (lease.token, inode))
+            return lease, None
         now = self.clock()
         self.db.execute("BEGIN IMMEDIATE")
         try:

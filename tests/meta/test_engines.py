@@ -529,6 +529,33 @@ async def test_fence_tokens(engine):
     await b.locks.release(lb)
 
 
+async def test_a_create_takes_its_files_lock(engine):
+    """mknod(locked=True) on an engine with locks_at_create: the lock is granted by the
+    create's transaction, held against every other client, and a lock like any other from
+    the creator's acquire on (fenced, released, then granted to another with a greater
+    token, the creator's commits refused from then on)."""
+    a, b = engine.meta, engine.client("b")
+    assert a.locks_at_create
+    f = a.mknod(ROOT_INODE, b"f", 0o100644, UID, GID, locked=True)
+    name = f"inode:{f.id}"
+    assert [(h.name, h.holder) for h in b.locks.held()] == [(name, "a")]
+    with pytest.raises(LockTimeout):
+        await b.locks.acquire(name, wait_s=0.3)
+    la = await a.locks.acquire(name, wait_s=0)
+    assert a.fence(f.id, la.token) == f
+    a.commit(f.id, 0, 10, [Extent(0, 10, "b1")], {"b1": 10}, 10, 1, la.token)
+    await a.locks.release(la)
+    lb = await b.locks.acquire(name, wait_s=1)
+    assert lb.token > la.token
+    b.fence(f.id, lb.token)
+    with pytest.raises(LockLost):
+        a.commit(f.id, 0, 10, [], {}, 0, 2, la.token)
+    assert b.getattr(f.id).size == 10
+    await b.locks.release(lb)
+    d = a.mknod(ROOT_INODE, b"d", 0o40755, UID, GID, locked=True)  # only a regular file
+    assert [h.name for h in a.locks.held()] == [] and a.getattr(d.id).nlink == 2
+
+
 # ------------------------------------------------- degraded and scans
 
 
