@@ -78,7 +78,6 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
 
 import trio
 
@@ -252,26 +251,44 @@ def writable_bytes(free: dict[str, tuple[str, int]], replicas: int) -> int:
 
 
 class KeyedLock:
-    """One trio lock per key, created on demand and dropped when unused."""
+    """One trio lock per key, created on demand and dropped when unused:
+    `async with locks(key): ...` (a plain context object: no generator per use)."""
 
     def __init__(self) -> None:
         self._locks: dict[str, tuple[trio.Lock, int]] = {}
 
-    @asynccontextmanager
-    async def __call__(self, key: str):
-        lock, users = self._locks.get(key, (None, 0))
+    def __call__(self, key: str) -> _KeyHeld:
+        return _KeyHeld(self._locks, key)
+
+
+class _KeyHeld:
+    __slots__ = ("_locks", "_key", "_lock")
+
+    def __init__(self, locks: dict[str, tuple[trio.Lock, int]], key: str) -> None:
+        self._locks, self._key = locks, key
+
+    async def __aenter__(self) -> None:
+        lock, users = self._locks.get(self._key, (None, 0))
         if lock is None:
             lock = trio.Lock()
-        self._locks[key] = (lock, users + 1)
+        self._locks[self._key] = (lock, users + 1)
+        self._lock = lock
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            await lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        lock, users = self._locks[self._key]
+        if users == 1:
+            del self._locks[self._key]
+        else:
+            self._locks[self._key] = (lock, users - 1)
 
 
 class Placement:
@@ -349,18 +366,6 @@ class Placement:
         started beside it.  Returns the number of successes (the attempts still
         running then are cancelled).
         """
-        if want == 1 and nodes:
-            # The usual read: the first node answers within its hedge delay.  Awaited in
-            # this task, this costs one thread hand-off and no nursery (it halved the cost
-            # of a small block's read); a late node's call is abandoned (its thread still
-            # records the outcome) and the node is asked again last, after the others.
-            first, nodes = nodes[0], nodes[1:] + nodes[:1]
-            with trio.move_on_after(self.health.hedge_delay(first, kind)) as hedge:
-                if await attempt(first):
-                    return 1
-                nodes.pop()  # it answered: no copy there
-            if hedge.cancelled_caught:
-                self.health.late(first)
         succeeded = 0
         queue = iter(nodes)
         late_at: dict[str, float] = {}  # running attempts: node -> when it is late
@@ -368,12 +373,16 @@ class Placement:
 
         async def run(node_id: str) -> None:
             nonlocal succeeded
+            ok = False
             try:
                 ok = await attempt(node_id)  # (not `succeeded += await ...`: read after the await)
                 succeeded += ok
             finally:
                 del late_at[node_id]
-                changed.set()
+                # the loop below has something to do only then: a success short of `want`
+                # leaves as many attempts running as are still needed
+                if not ok or succeeded >= want or not late_at:
+                    changed.set()
 
         with one_error():
             async with trio.open_nursery() as nursery:
@@ -397,7 +406,8 @@ class Placement:
                     for node_id, t in late_at.items():
                         if t <= now:
                             self.health.late(node_id)
-                nursery.cancel_scope.cancel()
+                if late_at:  # (the late ones still running)
+                    nursery.cancel_scope.cancel()
         return succeeded
 
     def _candidates(self, block_id: str) -> Iterator[str]:
@@ -542,8 +552,24 @@ class Placement:
                     retry.append(node_id)
             return False
 
-        with trio.move_on_after(self.timeout + DEADLINE_MARGIN_S) as deadline:
-            if await self._race([n for n in order if n not in down], 1, "get", read_from):
+        deadline_at = trio.current_time() + self.timeout + DEADLINE_MARGIN_S
+        live = [n for n in order if n not in down]
+        if live:
+            # The usual read: the first node answers within its hedge delay.  Awaited in
+            # this task under one cancel scope, this costs one thread hand-off and no
+            # nursery (it halved the cost of a small block's read); a late node's call is
+            # abandoned (its thread still records the outcome) and the node is asked
+            # again last, after the others.
+            first = live.pop(0)
+            hedge_at = trio.current_time() + self.health.hedge_delay(first, "get")
+            with trio.move_on_at(min(hedge_at, deadline_at)) as hedge:
+                if await read_from(first):
+                    return found[0]
+            if hedge.cancelled_caught:
+                self.health.late(first)
+                live.append(first)
+        with trio.move_on_at(deadline_at) as deadline:
+            if live and await self._race(live, 1, "get", read_from):
                 return found[0]
             if down:
                 with trio.move_on_after(LAST_RESORT_S):
@@ -553,7 +579,7 @@ class Placement:
                 await backoff()
                 if await self._race(list(dict.fromkeys(retry)), 1, "get", read_from):
                     return found[0]
-        if deadline.cancelled_caught:
+        if deadline.cancelled_caught or trio.current_time() >= deadline_at:
             problems.append(f"no answer within {self.timeout:g} s")
         raise BlockMissing(block_id, "; ".join(problems) or "on no node")
 
