@@ -1260,7 +1260,7 @@ class KvMeta:
             t.save(rec)
 
     def fence(self, ino: int, token: int) -> Inode:
-        created = self.locks.created(f"inode:{ino}", token)
+        created = self.locks.grants.fenced(f"inode:{ino}", token)
         if created is not None:
             return created  # locked by its create: no older token, the lock compared at commits
 

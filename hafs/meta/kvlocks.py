@@ -19,7 +19,7 @@ A new file's lock (`create_locked`, a create with `locked`): its keys are put
 by the create's transaction, its token that commit's revision; the next
 acquire of it by this client takes it without a request, and the fence after
 it needs none either (no older token can exist).  Such grants are kept until
-acquired (at most FRESH_KEPT; the vfs acquires right after the create).
+acquired (meta.locks.CreatedGrants; the vfs acquires right after the create).
 
 Locks (the semantics of meta/locks.py): a held lock is the key `L<name>`
 bound to the client's lease, valued {holder, acquired_ns, lease}.  Acquiring
@@ -78,7 +78,7 @@ import trio
 from .. import __version__
 from ..errors import LockLost, LockTimeout, MetaUnavailable, UserError
 from . import Inode, SessionInfo, session_conflict
-from .locks import Lease, LockInfo, default_holder, keep_fresh
+from .locks import CreatedGrants, Lease, LockInfo, default_holder
 
 if TYPE_CHECKING:
     from .kv import KV, KvMeta, Txn
@@ -229,9 +229,7 @@ class KvLocks:
         self.kv = meta.kv
         self.lease = meta.lease
         self.holder = holder or default_holder(uuid.uuid4().hex[:8])
-        self._mutex = threading.Lock()
-        self._fresh: dict[str, tuple[KvLease, Inode]] = {}  # granted by a create, not acquired
-        self._created: dict[str, tuple[int, Inode]] = {}  # acquired so, not fenced yet
+        self.grants = CreatedGrants()
 
     def _value(self, lease_id: int) -> bytes:
         now = self.meta.clock()
@@ -261,33 +259,19 @@ class KvLocks:
                 continue
             name = f"inode:{inode.id}"
             lease = KvLease(name, self.holder, token, self.lease.expires_ns(), lease_id)
-            with self._mutex:
-                keep_fresh(self._fresh, name, (lease, inode))
+            self.grants.keep(lease, inode)
             log.debug("LOCK-ACQUIRE %s token %d (with its create)", name, token)
             return inode, token
-
-    def created(self, name: str, token: int) -> Inode | None:
-        """The inode as its create made it, if that create granted lock `name` at `token`
-        and this is the first fence since."""
-        with self._mutex:
-            found = self._created.get(name)
-            if found is None or found[0] != token:
-                return None
-            del self._created[name]
-            return found[1]
 
     def _try(self, name: str) -> tuple[Lease | None, str | None]:
         """One attempt: (lease, None) on success, (None, current holder) otherwise."""
         from .kv import LeaseNotFound
 
-        with self._mutex:
-            fresh = self._fresh.pop(name, None)
-        if fresh is not None:
-            lease, inode = fresh
-            if self.valid(lease) and self.lease.keepalive() == lease.lease_id:
-                with self._mutex:
-                    keep_fresh(self._created, name, (lease.token, inode))
-                return lease, None
+        lease = self.grants.take(
+            name, lambda lease: self.valid(lease) and self.lease.keepalive() == lease.lease_id
+        )
+        if lease is not None:
+            return lease, None
         while True:
             self.lease.keepalive()  # a lock lasts a whole ttl from its grant
             lease_id = self.lease.id()

@@ -18,8 +18,10 @@ import logging
 import os
 import random
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -45,12 +47,50 @@ class LockInfo:
     expires_ns: int
 
 
-FRESH_KEPT = 1024  # grants made by creates, not yet acquired (see keep_fresh)
+FRESH_KEPT = 1024  # grants made by creates, not yet acquired (see CreatedGrants)
 
 
-def keep_fresh(d: dict, key: str, value: object) -> None:
-    """d[key] = value, dropping the oldest entries beyond FRESH_KEPT: the grants an
-    engine's creates made (`locks_at_create`), until their acquire (and fence) takes them."""
+class CreatedGrants:
+    """The write locks an engine's creates granted (`locks_at_create`): kept from the
+    create's commit until the creator's acquire takes its grant (`take`), then until its
+    first fence (`fenced`), which needs no request: no older token of a new inode can
+    exist.  At most FRESH_KEPT of each (the vfs acquires right after the create).
+    Thread-safe (the KV engines run in worker threads)."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._fresh: dict[str, tuple[Any, Any]] = {}  # name -> (lease, inode): not acquired
+        self._taken: dict[str, tuple[int, Any]] = {}  # name -> (token, inode): not fenced
+
+    def keep(self, lease: Lease, inode: Any) -> None:
+        """The create that granted `lease` (of `inode`) committed."""
+        with self._mutex:
+            _keep(self._fresh, lease.name, (lease, inode))
+
+    def take(self, name: str, usable: Callable[[Any], bool]) -> Any | None:
+        """The lease a create granted of `name`, if there is one and `usable(lease)`."""
+        with self._mutex:
+            found = self._fresh.pop(name, None)
+        if found is None or not usable(found[0]):
+            return None
+        lease, inode = found
+        with self._mutex:
+            _keep(self._taken, name, (lease.token, inode))
+        return lease
+
+    def fenced(self, name: str, token: int) -> Any | None:
+        """The inode as its create made it, if that create granted lock `name` at `token`
+        and this is the first fence since."""
+        with self._mutex:
+            found = self._taken.get(name)
+            if found is None or found[0] != token:
+                return None
+            del self._taken[name]
+            return found[1]
+
+
+def _keep(d: dict, key: str, value: object) -> None:
+    """d[key] = value, dropping the oldest entries beyond FRESH_KEPT."""
     d[key] = value
     while len(d) > FRESH_KEPT:
         del d[next(iter(d))]

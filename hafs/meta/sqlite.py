@@ -69,7 +69,7 @@ from . import (
     now_ns,
     session_conflict,
 )
-from .locks import Lease, LockInfo, default_holder, keep_fresh, wait_for
+from .locks import CreatedGrants, Lease, LockInfo, default_holder, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -1050,7 +1050,7 @@ class SqliteMeta:
         return row[0]
 
     def fence(self, ino: int, token: int) -> Inode:
-        created = self.locks.created(f"inode:{ino}", token)
+        created = self.locks.grants.fenced(f"inode:{ino}", token)
         if created is not None:
             return created  # its create wrote the token: no older one can exist
         with self.txn():
@@ -1479,8 +1479,7 @@ class SqliteLockService:
     (`grant_created`: inode numbers are never reused, so its first grant has
     CREATED_TOKEN, which the same transaction writes as the inode's fence token);
     the next acquire of it takes that grant without a transaction, and the fence
-    after it needs none (`created`).  Such grants are kept until acquired (at most
-    meta.locks.FRESH_KEPT; the vfs acquires right after the create).
+    after it needs none (meta.locks.CreatedGrants).
     """
 
     def __init__(
@@ -1496,8 +1495,7 @@ class SqliteLockService:
         self.ttl_ns = int(ttl_s * 1e9)
         self.clock = clock
         self.damage = damage or Damage(None)
-        self._fresh: dict[str, tuple[Lease, Inode]] = {}  # granted by a create, not acquired
-        self._created: dict[str, tuple[int, Inode]] = {}  # acquired so, not fenced yet
+        self.grants = CreatedGrants()
 
     def grant_created(self, ino: int) -> Lease:
         """Lock the new inode `ino` for this holder, inside the caller's transaction."""
@@ -1511,24 +1509,13 @@ class SqliteLockService:
 
     def keep_created(self, lease: Lease, inode: Inode) -> None:
         """The create that granted `lease` committed: the next acquire takes it."""
-        keep_fresh(self._fresh, lease.name, (lease, inode))
+        self.grants.keep(lease, inode)
         log.debug("LOCK-ACQUIRE %s token %d (with its create)", lease.name, lease.token)
-
-    def created(self, name: str, token: int) -> Inode | None:
-        """The inode as its create made it, if that create granted lock `name` at `token`
-        and this is the first fence since."""
-        found = self._created.get(name)
-        if found is None or found[0] != token:
-            return None
-        del self._created[name]
-        return found[1]
 
     def _try(self, name: str) -> tuple[Lease | None, str | None]:
         """One attempt: (lease, None) on success, (None, current holder) otherwise."""
-        fresh = self._fresh.pop(name, None)
-        if fresh is not None and self.valid(fresh[0]):
-            lease, inode = fresh
-            keep_fresh(self._created, name, (lease.token, inode))
+        lease = self.grants.take(name, self.valid)
+        if lease is not None:
             return lease, None
         now = self.clock()
         self.db.execute("BEGIN IMMEDIATE")
