@@ -110,14 +110,16 @@ class FuseOps(pyfuse3.Operations):
             self.vfs.attrs_given(inode)
         return attrs
 
-    async def _ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        attrs = await self._attrs(inode, self.vfs.entry_generation(inode))
+    async def _ref(self, inode: Inode, ctx) -> pyfuse3.EntryAttributes:
+        """The entry reply of `inode` to the request of `ctx`; the kernel counts a lookup."""
+        pid = ctx.pid if ctx is not None else 0
+        attrs = await self._attrs(inode, self.vfs.entry_generation(inode, pid))
         self.vfs.lookups[inode.id] += 1
         return attrs
 
     @_errors_to_fuse
     async def lookup(self, parent_inode, name, ctx=None):
-        return await self._ref(await self.vfs.lookup(parent_inode, name))
+        return await self._ref(await self.vfs.lookup(parent_inode, name), ctx)
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
@@ -151,20 +153,23 @@ class FuseOps(pyfuse3.Operations):
     @_errors_to_fuse
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         return await self._ref(
-            await self.vfs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
+            await self.vfs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid), ctx
         )
 
     @_errors_to_fuse
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return await self._ref(await self.vfs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return await self._ref(
+            await self.vfs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid), ctx
+        )
 
     @_errors_to_fuse
     async def symlink(self, parent_inode, name, target, ctx):
-        return await self._ref(await self.vfs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+        inode = await self.vfs.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
+        return await self._ref(inode, ctx)
 
     @_errors_to_fuse
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return await self._ref(await self.vfs.link(inode, new_parent_inode, new_name))
+        return await self._ref(await self.vfs.link(inode, new_parent_inode, new_name), ctx)
 
     @_errors_to_fuse
     async def unlink(self, parent_inode, name, ctx):
@@ -180,7 +185,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors_to_fuse
     async def open(self, inode, flags, ctx):
-        fh, keep_cache, attrs_current = await self.vfs.open(inode, flags)
+        fh, keep_cache, attrs_current = await self.vfs.open(inode, flags, ctx.pid)
         if not attrs_current:
             # the file changed since the kernel took its size and times, which the kernel
             # would otherwise keep until they time out (a read would stop at the old
@@ -194,7 +199,7 @@ class FuseOps(pyfuse3.Operations):
     @_errors_to_fuse
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, inode = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), await self._ref(inode)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), await self._ref(inode, ctx)
 
     @_errors_to_fuse
     async def read(self, fh, off, size):

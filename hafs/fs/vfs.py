@@ -34,7 +34,7 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 REPAIR_BATCH = 200  # degraded blocks looked at per repair round
 XATTR_ABSENT_S = 1.0  # an absent security.* xattr is answered from memory this long (see getxattr)
 FREE_INODES = 1_000_000_000  # free inodes statfs reports: hafs has no inode table to fill
+RETRY_HOLD_S = 5.0  # the handle of an open answered ESTALE waits this long for its retry
 
 
 @dataclass
@@ -85,6 +86,16 @@ class Handle:
     append: bool
     writer: bool
     file: FileState
+
+
+@dataclass
+class Replacement:
+    """A kernel inode being replaced by one of a new generation (see open): the processes
+    whose lookup replies carried the new generation, and the versions those replies had
+    (the kernel keeps the size of the one it built its new inode from)."""
+
+    pids: set[int] = field(default_factory=set)
+    versions: set[tuple[int, int, int]] = field(default_factory=set)
 
 
 class Vfs:
@@ -124,10 +135,12 @@ class Vfs:
         # (see attrs_given): an open that finds that version needs not drop them
         self.attr_versions: dict[int, tuple[int, int, int]] = {}
         # inode -> the generation entry replies give the kernel (0 unless bumped to make the
-        # kernel replace its inode, see entry_generation); `replacing`: bumped by an open
-        # that answered ESTALE, until the kernel's next lookup of it
+        # kernel replace its inode, see entry_generation and open); `replacing`: bumped,
+        # until an open comes from a process that looked the file up since; `_held`:
+        # (inode, pid) -> the handle of an open answered ESTALE, kept for its retry
         self.generations: Counter[int] = Counter()
-        self.replacing: set[int] = set()
+        self.replacing: dict[int, Replacement] = {}
+        self._held: dict[tuple[int, int], int] = {}
         self._opening: Counter[int] = Counter()  # inode -> opens not answered yet
         # inode -> {security.* name: until when it is known absent} (see getxattr)
         self._absent_xattrs: dict[int, dict[bytes, float]] = {}
@@ -440,7 +453,7 @@ class Vfs:
             self.page_versions.pop(ino, None)  # the kernel dropped the inode, its pages too
             self.attr_versions.pop(ino, None)
             self.generations.pop(ino, None)
-            self.replacing.discard(ino)
+            self.replacing.pop(ino, None)
             self._absent_xattrs.pop(ino, None)
             await self._maybe_free(ino)
 
@@ -450,30 +463,40 @@ class Vfs:
         kernel, which then asks again) or another mount changes the file (open sees that)."""
         self.attr_versions[inode.id] = content_version(inode)
 
-    def entry_generation(self, inode: Inode) -> int:
+    def entry_generation(self, inode: Inode, pid: int = 0) -> int:
         """The generation to give the kernel in an entry reply (lookup, create, readdir) of
-        `inode` (as `_local` returns it).
+        `inode` (as `_local` returns it), asked for by process `pid` (0: unknown).
 
         A regular file the kernel builds its inode of from this reply (it does not know
-        the inode yet, or an open asked for its replacement) holds no pages: they are of
-        this version from now on.  With the writeback cache the kernel keeps the size and
-        mtime of an inode it has, whatever the replies say (they could be its own newer
-        ones); so when another mount changed the file since, and no handle here has it
-        open, the reply carries a new generation: the kernel then drops its inode (its
-        size, mtime and pages) and builds a new one from this reply.  Only for a file of
-        one name: the kernel fails calls through a name it has not looked up again with
-        EIO once it dropped the inode (a hard-linked file keeps its inode, and the size
-        the kernel knows, until the kernel lets go of it).
+        the inode yet, or it is being replaced) holds no pages: they are of this version
+        from now on.  With the writeback cache the kernel keeps the size and mtime of an
+        inode it has, whatever the replies say (they could be its own newer ones); so
+        when another mount changed the file since, and no handle here has it open, the
+        reply carries a new generation: the kernel then drops its inode (its size, mtime
+        and pages) and builds a new one from this reply; see open() for the opens of the
+        old one meanwhile.  Only for a file of one name: the kernel fails calls through a
+        name it has not looked up again with EIO once it dropped the inode (a hard-linked
+        file keeps its inode, and the size the kernel knows, until the kernel lets go of
+        it).
         """
         ino = inode.id
-        if stat.S_ISREG(inode.mode) and ino not in self.files:
-            version = content_version(inode)
-            if self.lookups[ino] == 0 or ino in self.replacing:
-                self.replacing.discard(ino)
+        if not stat.S_ISREG(inode.mode):
+            return self.generations[ino]
+        version = content_version(inode)
+        r = self.replacing.get(ino)
+        if r is None and ino not in self.files:
+            if self.lookups[ino] == 0:
                 self.page_versions[ino] = version
             elif self._replaceable(inode) and self.page_versions.get(ino) != version:
                 self.generations[ino] += 1
+                r = self.replacing[ino] = Replacement()
+        if r is not None:
+            r.pids.add(pid)
+            r.versions.add(version)
+            if len(r.versions) == 1:
                 self.page_versions[ino] = version
+            else:  # which of them the kernel's new inode has is not known: none is current
+                self.page_versions.pop(ino, None)
         return self.generations[ino]
 
     # ---------------------------------------------------------------- setattr
@@ -665,22 +688,26 @@ class Vfs:
                 raise
         return fh
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool, bool]:
-        """A handle of the file, whether the kernel may keep the pages it caches of it
-        (close-to-open: only if they are of the version open finds in the metadata;
-        otherwise the kernel drops them and caches this version from now on), and
-        whether the attributes it has of the file are of that version too (else it must
-        drop them: a read would stop at an old size).  Without the writeback cache they
-        are when its last attributes were of it (attrs_given): the kernel's own writes
-        since then made it ask again.
+    async def open(self, ino: int, flags: int, pid: int = 0) -> tuple[int, bool, bool]:
+        """A handle of the file for process `pid` (0: unknown), whether the kernel may keep
+        the pages it caches of it (close-to-open: only if they are of the version open
+        finds in the metadata; otherwise the kernel drops them and caches this version
+        from now on), and whether the attributes it has of the file are of that version
+        too (else it must drop them: a read would stop at an old size).  Without the
+        writeback cache they are when its last attributes were of it (attrs_given): the
+        kernel's own writes since then made it ask again.
 
         With the writeback cache the kernel would keep the size and mtime of its inode
         as well: an open of a file another mount changed, of which the kernel has no
-        open file here, answers ESTALE with a new generation for the file; the kernel
-        then looks the name up again, builds a new inode from that reply
-        (entry_generation) and opens that.  Other opens of the old inode still under way
-        answer ESTALE too (the kernel retries each once).  A file the kernel has open
-        here keeps its inode, with the size it knows, until its last close.
+        open file here, answers ESTALE and gives the file a new generation; the kernel
+        then looks the name up again (twice, from the process that opens), builds a new
+        inode from that reply (entry_generation) and opens that.  Until an open comes
+        from a process that looked the file up since, every open is one of the old inode
+        (the kernel fails the I/O of an inode it replaced with EIO) and answers ESTALE as
+        well.  The handle of an open answered ESTALE is kept for its retry from the same
+        process, which is never answered ESTALE: a writer keeps its write lock from the
+        first try, so the size of the new inode is the one it writes after.  A file the
+        kernel has open here keeps its inode, with the size it knows, until its last close.
         """
         inode = await self.meta.getattr(ino)
         if inode is None:
@@ -688,25 +715,33 @@ class Vfs:
         if stat.S_ISDIR(inode.mode):
             raise FsError(errno.EISDIR)
         generation = self.generations[ino]  # of the kernel's inode this open is for
-        retried = ino in self.replacing  # an ESTALE was answered, and no lookup came since
+        fh = self._held.pop((ino, pid), None)  # the kernel's retry of an open answered ESTALE
+        retry = fh is not None
         self._opening[ino] += 1
-        fh = None
         try:
-            fh = await self._open_handle(inode, flags)
+            if fh is None:
+                fh = await self._open_handle(inode, flags)
             h = self.handles[fh]
             if self.opts.writeback_cache and h.writer:  # the lock was waited for: read again
                 inode = await self.meta.getattr(ino) or inode
-            if self.generations[ino] != generation:  # replaced meanwhile: the kernel retries
-                raise FsError(errno.ESTALE)
             version = content_version(inode)
             keep_cache = self.page_versions.get(ino) == version
+            r = self.replacing.get(ino)
+            if r is not None and pid in r.pids:  # after its lookup: the old inode is gone
+                del self.replacing[ino]
+            elif not retry and (r is not None or self.generations[ino] != generation):
+                self._hold_for_retry(ino, pid, fh)  # an open of the old inode
+                fh = None
+                raise FsError(errno.ESTALE)
             # (pages of a file the kernel has open are not dropped)
-            if not keep_cache and h.file.handles == self._opening[ino]:
-                if self._replaceable(inode) and not retried:
-                    self.replacing.add(ino)
+            if not keep_cache and not retry and h.file.handles == self._opening[ino]:
+                if self._replaceable(inode):
                     self.generations[ino] += 1
+                    self.replacing[ino] = Replacement()
+                    self.page_versions.pop(ino, None)
+                    self._hold_for_retry(ino, pid, fh)
+                    fh = None
                     raise FsError(errno.ESTALE)
-                self.replacing.discard(ino)
                 self.page_versions[ino] = version
             attrs_current = keep_cache or (
                 not self.opts.writeback_cache and self.attr_versions.get(ino) == version
@@ -722,6 +757,32 @@ class Vfs:
             if self._opening[ino] <= 0:
                 del self._opening[ino]
         return fh, keep_cache, attrs_current
+
+    def _hold_for_retry(self, ino: int, pid: int, fh: int) -> None:
+        """Keep the handle of an open answered ESTALE for its retry (see open); released
+        after RETRY_HOLD_S if none comes (the process died meanwhile)."""
+        earlier = self._held.pop((ino, pid), None)
+        self._held[(ino, pid)] = fh
+        self.shared.nursery.start_soon(self._release_held, (ino, pid), fh, earlier)
+
+    async def _release_held(self, key: tuple[int, int], fh: int, earlier: int | None) -> None:
+        if earlier is not None:
+            await self._release_quietly(earlier)
+        await trio.sleep(RETRY_HOLD_S)
+        if self._held.get(key) == fh:
+            del self._held[key]
+            await self._release_quietly(fh)
+
+    async def _release_quietly(self, fh: int) -> None:
+        """Release a handle no process holds (background work: logged, never raised)."""
+        try:
+            await self.release(fh)
+        except Exception as e:
+            log.log(
+                logging.DEBUG if isinstance(e, MetaUnavailable) else logging.ERROR,
+                "release of a handle kept for a retry failed: %s",
+                e,
+            )
 
     def _handle(self, fh: int) -> Handle:
         try:

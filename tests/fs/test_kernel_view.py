@@ -127,26 +127,96 @@ async def test_writeback_opens_take_the_lock_and_leave_o_append_to_the_kernel(vf
     await vfs.release(fh)
 
 
+async def kernel_lookup(v: Vfs, name: bytes, pid: int) -> int:
+    """The generation a lookup of `name` by process `pid` gives the kernel."""
+    return v.entry_generation(await v.lookup(ROOT_INODE, name), pid)
+
+
 async def test_a_file_changed_elsewhere_gets_a_new_kernel_inode(vfs):
     """With the writeback cache: a new generation at the next lookup, or ESTALE at an open
-    (once: the kernel retries it after its lookup, or without one)."""
+    (once: the kernel looks the name up again, twice, and retries)."""
     ino = await new_file(vfs, b"f", b"data")
-    assert vfs.entry_generation(await vfs.lookup(ROOT_INODE, b"f")) == 0  # unchanged
+    assert await kernel_lookup(vfs, b"f", 1) == 0  # unchanged
     await changed_elsewhere(vfs, ino)
     wb = vfs.opts.writeback_cache
-    inode = await vfs.lookup(ROOT_INODE, b"f")
-    assert vfs.entry_generation(inode) == (1 if wb else 0)
-    assert vfs.entry_generation(inode) == (1 if wb else 0)  # (the kernel's second lookup)
-    assert (vfs.page_versions.get(ino) == content_version(inode)) == wb
+    assert await kernel_lookup(vfs, b"f", 1) == (1 if wb else 0)
+    assert await kernel_lookup(vfs, b"f", 1) == (1 if wb else 0)  # (the kernel's second lookup)
+    assert (vfs.page_versions.get(ino) == content_version(vfs.engine.getattr(ino))) == wb
+    fh, keep_cache, _ = await vfs.open(ino, os.O_RDONLY, pid=1)  # the new inode: no pages
+    await vfs.release(fh)
+    assert keep_cache == wb and not vfs.replacing
 
     await changed_elsewhere(vfs, ino)
     if wb:
         with pytest.raises(FsError) as e:
-            await vfs.open(ino, os.O_RDONLY)
+            await vfs.open(ino, os.O_RDONLY, pid=2)
         assert e.value.errno == errno.ESTALE and vfs.generations[ino] == 2
-        assert ino not in vfs.files and vfs.replacing == {ino}
-    fh, keep_cache, _ = await vfs.open(ino, os.O_RDONLY)  # the kernel's retry, without a lookup
+        assert ino in vfs.replacing
+        assert await kernel_lookup(vfs, b"f", 2) == 2
+    fh, keep_cache, _ = await vfs.open(ino, os.O_RDONLY, pid=2)  # the kernel's retry
+    assert keep_cache == wb and not vfs.replacing
+    await vfs.release(fh)
+
+
+@pytest.mark.parametrize("vfs", [True], ids=["writeback"], indirect=True)
+async def test_opens_of_the_old_inode_answer_estale_and_a_retry_never_does(vfs):
+    """Opens by other processes while the kernel replaces its inode are opens of the old
+    one (they came before their own lookup): ESTALE too.  A retry is answered with the
+    new inode even if the file changed again meanwhile (it changed during that open)."""
+    ino = await new_file(vfs, b"f", b"data")
+    await changed_elsewhere(vfs, ino)
+    for pid in (1, 2):
+        with pytest.raises(FsError) as e:
+            await vfs.open(ino, os.O_RDONLY, pid=pid)
+        assert e.value.errno == errno.ESTALE
+    assert vfs.generations[ino] == 1  # one replacement for both
+    for _ in range(2):
+        assert await kernel_lookup(vfs, b"f", 1) == 1
+    built = content_version(vfs.engine.getattr(ino))
+    await changed_elsewhere(vfs, ino)
+    fh1, keep_cache, _ = await vfs.open(ino, os.O_RDONLY, pid=1)
     assert not keep_cache and not vfs.replacing
+    assert vfs.page_versions[ino] == built  # the size the kernel's new inode has
+    fh2, _, _ = await vfs.open(ino, os.O_RDONLY, pid=2)  # the retry without its own lookup
+    fh3, keep_cache, _ = await vfs.open(ino, os.O_RDONLY, pid=3)  # a new open: kept inode
+    assert not keep_cache and vfs.generations[ino] == 1
+    for fh in (fh1, fh2, fh3):
+        await vfs.release(fh)
+    assert ino not in vfs.files
+
+
+@pytest.mark.parametrize("vfs", [True], ids=["writeback"], indirect=True)
+async def test_a_writer_keeps_its_lock_from_its_open_answered_estale_to_its_retry(
+    vfs, monkeypatch
+):
+    """No other mount writes between the two: the new inode's size is the one it writes
+    after.  A retry that never comes lets the handle and the lock go."""
+    monkeypatch.setattr(vfs_module, "RETRY_HOLD_S", 0.2)
+    ino = await new_file(vfs, b"f", b"data")
+    await changed_elsewhere(vfs, ino)
+    with pytest.raises(FsError):
+        await vfs.open(ino, os.O_WRONLY | os.O_APPEND, pid=1)
+    fs = vfs.files[ino]
+    lease = fs.lease
+    assert lease is not None and vfs.locks.valid(lease)
+    await kernel_lookup(vfs, b"f", 1)
+    fh, _, _ = await vfs.open(ino, os.O_WRONLY | os.O_APPEND, pid=1)
+    assert vfs.handles[fh].file is fs and fs.lease is lease
+    await vfs.write(fh, 4, b"more")
+    await vfs.release(fh)
+    assert fs.lease is None
+
+    await changed_elsewhere(vfs, ino)
+    with pytest.raises(FsError):
+        await vfs.open(ino, os.O_WRONLY, pid=2)
+    assert vfs.files[ino].lease is not None
+    await trio.sleep(0.4)
+    assert ino not in vfs.files and not vfs._held
+    with pytest.raises(FsError):  # the old inode, still: the kernel looks up and retries
+        await vfs.open(ino, os.O_RDONLY, pid=3)
+    await kernel_lookup(vfs, b"f", 3)
+    fh, _, _ = await vfs.open(ino, os.O_RDONLY, pid=3)
+    assert await vfs.read(fh, 0, 100) == b"datamore"
     await vfs.release(fh)
 
 
