@@ -2,6 +2,9 @@
 
 import random
 
+import pytest
+
+from hafs.fs import dirty
 from hafs.fs.dirty import DirtyBuffer
 
 
@@ -15,10 +18,14 @@ def _model_check(buf: DirtyBuffer, model: dict[int, int]) -> None:
     assert covered == model
     assert buf.nbytes == len(model)
     for (_, e1), (s2, _) in zip(segs, segs[1:]):
-        assert e1 < s2, "segments must be sorted, disjoint and not adjacent"
+        assert e1 < s2, "runs must be sorted, disjoint and not adjacent"
+    ends = [s + len(b) for s, b in zip(buf._starts, buf._bufs)]
+    assert all(e1 <= s2 for e1, s2 in zip(ends, buf._starts[1:])), "segments overlap"
 
 
-def test_random_operations_match_a_model():
+@pytest.mark.parametrize("segment_bytes", [dirty.SEGMENT_BYTES, 8], ids=["default", "pieces"])
+def test_random_operations_match_a_model(monkeypatch, segment_bytes):
+    monkeypatch.setattr(dirty, "SEGMENT_BYTES", segment_bytes)
     rnd = random.Random(7)
     for _ in range(200):
         buf, model = DirtyBuffer(), {}
@@ -52,3 +59,18 @@ def test_append_extends_one_segment():
         assert buf.write(i * 10, b"x" * 10) == 10
     assert buf.segments() == [(0, 1000)]
     assert buf.end() == 1000
+
+
+def test_a_stream_keeps_each_write_past_segment_bytes_without_a_copy(monkeypatch):
+    monkeypatch.setattr(dirty, "SEGMENT_BYTES", 100)
+    buf = DirtyBuffer()
+    writes = [bytes([i]) * 100 for i in range(4)]
+    for i, data in enumerate(writes):
+        buf.write(i * 100, data)
+    assert buf.segments() == [(0, 400)]
+    assert buf._bufs[1] is writes[1] and buf._bufs[-1] is writes[-1]
+    buf.write(190, b"z" * 20)  # across two pieces: the bytes written, nothing else changed
+    want = b"".join(writes)
+    want = want[:190] + b"z" * 20 + want[210:]
+    pieces = buf.take(0, 400)
+    assert b"".join(d for _, d in pieces) == want and not buf
