@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 REPAIR_BATCH = 200  # degraded blocks looked at per repair round
 XATTR_ABSENT_S = 1.0  # an absent security.* xattr is answered from memory this long (see getxattr)
 FREE_INODES = 1_000_000_000  # free inodes statfs reports: hafs has no inode table to fill
+ALLOCATED_KEPT = 100_000  # files whose allocated bytes are remembered (see allocated_bytes)
 RETRY_HOLD_S = 5.0  # the handle of an open answered ESTALE waits this long for its retry
 
 
@@ -134,6 +135,9 @@ class Vfs:
         # inode -> content_version of the last attributes the kernel took from a reply
         # (see attrs_given): an open that finds that version needs not drop them
         self.attr_versions: dict[int, tuple[int, int, int]] = {}
+        # inode -> (content_version, the bytes its extents cover): st_blocks of a file
+        # unchanged since the last reply without a scan of its extents
+        self._allocated: dict[int, tuple[tuple[int, int, int], int]] = {}
         # inode -> the generation entry replies give the kernel (0 unless bumped to make the
         # kernel replace its inode, see entry_generation and open); `replacing`: bumped,
         # until an open comes from a process that looked the file up since; `_held`:
@@ -440,10 +444,20 @@ class Vfs:
         its size."""
         if not stat.S_ISREG(inode.mode) or inode.size == 0:
             return inode.size
-        held = await self.meta.allocated_bytes(inode.id)
         fs = self.files.get(inode.id)
-        if fs is not None:
-            held += fs.dirty.nbytes
+        if fs is not None and fs.has_changes():
+            held = await self.meta.allocated_bytes(inode.id) + fs.dirty.nbytes
+        else:  # the extents change only with the version (each commit sets the ctime)
+            version = content_version(inode)
+            known = self._allocated.get(inode.id)
+            if known is not None and known[0] == version:
+                held = known[1]
+            else:
+                held = await self.meta.allocated_bytes(inode.id)
+                self._allocated.pop(inode.id, None)
+                self._allocated[inode.id] = (version, held)
+                if len(self._allocated) > ALLOCATED_KEPT:
+                    del self._allocated[next(iter(self._allocated))]  # the oldest
         return min(held, inode.size)
 
     async def forget(self, ino: int, n: int) -> None:
