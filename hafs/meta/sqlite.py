@@ -821,17 +821,22 @@ class SqliteMeta:
 
     def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:
         with self.txn():
-            self._need_dir(parent)
             ino = self._entry(parent, name)
             if ino is None:
+                self._need_dir(parent)  # (ENOTDIR, or ENOENT for a parent that is gone)
                 raise FsError(errno.ENOENT)
             if _is_dir(self._need(ino)):
                 raise FsError(errno.EISDIR)
             t = now_ns()
             self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
-            self._add_nlink(ino, -1, t)
+            inode = Inode(
+                *self.db.execute(
+                    "UPDATE inodes SET nlink = nlink - 1, ctime_ns = ? WHERE id = ?"
+                    f" RETURNING {_INODE_COLS}",
+                    (t, ino),
+                ).fetchone()
+            )
             self._touch(parent, t)
-            inode = self._need(ino)
             if inode.nlink == 0:
                 if ino in open_here:
                     self._orphan(ino)
