@@ -5,9 +5,10 @@ extend the last segment in place up to SEGMENT_BYTES; past that, each write's
 bytes object is kept as it came, a piece of its own adjacent to the last (a
 piece is copied only when a later write changes it).  So a streaming writer
 costs no copy on the trio thread and no growing buffer the allocator moves
-and faults in again (a 1 GiB sequential write: the trio thread's CPU time from
-2.5 s to 0.9 s, its page faults from 500,000 to 50,000; tools/bench.py
-seqwrite, this machine).  `segments()` gives the runs of adjacent segments.
+and faults in again (around one fsbench seqwrite of 1 GiB on this machine: the
+trio thread's CPU time from 2.2-2.7 s to 0.9-1.0 s, its minor page faults from
+about 500,000 to 50,000-90,000).  `segments()` gives the runs of adjacent
+segments.
 Pure data structure, no I/O, no awaits.
 """
 
