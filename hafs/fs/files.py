@@ -122,7 +122,7 @@ def content_version(inode: Inode) -> tuple[int, int, int]:
     return inode.size, inode.mtime_ns, inode.ctime_ns
 
 
-def _level(e: BaseException) -> int:
+def failure_level(e: BaseException) -> int:
     """How loud a failure of background work is: an etcd outage is logged once, by the
     engine (META-UNAVAILABLE)."""
     return logging.DEBUG if isinstance(e, MetaUnavailable) else logging.ERROR
@@ -182,7 +182,7 @@ class FileState:
         try:
             await self.flush(final=False, force=force)
         except Exception as e:  # kept and reported by the next write, fsync or close
-            log.log(_level(e), "background flush of inode %d failed: %s", self.ino, e)
+            log.log(failure_level(e), "background flush of inode %d failed: %s", self.ino, e)
         finally:
             self.bg_flushing = False
 
@@ -437,7 +437,12 @@ class FileState:
             await self.lose_lock(str(e))
         except Exception as e:
             log.log(
-                _level(e), "storing bytes %d-%d of inode %d failed: %s", start, end, self.ino, e
+                failure_level(e),
+                "storing bytes %d-%d of inode %d failed: %s",
+                start,
+                end,
+                self.ino,
+                e,
             )
             self.error = self.error or e
         finally:

@@ -45,7 +45,7 @@ from ..store.dirstore import DirStore, disk_id
 from ..store.placement import Placement, writable_bytes
 from ..store.ring import RING_RELOAD_S, NodeSpec, Ring
 from .cache import BlockCache
-from .files import FileState, Shared, WriteBudget, content_version
+from .files import FileState, Shared, WriteBudget, content_version, failure_level
 
 PAGE_SIZE = mmap.PAGESIZE
 log = logging.getLogger(__name__)
@@ -792,11 +792,7 @@ class Vfs:
         try:
             await self.release(fh)
         except Exception as e:
-            log.log(
-                logging.DEBUG if isinstance(e, MetaUnavailable) else logging.ERROR,
-                "release of a handle kept for a retry failed: %s",
-                e,
-            )
+            log.log(failure_level(e), "release of a handle kept for a retry failed: %s", e)
 
     def _handle(self, fh: int) -> Handle:
         try:
