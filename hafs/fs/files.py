@@ -154,6 +154,7 @@ class FileState:
         self._last_read_block: str | None = None
         self._refreshed_at = trio.current_time()  # of the last read of the inode (`size`'s)
         self.commits = 0  # commits of this mount's changes of the file (extents, sizes)
+        self.committed_version: tuple[int, int, int] | None = None  # as the last one left it
         self.pages_at = 0  # `commits` when the vfs last recorded the kernel's pages' version
 
     # ------------------------------------------------------------------ write
@@ -241,7 +242,8 @@ class FileState:
 
     async def _fenced_truncate(self, size: int) -> None:
         try:
-            await self.s.meta.truncate(self.ino, size, self.mtime_ns, self._token())
+            inode = await self.s.meta.truncate(self.ino, size, self.mtime_ns, self._token())
+            self.committed_version = content_version(inode)
             self.commits += 1
         except LockLost as e:
             await self.lose_lock(str(e))
@@ -339,7 +341,8 @@ class FileState:
     async def _widen(self, start: int, end: int) -> tuple[int, int, list[Extent]]:
         """Widen [start, end) to the edges of the extents and dirty segments it cuts into."""
         while True:
-            exts = await self.s.meta.extents(self.ino, start, end)
+            # (nothing committed, under the lock: no extents to read, as for a new file)
+            exts = await self.s.meta.extents(self.ino, start, end) if self.committed_size else []
             new_start = min([start] + [e.offset for e in exts[:1]])
             new_end = max([end] + [e.end for e in exts[-1:]])
             for s, e in self.dirty.segments():
@@ -417,7 +420,7 @@ class FileState:
                             nursery.start_soon(self.s.placement.put, bid, chunk)
             await self.s.record_degraded()  # before the commit that references the blocks
             size = max(self.committed_size, end)
-            await self.s.meta.commit(
+            inode = await self.s.meta.commit(
                 self.ino,
                 start,
                 end,
@@ -427,6 +430,7 @@ class FileState:
                 self.mtime_ns or time.time_ns(),
                 token,  # the lease this region was written under, even if lost since
             )
+            self.committed_version = content_version(inode)
             self.committed_size = size
             self.commits += 1
             failed = False
@@ -487,7 +491,7 @@ class FileState:
 
     # ------------------------------------------------------------------- read
 
-    async def read(self, off: int, size: int) -> bytes:
+    async def read(self, off: int, size: int) -> bytes | bytearray | memoryview:
         if trio.current_time() - self._refreshed_at >= READ_REFRESH_S:
             await self.refresh()
         end = min(off + size, self.size)
@@ -499,10 +503,11 @@ class FileState:
         ] + self.dirty.overlapping(off, end)
         exts = await self.s.meta.extents(self.ino, off, end)
         await self._read_ahead(exts)
+        # (views, not slices: the reply is copied once, by the kernel)
         if len(exts) == 1 and not overlay and exts[0].offset <= off and exts[0].end >= end:
             e = exts[0]
             block = await self.s.cache.get(e.block_id)
-            return block[off - e.offset : end - e.offset]
+            return memoryview(block)[off - e.offset : end - e.offset]
         for e in exts[1:]:  # fetched at once, not one after the other
             if e.block_id not in self.s.cache:
                 self.s.nursery.start_soon(self._prefetch, e.block_id)
@@ -510,11 +515,11 @@ class FileState:
         for e in exts:
             block = await self.s.cache.get(e.block_id)
             lo, hi = max(e.offset, off), min(e.end, end)
-            out[lo - off : hi - off] = block[lo - e.offset : hi - e.offset]
+            out[lo - off : hi - off] = memoryview(block)[lo - e.offset : hi - e.offset]
         for o, d in overlay:
             lo, hi = max(o, off), min(o + len(d), end)
-            out[lo - off : hi - off] = d[lo - o : hi - o]
-        return bytes(out)
+            out[lo - off : hi - off] = memoryview(d)[lo - o : hi - o]
+        return out
 
     async def _read_ahead(self, exts: list[Extent]) -> None:
         """When a read reaches a new block, fetch the next few blocks in the background."""
@@ -522,6 +527,8 @@ class FileState:
             return
         self._last_read_block = exts[-1].block_id
         last = exts[-1]
+        if last.end >= self.size:
+            return  # (the file's last block: nothing to read ahead, no query for it)
         ahead = await self.s.meta.extents(
             self.ino, last.end, last.end + self.s.readahead_blocks * MAX_SIZE
         )

@@ -800,7 +800,7 @@ class Vfs:
         except KeyError:
             raise FsError(errno.EBADF) from None
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         file = self._handle(fh).file
         try:
             return await file.read(off, size)
@@ -833,18 +833,17 @@ class Vfs:
         fs = self._handle(fh).file
         await fs.flush()
         await self.record_degraded()
-        await self._pages_committed(fs)
+        self._pages_committed(fs)
 
-    async def _pages_committed(self, fs: FileState) -> None:
+    def _pages_committed(self, fs: FileState) -> None:
         """After a final flush under the file's write lock: the kernel's pages, current when
-        the lock was taken (else take_lock dropped the entry), are the bytes just committed.
-        Nothing committed since the last time (a close after a flush): nothing to read."""
+        the lock was taken (else take_lock dropped the entry), are the bytes this mount's
+        last commit left (the version it returned).  Nothing committed since the last
+        time (a close after a flush): nothing changes."""
         if fs.lease is not None and fs.ino in self.page_versions and fs.commits != fs.pages_at:
-            commits = fs.commits
-            inode = await self.meta.getattr(fs.ino)
-            if inode is not None and fs.lease is not None and fs.ino in self.page_versions:
-                self.page_versions[fs.ino] = content_version(inode)
-                fs.pages_at = commits
+            if fs.committed_version is not None:
+                self.page_versions[fs.ino] = fs.committed_version
+                fs.pages_at = fs.commits
 
     async def fsync(self, fh: int) -> None:
         await self._handle(fh).file.flush()
@@ -868,7 +867,7 @@ class Vfs:
                 except BaseException:
                     self.page_versions.pop(h.ino, None)  # the kernel has uncommitted bytes
                     raise
-                await self._pages_committed(fs)
+                self._pages_committed(fs)
                 if fs.writers == 0:  # (a writer that opened it meanwhile keeps the lock)
                     await fs.release_lock()
         finally:

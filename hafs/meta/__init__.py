@@ -388,13 +388,14 @@ class MetaStore(Protocol):
         size: int,
         mtime_ns: int,
         token: int | None = None,
-    ) -> None:
+    ) -> Inode:
         """Replace the file's content in [start, end) by `new` and set its size (data before
         metadata: every new block is durable already).  Old extents lie wholly inside or
         outside the range.  `sizes`: each new block's size.  With a token, LockLost unless
-        it is the inode's newest."""
+        it is the inode's newest.  Returns the inode as committed."""
 
-    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> None: ...
+    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> Inode:
+        """Cut or extend the file to `size` (fenced as commit).  Returns the inode then."""
 
     # figures
     def usage(self) -> Usage: ...

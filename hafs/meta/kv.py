@@ -1281,8 +1281,8 @@ class KvMeta:
         size: int,
         mtime_ns: int,
         token: int | None = None,
-    ) -> None:
-        def op(t: Txn) -> None:
+    ) -> Inode:
+        def op(t: Txn) -> Inode:
             t.prefetch(
                 [k_inode(ino), *(k_block(b) for b in sizes)],
                 [(k_extent(ino, start + 1), prefix_end(k_extents(ino)))],
@@ -1301,11 +1301,12 @@ class KvMeta:
             rec.inode.mtime_ns = mtime_ns
             rec.inode.ctime_ns = max(mtime_ns, now_ns())
             t.save(rec)
+            return rec.inode
 
-        self._run(op)
+        return self._run(op)
 
-    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> None:
-        def op(t: Txn) -> None:
+    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> Inode:
+        def op(t: Txn) -> Inode:
             t.prefetch([k_inode(ino)], [(k_extent(ino, size + 1), prefix_end(k_extents(ino)))])
             rec = t.inode(ino)
             if token is not None:
@@ -1322,8 +1323,9 @@ class KvMeta:
             rec.inode.size = size
             rec.inode.mtime_ns = rec.inode.ctime_ns = mtime_ns
             t.save(rec)
+            return rec.inode
 
-        self._run(op)
+        return self._run(op)
 
     def _drop_extents(self, t: Txn, ino: int, start: int, end: int | None) -> None:
         """Delete the extents starting in [start, end) and release their blocks."""

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import FsError, LockLost, MetaDamaged, UserError
@@ -1069,6 +1069,9 @@ class SqliteMeta:
         ).fetchone()
         if row is not None:
             return Inode(*row)
+        self._refused(ino, token)
+
+    def _refused(self, ino: int, token: int) -> NoReturn:
         row = self.db.execute("SELECT fence_token FROM inodes WHERE id = ?", (ino,)).fetchone()
         raise LockLost(
             f"inode {ino}: write token {token} refused, "
@@ -1085,12 +1088,21 @@ class SqliteMeta:
         size: int,
         mtime_ns: int,
         token: int | None = None,
-    ) -> None:
+    ) -> Inode:
         with self.txn():
-            if token is None:
-                self._need(ino)
-            else:  # the fence reads the inode too (LockLost if it is gone, as on every engine)
-                self._fence(ino, token)
+            # the new size and the fence in one statement (a refused token rolls back all)
+            where = "WHERE id = ?5"
+            if token is not None:
+                where = ", fence_token = ?1 WHERE id = ?5 AND fence_token <= ?1"
+            row = self.db.execute(
+                f"UPDATE inodes SET size = ?2, mtime_ns = ?3, ctime_ns = ?4 {where}"
+                f" RETURNING {_INODE_COLS}",
+                (token, size, mtime_ns, max(mtime_ns, now_ns()), ino),
+            ).fetchone()
+            if row is None:
+                if token is None:
+                    raise FsError(errno.ENOENT)
+                self._refused(ino, token)
             self._drop_extents(ino, start, end)
             for e in new:
                 self._ref_block(e.block_id, sizes[e.block_id])
@@ -1098,12 +1110,9 @@ class SqliteMeta:
                 "INSERT INTO extents (inode, offset, length, block_id) VALUES (?, ?, ?, ?)",
                 [(ino, e.offset, e.length, e.block_id) for e in new],
             )
-            self.db.execute(
-                "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
-                (size, mtime_ns, max(mtime_ns, now_ns()), ino),
-            )
+        return Inode(*row)
 
-    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> None:
+    def truncate(self, ino: int, size: int, mtime_ns: int, token: int | None = None) -> Inode:
         with self.txn():
             if token is None:
                 self._need(ino)
@@ -1120,10 +1129,12 @@ class SqliteMeta:
                     "UPDATE extents SET length = ? WHERE inode = ? AND offset = ?",
                     (size - row[0], ino, row[0]),
                 )
-            self.db.execute(
-                "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?",
+            row = self.db.execute(
+                "UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE id = ?"
+                f" RETURNING {_INODE_COLS}",
                 (size, mtime_ns, mtime_ns, ino),
-            )
+            ).fetchone()
+        return Inode(*row)
 
     def _drop_extents(self, ino: int, start: int, end: int | None) -> None:
         """Delete extents starting in [start, end) and release their blocks (inside a txn)."""

@@ -410,9 +410,11 @@ class Placement:
                     nursery.cancel_scope.cancel()
         return succeeded
 
-    def _candidates(self, block_id: str) -> Iterator[str]:
-        """Preferred replicas first, then every other node clockwise; down nodes last."""
-        preferred = self.ring.replicas(block_id, self.replicas)
+    def _candidates(self, block_id: str, preferred: list[str] | None = None) -> Iterator[str]:
+        """Preferred replicas (the ring's for the block unless given) first, then every
+        other node clockwise; down nodes last."""
+        if preferred is None:
+            preferred = self.ring.replicas(block_id, self.replicas)
         order = preferred + [n for n in self.ring.walk(block_id) if n not in preferred]
         down = [n for n in order if self.health.is_down(n)]
         yield from (n for n in order if n not in down)
@@ -421,8 +423,9 @@ class Placement:
     async def put(self, block_id: str, data: bytes | memoryview) -> None:
         async with self._block_locks(block_id):
             stores = self.stores  # this call's view, whatever set_ring does meanwhile
-            order = list(self._candidates(block_id))
             ring = self.ring
+            named = ring.replicas(block_id, self.replicas)
+            order = list(self._candidates(block_id, named))
             down = [n for n in order if self.health.is_down(n)]
             # draining nodes are being emptied: like down ones, only a last resort
             draining = [n for n in order if n not in down and ring.nodes[n].state != "up"]
@@ -467,7 +470,6 @@ class Placement:
                 if full and len(stored) + len(full) >= self.write_quorum:
                     raise NoSpace(f"{copies}, the other nodes are full {why}")
                 raise QuorumLost(f"{copies}, at least {self.write_quorum} needed {why}")
-            named = self.ring.replicas(block_id, self.replicas)
             if set(stored) != set(named):
                 self._degraded(block_id, stored, named)
 
@@ -532,8 +534,7 @@ class Placement:
     async def get(self, block_id: str) -> bytes:
         problems: list[str] = []
         stores = self.stores  # this call's view, whatever set_ring does meanwhile
-        order = list(self._candidates(block_id))
-        down = [n for n in order if self.health.is_down(n)]
+        named = self.ring.replicas(block_id, self.replicas)
         found: list[bytes] = []
         retry: list[str] = []  # nodes that failed in a way worth one more try
 
@@ -553,21 +554,25 @@ class Placement:
             return False
 
         deadline_at = trio.current_time() + self.timeout + DEADLINE_MARGIN_S
-        live = [n for n in order if n not in down]
-        if live:
+        first = named[0] if named and not self.health.is_down(named[0]) else None
+        late = False
+        if first is not None:
             # The usual read: the first node answers within its hedge delay.  Awaited in
             # this task under one cancel scope, this costs one thread hand-off and no
-            # nursery (it halved the cost of a small block's read); a late node's call is
+            # nursery (it halved the cost of a small block's read), and the other
+            # candidates are only listed if it does not answer; a late node's call is
             # abandoned (its thread still records the outcome) and the node is asked
             # again last, after the others.
-            first = live.pop(0)
             hedge_at = trio.current_time() + self.health.hedge_delay(first, "get")
             with trio.move_on_at(min(hedge_at, deadline_at)) as hedge:
                 if await read_from(first):
                     return found[0]
             if hedge.cancelled_caught:
                 self.health.late(first)
-                live.append(first)
+                late = True
+        order = [n for n in self._candidates(block_id, named) if n != first]
+        down = [n for n in order if self.health.is_down(n)]
+        live = [n for n in order if n not in down] + ([first] if late else [])
         with trio.move_on_at(deadline_at) as deadline:
             if live and await self._race(live, 1, "get", read_from):
                 return found[0]
