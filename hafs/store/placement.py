@@ -554,7 +554,7 @@ class Placement:
             return False
 
         deadline_at = trio.current_time() + self.timeout + DEADLINE_MARGIN_S
-        first = named[0] if named and not self.health.is_down(named[0]) else None
+        first = next((n for n in named if not self.health.is_down(n)), None)
         late = False
         if first is not None:
             # The usual read: the first node answers within its hedge delay.  Awaited in
