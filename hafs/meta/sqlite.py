@@ -712,6 +712,13 @@ class SqliteMeta:
         ).fetchone()
         return row[0] if row else None
 
+    def _take_entry(self, parent: int, name: bytes) -> int | None:
+        """Remove the entry (inside a transaction); the inode it named, None if none."""
+        row = self.db.execute(
+            "DELETE FROM dentries WHERE parent = ? AND name = ? RETURNING inode", (parent, name)
+        ).fetchone()
+        return row[0] if row else None
+
     def lookup(self, parent: int, name: bytes) -> Inode | None:
         if name in (b".", b".."):
             self._need_dir(parent)
@@ -820,15 +827,12 @@ class SqliteMeta:
             return self._need(ino)
 
     def unlink(self, parent: int, name: bytes, open_here: Container[int] = ()) -> Inode:
-        with self.txn():
-            ino = self._entry(parent, name)
+        with self.txn():  # (a refusal after a change below rolls the change back)
+            ino = self._take_entry(parent, name)
             if ino is None:
                 self._need_dir(parent)  # (ENOTDIR, or ENOENT for a parent that is gone)
                 raise FsError(errno.ENOENT)
-            if _is_dir(self._need(ino)):
-                raise FsError(errno.EISDIR)
             t = now_ns()
-            self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
             inode = Inode(
                 *self.db.execute(
                     "UPDATE inodes SET nlink = nlink - 1, ctime_ns = ? WHERE id = ?"
@@ -836,6 +840,8 @@ class SqliteMeta:
                     (t, ino),
                 ).fetchone()
             )
+            if _is_dir(inode):
+                raise FsError(errno.EISDIR)
             self._touch(parent, t)
             if inode.nlink == 0:
                 if ino in open_here:
@@ -853,14 +859,13 @@ class SqliteMeta:
             self._need_dir(parent)
             if name == b".":
                 raise FsError(errno.EINVAL)
-            ino = self._entry(parent, name)
+            ino = self._take_entry(parent, name)
             if ino is None:
                 raise FsError(errno.ENOENT)
             self._need_dir(ino)
             if self._has_entries(ino):
                 raise FsError(errno.ENOTEMPTY)
             t = now_ns()
-            self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
             self.db.execute("UPDATE inodes SET nlink = 0, ctime_ns = ? WHERE id = ?", (t, ino))
             self._touch(parent, t, -1)
             self._orphan(ino)
@@ -1140,10 +1145,10 @@ class SqliteMeta:
         """Delete extents starting in [start, end) and release their blocks (inside a txn)."""
         cond = "inode = ? AND offset >= ?" + ("" if end is None else " AND offset < ?")
         args = (ino, start) if end is None else (ino, start, end)
-        rows = self.db.execute(f"SELECT block_id FROM extents WHERE {cond}", args).fetchall()
+        rows = self.db.execute(f"DELETE FROM extents WHERE {cond} RETURNING block_id", args)
+        rows = rows.fetchall()
         if not rows:
             return
-        self.db.execute(f"DELETE FROM extents WHERE {cond}", args)
         t = now_ns()
         self.db.executemany(
             "UPDATE blocks SET refcount = refcount - 1,"
