@@ -351,7 +351,8 @@ class Placement:
         returns; a call abandoned on cancellation (a deadline, a hedge that won) records
         its own from its thread when it ends (one that ends just as it is abandoned may
         go uncounted).  The thread runs nothing else: Python in the worker threads of a
-        put contends with them for the GIL (putb, dedup put: about 20 us less a put).
+        put contends with them for the GIL (a put of a block the three local directories
+        already hold, in-process, median of 6 runs: 327 -> 306 us).
         """
         started = time.monotonic()
         call = kind or getattr(fn, "__name__", "call")
