@@ -77,7 +77,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -444,15 +444,10 @@ class Placement:
                     nursery.cancel_scope.cancel()
         return succeeded
 
-    def _candidates(self, block_id: str, preferred: list[str] | None = None) -> Iterator[str]:
-        """Preferred replicas (the ring's for the block unless given) first, then every
-        other node clockwise; down nodes last."""
-        if preferred is None:
-            preferred = self.ring.replicas(block_id, self.replicas)
-        order = preferred + [n for n in self.ring.walk(block_id) if n not in preferred]
-        down = [n for n in order if self.health.is_down(n)]
-        yield from (n for n in order if n not in down)
-        yield from down
+    @staticmethod
+    def _order(ring: Ring, block_id: str, named: list[str]) -> list[str]:
+        """The block's named replicas, then every other node of `ring` clockwise from it."""
+        return named + [n for n in ring.walk(block_id) if n not in named]
 
     async def put(self, block_id: str, data: bytes | memoryview) -> None:
         async with self._block_locks(block_id):
@@ -464,7 +459,7 @@ class Placement:
             healthy: list[str] = []
             draining: list[str] = []
             down: list[str] = []
-            for n in named + [n for n in ring.walk(block_id) if n not in named]:
+            for n in self._order(ring, block_id, named):
                 if n in known_down:
                     down.append(n)
                 else:
@@ -572,8 +567,8 @@ class Placement:
 
     async def get(self, block_id: str) -> bytes:
         problems: list[str] = []
-        stores = self.stores  # this call's view, whatever set_ring does meanwhile
-        named = self.ring.replicas(block_id, self.replicas)
+        stores, ring = self.stores, self.ring  # this call's view, whatever set_ring does
+        named = ring.replicas(block_id, self.replicas)
         found: list[bytes] = []
         retry: list[str] = []  # nodes that failed in a way worth one more try
 
@@ -609,7 +604,7 @@ class Placement:
             if hedge.cancelled_caught:
                 self.health.late(first)
                 late = True
-        order = [n for n in self._candidates(block_id, named) if n != first]
+        order = [n for n in self._order(ring, block_id, named) if n != first]
         down = [n for n in order if self.health.is_down(n)]
         live = [n for n in order if n not in down] + ([first] if late else [])
         with trio.move_on_at(deadline_at) as deadline:
