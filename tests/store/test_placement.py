@@ -358,6 +358,27 @@ async def test_writes_around_a_hung_node_end_within_the_bound(tmp_path):
         hung.release.set()
 
 
+def test_writes_are_hedged_in_every_trio_run_of_a_placement(tmp_path):
+    # the placement's one hedge timer is a task of the trio run it started in: a
+    # placement used again in another run (a tool's second trio.run) gets a new one
+    placement, ring = make(tmp_path, n=3)
+    placement.timeout = 20
+    hung = stuck(placement, tmp_path, "n1")
+
+    async def write():
+        for _ in range(3):
+            data = os.urandom(1000)
+            with trio.fail_after(HEDGE_MAX_S + 2):  # far below the timeout of 20 s
+                await placement.put(block_id(data), data)
+            assert "n1" not in holders(placement, block_id(data))
+
+    try:
+        trio.run(write)
+        trio.run(write)
+    finally:
+        hung.release.set()
+
+
 async def test_with_every_copy_hung_a_call_fails_within_the_timeout(tmp_path):
     placement, ring = make(tmp_path, n=3)
     placement.timeout = 2
