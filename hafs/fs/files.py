@@ -10,7 +10,10 @@ A flush turns dirty bytes into blocks:
    write re-chunks one block's neighbourhood, never the whole file;
 2. in a worker thread: assemble the region's new bytes, cut them with FastCDC,
    hash each block; all-zero blocks become holes;
-3. store every new block on R replicas (durable), and only then
+3. store every new block on R replicas (durable), except those the engine
+   says files reference already (`MetaStore.referenced`: durable since their
+   first reference, and no garbage until their count has been zero for the
+   grace period, far longer than this flush), and only then
 4. commit the region's new extents and the file size in one transaction
    (data before metadata).
 
@@ -411,12 +414,15 @@ class FileState:
         self.s.uncommitted.update(data.keys())
         failed = True
         try:
-            if len(data) == 1:  # (a small file: no nursery for one block)
-                await self.s.placement.put(*next(iter(data.items())))
-            else:
+            # blocks files reference already are durable and kept past this commit
+            known = await self.s.meta.referenced(list(data)) if data else set()
+            todo = [(bid, chunk) for bid, chunk in data.items() if bid not in known]
+            if len(todo) == 1:  # (a small file: no nursery for one block)
+                await self.s.placement.put(*todo[0])
+            elif todo:
                 with one_error():
                     async with trio.open_nursery() as nursery:
-                        for bid, chunk in data.items():
+                        for bid, chunk in todo:
                             nursery.start_soon(self.s.placement.put, bid, chunk)
             await self.s.record_degraded()  # before the commit that references the blocks
             size = max(self.committed_size, end)

@@ -405,6 +405,13 @@ class MetaStore(Protocol):
     def garbage_blocks(self, before_ns: int, limit: int) -> list[str]:
         """Blocks no extent has referenced since before `before_ns`."""
 
+    def referenced(self, block_ids: list[str]) -> set[str]:
+        """Those of the blocks that extents reference now, where the engine can tell
+        without a request over the network (else none): such a block is durable already
+        (invariant 2 held for its first reference) and no garbage until its count has
+        been zero for the grace period, so a writer may reference it without storing it
+        again."""
+
     def forget_block(self, block_id: str) -> bool:
         """Drop an unreferenced block's row (after its copies are deleted); False if it is
         referenced again."""

@@ -1384,6 +1384,9 @@ class KvMeta:
     def garbage_blocks(self, before_ns: int, limit: int) -> list[str]:
         return [k[9:].decode() for k, _, _ in self._scan(b"Z", b"Z" + u64(before_ns), limit)]
 
+    def referenced(self, block_ids: list[str]) -> set[str]:
+        return set()  # a read of the blocks' rows is a request on etcd: they are stored again
+
     def forget_block(self, block_id: str) -> bool:
         def op(t: Txn) -> bool:
             b = t.block(block_id)

@@ -1182,6 +1182,17 @@ class SqliteMeta:
         )
         return [r[0] for r in rows]
 
+    def referenced(self, block_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(block_ids), 500):  # (below SQLite's bound on parameters)
+            page = block_ids[i : i + 500]
+            rows = self.db.execute(
+                f"SELECT id FROM blocks WHERE refcount > 0 AND id IN ({','.join('?' * len(page))})",
+                page,
+            )
+            found.update(r[0] for r in rows)
+        return found
+
     def forget_block(self, block_id: str) -> bool:
         with self.txn():
             cur = self.db.execute("DELETE FROM blocks WHERE id = ? AND refcount = 0", (block_id,))

@@ -114,6 +114,32 @@ async def test_dedup_refcounts_and_unlink(vfs):
     assert all(not any(s.iter_ids()) for s in vfs.placement.stores.values())
 
 
+def puts(v: Vfs) -> float:
+    """The block puts the vfs's placement made so far (its metrics, all nodes)."""
+    return sum(
+        s.value
+        for metric in v.placement.metrics.registry.collect()
+        for s in metric.samples
+        if s.name == "hafs_block_call_seconds_count" and s.labels.get("call") == "put"
+    )
+
+
+async def test_a_block_files_reference_already_is_not_stored_again(vfs, request):
+    data = random.Random(4).randbytes(6 * MiB)  # a few blocks
+    await write_file(vfs, b"a", data)
+    stored = puts(vfs)
+    assert stored >= 3 * vfs.placement.replicas
+    b = await write_file(vfs, b"b", data + b"tail")  # the same blocks but the last
+    extra = puts(vfs) - stored
+    if request.node.callspec.params["vfs"] == "sqlite":  # the engine tells (a local read)
+        assert 0 < extra <= 2 * vfs.placement.replicas  # the last block or two, not all
+    else:
+        assert extra >= 3 * vfs.placement.replicas
+    await vfs.unlink(ROOT_INODE, b"a")
+    assert await vfs.collect_garbage() > 0  # a's own last block; b's are all kept
+    assert await read_file(vfs, b) == data + b"tail"
+
+
 async def test_zero_blocks_are_holes(vfs):
     ino = await write_file(vfs, b"z", bytes(10 * MiB))
     assert vfs.engine.scan_extents((0, -1), 10) == []
