@@ -20,10 +20,12 @@ inode's newest one (invariant 6).
 Blocking: the methods are plain calls.  An engine whose calls are cheap enough
 for the trio thread (SQLite: indexed point lookups, tens of microseconds) says
 so with `direct = True`; the others (network round trips) are called from
-worker threads.  Trio code never calls an engine itself: it goes through
-`AsyncMeta`, which does the one or the other, so the vfs is written once for
-every engine.  Synchronous tools (fsck, rebalance, status, node management)
-call the engine directly from their own threads.
+worker threads, except the methods an engine names in `local_calls`, which
+never make a request (answered from memory: no thread hop for them).  Trio
+code never calls an engine itself: it goes through `AsyncMeta`, which does the
+one or the other, so the vfs is written once for every engine.  Synchronous
+tools (fsck, rebalance, status, node management) call the engine directly from
+their own threads.
 """
 
 from __future__ import annotations
@@ -261,6 +263,7 @@ class MetaStore(Protocol):
     """One filesystem's metadata (see the module docstring)."""
 
     direct: bool  # calls are cheap enough for the trio thread
+    local_calls: frozenset[str]  # methods that are, on an engine that is not direct
     locks_at_create: bool  # mknod(locked=True) takes the write lock in its transaction
     locks: LockService
     sessions: Sessions
@@ -579,7 +582,7 @@ class AsyncCalls:
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         fn = getattr(self._obj, name)
-        if self._direct:
+        if self._direct or name in getattr(self._obj, "local_calls", ()):
 
             async def call(*args: Any, **kwargs: Any) -> Any:
                 return fn(*args, **kwargs)

@@ -511,6 +511,7 @@ class KvMeta:
     """The MetaStore over a KV (see the module docstring)."""
 
     direct = False
+    local_calls = frozenset({"referenced"})  # (answered without a request)
     locks_at_create = True  # (a request saved: the lock is put by the create's commit)
 
     def __init__(

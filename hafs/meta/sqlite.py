@@ -455,6 +455,7 @@ class SqliteMeta:
     """The metadata database of one filesystem (see the module docstring)."""
 
     direct = True
+    local_calls: frozenset[str] = frozenset()  # (every call is: direct)
     locks_at_create = True  # (two transactions saved: the lock row and fence go with the create)
 
     def __init__(

@@ -16,13 +16,14 @@ from __future__ import annotations
 import errno
 import random
 import stat
+import threading
 
 import pytest
 from etcdproc import require_etcd, running_cluster
 from prometheus_client import generate_latest
 
 from hafs.errors import FsError, LockLost, LockTimeout
-from hafs.meta import ROOT_INODE, Extent, FsConfig
+from hafs.meta import ROOT_INODE, AsyncMeta, Extent, FsConfig
 from hafs.meta.etcd import EtcdKV, create_etcd, open_etcd, prefix_of
 from hafs.meta.kv import KvMeta, k_inode, k_xattr, prefix_end
 from hafs.meta.kvcache import FIRST_EXTENTS, FileCache, FileView
@@ -328,3 +329,18 @@ def test_an_inode_this_client_deleted_is_absent_without_a_request(clients):
     b.unlink(ROOT_INODE, b"g")
     assert a.getattr(g) is None  # another's delete: asked
     assert a.kv.calls == ["batch", "batch"]
+
+
+async def test_calls_answered_from_memory_make_no_thread_hop():
+    # a threaded engine's `local_calls` run on the trio thread (a flush asks `referenced`
+    # every time: on etcd it would cost a worker thread's round trip for nothing)
+    meta = KvMeta.create(MemKV(), CONFIG, RING, 0, 0)
+    threads = []
+    real = meta.referenced
+    meta.referenced = lambda ids: threads.append(threading.get_ident()) or real(ids)
+    real_getattr = meta.getattr
+    meta.getattr = lambda ino: threads.append(threading.get_ident()) or real_getattr(ino)
+    am = AsyncMeta(meta)
+    assert await am.referenced(["b1"]) == set()
+    assert (await am.getattr(ROOT_INODE)).id == ROOT_INODE
+    assert threads[0] == threading.get_ident() != threads[1]  # getattr: a request, a thread
