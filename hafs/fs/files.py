@@ -15,7 +15,11 @@ A flush turns dirty bytes into blocks:
    first reference, and no garbage until their count has been zero for the
    grace period, far longer than this flush), and only then
 4. commit the region's new extents and the file size in one transaction
-   (data before metadata).
+   (data before metadata); blocks shorter than the chunker's minimum (small
+   files, the tails of files) then go into the block cache, so reading back
+   what was just written (`diff`, a build) costs no block fetch; large
+   blocks of a stream are left out (no copy, and they would push out what
+   reads cached).
 
 A background flush of a file being written sequentially keeps the last,
 still-growing block in the buffer, so streams are cut where their content
@@ -45,7 +49,7 @@ from ..errors import FsError, LockLost, LockTimeout, MetaError, MetaUnavailable,
 from ..meta import AsyncMeta, Extent, Inode, LockService
 from ..meta.locks import Lease
 from ..metrics import MountMetrics
-from ..store.chunker import MAX_SIZE, cut_points
+from ..store.chunker import MAX_SIZE, MIN_SIZE, cut_points
 from ..store.dirstore import block_id as hash_block
 from ..store.placement import Placement
 from .cache import BlockCache
@@ -440,6 +444,9 @@ class FileState:
             self.committed_size = size
             self.commits += 1
             failed = False
+            for bid, chunk in data.items():
+                if len(chunk) < MIN_SIZE:
+                    self.s.cache.put(bid, bytes(chunk))
             if not self.dirty and len(self.pending) == 1:
                 self.mtime_ns = None
         except LockLost as e:  # a newer writer committed meanwhile: these bytes must go

@@ -114,14 +114,30 @@ async def test_dedup_refcounts_and_unlink(vfs):
     assert all(not any(s.iter_ids()) for s in vfs.placement.stores.values())
 
 
-def puts(v: Vfs) -> float:
-    """The block puts the vfs's placement made so far (its metrics, all nodes)."""
+def puts(v: Vfs, call: str = "put") -> float:
+    """The block calls (puts by default) the vfs's placement made so far (its metrics)."""
     return sum(
         s.value
         for metric in v.placement.metrics.registry.collect()
         for s in metric.samples
-        if s.name == "hafs_block_call_seconds_count" and s.labels.get("call") == "put"
+        if s.name == "hafs_block_call_seconds_count" and s.labels.get("call") == call
     )
+
+
+async def test_small_blocks_just_written_are_read_from_the_cache(vfs):
+    small = random.Random(5).randbytes(10_000)
+    big = random.Random(6).randbytes(3 * MiB)
+    a = await write_file(vfs, b"small", small)
+    b = await write_file(vfs, b"big", big)
+    gets = puts(vfs, "get")
+    assert await read_file(vfs, a) == small
+    assert puts(vfs, "get") == gets, "a small file's block is cached when committed"
+    assert await read_file(vfs, b) == big
+    assert puts(vfs, "get") > gets, "a stream's large blocks are not"
+    vfs.shared.cache.clear()
+    gets = puts(vfs, "get")
+    assert await read_file(vfs, a) == small
+    assert puts(vfs, "get") > gets
 
 
 async def test_a_block_files_reference_already_is_not_stored_again(vfs, request):
