@@ -114,7 +114,7 @@ async def test_dedup_refcounts_and_unlink(vfs):
     assert all(not any(s.iter_ids()) for s in vfs.placement.stores.values())
 
 
-def puts(v: Vfs, call: str = "put") -> float:
+def block_calls(v: Vfs, call: str = "put") -> float:
     """The block calls (puts by default) the vfs's placement made so far (its metrics)."""
     return sum(
         s.value
@@ -129,24 +129,24 @@ async def test_small_blocks_just_written_are_read_from_the_cache(vfs):
     big = random.Random(6).randbytes(3 * MiB)
     a = await write_file(vfs, b"small", small)
     b = await write_file(vfs, b"big", big)
-    gets = puts(vfs, "get")
+    gets = block_calls(vfs, "get")
     assert await read_file(vfs, a) == small
-    assert puts(vfs, "get") == gets, "a small file's block is cached when committed"
+    assert block_calls(vfs, "get") == gets, "a small file's block is cached when committed"
     assert await read_file(vfs, b) == big
-    assert puts(vfs, "get") > gets, "a stream's large blocks are not"
+    assert block_calls(vfs, "get") > gets, "a stream's large blocks are not"
     vfs.shared.cache.clear()
-    gets = puts(vfs, "get")
+    gets = block_calls(vfs, "get")
     assert await read_file(vfs, a) == small
-    assert puts(vfs, "get") > gets
+    assert block_calls(vfs, "get") > gets
 
 
 async def test_a_block_files_reference_already_is_not_stored_again(vfs, request):
     data = random.Random(4).randbytes(6 * MiB)  # a few blocks
     await write_file(vfs, b"a", data)
-    stored = puts(vfs)
+    stored = block_calls(vfs)
     assert stored >= 3 * vfs.placement.replicas
     b = await write_file(vfs, b"b", data + b"tail")  # the same blocks but the last
-    extra = puts(vfs) - stored
+    extra = block_calls(vfs) - stored
     if request.node.callspec.params["vfs"] == "sqlite":  # the engine tells (a local read)
         assert 0 < extra <= 2 * vfs.placement.replicas  # the last block or two, not all
     else:
